@@ -1,0 +1,1 @@
+"""What Envoy needs beyond envoy.yaml: rendering it, the edge Lua filter, and supervising Envoy."""

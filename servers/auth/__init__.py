@@ -1,0 +1,2 @@
+"""The auth service: accounts, tokens, API keys and user administration (AuthService,
+UsersService, AuthInternalService)."""

@@ -1,0 +1,72 @@
+"""The `agentmesh` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from .common import logs
+from .common.config import Settings
+
+
+def _up(args: argparse.Namespace) -> int:
+    from .mesh import run_up
+
+    settings = Settings.from_env()
+    logs.setup(settings.log_level)
+    return asyncio.run(run_up(settings))
+
+
+def _envoy_config(args: argparse.Namespace) -> int:
+    """Renders envoy.yaml with placeholder ports and validates it with the real Envoy."""
+    import tempfile
+
+    from gateway.proxy import EdgeConfig, validate
+
+    from .auth.keys import SigningKey
+    from .common.config import SERVICES
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # jwt_authn refuses an empty key set, so validate against a throwaway key.
+        jwks = Path(tmp) / "jwks.json"
+        SigningKey.load_or_create(Path(tmp)).write_jwks(jwks)
+        cfg = EdgeConfig(
+            host="127.0.0.1",
+            public_port=8080,
+            admin_port=0,
+            service_ports={name: 50051 + i for i, name in enumerate(SERVICES)},
+            jwks_file=jwks,
+            issuer="agentmesh",
+            audience="agentmesh",
+        )
+        path = cfg.write(Path(tmp) / "envoy.yaml")
+        if not args.validate:
+            sys.stdout.write(path.read_text())
+            return 0
+        result = validate(path)
+        output = (result.stdout + result.stderr).strip()
+        print(output or f"envoy --mode validate exited with {result.returncode}")
+        return result.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="agentmesh", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser(
+        "up",
+        help="run the embedded mesh: all services in one process, Envoy as a child",
+        description="Configuration comes from the environment: AGENTMESH_PORT (8080), "
+        "AGENTMESH_DATA_DIR (./.agentmesh), DATABASE_URL, REDIS_URL; see README.md.",
+    )
+    up.set_defaults(run=_up)
+    env = sub.add_parser("envoy-config", help="print the rendered envoy.yaml, or validate it")
+    env.add_argument("--validate", action="store_true", help="run envoy --mode validate on it")
+    env.set_defaults(run=_envoy_config)
+    args = parser.parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The runtime every agentmesh service shares: config, errors, interceptors, bootstrap, database."""

@@ -1,0 +1,79 @@
+"""Configuration, built once from the environment (and CLI flags) and passed explicitly."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+SERVICES = ("auth", "tasks", "agents", "messaging")
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SystemExit(f"agentmesh: {name} must be an integer, got {raw!r}") from None
+    if not 0 <= value <= 65535 and name.endswith("PORT"):
+        raise SystemExit(f"agentmesh: {name} must be a port number (0-65535), got {value}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything a process of the mesh needs to know at start.
+
+    Environment variables (all optional):
+      AGENTMESH_DATA_DIR     data directory (default ./.agentmesh): SQLite file, signing keys
+      AGENTMESH_PORT         Envoy's public listener (default 8080)
+      AGENTMESH_HOST         address Envoy and the servers bind (default 127.0.0.1)
+      AGENTMESH_ADMIN_PORT   Envoy admin, always on 127.0.0.1 (default 0: any free port)
+      AGENTMESH_<SERVICE>_PORT  gRPC port of auth/tasks/agents/messaging (default 0: free port)
+      DATABASE_URL           SQLAlchemy URL (default: SQLite in the data directory)
+      REDIS_URL              Redis for the bus and limits (default: none, in-process)
+      AGENTMESH_GRACE_SECONDS  drain time on shutdown (default 5)
+      AGENTMESH_LOG_LEVEL    DEBUG, INFO, WARNING (default INFO)
+    """
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    public_port: int = 8080
+    admin_port: int = 0
+    service_ports: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(SERVICES, 0))
+    database_url: str = ""
+    redis_url: str | None = None
+    grace_seconds: float = 5.0
+    log_level: str = "INFO"
+    jwt_issuer: str = "agentmesh"
+    jwt_audience: str = "agentmesh"
+    access_token_ttl: int = 3600
+    version: str = "0.1.0"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        data_dir = Path(env.get("AGENTMESH_DATA_DIR") or ".agentmesh").resolve()
+        ports = {name: _int(env, f"AGENTMESH_{name.upper()}_PORT", 0) for name in SERVICES}
+        return cls(
+            data_dir=data_dir,
+            host=env.get("AGENTMESH_HOST") or "127.0.0.1",
+            public_port=_int(env, "AGENTMESH_PORT", 8080),
+            admin_port=_int(env, "AGENTMESH_ADMIN_PORT", 0),
+            service_ports=ports,
+            database_url=env.get("DATABASE_URL") or default_database_url(data_dir),
+            redis_url=env.get("REDIS_URL") or None,
+            grace_seconds=float(env.get("AGENTMESH_GRACE_SECONDS") or 5.0),
+            log_level=(env.get("AGENTMESH_LOG_LEVEL") or "INFO").upper(),
+        )
+
+    def with_ports(self, **ports: int) -> Settings:
+        """A copy with some service ports fixed (after binding port 0)."""
+        return replace(self, service_ports={**self.service_ports, **ports})
+
+
+def default_database_url(data_dir: Path) -> str:
+    return f"sqlite+aiosqlite:///{data_dir / 'agentmesh.db'}"

@@ -1,0 +1,83 @@
+"""Per-call state, set by the interceptors and read anywhere below them."""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass, field
+
+import grpc
+
+
+@dataclass(frozen=True, kw_only=True)
+class Principal:
+    """Who is calling: a user signed in with a token, an API key, or a mesh service."""
+
+    subject: str
+    kind: str  # "user" | "api_key" | "service"
+    username: str = ""
+    roles: tuple[str, ...] = ()
+    permissions: tuple[str, ...] = ()
+    scopes: tuple[str, ...] = ()
+    token_id: str = ""
+
+
+@dataclass
+class CallState:
+    """Mutable state of one RPC, shared by the interceptors of that call."""
+
+    method: str
+    request_id: str
+    via_gateway: bool
+    trailers: list[tuple[str, str]] = field(default_factory=list)
+    principal: Principal | None = None
+    status: grpc.StatusCode = grpc.StatusCode.OK
+    reason: str = ""
+
+
+_call: contextvars.ContextVar[CallState | None] = contextvars.ContextVar("call", default=None)
+
+
+def current_call() -> CallState | None:
+    """The state of the RPC being served, or None outside of one."""
+    return _call.get()
+
+
+def enter_call(state: CallState) -> contextvars.Token[CallState | None]:
+    return _call.set(state)
+
+
+def leave_call(token: contextvars.Token[CallState | None]) -> None:
+    _call.reset(token)
+
+
+def principal() -> Principal | None:
+    """The authenticated caller of the current RPC, if any."""
+    call = _call.get()
+    return call.principal if call else None
+
+
+def request_id() -> str:
+    call = _call.get()
+    return call.request_id if call else ""
+
+
+def add_trailer(context: grpc.aio.ServicerContext, key: str, value: str) -> None:
+    """Adds trailing metadata without dropping what other layers set before."""
+    call = _call.get()
+    if call is None:
+        context.set_trailing_metadata(((key, value),))
+        return
+    call.trailers = [(k, v) for k, v in call.trailers if k != key]
+    call.trailers.append((key, value))
+    context.set_trailing_metadata(tuple(call.trailers))
+
+
+async def set_http_status(context: grpc.aio.ServicerContext, status: int) -> None:
+    """Asks the gateway to answer a REST call with this HTTP status (e.g. 201, 503).
+
+    The transcoder answers every successful RPC with 200, and it drops custom trailers, so this
+    goes out as initial metadata, which Envoy's Lua filter turns into the status. Call it only
+    right before returning the response: once initial metadata is sent, a later error could no
+    longer become an HTTP error status. gRPC callers simply ignore the header.
+    """
+    await context.send_initial_metadata((("x-http-status", str(status)),))

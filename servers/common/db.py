@@ -1,0 +1,94 @@
+"""The SQLAlchemy 2.0 async engine and Alembic migrations applied at start.
+
+One DATABASE_URL: SQLite in the data directory by default (WAL, foreign keys on), PostgreSQL
+through asyncpg in production. Each service owns its tables and its migration history, kept in
+its own version table (alembic_version_<service>).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+log = logging.getLogger("agentmesh.db")
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers proceed during a write; busy_timeout makes a writer wait for the lock
+    # instead of failing at once when another writer holds it.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+class Database:
+    """An async engine and its session factory; ``close()`` is safe to call twice."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            path = url.split(":///", 1)[1] if ":///" in url else ""
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: AsyncEngine = create_async_engine(url)
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = create_async_engine(url, pool_pre_ping=True, pool_size=10)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._closed = False
+
+    def session(self) -> AsyncSession:
+        return self.sessions()
+
+    async def ping(self) -> bool:
+        """Whether the database answers a trivial query."""
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            return True
+        except Exception as exc:  # any failure means "not ready"; the reason goes to the log
+            log.warning("database ping failed: %s", exc)
+            return False
+
+    async def migrate(self, service: str, script_location: Path) -> None:
+        """Applies the service's migrations up to head (under a lock on PostgreSQL, so that
+        replicas starting together do not race)."""
+
+        def upgrade(conn: Connection) -> None:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": service})
+            cfg = Config()
+            cfg.set_main_option("script_location", str(script_location))
+            cfg.attributes["connection"] = conn
+            cfg.attributes["version_table"] = f"alembic_version_{service}"
+            command.upgrade(cfg, "head")
+
+        async with self.engine.begin() as conn:
+            await conn.run_sync(upgrade)
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self.engine.dispose()
+
+    async def __aenter__(self) -> Database:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

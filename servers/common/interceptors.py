@@ -1,0 +1,207 @@
+"""Server interceptors, outermost first: request id, access log, error mapping, authentication.
+
+Each is a grpc.aio.ServerInterceptor that wraps the handler's behaviour in an async context
+manager, so one implementation serves unary and streaming RPCs alike. They share the call's
+state through a context variable (see context.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from . import context as callctx
+from .auth import Authenticator
+from .errors import DOMAIN, AgentmeshError, InternalError, NotImplementedYet
+
+log = logging.getLogger("agentmesh.access")
+errlog = logging.getLogger("agentmesh.errors")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_STREAM_KINDS = ("unary_stream", "stream_stream")
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+class _ScopeInterceptor(grpc.aio.ServerInterceptor):
+    """Runs every call of every kind inside ``self.scope(method, context)``."""
+
+    def scope(self, method: str, context: grpc.aio.ServicerContext) -> Any:
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            behavior = getattr(handler, kind)
+            if behavior is not None:
+                break
+        wrapped = (
+            self._wrap_stream(method, behavior)
+            if kind in _STREAM_KINDS
+            else self._wrap_unary(method, behavior)
+        )
+        factory = getattr(grpc, f"{kind}_rpc_method_handler")
+        return factory(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap_unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with self.scope(method, context):
+                result = behavior(request, context)
+                return await result if inspect.isawaitable(result) else result
+
+        return unary
+
+    def _wrap_stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async with self.scope(method, context):
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                elif inspect.isawaitable(result):
+                    await result  # a handler that writes with context.write()
+
+        return stream
+
+
+class RequestIdInterceptor(_ScopeInterceptor):
+    """Gives every call a request id: Envoy's x-request-id, a sane client one, or a new one.
+
+    The id is returned as trailing metadata (gRPC callers) and Envoy puts it on every REST
+    response itself.
+    """
+
+    @contextlib.asynccontextmanager
+    async def scope(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        md = _metadata(context)
+        rid = md.get("x-request-id", "")
+        if not _REQUEST_ID.match(rid):
+            rid = str(uuid.uuid4())
+        state = callctx.CallState(
+            method=method, request_id=rid, via_gateway="x-envoy-original-path" in md
+        )
+        token = callctx.enter_call(state)
+        try:
+            callctx.add_trailer(context, "x-request-id", rid)
+            yield
+        finally:
+            callctx.leave_call(token)
+
+
+class AccessLogInterceptor(_ScopeInterceptor):
+    """One JSON log line per call: method, status, reason, duration, principal, request id."""
+
+    @contextlib.asynccontextmanager
+    async def scope(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            call = callctx.current_call()
+            if call is not None:
+                log.info(
+                    "rpc",
+                    extra={
+                        "rpc": method,
+                        "status": call.status.name,
+                        "reason": call.reason,
+                        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                        "principal": call.principal.subject if call.principal else None,
+                        "via_gateway": call.via_gateway,
+                    },
+                )
+
+
+def status_for(error: AgentmeshError) -> status_pb2.Status:
+    """The google.rpc.Status (with its ErrorInfo) that stands for an error on the wire."""
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.details)
+    packed = any_pb2.Any()
+    packed.Pack(info)
+    return status_pb2.Status(code=error.status.value[0], message=error.message, details=[packed])
+
+
+async def abort_with(context: grpc.aio.ServicerContext, error: AgentmeshError) -> None:
+    """Ends the call with the error's status, ErrorInfo and the call's other trailers."""
+    call = callctx.current_call()
+    if call is not None:
+        call.status, call.reason = error.status, error.reason
+    trailers = [(k, v) for k, v in (call.trailers if call else []) if k != "x-http-status"]
+    trailers.append(("grpc-status-details-bin", status_for(error).SerializeToString()))
+    await context.abort(error.status, error.message, trailing_metadata=tuple(trailers))
+
+
+class ErrorInterceptor(_ScopeInterceptor):
+    """Turns AgentmeshError into its status; anything unexpected into a generic INTERNAL."""
+
+    @contextlib.asynccontextmanager
+    async def scope(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        try:
+            yield
+        except AgentmeshError as exc:
+            await abort_with(context, exc)
+        except NotImplementedError:
+            # The generated base servicer raises this for RPCs no service implements yet.
+            await abort_with(
+                context,
+                NotImplementedYet(f"{method} is not implemented yet", details={"rpc": method}),
+            )
+        except (grpc.aio.AbortError, GeneratorExit):
+            raise
+        except Exception:
+            rid = callctx.request_id()
+            errlog.exception("unhandled error in %s", method, extra={"rpc": method})
+            await abort_with(
+                context,
+                InternalError("internal error", details={"request_id": rid}),
+            )
+
+
+class AuthInterceptor(_ScopeInterceptor):
+    """Authenticates and authorises every call by the policy table, again behind Envoy."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._auth = authenticator
+
+    @contextlib.asynccontextmanager
+    async def scope(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        call = callctx.current_call()
+        who = await self._auth.authorize(method, _metadata(context))
+        if call is not None:
+            call.principal = who
+        yield
+
+
+def default_interceptors(authenticator: Authenticator) -> list[grpc.aio.ServerInterceptor]:
+    return [
+        RequestIdInterceptor(),
+        AccessLogInterceptor(),
+        ErrorInterceptor(),
+        AuthInterceptor(authenticator),
+    ]

@@ -1,0 +1,115 @@
+"""The access policy: one rule for every RPC of the contract, in one table.
+
+A rule says who may call: anyone (public), any signed-in principal, principals whose roles grant
+a permission of seed 004's RBAC table, agents (API keys with the `agent` scope), or only other
+services of the mesh (internal). Object-level checks (a user sees only its own tasks) are the
+services' job on top of this. tests/common/test_policy.py checks that every RPC of the contract
+has a rule, and walks the table with every role.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import PermissionDenied
+from .rbac import Permission
+
+
+@dataclass(frozen=True)
+class Rule:
+    public: bool = False
+    internal: bool = False
+    agent: bool = False
+    permission: Permission | None = None
+
+
+PUBLIC = Rule(public=True)
+SIGNED_IN = Rule()
+INTERNAL = Rule(internal=True)
+AGENT = Rule(agent=True)
+ADMIN = Rule(permission=Permission("admin", "users"))
+
+
+def needs(action: str, resource: str) -> Rule:
+    return Rule(permission=Permission(action, resource))
+
+
+_P = "/agentmesh.v1."
+
+POLICY: dict[str, Rule] = {
+    # Health: public, for probes and people.
+    f"{_P}HealthService/GetHealth": PUBLIC,
+    f"{_P}HealthService/GetLiveness": PUBLIC,
+    f"{_P}HealthService/GetReadiness": PUBLIC,
+    # Auth.
+    f"{_P}AuthService/Register": PUBLIC,
+    f"{_P}AuthService/Login": PUBLIC,
+    f"{_P}AuthService/Refresh": PUBLIC,
+    f"{_P}AuthService/GetJwks": PUBLIC,
+    f"{_P}AuthService/Logout": SIGNED_IN,
+    f"{_P}AuthService/GetMe": SIGNED_IN,
+    f"{_P}AuthService/UpdateMe": SIGNED_IN,
+    f"{_P}AuthService/ChangePassword": SIGNED_IN,
+    f"{_P}AuthService/ValidateToken": SIGNED_IN,
+    f"{_P}AuthService/CreateApiKey": SIGNED_IN,
+    f"{_P}AuthService/ListApiKeys": SIGNED_IN,
+    f"{_P}AuthService/RevokeApiKey": SIGNED_IN,
+    f"{_P}AuthInternalService/VerifyApiKey": INTERNAL,
+    # User administration: admins only ("*" on "*").
+    f"{_P}UsersService/ListUsers": ADMIN,
+    f"{_P}UsersService/CreateUser": ADMIN,
+    f"{_P}UsersService/GetUser": ADMIN,
+    f"{_P}UsersService/UpdateUser": ADMIN,
+    f"{_P}UsersService/DeleteUser": ADMIN,
+    f"{_P}UsersService/SetUserRoles": ADMIN,
+    # Tasks: seed 004's table; ownership is checked by the tasks service.
+    f"{_P}TasksService/CreateTask": needs("execute", "tasks"),
+    f"{_P}TasksService/ListTasks": needs("read", "tasks"),
+    f"{_P}TasksService/GetTask": needs("read", "tasks"),
+    f"{_P}TasksService/GetTaskResult": needs("read", "results"),
+    f"{_P}TasksService/CancelTask": needs("execute", "tasks"),
+    f"{_P}TasksService/StartTask": needs("execute", "tasks"),
+    f"{_P}TasksService/StopTask": needs("execute", "tasks"),
+    f"{_P}TasksService/GetStats": needs("read", "tasks"),
+    f"{_P}TasksInternalService/ClaimTask": INTERNAL,
+    f"{_P}TasksInternalService/RenewLeases": INTERNAL,
+    f"{_P}TasksInternalService/ReportProgress": INTERNAL,
+    f"{_P}TasksInternalService/CompleteTask": INTERNAL,
+    f"{_P}TasksInternalService/ReleaseAgentTasks": INTERNAL,
+    # Agents: people read and configure; the worker side is for agent-scoped API keys.
+    f"{_P}AgentsService/ListAgents": needs("read", "agents"),
+    f"{_P}AgentsService/GetAgent": needs("read", "agents"),
+    f"{_P}AgentsService/UpdateAgentConfig": needs("write", "agents"),
+    f"{_P}AgentsService/RegisterAgent": AGENT,
+    f"{_P}AgentsService/Heartbeat": AGENT,
+    f"{_P}AgentsService/ReportProgress": AGENT,
+    f"{_P}AgentsService/CompleteTask": AGENT,
+    f"{_P}AgentsService/StreamAssignments": AGENT,
+    f"{_P}AgentsService/Connect": AGENT,
+    f"{_P}AgentsInternalService/DeliverCancellation": INTERNAL,
+    f"{_P}AgentsInternalService/NotifyTasksAvailable": INTERNAL,
+    # Inter-agent messages: agents only; from_agent is always the authenticated agent.
+    f"{_P}MessagingService/SendMessage": AGENT,
+    f"{_P}MessagingService/SendRequest": AGENT,
+    f"{_P}MessagingService/AckMessage": AGENT,
+    f"{_P}MessagingService/ListInbox": AGENT,
+    f"{_P}MessagingService/StreamInbox": AGENT,
+    f"{_P}MessagingService/StreamInboxSse": AGENT,
+    # Events: anyone signed in; each sees only events about its own resources (admins: all).
+    f"{_P}EventsService/Subscribe": SIGNED_IN,
+    f"{_P}EventsService/StreamEvents": SIGNED_IN,
+    f"{_P}EventsService/ListEvents": SIGNED_IN,
+}
+
+# Infrastructure services every server exposes to the mesh (probes, grpcurl).
+_PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def rule_for(method: str) -> Rule:
+    """The rule of a full method name; a method missing from the table is refused."""
+    rule = POLICY.get(method)
+    if rule is not None:
+        return rule
+    if method.startswith(_PUBLIC_PREFIXES):
+        return PUBLIC
+    raise PermissionDenied("no access rule for this RPC", details={"rpc": method})

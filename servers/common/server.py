@@ -1,0 +1,101 @@
+"""Building, starting and draining one service's grpc.aio server."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger("agentmesh.server")
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+# Keepalive pings detect half-open connections hop by hop; clients may ping every 10 s.
+SERVER_OPTIONS: Sequence[tuple[str, int]] = (
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+)
+
+
+class PortInUse(RuntimeError):
+    """The address to listen on is taken."""
+
+
+Registration = Callable[[grpc.aio.Server], None]
+
+
+class ServiceServer:
+    """One service on its own port: its servicers, grpc.health.v1, reflection.
+
+    ``services`` are the full names this server answers for; grpc.health.v1 reports each (and
+    the overall "" entry) SERVING after start and NOT_SERVING from the start of a drain.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        host: str,
+        port: int,
+        interceptors: Iterable[grpc.aio.ServerInterceptor],
+        registrations: Iterable[Registration],
+        services: Iterable[str],
+    ) -> None:
+        self.name = name
+        self.host = host
+        self.port = port
+        self.services = tuple(services)
+        self.health = health.aio.HealthServicer()
+        self._server = grpc.aio.server(interceptors=list(interceptors), options=SERVER_OPTIONS)
+        for register in registrations:
+            register(self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (
+                *self.services,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self._server,
+        )
+        self._stopped = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> int:
+        """Binds (port 0 picks a free one), starts, and returns the bound port."""
+        try:
+            bound = self._server.add_insecure_port(f"{self.host}:{self.port}")
+        except RuntimeError as exc:
+            raise PortInUse(f"{self.name}: cannot listen on {self.host}:{self.port}") from exc
+        if not bound:
+            raise PortInUse(f"{self.name}: cannot listen on {self.host}:{self.port}")
+        self.port = bound
+        await self._server.start()
+        for service in ("", *self.services):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("listening", extra={"service": self.name, "address": self.address})
+        return bound
+
+    async def drain(self) -> None:
+        """Tells health checkers to stop sending new calls here."""
+        await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace: float) -> None:
+        """Refuses new calls and lets in-flight ones finish for up to ``grace`` seconds."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.drain()
+        await self._server.stop(grace)

@@ -1,0 +1,358 @@
+"""The embedded mesh (`agentmesh up`): all four services in one process, each on its own port,
+and Envoy as a supervised child, exactly as Envoy routes them in production.
+
+This module is the only place that knows every service; the services never import each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from agentmesh.v1 import (
+    agents_pb2_grpc,
+    auth_pb2_grpc,
+    events_pb2_grpc,
+    health_pb2_grpc,
+    messaging_pb2_grpc,
+    tasks_pb2_grpc,
+    users_pb2_grpc,
+)
+
+from gateway.proxy import EdgeConfig, EnvoyFailed, EnvoyProcess
+
+from .agents.service import AgentsInternalService, AgentsService
+from .auth.domain import Accounts
+from .auth.keys import SigningKey
+from .auth.service import AuthService, UsersService
+from .common.auth import Authenticator, TokenVerifier
+from .common.config import SERVICES, Settings
+from .common.db import Database
+from .common.health import HealthService
+from .common.interceptors import default_interceptors
+from .common.server import PortInUse, ServiceServer
+from .messaging.service import EventsService, MessagingService
+from .tasks.service import TasksInternalService, TasksService
+
+log = logging.getLogger("agentmesh.mesh")
+
+SERVERS_DIR = Path(__file__).resolve().parent
+# Each entry: the service's migrations folder (None: owns no tables yet).
+MIGRATIONS: dict[str, Path | None] = {
+    "auth": SERVERS_DIR / "auth" / "migrations",
+    "tasks": None,
+    "agents": None,
+    "messaging": None,
+}
+
+
+@dataclass
+class Runtime:
+    """What the services of one process share: settings, database, keys, authenticator."""
+
+    settings: Settings
+    db: Database
+    key: SigningKey
+    authenticator: Authenticator
+
+    @classmethod
+    async def open(cls, settings: Settings) -> Runtime:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        db = Database(settings.database_url)
+        try:
+            for service, folder in MIGRATIONS.items():
+                if folder is not None:
+                    await db.migrate(service, folder)
+        except BaseException:
+            await db.close()
+            raise
+        key = SigningKey.load_or_create(settings.data_dir)
+        key.write_jwks(settings.data_dir / "jwks.json")
+        verifier = TokenVerifier(
+            jwks=key.jwks, issuer=settings.jwt_issuer, audience=settings.jwt_audience
+        )
+        authenticator = Authenticator(
+            verifier=verifier, internal_token=internal_token(settings.data_dir)
+        )
+        return cls(settings=settings, db=db, key=key, authenticator=authenticator)
+
+
+def internal_token(data_dir: Path) -> str:
+    """The credential mesh services present to each other's internal RPCs.
+
+    AGENTMESH_INTERNAL_TOKEN wins (replicas on several hosts share it); otherwise it is created
+    once in the data directory.
+    """
+    if token := os.environ.get("AGENTMESH_INTERNAL_TOKEN"):
+        return token
+    path = data_dir / "keys" / "internal-token"
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def _servicers(name: str, rt: Runtime) -> list[tuple[Callable[[Any, Any], None], Any, str]]:
+    """(add-to-server function, servicer, full service name) of each service's servicers."""
+    s = rt.settings
+    if name == "auth":
+        accounts = Accounts(
+            db=rt.db,
+            key=rt.key,
+            issuer=s.jwt_issuer,
+            audience=s.jwt_audience,
+            access_ttl=s.access_token_ttl,
+        )
+        return [
+            (
+                auth_pb2_grpc.add_AuthServiceServicer_to_server,
+                AuthService(accounts=accounts, key=rt.key),
+                "agentmesh.v1.AuthService",
+            ),
+            (
+                users_pb2_grpc.add_UsersServiceServicer_to_server,
+                UsersService(),
+                "agentmesh.v1.UsersService",
+            ),
+        ]
+    if name == "tasks":
+        return [
+            (
+                tasks_pb2_grpc.add_TasksServiceServicer_to_server,
+                TasksService(),
+                "agentmesh.v1.TasksService",
+            ),
+            (
+                tasks_pb2_grpc.add_TasksInternalServiceServicer_to_server,
+                TasksInternalService(),
+                "agentmesh.v1.TasksInternalService",
+            ),
+        ]
+    if name == "agents":
+        return [
+            (
+                agents_pb2_grpc.add_AgentsServiceServicer_to_server,
+                AgentsService(),
+                "agentmesh.v1.AgentsService",
+            ),
+            (
+                agents_pb2_grpc.add_AgentsInternalServiceServicer_to_server,
+                AgentsInternalService(),
+                "agentmesh.v1.AgentsInternalService",
+            ),
+        ]
+    if name == "messaging":
+        return [
+            (
+                messaging_pb2_grpc.add_MessagingServiceServicer_to_server,
+                MessagingService(),
+                "agentmesh.v1.MessagingService",
+            ),
+            (
+                events_pb2_grpc.add_EventsServiceServicer_to_server,
+                EventsService(),
+                "agentmesh.v1.EventsService",
+            ),
+        ]
+    raise ValueError(f"unknown service {name!r}")
+
+
+def build_server(name: str, rt: Runtime, health: HealthService) -> ServiceServer:
+    entries = _servicers(name, rt)
+
+    def register(server: grpc.aio.Server) -> None:
+        for add, servicer, _ in entries:
+            add(servicer, server)
+        health_pb2_grpc.add_HealthServiceServicer_to_server(health, server)
+
+    return ServiceServer(
+        name,
+        host=rt.settings.host,
+        port=rt.settings.service_ports[name],
+        interceptors=default_interceptors(rt.authenticator),
+        registrations=[register],
+        services=[full for _, _, full in entries] + ["agentmesh.v1.HealthService"],
+    )
+
+
+def ensure_port_free(host: str, port: int, what: str) -> None:
+    """Fails with a clear message when the port is taken (port 0 is always fine)."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(
+                    f"{what} port {port} on {host} is already in use; "
+                    f"stop whatever holds it or choose another port"
+                ) from None
+            raise
+
+
+class Mesh:
+    """The running embedded mesh; ``async with`` starts it and shuts it down in order."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.servers: dict[str, ServiceServer] = {}
+        self.envoy: EnvoyProcess | None = None
+        self._rt: Runtime | None = None
+        self._health: HealthService | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.settings.data_dir / "run"
+
+    async def start(self) -> None:
+        s = self.settings
+        ensure_port_free(s.host, s.public_port, "AGENTMESH_PORT: the public")
+        self._rt = rt = await Runtime.open(s)
+        # Bind every server first: the health service needs all their addresses.
+        peers: dict[str, str] = {}
+        self._health = HealthService(
+            db=rt.db, version=s.version, peers=peers, redis_url=s.redis_url
+        )
+        for name in SERVICES:
+            self.servers[name] = build_server(name, rt, self._health)
+        for name, server in self.servers.items():
+            await server.start()
+            peers[name] = server.address
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        edge = EdgeConfig(
+            host=s.host,
+            public_port=s.public_port,
+            admin_port=s.admin_port,
+            service_ports={n: srv.port for n, srv in self.servers.items()},
+            jwks_file=s.data_dir / "jwks.json",
+            issuer=s.jwt_issuer,
+            audience=s.jwt_audience,
+        )
+        self.envoy = EnvoyProcess(
+            config=edge.write(self.run_dir / "envoy.yaml"),
+            run_dir=self.run_dir,
+            log_file=s.data_dir / "logs" / "envoy.log",
+        )
+        try:
+            await self.envoy.start()
+        except EnvoyFailed as exc:
+            if "Address already in use" in str(exc) or "cannot bind" in str(exc):
+                raise PortInUse(
+                    f"AGENTMESH_PORT: the public port {s.public_port} on {s.host} is already in use"
+                ) from None
+            raise
+        self._write_state()
+
+    def _write_state(self) -> None:
+        s = self.settings
+        state = {
+            "pid": os.getpid(),
+            "public_url": f"http://{s.host}:{s.public_port}",
+            "envoy_admin": self.envoy.admin_address if self.envoy else "",
+            "services": {n: srv.address for n, srv in self.servers.items()},
+            "database_url": _redact(s.database_url),
+            "data_dir": str(s.data_dir),
+        }
+        (self.run_dir / "mesh.json").write_text(json.dumps(state, indent=2))
+
+    def banner(self) -> str:
+        s = self.settings
+        lines = [
+            f"agentmesh {s.version} is up",
+            f"  REST + gRPC   http://{s.host}:{s.public_port}   (through Envoy)",
+        ]
+        lines += [f"  {n:<13} {srv.address}   (gRPC, direct)" for n, srv in self.servers.items()]
+        lines += [
+            f"  envoy admin   {self.envoy.admin_address if self.envoy else '-'}",
+            f"  database      {_redact(s.database_url)}",
+            f"  data dir      {s.data_dir}",
+            f"Try: curl -s http://{s.host}:{s.public_port}/health   Stop: Ctrl-C",
+        ]
+        return "\n".join(lines)
+
+    async def stop(self) -> None:
+        """Drain: health NOT_SERVING, in-flight calls finish within the grace period, then
+        Envoy stops and the database closes. Safe to call twice."""
+        grace = self.settings.grace_seconds
+        await asyncio.gather(*(srv.drain() for srv in self.servers.values()))
+        await asyncio.gather(*(srv.stop(grace) for srv in self.servers.values()))
+        if self.envoy is not None:
+            await self.envoy.stop()
+        if self._health is not None:
+            await self._health.close()
+        if self._rt is not None:
+            await self._rt.db.close()
+        with contextlib.suppress(OSError):
+            (self.run_dir / "mesh.json").unlink()
+
+    async def __aenter__(self) -> Mesh:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def _redact(url: str) -> str:
+    """A database URL without its password, for logs and banners."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    return url
+
+
+async def run_up(settings: Settings) -> int:
+    """Runs the embedded mesh until SIGINT/SIGTERM, or until Envoy keeps crashing."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with Mesh(settings) as mesh:
+            print(mesh.banner(), flush=True)
+            assert mesh.envoy is not None
+            envoy_failed = asyncio.create_task(mesh.envoy.failed.wait())
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({envoy_failed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            code = 1 if envoy_failed.done() else 0
+            envoy_failed.cancel()
+            stopping.cancel()
+            print(
+                "agentmesh: stopping"
+                if code == 0
+                else "agentmesh: Envoy keeps crashing; "
+                f"see {settings.data_dir / 'logs' / 'envoy.log'}",
+                file=sys.stderr,
+                flush=True,
+            )
+        print("agentmesh: stopped", file=sys.stderr, flush=True)
+        return code
+    except PortInUse as exc:
+        print(f"agentmesh: {exc}", file=sys.stderr)
+        return 2
+    except EnvoyFailed as exc:
+        print(f"agentmesh: Envoy did not start: {exc}", file=sys.stderr)
+        return 1

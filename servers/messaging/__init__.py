@@ -1,0 +1,4 @@
+"""The messaging service: inter-agent messages and the event stream.
+
+Serves MessagingService and EventsService.
+"""

@@ -1,0 +1,1 @@
+"""The tasks service: the only writer of task state (TasksService, TasksInternalService)."""
