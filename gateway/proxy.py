@@ -78,7 +78,8 @@ async def _admin_get(address: str, path: str) -> tuple[int, str]:
     host, _, port = address.rpartition(":")
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 1.0)
     try:
-        writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        # HTTP/1.1: Envoy refuses HTTP/1.0 unless told to accept it.
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         await writer.drain()
         raw = await asyncio.wait_for(reader.read(), 2.0)
     finally:
@@ -149,7 +150,8 @@ class EnvoyProcess:
                 self.admin_address = address
                 with contextlib.suppress(OSError, TimeoutError, ValueError, IndexError):
                     status, body = await _admin_get(address, "/ready")
-                    if status == 200 and body.strip() == "LIVE":
+                    # The body is chunked ("5\r\nLIVE\n..."), so look for the word.
+                    if status == 200 and "LIVE" in body.split():
                         return
             await asyncio.sleep(0.05)
         await self._terminate()

@@ -37,7 +37,7 @@ from gateway.proxy import EdgeConfig, EnvoyFailed, EnvoyProcess
 from .agents.service import AgentsInternalService, AgentsService
 from .auth.domain import Accounts
 from .auth.keys import SigningKey
-from .auth.service import AuthService, UsersService
+from .auth.service import AuthInternalService, AuthService, UsersService
 from .common.auth import Authenticator, TokenVerifier
 from .common.config import SERVICES, Settings
 from .common.db import Database
@@ -128,6 +128,11 @@ def _servicers(name: str, rt: Runtime) -> list[tuple[Callable[[Any, Any], None],
                 users_pb2_grpc.add_UsersServiceServicer_to_server,
                 UsersService(),
                 "agentmesh.v1.UsersService",
+            ),
+            (
+                auth_pb2_grpc.add_AuthInternalServiceServicer_to_server,
+                AuthInternalService(),
+                "agentmesh.v1.AuthInternalService",
             ),
         ]
     if name == "tasks":

@@ -91,3 +91,7 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
 
 class UsersService(users_pb2_grpc.UsersServiceServicer):
     """User administration; built in the identity issue. Every RPC answers UNIMPLEMENTED."""
+
+
+class AuthInternalService(auth_pb2_grpc.AuthInternalServiceServicer):
+    """API-key verification for other services; built with API keys in the identity issue."""
