@@ -1,0 +1,40 @@
+"""Settings from the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from servers.common.config import Settings
+
+
+def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    s = Settings.from_env({})
+    assert s.public_port == 8080
+    assert s.data_dir == tmp_path / ".agentmesh"
+    assert s.database_url == f"sqlite+aiosqlite:///{tmp_path / '.agentmesh' / 'agentmesh.db'}"
+    assert s.redis_url is None
+    assert s.host == "127.0.0.1"
+
+
+def test_environment_wins(tmp_path: Path) -> None:
+    s = Settings.from_env(
+        {
+            "AGENTMESH_PORT": "9000",
+            "AGENTMESH_DATA_DIR": str(tmp_path),
+            "AGENTMESH_AUTH_PORT": "50051",
+            "DATABASE_URL": "postgresql+asyncpg://u@h/db",
+            "REDIS_URL": "redis://127.0.0.1:6379/0",
+        }
+    )
+    assert (s.public_port, s.service_ports["auth"], s.service_ports["tasks"]) == (9000, 50051, 0)
+    assert s.database_url.startswith("postgresql+asyncpg://")
+    assert s.redis_url == "redis://127.0.0.1:6379/0"
+
+
+@pytest.mark.parametrize("value", ["eighty", "70000", "-1"])
+def test_bad_ports_are_refused_with_a_message(value: str) -> None:
+    with pytest.raises(SystemExit, match="AGENTMESH_PORT"):
+        Settings.from_env({"AGENTMESH_PORT": value})

@@ -1,0 +1,80 @@
+"""Fixtures shared by every test: PostgreSQL databases, and whole meshes as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from servers.launcher import MeshProcess
+
+PG_ADMIN_DSN = os.environ.get("AGENTMESH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _unavailable(what: str, exc: BaseException) -> None:
+    """In CI a missing service fails the test; on a laptop it skips with the reason."""
+    message = f"{what} is not reachable ({exc}); start it (see .ci/run)"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+async def _pg(sql: str) -> None:
+    conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for this test session (dropped afterwards)."""
+    name = f"agentmesh_test_{secrets.token_hex(4)}"
+    try:
+        asyncio.run(_pg(f'CREATE DATABASE "{name}"'))
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        _unavailable("PostgreSQL on 127.0.0.1:5432", exc)
+    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    yield f"{base}/{name}"
+    asyncio.run(_pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each database the mesh supports: SQLite in a temporary folder, and PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+def _boot(tmp: Path, **env: str) -> MeshProcess:
+    return MeshProcess(data_dir=tmp, env=env).start()
+
+
+@pytest.fixture(scope="session")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshProcess]:
+    """The embedded mesh on its default (SQLite), shared by the tests that only read it."""
+    proc = _boot(tmp_path_factory.mktemp("mesh"))
+    yield proc
+    assert proc.stop() == 0, proc.output()
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def any_mesh(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MeshProcess]:
+    """The mesh on each database: tests using it run once on SQLite, once on PostgreSQL."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("mesh")
+        return
+    url = request.getfixturevalue("postgres_url")
+    proc = _boot(tmp_path_factory.mktemp("pgmesh"), DATABASE_URL=url)
+    yield proc
+    assert proc.stop() == 0, proc.output()

@@ -1,0 +1,93 @@
+"""`agentmesh up` as a user meets it: ports, stopping, restarting on the same data."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from servers.launcher import MeshProcess, free_port
+from tests.helpers import new_user
+
+
+def _envoy_running(data_dir: Path) -> bool:
+    found = subprocess.run(
+        ["pgrep", "-f", str(data_dir / "run" / "envoy.yaml")], capture_output=True, check=False
+    )
+    return found.returncode == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stops_cleanly_on_signal(tmp_path: Path, sig: int) -> None:
+    mesh = MeshProcess(data_dir=tmp_path).start()
+    assert _envoy_running(tmp_path)
+    started = time.monotonic()
+    mesh.signal(sig)
+    assert mesh.wait(timeout=10) == 0, mesh.output()
+    assert time.monotonic() - started < 5
+    assert not _envoy_running(tmp_path)
+    assert "agentmesh: stopped" in mesh.output()
+    # Every port is free again.
+    for address in [f"127.0.0.1:{mesh.port}", *mesh.services.values()]:
+        host, port = address.rsplit(":", 1)
+        with socket.socket() as sock:
+            # As a restarting server would: TIME_WAIT is fine, a listener is not.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, int(port)))
+            sock.listen()
+
+
+def test_taken_port_is_reported_clearly(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "servers.cli", "up"],
+            env={
+                "AGENTMESH_PORT": str(port),
+                "AGENTMESH_DATA_DIR": str(tmp_path),
+                "PATH": "/usr/bin:/bin",
+            },
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 2
+    assert f"port {port}" in result.stderr and "already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_port_setting_is_reported_clearly(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "servers.cli", "up"],
+        env={"AGENTMESH_PORT": "eighty", "AGENTMESH_DATA_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert "AGENTMESH_PORT must be an integer" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_users_and_keys_survive_a_restart(tmp_path: Path) -> None:
+    user = new_user()
+    port = free_port()
+    with MeshProcess(data_dir=tmp_path, port=port) as first:
+        token = httpx.post(first.url + "/api/v1/auth/register", json=user).json()["access_token"]
+    with MeshProcess(data_dir=tmp_path, port=port) as second:
+        # The signing key persisted: a token from before the restart still verifies.
+        me = httpx.get(second.url + "/api/v1/auth/me", headers={"Authorization": f"Bearer {token}"})
+        assert me.status_code == 200, me.text
+        login = httpx.post(
+            second.url + "/api/v1/auth/login",
+            json={"username": user["username"], "password": user["password"]},
+        )
+        assert login.status_code == 200

@@ -1,0 +1,137 @@
+"""The edge's promises over REST: health shapes, the error envelope for every kind of error,
+x-request-id on every response, UNIMPLEMENTED as 501."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import jwt
+from cryptography.hazmat.primitives import serialization
+
+from servers.launcher import MeshProcess
+from tests.helpers import assert_envelope, new_user
+
+
+def test_health_documents(mesh: MeshProcess) -> None:
+    with httpx.Client(base_url=mesh.url) as client:
+        health = client.get("/health")
+        alias = client.get("/api/v1/health")
+        live = client.get("/health/live")
+        ready = client.get("/health/ready")
+    assert health.status_code == alias.status_code == 200
+    body = health.json()
+    assert body["status"] == "healthy"
+    assert body["services"] == {
+        "auth": "up",
+        "tasks": "up",
+        "agents": "up",
+        "messaging": "up",
+        "database": "up",
+    }
+    assert isinstance(body["uptime"], int) and body["version"] and body["timestamp"]
+    assert live.status_code == 200 and live.json() == {"status": "alive"}
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def test_malformed_json_is_a_validation_error(mesh: MeshProcess) -> None:
+    reply = httpx.post(
+        mesh.url + "/api/v1/auth/login",
+        content=b'{"username": "x", ',
+        headers={"content-type": "application/json"},
+    )
+    assert_envelope(reply, 400, "VALIDATION_ERROR")
+
+
+def test_wrong_json_type_is_a_validation_error(mesh: MeshProcess) -> None:
+    reply = httpx.post(mesh.url + "/api/v1/auth/login", json={"username": ["a"], "password": 5})
+    assert_envelope(reply, 400, "VALIDATION_ERROR")
+
+
+def test_unknown_path_is_not_found(mesh: MeshProcess) -> None:
+    for path in ("/nope", "/api/v1/nothing-here", "/api/v2/tasks"):
+        assert_envelope(httpx.get(mesh.url + path), 404, "NOT_FOUND")
+    # A known path with a method it does not have.
+    assert_envelope(httpx.delete(mesh.url + "/api/v1/auth/login"), 404, "NOT_FOUND")
+
+
+def test_unknown_query_parameter_is_rejected(mesh: MeshProcess) -> None:
+    assert_envelope(
+        httpx.get(mesh.url + "/health", params={"verbose": "1"}), 400, "VALIDATION_ERROR"
+    )
+
+
+def test_missing_token_is_rejected_at_the_edge(mesh: MeshProcess) -> None:
+    reply = httpx.post(mesh.url + "/api/v1/tasks", json={"type": "echo", "description": "x"})
+    assert_envelope(reply, 401, "AUTH_REQUIRED")
+
+
+def test_expired_token_is_token_expired(mesh: MeshProcess) -> None:
+    # Signed with the mesh's own key, so only the expiry is wrong.
+    pem = (mesh.data_dir / "keys" / "signing-key.pem").read_bytes()
+    key = serialization.load_pem_private_key(pem, password=None)
+    kid = httpx.get(mesh.url + "/.well-known/jwks.json").json()["keys"][0]["kid"]
+    now = int(time.time())
+    claims = {
+        "sub": "someone",
+        "iss": "agentmesh",
+        "aud": "agentmesh",
+        "typ": "access",
+        "jti": "j1",
+        "iat": now - 7200,
+        "exp": now - 3600,
+    }
+    token = jwt.encode(claims, key, algorithm="ES256", headers={"kid": kid})  # type: ignore[arg-type]
+    reply = httpx.get(mesh.url + "/api/v1/auth/me", headers={"Authorization": f"Bearer {token}"})
+    assert_envelope(reply, 401, "TOKEN_EXPIRED")
+
+
+def test_unimplemented_rpc_is_501(mesh: MeshProcess) -> None:
+    user = new_user()
+    token = httpx.post(mesh.url + "/api/v1/auth/register", json=user).json()["access_token"]
+    reply = httpx.post(
+        mesh.url + "/api/v1/tasks",
+        json={"type": "echo", "description": "hello"},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    error = assert_envelope(reply, 501, "NOT_IMPLEMENTED")
+    assert error["details"] == {"rpc": "/agentmesh.v1.TasksService/CreateTask"}
+
+
+def test_role_without_permission_is_403(mesh: MeshProcess) -> None:
+    token = httpx.post(mesh.url + "/api/v1/auth/register", json=new_user()).json()["access_token"]
+    # Seed 004: the "user" role may not read agents, and user administration is for admins.
+    for path in ("/api/v1/agents", "/api/v1/users"):
+        reply = httpx.get(mesh.url + path, headers={"Authorization": f"Bearer {token}"})
+        assert_envelope(reply, 403, "INSUFFICIENT_PERMISSIONS")
+
+
+def test_every_response_has_a_request_id(mesh: MeshProcess) -> None:
+    seen = set()
+    with httpx.Client(base_url=mesh.url) as client:
+        replies = [
+            client.get("/health"),
+            client.get("/nope"),
+            client.post("/api/v1/auth/login", json={"username": "a", "password": "b"}),
+            client.get("/api/v1/auth/me"),
+            # A client's own id is replaced at the edge: ids are the mesh's, not the caller's.
+            client.get("/health/live", headers={"x-request-id": "forged"}),
+        ]
+    for reply in replies:
+        rid = reply.headers.get("x-request-id")
+        assert rid and rid != "forged", reply
+        seen.add(rid)
+    assert len(seen) == len(replies)
+
+
+def test_grpc_only_headers_do_not_leak_into_rest(mesh: MeshProcess) -> None:
+    reply = httpx.get(mesh.url + "/health/live")
+    for header in ("grpc-status", "grpc-message", "x-http-status"):
+        assert header not in reply.headers
+
+
+def test_envoy_log_is_json(mesh: MeshProcess) -> None:
+    httpx.get(mesh.url + "/health/live")
+    log = Path(mesh.data_dir / "logs" / "envoy.log").read_text()
+    assert '"component":"envoy"' in log.replace(" ", "")
