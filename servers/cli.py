@@ -12,9 +12,19 @@ from .common.config import Settings
 
 
 def _up(args: argparse.Namespace) -> int:
+    import os
+
     from .mesh import run_up
 
-    settings = Settings.from_env()
+    # Flags win over the environment; both end up in the one Settings object.
+    overrides = {
+        "AGENTMESH_PORT": args.port,
+        "AGENTMESH_DATA_DIR": args.data_dir,
+        "DATABASE_URL": args.database_url,
+        "REDIS_URL": args.redis_url,
+    }
+    env = {**os.environ, **{k: str(v) for k, v in overrides.items() if v is not None}}
+    settings = Settings.from_env(env)
     logs.setup(settings.log_level)
     return asyncio.run(run_up(settings))
 
@@ -57,9 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser(
         "up",
         help="run the embedded mesh: all services in one process, Envoy as a child",
-        description="Configuration comes from the environment: AGENTMESH_PORT (8080), "
+        description="Configuration comes from flags, else the environment: AGENTMESH_PORT (8080), "
         "AGENTMESH_DATA_DIR (./.agentmesh), DATABASE_URL, REDIS_URL; see README.md.",
     )
+    up.add_argument("--port", type=int, help="public port of Envoy (AGENTMESH_PORT, 8080)")
+    up.add_argument("--data-dir", help="data directory (AGENTMESH_DATA_DIR, ./.agentmesh)")
+    up.add_argument("--database-url", help="SQLAlchemy URL (DATABASE_URL, SQLite in data dir)")
+    up.add_argument("--redis-url", help="Redis URL (REDIS_URL, none: in-process)")
     up.set_defaults(run=_up)
     env = sub.add_parser("envoy-config", help="print the rendered envoy.yaml, or validate it")
     env.add_argument("--validate", action="store_true", help="run envoy --mode validate on it")
