@@ -33,7 +33,7 @@ protos: $(SETUP) $(BUF)
 
 ## bench: the benchmarks of bench/, each against its baseline in the same run
 bench: $(SETUP)
-	$(PY) bench/run.py
+	$(PY) -m bench.run
 
 setup: $(SETUP) $(BUF)
 
