@@ -23,8 +23,8 @@ from pathlib import Path
 
 import grpc
 import httpx
-from agentmesh.v1 import auth_pb2, auth_pb2_grpc
 
+from agentmesh.v1 import auth_pb2, auth_pb2_grpc
 from servers.common.server import SERVER_OPTIONS
 from servers.launcher import MeshProcess
 

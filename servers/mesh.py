@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
 from agentmesh.v1 import (
     agents_pb2_grpc,
     auth_pb2_grpc,
@@ -31,7 +32,6 @@ from agentmesh.v1 import (
     tasks_pb2_grpc,
     users_pb2_grpc,
 )
-
 from gateway.proxy import EdgeConfig, EnvoyFailed, EnvoyProcess
 
 from .agents.service import AgentsInternalService, AgentsService

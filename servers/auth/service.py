@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 
 import grpc
-from agentmesh.v1 import auth_pb2, auth_pb2_grpc, users_pb2_grpc
 from google.protobuf import timestamp_pb2
 
+from agentmesh.v1 import auth_pb2, auth_pb2_grpc, users_pb2_grpc
 from servers.common.context import principal, set_http_status
 from servers.common.errors import AuthRequired
 

@@ -8,9 +8,10 @@ from collections.abc import Mapping
 
 import grpc
 import redis.asyncio as redis
-from agentmesh.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1 import health_pb2 as grpc_health_pb2
 from grpc_health.v1 import health_pb2_grpc as grpc_health_pb2_grpc
+
+from agentmesh.v1 import health_pb2, health_pb2_grpc
 
 from .context import set_http_status
 from .db import Database

@@ -126,7 +126,10 @@ class AccessLogInterceptor(_ScopeInterceptor):
         finally:
             call = callctx.current_call()
             if call is not None:
-                log.info(
+                # Health probes arrive every few seconds from Envoy; they would drown the log.
+                probe = method.startswith("/grpc.health.v1.")
+                log.log(
+                    logging.DEBUG if probe else logging.INFO,
                     "rpc",
                     extra={
                         "rpc": method,

@@ -13,10 +13,10 @@ from pathlib import Path
 import grpc
 import jwt
 import pytest
-from agentmesh.v1 import health_pb2, health_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agentmesh.v1 import health_pb2, health_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from servers.auth.keys import SigningKey
 from servers.common import errors
 from servers.common.auth import Authenticator, TokenVerifier

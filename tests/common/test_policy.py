@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from google.api import annotations_pb2
+from google.protobuf import descriptor_pb2
+from google.protobuf.descriptor import MethodDescriptor
+
 from agentmesh.v1 import (
     agents_pb2,
     auth_pb2,
@@ -12,10 +16,6 @@ from agentmesh.v1 import (
     tasks_pb2,
     users_pb2,
 )
-from google.api import annotations_pb2
-from google.protobuf import descriptor_pb2
-from google.protobuf.descriptor import MethodDescriptor
-
 from servers.common.errors import PermissionDenied
 from servers.common.policy import POLICY, rule_for
 from servers.common.rbac import ROLES, allows

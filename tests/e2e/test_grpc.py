@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2 as grpc_health_pb2
+from grpc_health.v1 import health_pb2_grpc as grpc_health_pb2_grpc
+
 from agentmesh.v1 import (
     auth_pb2,
     auth_pb2_grpc,
@@ -12,9 +15,6 @@ from agentmesh.v1 import (
     tasks_pb2,
     tasks_pb2_grpc,
 )
-from grpc_health.v1 import health_pb2 as grpc_health_pb2
-from grpc_health.v1 import health_pb2_grpc as grpc_health_pb2_grpc
-
 from servers.launcher import MeshProcess
 from tests.helpers import error_reason, new_user
 

@@ -135,3 +135,10 @@ def test_envoy_log_is_json(mesh: MeshProcess) -> None:
     httpx.get(mesh.url + "/health/live")
     log = Path(mesh.data_dir / "logs" / "envoy.log").read_text()
     assert '"component":"envoy"' in log.replace(" ", "")
+
+
+def test_oversized_body_is_413(mesh: MeshProcess) -> None:
+    big = {"email": "big@example.com", "password": "x" * (2 * 1024 * 1024)}
+    assert_envelope(
+        httpx.post(mesh.url + "/api/v1/auth/register", json=big), 413, "VALIDATION_ERROR"
+    )

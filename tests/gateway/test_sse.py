@@ -64,8 +64,15 @@ async def edge(tmp_path: Path) -> AsyncIterator[tuple[str, str]]:
     await envoy.start()
     now = int(time.time())
     token = jwt.encode(
-        {"sub": "u", "iss": "agentmesh", "aud": "agentmesh", "iat": now, "exp": now + 60,
-         "jti": "j", "typ": "access"},
+        {
+            "sub": "u",
+            "iss": "agentmesh",
+            "aud": "agentmesh",
+            "iat": now,
+            "exp": now + 60,
+            "jti": "j",
+            "typ": "access",
+        },
         key.private_key,
         algorithm="ES256",
         headers={"kid": key.kid},
