@@ -3,7 +3,8 @@
 --   * turns a transcoded google.rpc.Status body ({"code":5,"message":...,"details":[ErrorInfo]})
 --     into the documented envelope {"error":{"code","message","details","timestamp","request_id"}},
 --     with ErrorInfo.reason as the code and ErrorInfo.metadata as the details;
---   * applies the x-http-status trailer a server sets for 201 Created or 503 (servers/common/context.py);
+--   * applies the x-http-status header a server sets for 201, 204 or 503 (servers/common/context.py);
+--   * adds Retry-After to 429 answers, from the error's details.retry_after;
 --   * drops gRPC-only headers;
 --   * answers the deprecated unversioned /api/* paths with seed 000's deprecation headers.
 -- Envoy's own errors are shaped by local_reply_config in envoy.yaml, not here.
@@ -97,6 +98,13 @@ function envoy_on_response(handle)
     headers:remove("x-http-status")
     if headers:get(":status") == "200" and wanted:match("^[1-5]%d%d$") then
       headers:replace(":status", wanted)
+      if wanted == "204" then
+        -- No Content: drop the transcoded "{}" and its headers.
+        local empty = handle:body()
+        if empty then empty:setBytes("") end
+        headers:remove("content-type")
+        headers:remove("content-length")
+      end
     end
   end
   headers:remove("grpc-status")
@@ -132,4 +140,8 @@ function envoy_on_response(handle)
     .. "}}"
   body:setBytes(envelope)
   headers:replace("content-length", tostring(#envelope))
+  if code == "RATE_LIMIT_EXCEEDED" then
+    local retry = details:match('"retry_after":"(%d+)"')
+    if retry then headers:replace("retry-after", retry) end
+  end
 end

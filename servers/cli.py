@@ -61,6 +61,34 @@ def _envoy_config(args: argparse.Namespace) -> int:
         return result.returncode
 
 
+def _grant_role(args: argparse.Namespace) -> int:
+    """Gives an existing account a role, straight in the database (works while the mesh runs)."""
+    from .auth.admin import grant_role
+    from .common.db import Database
+    from .common.errors import AgentmeshError
+    from .mesh import MIGRATIONS
+
+    settings = Settings.from_env()
+
+    async def run() -> int:
+        async with Database(settings.database_url) as db:
+            for service, folder in MIGRATIONS.items():
+                if folder is not None:
+                    await db.migrate(service, folder)
+            try:
+                user = await grant_role(db, args.login, args.role)
+            except AgentmeshError as exc:
+                print(f"agentmesh: {exc.message}", file=sys.stderr)
+                return 1
+        print(
+            f"{user.username}: roles {', '.join(user.roles)} (effective at the next sign-in "
+            "or token refresh)"
+        )
+        return 0
+
+    return asyncio.run(run())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="agentmesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--database-url", help="SQLAlchemy URL (DATABASE_URL, SQLite in data dir)")
     up.add_argument("--redis-url", help="Redis URL (REDIS_URL, none: in-process)")
     up.set_defaults(run=_up)
+    grant = sub.add_parser(
+        "grant-role",
+        help="give an existing account a role, e.g. the first admin",
+        description="Uses AGENTMESH_DATA_DIR / DATABASE_URL like `up`.",
+    )
+    grant.add_argument("login", help="username or email")
+    grant.add_argument("role", choices=["admin", "developer", "user", "viewer"])
+    grant.set_defaults(run=_grant_role)
     env = sub.add_parser("envoy-config", help="print the rendered envoy.yaml, or validate it")
     env.add_argument("--validate", action="store_true", help="run envoy --mode validate on it")
     env.set_defaults(run=_envoy_config)

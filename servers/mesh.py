@@ -16,8 +16,8 @@ import secrets
 import signal
 import socket
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +35,18 @@ from agentmesh.v1 import (
 from gateway.proxy import EdgeConfig, EnvoyFailed, EnvoyProcess
 
 from .agents.service import AgentsInternalService, AgentsService
-from .auth.domain import Accounts
+from .auth.admin import UserAdmin
+from .auth.apikeys import ApiKeys, principal_of
+from .auth.domain import Accounts, LoginLimits
 from .auth.keys import SigningKey
 from .auth.service import AuthInternalService, AuthService, UsersService
-from .common.auth import Authenticator, TokenVerifier
+from .common.auth import ApiKeyClient, ApiKeyResolver, Authenticator, TokenVerifier
 from .common.config import SERVICES, Settings
+from .common.context import Principal
 from .common.db import Database
 from .common.health import HealthService
 from .common.interceptors import default_interceptors
+from .common.ratelimit import SlidingWindowLimiter
 from .common.server import PortInUse, ServiceServer
 from .messaging.service import EventsService, MessagingService
 from .tasks.service import TasksInternalService, TasksService
@@ -61,12 +65,16 @@ MIGRATIONS: dict[str, Path | None] = {
 
 @dataclass
 class Runtime:
-    """What the services of one process share: settings, database, keys, authenticator."""
+    """What the services of one process share: settings, database, keys, token checks."""
 
     settings: Settings
     db: Database
     key: SigningKey
-    authenticator: Authenticator
+    verifier: TokenVerifier
+    internal_token: str
+    limits: LoginLimits
+    peers: dict[str, str] = field(default_factory=dict)
+    _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     @classmethod
     async def open(cls, settings: Settings) -> Runtime:
@@ -84,10 +92,47 @@ class Runtime:
         verifier = TokenVerifier(
             jwks=key.jwks, issuer=settings.jwt_issuer, audience=settings.jwt_audience
         )
-        authenticator = Authenticator(
-            verifier=verifier, internal_token=internal_token(settings.data_dir)
+        limits = LoginLimits(
+            per_address=SlidingWindowLimiter(
+                name="login-address",
+                limit=settings.login_limit,
+                window=settings.login_window,
+                redis_url=settings.redis_url,
+            ),
+            per_account=SlidingWindowLimiter(
+                name="login-account",
+                limit=settings.login_limit,
+                window=settings.login_window,
+                redis_url=settings.redis_url,
+            ),
         )
-        return cls(settings=settings, db=db, key=key, authenticator=authenticator)
+        return cls(
+            settings=settings,
+            db=db,
+            key=key,
+            verifier=verifier,
+            internal_token=internal_token(settings.data_dir),
+            limits=limits,
+        )
+
+    def authenticator(self, api_keys: ApiKeyResolver | None = None) -> Authenticator:
+        """Token checks for one server; API keys go to the auth service unless resolved here."""
+        if api_keys is None:
+            client = ApiKeyClient(
+                address=lambda: self.peers["auth"], internal_token=self.internal_token
+            )
+            self._closers.append(client.close)
+            api_keys = client
+        return Authenticator(
+            verifier=self.verifier, internal_token=self.internal_token, api_keys=api_keys
+        )
+
+    async def close(self) -> None:
+        for close in self._closers:
+            await close()
+        self._closers.clear()
+        await self.limits.close()
+        await self.db.close()
 
 
 def internal_token(data_dir: Path) -> str:
@@ -107,8 +152,12 @@ def internal_token(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def _servicers(name: str, rt: Runtime) -> list[tuple[Callable[[Any, Any], None], Any, str]]:
-    """(add-to-server function, servicer, full service name) of each service's servicers."""
+Servicers = list[tuple[Callable[[Any, Any], None], Any, str]]
+
+
+def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator]:
+    """(add-to-server function, servicer, full service name) of a service's servicers, and the
+    authenticator its server checks calls with."""
     s = rt.settings
     if name == "auth":
         accounts = Accounts(
@@ -117,24 +166,30 @@ def _servicers(name: str, rt: Runtime) -> list[tuple[Callable[[Any, Any], None],
             issuer=s.jwt_issuer,
             audience=s.jwt_audience,
             access_ttl=s.access_token_ttl,
+            limits=rt.limits,
         )
+        api_keys = ApiKeys(db=rt.db)
+
+        async def resolve_locally(secret: str) -> Principal:
+            return principal_of(*await api_keys.verify(secret))
+
         return [
             (
                 auth_pb2_grpc.add_AuthServiceServicer_to_server,
-                AuthService(accounts=accounts, key=rt.key),
+                AuthService(accounts=accounts, api_keys=api_keys, key=rt.key),
                 "agentmesh.v1.AuthService",
             ),
             (
                 users_pb2_grpc.add_UsersServiceServicer_to_server,
-                UsersService(),
+                UsersService(admin=UserAdmin(db=rt.db)),
                 "agentmesh.v1.UsersService",
             ),
             (
                 auth_pb2_grpc.add_AuthInternalServiceServicer_to_server,
-                AuthInternalService(),
+                AuthInternalService(api_keys=api_keys),
                 "agentmesh.v1.AuthInternalService",
             ),
-        ]
+        ], rt.authenticator(resolve_locally)
     if name == "tasks":
         return [
             (
@@ -147,7 +202,7 @@ def _servicers(name: str, rt: Runtime) -> list[tuple[Callable[[Any, Any], None],
                 TasksInternalService(),
                 "agentmesh.v1.TasksInternalService",
             ),
-        ]
+        ], rt.authenticator()
     if name == "agents":
         return [
             (
@@ -160,7 +215,7 @@ def _servicers(name: str, rt: Runtime) -> list[tuple[Callable[[Any, Any], None],
                 AgentsInternalService(),
                 "agentmesh.v1.AgentsInternalService",
             ),
-        ]
+        ], rt.authenticator()
     if name == "messaging":
         return [
             (
@@ -173,12 +228,12 @@ def _servicers(name: str, rt: Runtime) -> list[tuple[Callable[[Any, Any], None],
                 EventsService(),
                 "agentmesh.v1.EventsService",
             ),
-        ]
+        ], rt.authenticator()
     raise ValueError(f"unknown service {name!r}")
 
 
 def build_server(name: str, rt: Runtime, health: HealthService) -> ServiceServer:
-    entries = _servicers(name, rt)
+    entries, authenticator = _servicers(name, rt)
 
     def register(server: grpc.aio.Server) -> None:
         for add, servicer, _ in entries:
@@ -189,7 +244,7 @@ def build_server(name: str, rt: Runtime, health: HealthService) -> ServiceServer
         name,
         host=rt.settings.host,
         port=rt.settings.service_ports[name],
-        interceptors=default_interceptors(rt.authenticator),
+        interceptors=default_interceptors(authenticator),
         registrations=[register],
         services=[full for _, _, full in entries] + ["agentmesh.v1.HealthService"],
     )
@@ -230,8 +285,8 @@ class Mesh:
         s = self.settings
         ensure_port_free(s.host, s.public_port, "AGENTMESH_PORT: the public")
         self._rt = rt = await Runtime.open(s)
-        # Bind every server first: the health service needs all their addresses.
-        peers: dict[str, str] = {}
+        # Bind every server first: the health service and API-key checks need their addresses.
+        peers = rt.peers
         self._health = HealthService(
             db=rt.db, version=s.version, peers=peers, redis_url=s.redis_url
         )
@@ -303,7 +358,7 @@ class Mesh:
         if self._health is not None:
             await self._health.close()
         if self._rt is not None:
-            await self._rt.db.close()
+            await self._rt.close()
         with contextlib.suppress(OSError):
             (self.run_dir / "mesh.json").unlink()
 

@@ -54,8 +54,13 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("postgres_url"))
 
 
+# Every test logs in from 127.0.0.1; shared meshes must not hit seed 001's 10 logins an hour.
+# tests/e2e/test_login_limits.py runs its own mesh with the default.
+SHARED_MESH_ENV = {"AGENTMESH_LOGIN_LIMIT": "100000"}
+
+
 def _boot(tmp: Path, **env: str) -> MeshProcess:
-    return MeshProcess(data_dir=tmp, env=env).start()
+    return MeshProcess(data_dir=tmp, env={**SHARED_MESH_ENV, **env}).start()
 
 
 @pytest.fixture(scope="session")

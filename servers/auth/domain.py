@@ -1,4 +1,10 @@
-"""The rules of accounts and sign-in. No gRPC here: errors are the house hierarchy."""
+"""Accounts, sign-in and tokens. No gRPC here: errors are the house hierarchy.
+
+Refresh tokens are opaque (`amr_` + 256 random bits), stored as SHA-256, and spent by their first
+use, which returns a new one of the same family. Presenting a spent token again means two parties
+hold it, so the whole family is revoked: the thief and the owner both sign in again. This also
+applies to a client that sends two refreshes at once; clients must refresh one at a time.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from servers.common.context import Principal
 from servers.common.db import Database
-from servers.common.errors import AuthRequired, InvalidCredentials, ValidationError
+from servers.common.errors import (
+    AuthRequired,
+    InvalidCredentials,
+    RateLimited,
+    ValidationError,
+)
+from servers.common.ratelimit import SlidingWindowLimiter
 from servers.common.rbac import DEFAULT_ROLES, permissions_of
 
 from .keys import SigningKey
@@ -27,6 +39,8 @@ from .store import RefreshTokenStore, UserStore
 USERNAME = re.compile(r"^[a-z0-9._-]{3,32}$")
 EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 PASSWORD_MIN, PASSWORD_MAX_BYTES = 8, 256
+NAME_MAX = 200
+REFRESH_PREFIX = "amr_"
 REFRESH_TTL = timedelta(days=30)
 
 # argon2id with OWASP's minimum: 19 MiB, 2 passes, 1 lane.
@@ -38,6 +52,15 @@ _DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+def aware(value: datetime) -> datetime:
+    """SQLite hands timestamps back without their zone; they were written in UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def sha256(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def check_password_policy(password: str) -> None:
@@ -53,10 +76,10 @@ def check_password_policy(password: str) -> None:
         )
 
 
-def normalize_email(email: str) -> str:
+def normalize_email(email: str, field: str = "email") -> str:
     email = email.strip().lower()
     if len(email) > 254 or not EMAIL.match(email):
-        raise ValidationError("invalid email address", details={"field": "email"})
+        raise ValidationError("invalid email address", details={"field": field})
     return email
 
 
@@ -68,6 +91,26 @@ def normalize_username(username: str) -> str:
             details={"field": "username"},
         )
     return username
+
+
+def check_name(name: str, field: str = "name") -> str:
+    name = name.strip()
+    if len(name) > NAME_MAX or any(ord(c) < 32 for c in name):
+        raise ValidationError(
+            f"name must be at most {NAME_MAX} printable characters", details={"field": field}
+        )
+    return name
+
+
+async def hash_password(password: str) -> str:
+    return await asyncio.to_thread(_hasher.hash, password)
+
+
+def _verify(stored: str, password: str) -> bool:
+    try:
+        return _hasher.verify(stored, password)
+    except (VerificationError, InvalidHashError):
+        return False
 
 
 def _username_from_email(email: str) -> str:
@@ -83,17 +126,37 @@ class IssuedTokens:
     user: UserRow
 
 
+@dataclass(frozen=True)
+class LoginLimits:
+    """Seed 001's authentication class: 10 attempts an hour, per client address and per account."""
+
+    per_address: SlidingWindowLimiter
+    per_account: SlidingWindowLimiter
+
+    async def close(self) -> None:
+        await self.per_address.close()
+        await self.per_account.close()
+
+
 class Accounts:
-    """Registration, sign-in and profiles."""
+    """Registration, sign-in, token refresh, sign-out and one's own profile."""
 
     def __init__(
-        self, *, db: Database, key: SigningKey, issuer: str, audience: str, access_ttl: int
+        self,
+        *,
+        db: Database,
+        key: SigningKey,
+        issuer: str,
+        audience: str,
+        access_ttl: int,
+        limits: LoginLimits,
     ) -> None:
         self._db = db
         self._key = key
         self._issuer = issuer
         self._audience = audience
         self._access_ttl = access_ttl
+        self._limits = limits
 
     async def register(
         self, *, email: str, password: str, username: str = "", name: str = ""
@@ -102,11 +165,10 @@ class Accounts:
         if username:
             username = normalize_username(username)
         check_password_policy(password)
-        if len(name) > 200:
-            raise ValidationError("name is too long", details={"field": "full_name"})
-        password_hash = await asyncio.to_thread(_hasher.hash, password)
+        name = check_name(name, "full_name")
+        password_hash = await hash_password(password)
         at = now()
-        async with self._db.session() as s, s.begin():
+        async with self._db.write() as s, s.begin():
             users = UserStore(s)
             if not username:
                 username = _username_from_email(email)
@@ -117,7 +179,7 @@ class Accounts:
                     id=str(uuid.uuid4()),
                     username=username,
                     email=email,
-                    name=name.strip(),
+                    name=name,
                     password_hash=password_hash,
                     roles=list(DEFAULT_ROLES),
                     disabled=False,
@@ -126,20 +188,70 @@ class Accounts:
                     last_login=at,
                 )
             )
-            return await self._issue(s, user, at)
+            return await self._issue(s, user, at, family_id=str(uuid.uuid4()))
 
-    async def login(self, *, login: str, password: str) -> IssuedTokens:
+    async def login(self, *, login: str, password: str, client: str) -> IssuedTokens:
+        login = login.strip().lower()
+        for limiter, key in ((self._limits.per_address, client), (self._limits.per_account, login)):
+            verdict = await limiter.hit(key)
+            if not verdict.allowed:
+                raise RateLimited(
+                    "too many login attempts; try again later",
+                    details={"retry_after": verdict.retry_after, "limit": verdict.limit},
+                )
         if not login or not password or len(password.encode()) > PASSWORD_MAX_BYTES:
             raise InvalidCredentials("invalid username, email or password")
-        async with self._db.session() as s, s.begin():
-            user = await UserStore(s).find_login(login.strip())
-            stored = user.password_hash if user and user.password_hash else _DUMMY_HASH
-            ok = await asyncio.to_thread(_verify, stored, password)
-            if user is None or not ok or user.disabled or not user.password_hash:
+        async with self._db.session() as s:
+            user = await UserStore(s).find_login(login)
+        stored = user.password_hash if user and user.password_hash else _DUMMY_HASH
+        ok = await asyncio.to_thread(_verify, stored, password)
+        if user is None or not ok or user.disabled or not user.password_hash:
+            raise InvalidCredentials("invalid username, email or password")
+        at = now()
+        async with self._db.write() as s, s.begin():
+            fresh = await UserStore(s).get(user.id)
+            if fresh is None or fresh.disabled:
                 raise InvalidCredentials("invalid username, email or password")
-            at = now()
-            user.last_login = at
-            return await self._issue(s, user, at)
+            fresh.last_login = at
+            return await self._issue(s, fresh, at, family_id=str(uuid.uuid4()))
+
+    async def refresh(self, token: str) -> IssuedTokens:
+        """Spends a refresh token for a new pair; a replayed token revokes its family."""
+        if not token.startswith(REFRESH_PREFIX) or len(token) > 128:
+            raise AuthRequired("invalid refresh token")
+        token_hash = sha256(token)
+        at = now()
+        replayed = False
+        async with self._db.write() as s, s.begin():
+            tokens = RefreshTokenStore(s)
+            row = await tokens.get(token_hash)
+            if row is None or row.revoked_at is not None or aware(row.expires_at) <= at:
+                raise AuthRequired("invalid refresh token")
+            if not await tokens.spend(token_hash, at):
+                # Spent before: two parties hold this token. Commit the revocation, then refuse.
+                await tokens.revoke_family(row.family_id, at)
+                replayed = True
+            else:
+                user = await UserStore(s).get(row.user_id)
+                if user is not None and not user.disabled:
+                    # Claims are read afresh: a role change shows in this token.
+                    return await self._issue(s, user, at, family_id=row.family_id)
+                await tokens.revoke_family(row.family_id, at)
+        if replayed:
+            raise AuthRequired("refresh token was already used", details={"revoked": "family"})
+        raise AuthRequired("account no longer active")
+
+    async def logout(self, who: Principal, refresh_token: str = "") -> None:
+        at = now()
+        async with self._db.write() as s, s.begin():
+            tokens = RefreshTokenStore(s)
+            if refresh_token:
+                row = await tokens.get(sha256(refresh_token))
+                # Someone else's token is not the caller's to revoke, and not worth a hint.
+                if row is not None and row.user_id == who.subject:
+                    await tokens.revoke_family(row.family_id, at)
+            else:
+                await tokens.revoke_user(who.subject, at)
 
     async def me(self, who: Principal) -> UserRow:
         async with self._db.session() as s:
@@ -148,7 +260,41 @@ class Accounts:
             raise AuthRequired("account no longer active")
         return user
 
-    async def _issue(self, session: AsyncSession, user: UserRow, at: datetime) -> IssuedTokens:
+    async def update_me(self, who: Principal, *, name: str, email: str) -> UserRow:
+        async with self._db.write() as s, s.begin():
+            users = UserStore(s)
+            user = await users.get(who.subject)
+            if user is None or user.disabled:
+                raise AuthRequired("account no longer active")
+            if name:
+                user.name = check_name(name)
+            if email:
+                user.email = normalize_email(email)
+            user.updated_at = now()
+            await users.flush()
+            return user
+
+    async def change_password(self, who: Principal, *, current: str, new: str) -> None:
+        check_password_policy(new)
+        user = await self.me(who)
+        if not user.password_hash or not await asyncio.to_thread(
+            _verify, user.password_hash, current
+        ):
+            raise InvalidCredentials("current password is wrong")
+        new_hash = await hash_password(new)
+        at = now()
+        async with self._db.write() as s, s.begin():
+            fresh = await UserStore(s).get(who.subject)
+            if fresh is None:
+                raise AuthRequired("account no longer active")
+            fresh.password_hash = new_hash
+            fresh.updated_at = at
+            # Every session signed in with the old password ends at its next refresh.
+            await RefreshTokenStore(s).revoke_user(who.subject, at)
+
+    async def _issue(
+        self, session: AsyncSession, user: UserRow, at: datetime, *, family_id: str
+    ) -> IssuedTokens:
         claims = {
             "sub": user.id,
             "username": user.username,
@@ -165,19 +311,12 @@ class Accounts:
         access = jwt.encode(
             claims, self._key.private_key, algorithm="ES256", headers={"kid": self._key.kid}
         )
-        refresh = "amr_" + secrets.token_urlsafe(32)
+        refresh = REFRESH_PREFIX + secrets.token_urlsafe(32)
         await RefreshTokenStore(session).add(
-            token_hash=hashlib.sha256(refresh.encode()).hexdigest(),
+            token_hash=sha256(refresh),
             user_id=user.id,
-            family_id=str(uuid.uuid4()),
+            family_id=family_id,
             now=at,
             expires_at=at + REFRESH_TTL,
         )
         return IssuedTokens(access, refresh, self._access_ttl, user)
-
-
-def _verify(stored: str, password: str) -> bool:
-    try:
-        return _hasher.verify(stored, password)
-    except (VerificationError, InvalidHashError):
-        return False

@@ -32,7 +32,10 @@ class RefreshTokenRow(Base):
     """An issued refresh token, by the SHA-256 of its secret; a family is one login's chain."""
 
     __tablename__ = "auth_refresh_tokens"
-    __table_args__ = (Index("ix_auth_refresh_tokens_family", "family_id"),)
+    __table_args__ = (
+        Index("ix_auth_refresh_tokens_family", "family_id"),
+        Index("ix_auth_refresh_tokens_user", "user_id"),
+    )
 
     token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
     user_id: Mapped[str] = mapped_column(ForeignKey("auth_users.id", ondelete="CASCADE"))
@@ -40,4 +43,22 @@ class RefreshTokenRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ApiKeyRow(Base):
+    """An API key, by the SHA-256 of its secret (the secret is random, so a fast hash suffices)."""
+
+    __tablename__ = "auth_api_keys"
+    __table_args__ = (Index("ix_auth_api_keys_user_id", "user_id"),)
+
+    key_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("auth_users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(64))
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

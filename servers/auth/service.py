@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 import grpc
 from google.protobuf import timestamp_pb2
 
-from agentmesh.v1 import auth_pb2, auth_pb2_grpc, users_pb2_grpc
-from servers.common.context import principal, set_http_status
-from servers.common.errors import AuthRequired
+from agentmesh.v1 import auth_pb2, auth_pb2_grpc, users_pb2, users_pb2_grpc
+from servers.common.auth import bearer_token
+from servers.common.context import Principal, principal, set_http_status
+from servers.common.errors import AuthRequired, ValidationError
+from servers.common.pagination import page
 
+from .admin import UserAdmin
+from .apikeys import ApiKeys
 from .domain import Accounts, IssuedTokens
 from .keys import SigningKey
-from .models import UserRow
+from .models import ApiKeyRow, UserRow
 
 
 def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     if value is None:
         return None
     ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
+    ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
     return ts
 
 
@@ -37,6 +41,19 @@ def user_proto(user: UserRow) -> auth_pb2.User:
     )
 
 
+def key_proto(key: ApiKeyRow) -> auth_pb2.ApiKey:
+    return auth_pb2.ApiKey(
+        key_id=key.key_id,
+        name=key.name,
+        prefix=key.prefix,
+        scopes=list(key.scopes),
+        created_at=_ts(key.created_at),
+        expires_at=_ts(key.expires_at),
+        last_used_at=_ts(key.last_used_at),
+        revoked_at=_ts(key.revoked_at),
+    )
+
+
 def tokens_proto(issued: IssuedTokens) -> auth_pb2.AuthTokens:
     return auth_pb2.AuthTokens(
         access_token=issued.access_token,
@@ -48,9 +65,34 @@ def tokens_proto(issued: IssuedTokens) -> auth_pb2.AuthTokens:
     )
 
 
+def _caller() -> Principal:
+    who = principal()
+    if who is None:  # the policy table guarantees one; this guards a wrong table
+        raise AuthRequired("authentication required")
+    return who
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+def client_address(context: grpc.aio.ServicerContext) -> str:
+    """The caller's address: the hop Envoy appended to X-Forwarded-For, else the peer.
+
+    Envoy (use_remote_address) appends the address it saw, so only the last entry is trusted;
+    whatever a client wrote before it is ignored. Direct server ports are for the mesh itself.
+    """
+    forwarded = _metadata(context).get("x-forwarded-for", "")
+    if forwarded:
+        return forwarded.rsplit(",", 1)[-1].strip()[:64]
+    peer = context.peer() or ""  # "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555"
+    return peer.split(":", 1)[-1].rsplit(":", 1)[0][:64]
+
+
 class AuthService(auth_pb2_grpc.AuthServiceServicer):
-    def __init__(self, *, accounts: Accounts, key: SigningKey) -> None:
+    def __init__(self, *, accounts: Accounts, api_keys: ApiKeys, key: SigningKey) -> None:
         self._accounts = accounts
+        self._api_keys = api_keys
         self._key = key
 
     async def Register(
@@ -69,17 +111,79 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         self, request: auth_pb2.LoginRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.AuthTokens:
         issued = await self._accounts.login(
-            login=request.username or request.email, password=request.password
+            login=request.username or request.email,
+            password=request.password,
+            client=client_address(context),
         )
         return tokens_proto(issued)
+
+    async def Refresh(
+        self, request: auth_pb2.RefreshRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.AuthTokens:
+        token = request.refresh_token or bearer_token(_metadata(context)) or ""
+        if not token:
+            raise AuthRequired("a refresh token is required")
+        return tokens_proto(await self._accounts.refresh(token))
+
+    async def Logout(
+        self, request: auth_pb2.LogoutRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.LogoutResponse:
+        await self._accounts.logout(_caller(), request.refresh_token)
+        return auth_pb2.LogoutResponse(message="Logged out")
 
     async def GetMe(
         self, request: auth_pb2.GetMeRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.UserEnvelope:
-        who = principal()
-        if who is None:
-            raise AuthRequired("authentication required")
-        return auth_pb2.UserEnvelope(user=user_proto(await self._accounts.me(who)))
+        return auth_pb2.UserEnvelope(user=user_proto(await self._accounts.me(_caller())))
+
+    async def UpdateMe(
+        self, request: auth_pb2.UpdateMeRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.UserEnvelope:
+        user = await self._accounts.update_me(_caller(), name=request.name, email=request.email)
+        return auth_pb2.UserEnvelope(user=user_proto(user))
+
+    async def ChangePassword(
+        self, request: auth_pb2.ChangePasswordRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.ChangePasswordResponse:
+        await self._accounts.change_password(
+            _caller(), current=request.current_password, new=request.new_password
+        )
+        return auth_pb2.ChangePasswordResponse(message="Password changed successfully")
+
+    async def ValidateToken(
+        self, request: auth_pb2.ValidateTokenRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.ValidateTokenResponse:
+        user = await self._accounts.me(_caller())
+        return auth_pb2.ValidateTokenResponse(valid=True, user=user_proto(user))
+
+    async def CreateApiKey(
+        self, request: auth_pb2.CreateApiKeyRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.CreateApiKeyResponse:
+        expires = request.expires_at.ToDatetime(UTC) if request.HasField("expires_at") else None
+        row, secret = await self._api_keys.create(
+            _caller(), name=request.name, scopes=list(request.scopes), expires_at=expires
+        )
+        await set_http_status(context, 201)
+        return auth_pb2.CreateApiKeyResponse(api_key=key_proto(row), key=secret)
+
+    async def ListApiKeys(
+        self, request: auth_pb2.ListApiKeysRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.ListApiKeysResponse:
+        p = page(request.limit, request.offset)
+        rows, total = await self._api_keys.list(_caller(), p)
+        return auth_pb2.ListApiKeysResponse(
+            api_keys=[key_proto(r) for r in rows],
+            total=total,
+            limit=p.limit,
+            offset=p.offset,
+            has_more=p.has_more(total),
+        )
+
+    async def RevokeApiKey(
+        self, request: auth_pb2.RevokeApiKeyRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.RevokeApiKeyResponse:
+        row = await self._api_keys.revoke(_caller(), request.key_id)
+        return auth_pb2.RevokeApiKeyResponse(api_key=key_proto(row))
 
     async def GetJwks(
         self, request: auth_pb2.GetJwksRequest, context: grpc.aio.ServicerContext
@@ -90,8 +194,80 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
 
 
 class UsersService(users_pb2_grpc.UsersServiceServicer):
-    """User administration; built in the identity issue. Every RPC answers UNIMPLEMENTED."""
+    def __init__(self, *, admin: UserAdmin) -> None:
+        self._admin = admin
+
+    async def ListUsers(
+        self, request: users_pb2.ListUsersRequest, context: grpc.aio.ServicerContext
+    ) -> users_pb2.ListUsersResponse:
+        p = page(request.limit, request.offset)
+        rows, total = await self._admin.list(p)
+        return users_pb2.ListUsersResponse(
+            users=[user_proto(r) for r in rows],
+            total=total,
+            limit=p.limit,
+            offset=p.offset,
+            has_more=p.has_more(total),
+        )
+
+    async def CreateUser(
+        self, request: users_pb2.CreateUserRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.User:
+        user = await self._admin.create(
+            username=request.username,
+            email=request.email,
+            password=request.password,
+            name=request.name,
+            roles=list(request.roles),
+        )
+        await set_http_status(context, 201)
+        return user_proto(user)
+
+    async def GetUser(
+        self, request: users_pb2.GetUserRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.User:
+        return user_proto(await self._admin.get(_caller(), request.user_id))
+
+    async def UpdateUser(
+        self, request: users_pb2.UpdateUserRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.User:
+        user = await self._admin.update(
+            _caller(),
+            request.user_id,
+            username=request.username,
+            email=request.email,
+            name=request.name,
+            disabled=request.disabled if request.HasField("disabled") else None,
+        )
+        return user_proto(user)
+
+    async def DeleteUser(
+        self, request: users_pb2.DeleteUserRequest, context: grpc.aio.ServicerContext
+    ) -> users_pb2.DeleteUserResponse:
+        await self._admin.delete(_caller(), request.user_id)
+        await set_http_status(context, 204)
+        return users_pb2.DeleteUserResponse()
+
+    async def SetUserRoles(
+        self, request: users_pb2.SetUserRolesRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.User:
+        return user_proto(
+            await self._admin.set_roles(_caller(), request.user_id, list(request.roles))
+        )
 
 
 class AuthInternalService(auth_pb2_grpc.AuthInternalServiceServicer):
-    """API-key verification for other services; built with API keys in the identity issue."""
+    """What other services of the mesh ask the auth service."""
+
+    def __init__(self, *, api_keys: ApiKeys) -> None:
+        self._api_keys = api_keys
+
+    async def VerifyApiKey(
+        self, request: auth_pb2.VerifyApiKeyRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.VerifyApiKeyResponse:
+        if not request.key:
+            raise ValidationError("key is required", details={"field": "key"})
+        user, key = await self._api_keys.verify(request.key)
+        return auth_pb2.VerifyApiKeyResponse(
+            user=user_proto(user), key_id=key.key_id, scopes=list(key.scopes)
+        )

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from servers.common.errors import UserExists
 
-from .models import RefreshTokenRow, UserRow
+from .models import ApiKeyRow, RefreshTokenRow, UserRow
 
 
 class UserStore:
@@ -19,12 +20,15 @@ class UserStore:
 
     async def add(self, user: UserRow) -> UserRow:
         self._s.add(user)
+        await self.flush()
+        return user
+
+    async def flush(self) -> None:
         try:
             await self._s.flush()
         except IntegrityError:
-            # The unique indexes decide races between two registrations of one name.
+            # The unique indexes decide races between two writers of one name.
             raise UserExists("a user with that username or email exists") from None
-        return user
 
     async def get(self, user_id: str) -> UserRow | None:
         return await self._s.get(UserRow, user_id)
@@ -44,6 +48,17 @@ class UserStore:
             .where(or_(UserRow.username == username, UserRow.email == email))
         )
         return bool(found.scalar_one())
+
+    async def page(self, *, limit: int, offset: int) -> tuple[Sequence[UserRow], int]:
+        total = (await self._s.execute(select(func.count()).select_from(UserRow))).scalar_one()
+        rows = await self._s.execute(
+            select(UserRow).order_by(UserRow.created_at, UserRow.id).limit(limit).offset(offset)
+        )
+        return rows.scalars().all(), int(total)
+
+    async def delete(self, user: UserRow) -> None:
+        await self._s.delete(user)
+        await self._s.flush()
 
 
 class RefreshTokenStore:
@@ -69,3 +84,86 @@ class RefreshTokenStore:
             )
         )
         await self._s.flush()
+
+    async def get(self, token_hash: str) -> RefreshTokenRow | None:
+        return await self._s.get(RefreshTokenRow, token_hash)
+
+    async def spend(self, token_hash: str, now: datetime) -> bool:
+        """Marks the token used, if nobody did before; the database decides between racers."""
+        result = await self._s.execute(
+            update(RefreshTokenRow)
+            .where(
+                RefreshTokenRow.token_hash == token_hash,
+                RefreshTokenRow.used_at.is_(None),
+                RefreshTokenRow.revoked_at.is_(None),
+            )
+            .values(used_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    async def revoke_family(self, family_id: str, now: datetime) -> None:
+        await self._s.execute(
+            update(RefreshTokenRow)
+            .where(RefreshTokenRow.family_id == family_id, RefreshTokenRow.revoked_at.is_(None))
+            .values(revoked_at=now)
+            .execution_options(synchronize_session=False)
+        )
+
+    async def revoke_user(self, user_id: str, now: datetime) -> None:
+        await self._s.execute(
+            update(RefreshTokenRow)
+            .where(RefreshTokenRow.user_id == user_id, RefreshTokenRow.revoked_at.is_(None))
+            .values(revoked_at=now)
+            .execution_options(synchronize_session=False)
+        )
+
+
+class ApiKeyStore:
+    def __init__(self, session: AsyncSession) -> None:
+        self._s = session
+
+    async def add(self, key: ApiKeyRow) -> ApiKeyRow:
+        self._s.add(key)
+        await self._s.flush()
+        return key
+
+    async def by_hash(self, key_hash: str) -> ApiKeyRow | None:
+        found = await self._s.execute(select(ApiKeyRow).where(ApiKeyRow.key_hash == key_hash))
+        return found.scalars().first()
+
+    async def owned(self, user_id: str, key_id: str) -> ApiKeyRow | None:
+        key = await self._s.get(ApiKeyRow, key_id)
+        return key if key is not None and key.user_id == user_id else None
+
+    async def count_active(self, user_id: str) -> int:
+        found = await self._s.execute(
+            select(func.count())
+            .select_from(ApiKeyRow)
+            .where(ApiKeyRow.user_id == user_id, ApiKeyRow.revoked_at.is_(None))
+        )
+        return int(found.scalar_one())
+
+    async def page(
+        self, user_id: str, *, limit: int, offset: int
+    ) -> tuple[Sequence[ApiKeyRow], int]:
+        where = ApiKeyRow.user_id == user_id
+        total = (
+            await self._s.execute(select(func.count()).select_from(ApiKeyRow).where(where))
+        ).scalar_one()
+        rows = await self._s.execute(
+            select(ApiKeyRow)
+            .where(where)
+            .order_by(ApiKeyRow.created_at, ApiKeyRow.key_id)
+            .limit(limit)
+            .offset(offset)
+        )
+        return rows.scalars().all(), int(total)
+
+    async def touch(self, key_id: str, now: datetime) -> None:
+        await self._s.execute(
+            update(ApiKeyRow)
+            .where(ApiKeyRow.key_id == key_id)
+            .values(last_used_at=now)
+            .execution_options(synchronize_session=False)
+        )

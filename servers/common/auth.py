@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import grpc
 import jwt
 from jwt.algorithms import ECAlgorithm
 
 from . import policy
 from .context import Principal
-from .errors import AuthRequired, PermissionDenied, TokenExpired
-from .rbac import allows
+from .errors import AuthRequired, PermissionDenied, TokenExpired, Unavailable
+from .rbac import allows, permissions_of
 
 ALGORITHMS = ["ES256"]
 INTERNAL_HEADER = "x-agentmesh-internal"
+CALL_TIMEOUT = 2.0
 
 
 class TokenVerifier:
@@ -87,7 +89,7 @@ class TokenVerifier:
 
 
 def bearer_token(metadata: Mapping[str, str]) -> str | None:
-    """The credential of `authorization: Bearer <token>`; never read from anywhere else."""
+    """The credential of `authorization: Bearer <token>`; never read from a query string."""
     raw = metadata.get("authorization", "")
     scheme, _, token = raw.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -95,12 +97,79 @@ def bearer_token(metadata: Mapping[str, str]) -> str | None:
     return token.strip()
 
 
-class Authenticator:
-    """Applies the policy table to a call's metadata and returns its principal."""
+API_KEY_PREFIX = "amk_"
 
-    def __init__(self, *, verifier: TokenVerifier, internal_token: str) -> None:
+# Resolves an API key's secret to its principal; raises AuthRequired when it is not valid.
+ApiKeyResolver = Callable[[str], Awaitable[Principal]]
+
+
+class ApiKeyClient:
+    """Asks the auth service (AuthInternalService.VerifyApiKey) who an API key belongs to.
+
+    Not cached: a revoked key must stop working on the next request.
+    """
+
+    def __init__(self, *, address: Callable[[], str], internal_token: str) -> None:
+        self._address = address
+        self._internal_token = internal_token
+        self._channel: grpc.aio.Channel | None = None
+
+    async def __call__(self, secret: str) -> Principal:
+        from agentmesh.v1 import auth_pb2, auth_pb2_grpc
+
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self._address())
+        stub = auth_pb2_grpc.AuthInternalServiceStub(self._channel)
+        try:
+            reply = await stub.VerifyApiKey(
+                auth_pb2.VerifyApiKeyRequest(key=secret),
+                metadata=((INTERNAL_HEADER, self._internal_token),),
+                timeout=CALL_TIMEOUT,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise AuthRequired(exc.details() or "invalid API key") from None
+            raise Unavailable("cannot verify the API key now") from None
+        return Principal(
+            subject=reply.user.id,
+            kind="api_key",
+            username=reply.user.username,
+            roles=tuple(reply.user.roles),
+            permissions=permissions_of(tuple(reply.user.roles)),
+            scopes=tuple(reply.scopes),
+            token_id=reply.key_id,
+        )
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+
+class Authenticator:
+    """Applies the policy table to a call's metadata and returns its principal.
+
+    Credentials, in order: `Authorization: Bearer amk_...` (an API key), `Authorization: Bearer
+    <JWT>` (an access token), `X-API-Key: amk_...`.
+    """
+
+    def __init__(
+        self, *, verifier: TokenVerifier, internal_token: str, api_keys: ApiKeyResolver
+    ) -> None:
         self._verifier = verifier
         self._internal_token = internal_token
+        self._api_keys = api_keys
+
+    async def authenticate(self, metadata: Mapping[str, str]) -> Principal:
+        token = bearer_token(metadata)
+        if token is not None:
+            if token.startswith(API_KEY_PREFIX):
+                return await self._api_keys(token)
+            return self._verifier.verify(token)
+        api_key = metadata.get("x-api-key", "").strip()
+        if api_key:
+            return await self._api_keys(api_key)
+        raise AuthRequired("authentication required")
 
     async def authorize(self, method: str, metadata: Mapping[str, str]) -> Principal | None:
         rule = policy.rule_for(method)
@@ -109,20 +178,25 @@ class Authenticator:
             if not presented or not hmac.compare_digest(presented, self._internal_token):
                 raise PermissionDenied("internal RPC", details={"rpc": method})
             return Principal(subject="mesh", kind="service")
-        token = bearer_token(metadata)
         if rule.public:
             # A public RPC ignores credentials; it never fails because of a bad one.
             return None
-        if token is None:
-            raise AuthRequired("authentication required")
-        who = self._verifier.verify(token)
-        if rule.agent and "agent" not in who.scopes:
-            raise PermissionDenied("only agents may call this", details={"rpc": method})
-        if rule.permission is not None and not allows(who.roles, rule.permission):
+        who = await self.authenticate(metadata)
+        if rule.user_only and who.kind != "user":
             raise PermissionDenied(
-                "insufficient permissions",
-                details={
-                    "required": f"{rule.permission.action}:{rule.permission.resource}",
-                },
+                "this needs a signed-in user, not an API key", details={"rpc": method}
             )
+        if rule.agent and not (who.kind == "api_key" and "agent" in who.scopes):
+            raise PermissionDenied("only agents may call this", details={"rpc": method})
+        if rule.permission is not None:
+            need = rule.permission
+            granted = allows(who.roles, need)
+            if granted and who.kind == "api_key":
+                # A key acts with its owner's roles, narrowed to its scopes.
+                granted = need.action in who.scopes
+            if not granted:
+                raise PermissionDenied(
+                    "insufficient permissions",
+                    details={"required": f"{need.action}:{need.resource}"},
+                )
         return who

@@ -37,6 +37,8 @@ class Settings:
       REDIS_URL              Redis for the bus and limits (default: none, in-process)
       AGENTMESH_GRACE_SECONDS  drain time on shutdown (default 5)
       AGENTMESH_LOG_LEVEL    DEBUG, INFO, WARNING (default INFO)
+      AGENTMESH_LOGIN_LIMIT  login attempts per client address and per account (default 10)
+      AGENTMESH_LOGIN_WINDOW_SECONDS  the window of that limit (default 3600)
     """
 
     data_dir: Path
@@ -51,6 +53,8 @@ class Settings:
     jwt_issuer: str = "agentmesh"
     jwt_audience: str = "agentmesh"
     access_token_ttl: int = 3600
+    login_limit: int = 10
+    login_window: int = 3600
     version: str = "0.1.0"
 
     @classmethod
@@ -68,6 +72,8 @@ class Settings:
             redis_url=env.get("REDIS_URL") or None,
             grace_seconds=float(env.get("AGENTMESH_GRACE_SECONDS") or 5.0),
             log_level=(env.get("AGENTMESH_LOG_LEVEL") or "INFO").upper(),
+            login_limit=_int(env, "AGENTMESH_LOGIN_LIMIT", 10),
+            login_window=_int(env, "AGENTMESH_LOGIN_WINDOW_SECONDS", 3600),
         )
 
     def with_ports(self, **ports: int) -> Settings:

@@ -36,8 +36,25 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _sqlite_manual_begin(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy's "begin" event, not the driver, open transactions.
+    dbapi_connection.isolation_level = None
+
+
+def _begin_immediate(conn: Connection) -> None:
+    # A deferred SQLite transaction that reads, then writes, fails at once ("database is locked")
+    # when another writer committed in between; busy_timeout does not cover that upgrade.
+    # Writers therefore take the write lock up front and queue on busy_timeout instead.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 class Database:
-    """An async engine and its session factory; ``close()`` is safe to call twice."""
+    """An async engine and its session factories; ``close()`` is safe to call twice.
+
+    ``session()`` is for reads. ``write()`` is for transactions that change data: on SQLite it
+    comes from a second engine whose transactions start with BEGIN IMMEDIATE (WAL keeps readers
+    going meanwhile); on PostgreSQL both are the same engine.
+    """
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -48,13 +65,24 @@ class Database:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.engine: AsyncEngine = create_async_engine(url)
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            self.writer: AsyncEngine = create_async_engine(url)
+            event.listen(self.writer.sync_engine, "connect", _sqlite_pragmas)
+            event.listen(self.writer.sync_engine, "connect", _sqlite_manual_begin)
+            event.listen(self.writer.sync_engine, "begin", _begin_immediate)
         else:
             self.engine = create_async_engine(url, pool_pre_ping=True, pool_size=10)
+            self.writer = self.engine
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._writes = async_sessionmaker(self.writer, expire_on_commit=False)
         self._closed = False
 
     def session(self) -> AsyncSession:
+        """A session for reading."""
         return self.sessions()
+
+    def write(self) -> AsyncSession:
+        """A session for a transaction that writes: ``async with db.write() as s, s.begin():``."""
+        return self._writes()
 
     async def ping(self) -> bool:
         """Whether the database answers a trivial query."""
@@ -79,13 +107,15 @@ class Database:
             cfg.attributes["version_table"] = f"alembic_version_{service}"
             command.upgrade(cfg, "head")
 
-        async with self.engine.begin() as conn:
+        async with self.writer.begin() as conn:
             await conn.run_sync(upgrade)
 
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
             await self.engine.dispose()
+            if self.writer is not self.engine:
+                await self.writer.dispose()
 
     async def __aenter__(self) -> Database:
         return self

@@ -20,14 +20,20 @@ class Rule:
     public: bool = False
     internal: bool = False
     agent: bool = False
+    user_only: bool = False
     permission: Permission | None = None
 
 
 PUBLIC = Rule(public=True)
+# Any principal: a user's access token or an API key.
 SIGNED_IN = Rule()
+# A user's access token only: account, session and key management are not for API keys.
+USER_SESSION = Rule(user_only=True)
 INTERNAL = Rule(internal=True)
+# An API key with the `agent` scope.
 AGENT = Rule(agent=True)
-ADMIN = Rule(permission=Permission("admin", "users"))
+# Seed 004's admin ("*" on "*"); no other role and no API key scope has the "admin" action.
+ADMIN = Rule(user_only=True, permission=Permission("admin", "users"))
 
 
 def needs(action: str, resource: str) -> Rule:
@@ -46,20 +52,21 @@ POLICY: dict[str, Rule] = {
     f"{_P}AuthService/Login": PUBLIC,
     f"{_P}AuthService/Refresh": PUBLIC,
     f"{_P}AuthService/GetJwks": PUBLIC,
-    f"{_P}AuthService/Logout": SIGNED_IN,
     f"{_P}AuthService/GetMe": SIGNED_IN,
-    f"{_P}AuthService/UpdateMe": SIGNED_IN,
-    f"{_P}AuthService/ChangePassword": SIGNED_IN,
     f"{_P}AuthService/ValidateToken": SIGNED_IN,
-    f"{_P}AuthService/CreateApiKey": SIGNED_IN,
-    f"{_P}AuthService/ListApiKeys": SIGNED_IN,
-    f"{_P}AuthService/RevokeApiKey": SIGNED_IN,
+    f"{_P}AuthService/Logout": USER_SESSION,
+    f"{_P}AuthService/UpdateMe": USER_SESSION,
+    f"{_P}AuthService/ChangePassword": USER_SESSION,
+    f"{_P}AuthService/CreateApiKey": USER_SESSION,
+    f"{_P}AuthService/ListApiKeys": USER_SESSION,
+    f"{_P}AuthService/RevokeApiKey": USER_SESSION,
     f"{_P}AuthInternalService/VerifyApiKey": INTERNAL,
-    # User administration: admins only ("*" on "*").
+    # User administration: admins only, except that users read and edit their own record
+    # (the service answers 404 for anyone else's).
     f"{_P}UsersService/ListUsers": ADMIN,
     f"{_P}UsersService/CreateUser": ADMIN,
-    f"{_P}UsersService/GetUser": ADMIN,
-    f"{_P}UsersService/UpdateUser": ADMIN,
+    f"{_P}UsersService/GetUser": USER_SESSION,
+    f"{_P}UsersService/UpdateUser": USER_SESSION,
     f"{_P}UsersService/DeleteUser": ADMIN,
     f"{_P}UsersService/SetUserRoles": ADMIN,
     # Tasks: seed 004's table; ownership is checked by the tasks service.

@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect
 
-from servers.auth.domain import Accounts
+from servers.auth.domain import Accounts, LoginLimits
 from servers.auth.keys import SigningKey
 from servers.common.context import Principal
 from servers.common.db import Database
 from servers.common.errors import InvalidCredentials, UserExists
+from servers.common.ratelimit import SlidingWindowLimiter
 from servers.mesh import MIGRATIONS
 
 
@@ -39,8 +40,17 @@ async def test_migrations_apply_and_are_idempotent(database_url: str) -> None:
 
 async def test_register_and_login_on_each_database(database_url: str, tmp_path: Path) -> None:
     db = await _migrated(database_url)
+    limits = LoginLimits(
+        per_address=SlidingWindowLimiter(name="a", limit=100, window=60),
+        per_account=SlidingWindowLimiter(name="b", limit=100, window=60),
+    )
     accounts = Accounts(
-        db=db, key=SigningKey.load_or_create(tmp_path), issuer="i", audience="a", access_ttl=60
+        db=db,
+        key=SigningKey.load_or_create(tmp_path),
+        issuer="i",
+        audience="a",
+        access_ttl=60,
+        limits=limits,
     )
     try:
         issued = await accounts.register(email="Ann@Example.com", password="s3cret-pass")
@@ -50,10 +60,10 @@ async def test_register_and_login_on_each_database(database_url: str, tmp_path: 
             await accounts.register(
                 email="ann@example.com", password="s3cret-pass", username="bee1"
             )
-        again = await accounts.login(login="ANN@example.com", password="s3cret-pass")
+        again = await accounts.login(login="ANN@example.com", password="s3cret-pass", client="c")
         assert again.user.id == issued.user.id
         with pytest.raises(InvalidCredentials):
-            await accounts.login(login="ann", password="wrong-pass-1")
+            await accounts.login(login="ann", password="wrong-pass-1", client="c")
         me = await accounts.me(Principal(subject=issued.user.id, kind="user"))
         assert me.password_hash and me.password_hash.startswith("$argon2id$")
         assert "m=19456,t=2" in me.password_hash

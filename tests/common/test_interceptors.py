@@ -20,7 +20,7 @@ from agentmesh.v1 import health_pb2, health_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from servers.auth.keys import SigningKey
 from servers.common import errors
 from servers.common.auth import Authenticator, TokenVerifier
-from servers.common.context import principal
+from servers.common.context import Principal, principal
 from servers.common.interceptors import default_interceptors
 from tests.helpers import error_reason
 
@@ -49,6 +49,10 @@ class WhoAmI(tasks_pb2_grpc.TasksServiceServicer):
         return tasks_pb2.Task(task_id=request.task_id, owner_id=who.subject)
 
 
+async def _no_keys(secret: str) -> Principal:
+    raise errors.AuthRequired("invalid API key")
+
+
 @pytest.fixture
 def key(tmp_path: Path) -> SigningKey:
     return SigningKey.load_or_create(tmp_path)
@@ -57,7 +61,7 @@ def key(tmp_path: Path) -> SigningKey:
 @pytest.fixture
 async def server(key: SigningKey) -> AsyncIterator[tuple[str, Failing]]:
     verifier = TokenVerifier(jwks=key.jwks, issuer=ISSUER, audience=AUDIENCE)
-    auth = Authenticator(verifier=verifier, internal_token="internal-secret")
+    auth = Authenticator(verifier=verifier, internal_token="internal-secret", api_keys=_no_keys)
     srv = grpc.aio.server(interceptors=default_interceptors(auth))
     failing = Failing()
     health_pb2_grpc.add_HealthServiceServicer_to_server(failing, srv)

@@ -1,0 +1,156 @@
+"""User administration (seed 001's /api/users).
+
+Admins manage everyone. Anyone else may read and edit only their own record here, and another
+user's record answers 404, as if it did not exist.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from servers.common.context import Principal
+from servers.common.db import Database
+from servers.common.errors import Conflict, NotFound, PermissionDenied, ValidationError
+from servers.common.pagination import Page
+from servers.common.rbac import DEFAULT_ROLES, ROLES
+
+from .domain import (
+    check_name,
+    check_password_policy,
+    hash_password,
+    normalize_email,
+    normalize_username,
+    now,
+)
+from .models import UserRow
+from .store import RefreshTokenStore, UserStore
+
+
+def is_admin(who: Principal) -> bool:
+    return "admin" in who.roles
+
+
+def check_roles(roles: Sequence[str]) -> list[str]:
+    wanted = sorted(set(roles))
+    if not wanted or any(r not in ROLES for r in wanted):
+        raise ValidationError(
+            f"roles must be a non-empty subset of {', '.join(ROLES)}", details={"field": "roles"}
+        )
+    return wanted
+
+
+class UserAdmin:
+    def __init__(self, *, db: Database) -> None:
+        self._db = db
+
+    async def list(self, page: Page) -> tuple[Sequence[UserRow], int]:
+        async with self._db.session() as s:
+            return await UserStore(s).page(limit=page.limit, offset=page.offset)
+
+    async def create(
+        self, *, username: str, email: str, password: str, name: str, roles: Sequence[str]
+    ) -> UserRow:
+        username = normalize_username(username)
+        email = normalize_email(email)
+        name = check_name(name)
+        role_list = check_roles(roles) if roles else list(DEFAULT_ROLES)
+        password_hash = None
+        if password:
+            check_password_policy(password)
+            password_hash = await hash_password(password)
+        at = now()
+        async with self._db.write() as s, s.begin():
+            return await UserStore(s).add(
+                UserRow(
+                    id=str(uuid.uuid4()),
+                    username=username,
+                    email=email,
+                    name=name,
+                    password_hash=password_hash,
+                    roles=role_list,
+                    disabled=False,
+                    created_at=at,
+                    updated_at=at,
+                    last_login=None,
+                )
+            )
+
+    async def get(self, who: Principal, user_id: str) -> UserRow:
+        if not (is_admin(who) or who.subject == user_id):
+            raise NotFound("no such user", details={"user_id": user_id[:64]})
+        async with self._db.session() as s:
+            user = await UserStore(s).get(user_id)
+        if user is None:
+            raise NotFound("no such user", details={"user_id": user_id[:64]})
+        return user
+
+    async def update(
+        self,
+        who: Principal,
+        user_id: str,
+        *,
+        username: str,
+        email: str,
+        name: str,
+        disabled: bool | None,
+    ) -> UserRow:
+        if not (is_admin(who) or who.subject == user_id):
+            raise NotFound("no such user", details={"user_id": user_id[:64]})
+        if disabled is not None and not is_admin(who):
+            raise PermissionDenied("only admins enable or disable accounts")
+        if disabled and who.subject == user_id:
+            raise Conflict("admins cannot disable their own account")
+        at = now()
+        async with self._db.write() as s, s.begin():
+            users = UserStore(s)
+            user = await users.get(user_id)
+            if user is None:
+                raise NotFound("no such user", details={"user_id": user_id[:64]})
+            if username:
+                user.username = normalize_username(username)
+            if email:
+                user.email = normalize_email(email)
+            if name:
+                user.name = check_name(name)
+            if disabled is not None and disabled != user.disabled:
+                user.disabled = disabled
+                if disabled:
+                    await RefreshTokenStore(s).revoke_user(user_id, at)
+            user.updated_at = at
+            await users.flush()
+            return user
+
+    async def delete(self, who: Principal, user_id: str) -> None:
+        if who.subject == user_id:
+            raise Conflict("admins cannot delete their own account")
+        async with self._db.write() as s, s.begin():
+            users = UserStore(s)
+            user = await users.get(user_id)
+            if user is None:
+                raise NotFound("no such user", details={"user_id": user_id[:64]})
+            await users.delete(user)
+
+    async def set_roles(self, who: Principal, user_id: str, roles: Sequence[str]) -> UserRow:
+        wanted = check_roles(roles)
+        if who.subject == user_id and "admin" not in wanted:
+            raise Conflict("admins cannot take their own admin role away")
+        async with self._db.write() as s, s.begin():
+            user = await UserStore(s).get(user_id)
+            if user is None:
+                raise NotFound("no such user", details={"user_id": user_id[:64]})
+            user.roles = wanted
+            user.updated_at = now()
+            return user
+
+
+async def grant_role(db: Database, login: str, role: str) -> UserRow:
+    """Adds a role to an account (the operator's way to make the first admin)."""
+    (role,) = check_roles([role])
+    async with db.write() as s, s.begin():
+        user = await UserStore(s).find_login(login)
+        if user is None:
+            raise NotFound("no such user", details={"login": login[:64]})
+        user.roles = sorted({*user.roles, role})
+        user.updated_at = now()
+        return user
