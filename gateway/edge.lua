@@ -99,9 +99,11 @@ function envoy_on_response(handle)
     if headers:get(":status") == "200" and wanted:match("^[1-5]%d%d$") then
       headers:replace(":status", wanted)
       if wanted == "204" then
-        -- No Content: drop the transcoded "{}" and its headers.
+        -- No Content: drop the transcoded "{}" and its headers. body() ends the life of the
+        -- header handle taken before it, so take a fresh one.
         local empty = handle:body()
         if empty then empty:setBytes("") end
+        headers = handle:headers()
         headers:remove("content-type")
         headers:remove("content-length")
       end
@@ -139,7 +141,8 @@ function envoy_on_response(handle)
     .. ',"request_id":' .. json_quote(meta["request_id"] or "")
     .. "}}"
   body:setBytes(envelope)
-  headers:replace("content-length", tostring(#envelope))
+  -- body() ended the life of the earlier header handle; setBytes set content-length.
+  headers = handle:headers()
   if code == "RATE_LIMIT_EXCEEDED" then
     local retry = details:match('"retry_after":"(%d+)"')
     if retry then headers:replace("retry-after", retry) end

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
+import redis
 
-from servers.launcher import MeshProcess
+from servers.launcher import MeshProcess, free_port
 
 PG_ADMIN_DSN = os.environ.get("AGENTMESH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -63,12 +67,24 @@ def _boot(tmp: Path, **env: str) -> MeshProcess:
     return MeshProcess(data_dir=tmp, env={**SHARED_MESH_ENV, **env}).start()
 
 
+def _stop_clean(proc: MeshProcess) -> None:
+    """Stops a shared mesh and checks what every test before put it through left no trace:
+    a clean exit, and no script error in Envoy's log (the Lua filter fails silently else)."""
+    assert proc.stop() == 0, proc.output()
+    errors = [
+        line
+        for line in (proc.data_dir / "logs" / "envoy.log").read_text().splitlines()
+        if "[error]" in line or "[critical]" in line
+    ]
+    assert errors == []
+
+
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshProcess]:
     """The embedded mesh on its default (SQLite), shared by the tests that only read it."""
     proc = _boot(tmp_path_factory.mktemp("mesh"))
     yield proc
-    assert proc.stop() == 0, proc.output()
+    _stop_clean(proc)
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
@@ -82,4 +98,48 @@ def any_mesh(
     url = request.getfixturevalue("postgres_url")
     proc = _boot(tmp_path_factory.mktemp("pgmesh"), DATABASE_URL=url)
     yield proc
-    assert proc.stop() == 0, proc.output()
+    _stop_clean(proc)
+
+
+RedisServer = tuple[str, subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, on a free port: the test may stop it."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if IN_CI:
+            pytest.fail("redis-server is not installed")
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            if client.ping():
+                break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    client.close()
+    try:
+        yield f"redis://127.0.0.1:{port}/0", proc
+    finally:
+        proc.kill()
+        proc.wait()

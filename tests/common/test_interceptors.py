@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from agentmesh.v1 import health_pb2, health_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from servers.auth.keys import SigningKey
@@ -22,6 +14,7 @@ from servers.common import errors
 from servers.common.auth import Authenticator, TokenVerifier
 from servers.common.context import Principal, principal
 from servers.common.interceptors import default_interceptors
+from tests.attacks import forged_tokens, sign
 from tests.helpers import error_reason
 
 ISSUER = AUDIENCE = "agentmesh"
@@ -72,23 +65,6 @@ async def server(key: SigningKey) -> AsyncIterator[tuple[str, Failing]]:
         yield f"127.0.0.1:{port}", failing
     finally:
         await srv.stop(None)
-
-
-def _token(key: ec.EllipticCurvePrivateKey, kid: str, **overrides: object) -> str:
-    now = int(time.time())
-    claims = {
-        "sub": "u1",
-        "username": "u",
-        "roles": ["user"],
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "iat": now,
-        "exp": now + 600,
-        "jti": "j",
-        "typ": "access",
-        **overrides,
-    }
-    return jwt.encode(claims, key, algorithm="ES256", headers={"kid": kid})
 
 
 async def _live(address: str) -> tuple[health_pb2.GetLivenessResponse, grpc.aio.Call]:
@@ -149,70 +125,13 @@ async def _get_task(address: str, token: str | None) -> tasks_pb2.Task:
 
 async def test_valid_token_sets_the_principal(server: tuple[str, Failing], key: SigningKey) -> None:
     address, _ = server
-    task = await _get_task(address, _token(key.private_key, key.kid))
+    task = await _get_task(address, sign(key.private_key, key.kid))
     assert task.owner_id == "u1"
-
-
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def _hs256(claims: dict[str, object], secret: bytes, kid: str) -> str:
-    """Signs by hand: PyJWT rightly refuses to use a PEM public key as an HMAC secret."""
-    head = _b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}).encode())
-    body = _b64(json.dumps(claims).encode())
-    mac = hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
-    return f"{head}.{body}.{_b64(mac)}"
-
-
-def _unsigned(claims: dict[str, object], kid: str) -> str:
-    """An `alg: none` token: claims with an empty signature."""
-    head = _b64(json.dumps({"alg": "none", "typ": "JWT", "kid": kid}).encode())
-    return f"{head}.{_b64(json.dumps(claims).encode())}."
-
-
-def _attacks(key: SigningKey) -> dict[str, tuple[str, str]]:
-    """Forged or unacceptable tokens, each with the reason the server must answer."""
-    other = ec.generate_private_key(ec.SECP256R1())
-    now = int(time.time())
-    good = _token(key.private_key, key.kid)
-    head, body, sig = good.split(".")
-    tampered_sig = sig[:-4] + ("AAAA" if not sig.endswith("AAAA") else "BBBB")
-    public_pem = key.private_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    claims = {
-        "sub": "u1",
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "iat": now,
-        "exp": now + 60,
-        "jti": "j",
-        "typ": "access",
-        "roles": ["admin"],
-    }
-    return {
-        "alg none": (_unsigned(claims, key.kid), "AUTH_REQUIRED"),
-        # The classic key-confusion attack: HMAC keyed with the (public) verification key.
-        "HS256 with the public key": (_hs256(claims, public_pem, key.kid), "AUTH_REQUIRED"),
-        "foreign kid": (_token(other, "someone-elses-key"), "AUTH_REQUIRED"),
-        "right kid, other key": (_token(other, key.kid), "AUTH_REQUIRED"),
-        "expired": (
-            _token(key.private_key, key.kid, iat=now - 7200, exp=now - 3600),
-            "TOKEN_EXPIRED",
-        ),
-        "not yet valid": (_token(key.private_key, key.kid, nbf=now + 3600), "AUTH_REQUIRED"),
-        "wrong audience": (_token(key.private_key, key.kid, aud="elsewhere"), "AUTH_REQUIRED"),
-        "wrong issuer": (_token(key.private_key, key.kid, iss="evil"), "AUTH_REQUIRED"),
-        "tampered signature": (f"{head}.{body}.{tampered_sig}", "AUTH_REQUIRED"),
-        "refresh-type token": (_token(key.private_key, key.kid, typ="refresh"), "AUTH_REQUIRED"),
-        "garbage": ("not-a-jwt", "AUTH_REQUIRED"),
-    }
 
 
 async def test_forged_tokens_are_refused(server: tuple[str, Failing], key: SigningKey) -> None:
     address, _ = server
-    for name, (token, reason) in _attacks(key).items():
+    for name, (token, reason) in forged_tokens(key.private_key, key.kid).items():
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await _get_task(address, token)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, name

@@ -3,65 +3,15 @@ own port, then stops."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
-import redis
 
-from servers.launcher import MeshProcess, free_port
-from tests.conftest import IN_CI
-
-Redis = tuple[str, subprocess.Popen[bytes]]
+from servers.launcher import MeshProcess
+from tests.conftest import RedisServer
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[Redis]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if IN_CI:
-            pytest.fail("redis-server is not installed")
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            if client.ping():
-                break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    client.close()
-    try:
-        yield f"redis://127.0.0.1:{port}/0", proc
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-def test_ready_follows_redis(
-    tmp_path: Path, redis_server: tuple[str, subprocess.Popen[bytes]]
-) -> None:
+def test_ready_follows_redis(tmp_path: Path, redis_server: RedisServer) -> None:
     url, proc = redis_server
     with MeshProcess(data_dir=tmp_path / "mesh", env={"REDIS_URL": url}) as mesh:
         ready = httpx.get(mesh.url + "/health/ready")
