@@ -20,7 +20,7 @@ from servers.common.rbac import Permission, allows, permissions_of
 
 from .domain import aware, check_name, now, sha256
 from .models import ApiKeyRow, UserRow
-from .store import ApiKeyStore, UserStore
+from .store import ApiKeyStore
 
 PREFIX = "amk_"
 SCOPES = ("read", "write", "execute", "agent")
@@ -105,10 +105,10 @@ class ApiKeys:
             raise AuthRequired("invalid API key")
         at = now()
         async with self._db.session() as s:
-            key = await ApiKeyStore(s).by_hash(sha256(secret))
-            user = await UserStore(s).get(key.user_id) if key is not None else None
-        if key is None or user is None:
+            found = await ApiKeyStore(s).by_hash(sha256(secret))
+        if found is None:
             raise AuthRequired("invalid API key")
+        key, user = found
         if key.revoked_at is not None:
             raise AuthRequired("API key has been revoked")
         if key.expires_at is not None and aware(key.expires_at) <= at:

@@ -128,9 +128,15 @@ class ApiKeyStore:
         await self._s.flush()
         return key
 
-    async def by_hash(self, key_hash: str) -> ApiKeyRow | None:
-        found = await self._s.execute(select(ApiKeyRow).where(ApiKeyRow.key_hash == key_hash))
-        return found.scalars().first()
+    async def by_hash(self, key_hash: str) -> tuple[ApiKeyRow, UserRow] | None:
+        """The key and its owner, in one round trip (this runs on every API-key request)."""
+        found = await self._s.execute(
+            select(ApiKeyRow, UserRow)
+            .join(UserRow, UserRow.id == ApiKeyRow.user_id)
+            .where(ApiKeyRow.key_hash == key_hash)
+        )
+        row = found.first()
+        return (row[0], row[1]) if row is not None else None
 
     async def owned(self, user_id: str, key_id: str) -> ApiKeyRow | None:
         key = await self._s.get(ApiKeyRow, key_id)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hmac
 import json
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -34,11 +36,22 @@ class TokenVerifier:
     (key rotation), at most once per call.
     """
 
-    def __init__(self, *, jwks: Callable[[], Mapping[str, Any]], issuer: str, audience: str):
+    def __init__(
+        self,
+        *,
+        jwks: Callable[[], Mapping[str, Any]],
+        issuer: str,
+        audience: str,
+        cache_size: int = 10_000,
+    ):
         self._jwks = jwks
         self._issuer = issuer
         self._audience = audience
         self._keys: dict[str, Any] = {}
+        # A signed token cannot change, so its signature is checked once: the principal is kept
+        # by token with its validity window, which is checked again on every use.
+        self._verified: OrderedDict[str, tuple[Principal, float, float]] = OrderedDict()
+        self._cache_size = cache_size
 
     def _load(self) -> None:
         keys = {}
@@ -56,6 +69,23 @@ class TokenVerifier:
         return key
 
     def verify(self, token: str) -> Principal:
+        cached = self._verified.get(token)
+        if cached is not None:
+            who, not_before, expires = cached
+            now = time.time()
+            if now >= expires:
+                del self._verified[token]
+                raise TokenExpired("access token has expired")
+            if now >= not_before:
+                self._verified.move_to_end(token)
+                return who
+        who, not_before, expires = self._verify(token)
+        self._verified[token] = (who, not_before, expires)
+        if len(self._verified) > self._cache_size:
+            self._verified.popitem(last=False)
+        return who
+
+    def _verify(self, token: str) -> tuple[Principal, float, float]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
@@ -78,7 +108,7 @@ class TokenVerifier:
             raise AuthRequired("invalid access token") from None
         if claims.get("typ") != "access":
             raise AuthRequired("not an access token")
-        return Principal(
+        who = Principal(
             subject=str(claims["sub"]),
             kind="user",
             username=str(claims.get("username", "")),
@@ -86,6 +116,8 @@ class TokenVerifier:
             permissions=tuple(claims.get("permissions") or ()),
             token_id=str(claims["jti"]),
         )
+        # PyJWT allows no leeway by default; keep the cache exactly as strict.
+        return who, float(claims.get("nbf", 0)), float(claims["exp"])
 
 
 def bearer_token(metadata: Mapping[str, str]) -> str | None:
