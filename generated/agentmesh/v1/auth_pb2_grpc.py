@@ -123,14 +123,17 @@ class AuthServiceServicer:
 
     def Refresh(self, request, context):
         """Exchanges a refresh token (in the body, or as `Authorization: Bearer`) for a new access
-        token and a new refresh token; the presented one is spent. Public. 401 AUTH_REQUIRED.
+        token and a new refresh token; the presented one is spent. Presenting a spent token again
+        revokes its whole family (details.revoked = "family"), so refresh one at a time. Roles and
+        the disabled flag are read afresh here. Public. 401 AUTH_REQUIRED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Logout(self, request, context):
-        """Revokes the caller's refresh-token family. Requires authentication.
+        """Revokes the family of the given refresh token, or every refresh token of the caller when
+        none is given. Needs a user's access token (not an API key).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -152,22 +155,25 @@ class AuthServiceServicer:
 
     def ChangePassword(self, request, context):
         """Changes the caller's password and revokes its refresh tokens. 401 INVALID_CREDENTIALS when
-        the current password is wrong; 400 VALIDATION_ERROR for a weak new one.
+        the current password is wrong; 400 VALIDATION_ERROR for a weak new one. Needs a user's
+        access token (not an API key).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ValidateToken(self, request, context):
-        """Says whether the presented token is valid and whose it is.
+        """Says whose the presented credential (access token or API key) is. An invalid one is a 401
+        AUTH_REQUIRED error, not seed 001's {"valid": false}.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateApiKey(self, request, context):
-        """Creates an API key for the caller. The secret is in this response only. An `agent`-scoped
-        key is how an agent worker authenticates.
+        """Creates an API key for the caller (201). The secret is in this response only. An
+        `agent`-scoped key is how an agent worker authenticates. 400 VALIDATION_ERROR for a bad name,
+        scope or expiry; 403 INSUFFICIENT_PERMISSIONS for a scope the caller's roles lack.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -181,7 +187,8 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RevokeApiKey(self, request, context):
-        """Revokes one of the caller's API keys; it stops working on the next request.
+        """Revokes one of the caller's API keys; it stops working on the next request. 404 NOT_FOUND
+        for a key that is not the caller's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -27,8 +27,10 @@ if _version_not_supported:
 
 
 class UsersServiceStub:
-    """User administration (seed 001's /api/users), admin only. A non-admin gets 403
-    INSUFFICIENT_PERMISSIONS; an unknown id is 404 NOT_FOUND.
+    """User administration (seed 001's /api/users). Admins manage every account; anyone else may get
+    and update only its own record, and another user's id answers 404 NOT_FOUND as if it did not
+    exist. The other RPCs answer non-admins 403 INSUFFICIENT_PERMISSIONS. API keys cannot call
+    this service.
     """
 
     def __init__(self, channel):
@@ -70,8 +72,10 @@ class UsersServiceStub:
 
 
 class UsersServiceServicer:
-    """User administration (seed 001's /api/users), admin only. A non-admin gets 403
-    INSUFFICIENT_PERMISSIONS; an unknown id is 404 NOT_FOUND.
+    """User administration (seed 001's /api/users). Admins manage every account; anyone else may get
+    and update only its own record, and another user's id answers 404 NOT_FOUND as if it did not
+    exist. The other RPCs answer non-admins 403 INSUFFICIENT_PERMISSIONS. API keys cannot call
+    this service.
     """
 
     def ListUsers(self, request, context):
@@ -96,14 +100,15 @@ class UsersServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateUser(self, request, context):
-        """Updates a user's username, email, name or disabled flag.
+        """Updates a user's username, email, name or disabled flag (the flag: admins only, never their
+        own). Disabling revokes the account's refresh tokens; its API keys stop working at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteUser(self, request, context):
-        """Deletes a user. 204 over REST.
+        """Deletes a user with its tokens and keys. 204 over REST; 409 CONFLICT for one's own account.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -158,8 +163,10 @@ def add_UsersServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class UsersService:
-    """User administration (seed 001's /api/users), admin only. A non-admin gets 403
-    INSUFFICIENT_PERMISSIONS; an unknown id is 404 NOT_FOUND.
+    """User administration (seed 001's /api/users). Admins manage every account; anyone else may get
+    and update only its own record, and another user's id answers 404 NOT_FOUND as if it did not
+    exist. The other RPCs answer non-admins 403 INSUFFICIENT_PERMISSIONS. API keys cannot call
+    this service.
     """
 
     @staticmethod
