@@ -1,9 +1,13 @@
-"""GET /api/v1/auth/me three ways, each measured against the ceiling of grpc.aio on this machine.
+"""GET /api/v1/auth/me several ways, against two baselines measured in the same run.
 
-  rest_envoy         JSON over HTTP/1.1 through Envoy (transcoder, JWT check), then gRPC to auth
+  rest_health_live   GET /health/live through Envoy: the same path with no credential to check
+                     (the REST baseline)
+  rest_me_jwt        GET /api/v1/auth/me with an access token through Envoy (jwt_authn, then the
+                     auth server verifies it again and reads the profile)
+  rest_me_api_key    the same with an API key (no jwt_authn; the auth server looks the key up)
   grpc_direct        AuthService.GetMe over gRPC straight to the auth server
   grpc_echo_ceiling  a bare grpc.aio server in its own process, echoing a GetMe-sized payload:
-                     what grpc.aio does here when the handler does no work (the baseline)
+                     what grpc.aio does here when the handler does no work (the gRPC baseline)
 
 One client process drives every case with the same closed loop: N asyncio workers, each sending
 its next request as soon as its last one is answered, so that the ratios compare like with like.
@@ -29,12 +33,16 @@ from servers.common.server import SERVER_OPTIONS
 from servers.launcher import MeshProcess
 
 NAME = "auth_me"
-BASELINE = "grpc_echo_ceiling"
+# Two baselines: the unauthenticated REST call on the same path (what checking a credential
+# costs through Envoy) and a bare grpc.aio echo (the ceiling of this runtime on this machine).
+BASELINE = "rest_health_live (REST), grpc_echo_ceiling (gRPC)"
 # Throughput ratios to print, numerator over denominator.
 RATIOS = (
-    ("rest_envoy", "grpc_echo_ceiling"),
+    ("rest_me_jwt", "rest_health_live"),
+    ("rest_me_api_key", "rest_health_live"),
+    ("rest_me_jwt", "grpc_echo_ceiling"),
     ("grpc_direct", "grpc_echo_ceiling"),
-    ("rest_envoy", "grpc_direct"),
+    ("rest_me_jwt", "grpc_direct"),
 )
 
 CALL_TIMEOUT = 10.0
@@ -249,6 +257,12 @@ async def _run_cases(mesh: MeshProcess, echo_address: str, settings: Settings) -
     ):
         token, user_id = await _register(http)
         headers = {"Authorization": f"Bearer {token}"}
+        created = await http.post(
+            "/api/v1/auth/api-keys", json={"name": "bench", "scopes": ["read"]}, headers=headers
+        )
+        if created.status_code != 201:
+            raise RuntimeError(f"api key answered {created.status_code}: {created.text[:300]}")
+        key_headers = {"Authorization": f"Bearer {created.json()['key']}"}
         metadata = (("authorization", f"Bearer {token}"),)
         stub = auth_pb2_grpc.AuthServiceStub(auth_channel)
         me = await stub.GetMe(auth_pb2.GetMeRequest(), metadata=metadata, timeout=CALL_TIMEOUT)
@@ -256,12 +270,23 @@ async def _run_cases(mesh: MeshProcess, echo_address: str, settings: Settings) -
         payload = b"x" * me.ByteSize()
         echo = echo_channel.unary_unary(f"/{ECHO_SERVICE}/{ECHO_METHOD}")
 
-        async def rest_envoy() -> None:
-            reply = await http.get("/api/v1/auth/me", headers=headers)
+        async def me(with_headers: dict[str, str]) -> None:
+            reply = await http.get("/api/v1/auth/me", headers=with_headers)
             if reply.status_code != 200:
                 raise CheckFailed(f"HTTP {reply.status_code}: {reply.text[:200]}")
             if reply.json()["user"]["id"] != user_id:
                 raise CheckFailed(f"wrong user: {reply.text[:200]}")
+
+        async def rest_health_live() -> None:
+            reply = await http.get("/health/live")
+            if reply.status_code != 200 or reply.json() != {"status": "alive"}:
+                raise CheckFailed(f"HTTP {reply.status_code}: {reply.text[:200]}")
+
+        async def rest_me_jwt() -> None:
+            await me(headers)
+
+        async def rest_me_api_key() -> None:
+            await me(key_headers)
 
         async def grpc_direct() -> None:
             reply = await stub.GetMe(
@@ -276,7 +301,9 @@ async def _run_cases(mesh: MeshProcess, echo_address: str, settings: Settings) -
                 raise CheckFailed(f"echo returned {len(reply)} bytes, sent {len(payload)}")
 
         cases = [
-            await _case("rest_envoy", rest_envoy, settings),
+            await _case("rest_health_live", rest_health_live, settings),
+            await _case("rest_me_jwt", rest_me_jwt, settings),
+            await _case("rest_me_api_key", rest_me_api_key, settings),
             await _case("grpc_direct", grpc_direct, settings),
             await _case("grpc_echo_ceiling", grpc_echo_ceiling, settings),
         ]

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import subprocess
+import sys
 from datetime import datetime
 
 import grpc
 import httpx
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
+from servers.launcher import MeshProcess
 
 ENVELOPE_KEYS = {"code", "message", "details", "timestamp", "request_id"}
 
@@ -51,3 +56,19 @@ def new_user() -> dict[str, str]:
         "password": f"pass-{tag}-42",
         "full_name": f"User {tag}",
     }
+
+
+def grant_role(mesh: MeshProcess, login: str, role: str, database_url: str | None = None) -> None:
+    """The operator's `agentmesh grant-role`, against the mesh's own data directory (and its
+    PostgreSQL database when it runs on one)."""
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["AGENTMESH_DATA_DIR"] = str(mesh.data_dir)
+    if database_url:
+        env["DATABASE_URL"] = database_url
+    subprocess.run(
+        [sys.executable, "-m", "servers.cli", "grant-role", login, role],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )

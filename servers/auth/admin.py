@@ -97,16 +97,18 @@ class UserAdmin:
     ) -> UserRow:
         if not (is_admin(who) or who.subject == user_id):
             raise NotFound("no such user", details={"user_id": user_id[:64]})
-        if disabled is not None and not is_admin(who):
-            raise PermissionDenied("only admins enable or disable accounts")
-        if disabled and who.subject == user_id:
-            raise Conflict("admins cannot disable their own account")
         at = now()
         async with self._db.write() as s, s.begin():
             users = UserStore(s)
             user = await users.get(user_id)
             if user is None:
                 raise NotFound("no such user", details={"user_id": user_id[:64]})
+            # Sending back the flag unchanged (a record read, edited, written) is no change.
+            if disabled is not None and disabled != user.disabled:
+                if not is_admin(who):
+                    raise PermissionDenied("only admins enable or disable accounts")
+                if who.subject == user_id:
+                    raise Conflict("admins cannot disable their own account")
             if username:
                 user.username = normalize_username(username)
             if email:

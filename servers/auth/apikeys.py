@@ -16,7 +16,7 @@ from servers.common.context import Principal
 from servers.common.db import Database
 from servers.common.errors import AuthRequired, NotFound, PermissionDenied, ValidationError
 from servers.common.pagination import Page
-from servers.common.rbac import Permission, allows, permissions_of
+from servers.common.rbac import AGENT_PERMISSION, allows, permissions_of
 
 from .domain import aware, check_name, now, sha256
 from .models import ApiKeyRow, UserRow
@@ -50,7 +50,7 @@ class ApiKeys:
         granted = set(permissions_of(who.roles))
         for scope in wanted:
             ok = (
-                allows(who.roles, Permission("write", "agents"))
+                allows(who.roles, AGENT_PERMISSION)
                 if scope == "agent"
                 else ("*" in granted or scope in granted)
             )

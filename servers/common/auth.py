@@ -22,7 +22,7 @@ from jwt.algorithms import ECAlgorithm
 from . import policy
 from .context import Principal
 from .errors import AuthRequired, PermissionDenied, TokenExpired, Unavailable
-from .rbac import allows, permissions_of
+from .rbac import AGENT_PERMISSION, allows, permissions_of
 
 ALGORITHMS = ["ES256"]
 INTERNAL_HEADER = "x-agentmesh-internal"
@@ -218,7 +218,12 @@ class Authenticator:
             raise PermissionDenied(
                 "this needs a signed-in user, not an API key", details={"rpc": method}
             )
-        if rule.agent and not (who.kind == "api_key" and "agent" in who.scopes):
+        if rule.agent and not (
+            who.kind == "api_key"
+            and "agent" in who.scopes
+            # The owner's current roles, not those it had when the key was made.
+            and allows(who.roles, AGENT_PERMISSION)
+        ):
             raise PermissionDenied("only agents may call this", details={"rpc": method})
         if rule.permission is not None:
             need = rule.permission

@@ -25,6 +25,10 @@ class Permission:
     resource: str
 
 
+# What the `agent` API-key scope needs of its owner's roles: to be allowed to run agents.
+AGENT_PERMISSION = Permission("write", "agents")
+
+
 def permissions_of(roles: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """The flat permission words of some roles, as the `permissions` JWT claim carries them."""
     words: set[str] = set()

@@ -3,10 +3,6 @@ tokens used as access tokens, forged identity headers, a viewer calling a mutati
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import grpc
 import httpx
 import pytest
@@ -16,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agentmesh.v1 import auth_pb2, auth_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from servers.launcher import MeshProcess
 from tests.attacks import forged_tokens
-from tests.helpers import assert_envelope, error_reason, new_user
+from tests.helpers import assert_envelope, error_reason, grant_role, new_user
 
 
 def _mesh_key(mesh: MeshProcess) -> tuple[ec.EllipticCurvePrivateKey, str]:
@@ -47,7 +43,7 @@ def test_forged_tokens_straight_to_each_server(mesh: MeshProcess) -> None:
     tokens = forged_tokens(*_mesh_key(mesh))
     for name, (token, reason) in tokens.items():
         err = _grpc_me(mesh.services["auth"], (("authorization", f"Bearer {token}"),))
-        assert err.code() == grpc.StatusCode.UNAUTHENTICATED, name  # type: ignore[attr-defined]
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED, name
         assert error_reason(err) == reason, name
         # The tasks server checks tokens on its own too.
         stub = tasks_pb2_grpc.TasksServiceStub(grpc.insecure_channel(mesh.services["tasks"]))
@@ -105,12 +101,7 @@ def _viewer_token(mesh: MeshProcess) -> str:
     admin, viewer = new_user(), new_user()
     httpx.post(mesh.url + "/api/v1/auth/register", json=admin)
     viewer_id = httpx.post(mesh.url + "/api/v1/auth/register", json=viewer).json()["user"]["id"]
-    subprocess.run(
-        [sys.executable, "-m", "servers.cli", "grant-role", admin["username"], "admin"],
-        env={**os.environ, "AGENTMESH_DATA_DIR": str(mesh.data_dir)},
-        check=True,
-        capture_output=True,
-    )
+    grant_role(mesh, admin["username"], "admin")
     admin_token = httpx.post(
         mesh.url + "/api/v1/auth/login",
         json={"username": admin["username"], "password": admin["password"]},
