@@ -39,6 +39,7 @@ from .auth.admin import UserAdmin
 from .auth.apikeys import ApiKeys, principal_of
 from .auth.domain import Accounts, LoginLimits
 from .auth.keys import SigningKey
+from .auth.profiles import ProfileCache
 from .auth.service import AuthInternalService, AuthService, UsersService
 from .common.auth import ApiKeyClient, ApiKeyResolver, Authenticator, TokenVerifier
 from .common.config import SERVICES, Settings
@@ -160,6 +161,7 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator]:
     authenticator its server checks calls with."""
     s = rt.settings
     if name == "auth":
+        profiles = ProfileCache()
         accounts = Accounts(
             db=rt.db,
             key=rt.key,
@@ -167,6 +169,7 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator]:
             audience=s.jwt_audience,
             access_ttl=s.access_token_ttl,
             limits=rt.limits,
+            profiles=profiles,
         )
         api_keys = ApiKeys(db=rt.db)
 
@@ -181,7 +184,7 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator]:
             ),
             (
                 users_pb2_grpc.add_UsersServiceServicer_to_server,
-                UsersService(admin=UserAdmin(db=rt.db)),
+                UsersService(admin=UserAdmin(db=rt.db, profiles=profiles)),
                 "agentmesh.v1.UsersService",
             ),
             (

@@ -24,6 +24,7 @@ from .domain import (
     now,
 )
 from .models import UserRow
+from .profiles import ProfileCache
 from .store import RefreshTokenStore, UserStore
 
 
@@ -41,8 +42,9 @@ def check_roles(roles: Sequence[str]) -> list[str]:
 
 
 class UserAdmin:
-    def __init__(self, *, db: Database) -> None:
+    def __init__(self, *, db: Database, profiles: ProfileCache) -> None:
         self._db = db
+        self._profiles = profiles
 
     async def list(self, page: Page) -> tuple[Sequence[UserRow], int]:
         async with self._db.session() as s:
@@ -121,7 +123,8 @@ class UserAdmin:
                     await RefreshTokenStore(s).revoke_user(user_id, at)
             user.updated_at = at
             await users.flush()
-            return user
+        self._profiles.forget(user_id)
+        return user
 
     async def delete(self, who: Principal, user_id: str) -> None:
         if who.subject == user_id:
@@ -132,6 +135,7 @@ class UserAdmin:
             if user is None:
                 raise NotFound("no such user", details={"user_id": user_id[:64]})
             await users.delete(user)
+        self._profiles.forget(user_id)
 
     async def set_roles(self, who: Principal, user_id: str, roles: Sequence[str]) -> UserRow:
         wanted = check_roles(roles)
@@ -143,7 +147,8 @@ class UserAdmin:
                 raise NotFound("no such user", details={"user_id": user_id[:64]})
             user.roles = wanted
             user.updated_at = now()
-            return user
+        self._profiles.forget(user_id)
+        return user
 
 
 async def grant_role(db: Database, login: str, role: str) -> UserRow:

@@ -34,6 +34,7 @@ from servers.common.rbac import DEFAULT_ROLES, permissions_of
 
 from .keys import SigningKey
 from .models import UserRow
+from .profiles import ProfileCache
 from .store import RefreshTokenStore, UserStore
 
 USERNAME = re.compile(r"^[a-z0-9._-]{3,32}$")
@@ -150,8 +151,10 @@ class Accounts:
         audience: str,
         access_ttl: int,
         limits: LoginLimits,
+        profiles: ProfileCache,
     ) -> None:
         self._db = db
+        self._profiles = profiles
         self._key = key
         self._issuer = issuer
         self._audience = audience
@@ -213,7 +216,9 @@ class Accounts:
             if fresh is None or fresh.disabled:
                 raise InvalidCredentials("invalid username, email or password")
             fresh.last_login = at
-            return await self._issue(s, fresh, at, family_id=str(uuid.uuid4()))
+            issued = await self._issue(s, fresh, at, family_id=str(uuid.uuid4()))
+        self._profiles.forget(user.id)
+        return issued
 
     async def refresh(self, token: str) -> IssuedTokens:
         """Spends a refresh token for a new pair; a replayed token revokes its family."""
@@ -254,8 +259,12 @@ class Accounts:
                 await tokens.revoke_user(who.subject, at)
 
     async def me(self, who: Principal) -> UserRow:
-        async with self._db.session() as s:
-            user = await UserStore(s).get(who.subject)
+        user = self._profiles.get(who.subject)
+        if user is None:
+            async with self._db.session() as s:
+                user = await UserStore(s).get(who.subject)
+            if user is not None:
+                self._profiles.put(user)
         if user is None or user.disabled:
             raise AuthRequired("account no longer active")
         return user
@@ -272,7 +281,8 @@ class Accounts:
                 user.email = normalize_email(email)
             user.updated_at = now()
             await users.flush()
-            return user
+        self._profiles.forget(who.subject)
+        return user
 
     async def change_password(self, who: Principal, *, current: str, new: str) -> None:
         check_password_policy(new)
@@ -291,6 +301,7 @@ class Accounts:
             fresh.updated_at = at
             # Every session signed in with the old password ends at its next refresh.
             await RefreshTokenStore(s).revoke_user(who.subject, at)
+        self._profiles.forget(who.subject)
 
     async def _issue(
         self, session: AsyncSession, user: UserRow, at: datetime, *, family_id: str

@@ -149,8 +149,12 @@ def test_change_password(mesh: MeshProcess) -> None:
 def test_update_me_and_validate(mesh: MeshProcess) -> None:
     user, tokens = _signup(mesh.url)
     auth = {"Authorization": f"Bearer {tokens['access_token']}"}
+    assert httpx.get(mesh.url + "/api/v1/auth/me", headers=auth).json()["user"]["name"]
     updated = httpx.put(mesh.url + "/api/v1/auth/me", json={"name": "Jane Doe"}, headers=auth)
     assert updated.status_code == 200 and updated.json()["user"]["name"] == "Jane Doe"
+    # Read right after the write: never the profile from before it.
+    again = httpx.get(mesh.url + "/api/v1/auth/me", headers=auth)
+    assert again.json()["user"]["name"] == "Jane Doe"
     assert updated.json()["user"]["email"] == user["email"]
     bad = httpx.put(mesh.url + "/api/v1/auth/me", json={"email": "nope"}, headers=auth)
     assert_envelope(bad, 400, "VALIDATION_ERROR")
