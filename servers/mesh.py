@@ -36,10 +36,10 @@ from gateway.proxy import EdgeConfig, EnvoyFailed, EnvoyProcess
 
 from .agents.service import AgentsInternalService, AgentsService
 from .auth.admin import UserAdmin
-from .auth.apikeys import ApiKeys, principal_of
+from .auth.apikeys import ApiKeys
 from .auth.domain import Accounts, LoginLimits
 from .auth.keys import SigningKey
-from .auth.profiles import ProfileCache
+from .auth.profiles import AccountCache
 from .auth.service import AuthInternalService, AuthService, UsersService
 from .common.auth import ApiKeyClient, ApiKeyResolver, Authenticator, TokenVerifier
 from .common.config import SERVICES, Settings
@@ -161,7 +161,7 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator]:
     authenticator its server checks calls with."""
     s = rt.settings
     if name == "auth":
-        profiles = ProfileCache()
+        cache = AccountCache()
         accounts = Accounts(
             db=rt.db,
             key=rt.key,
@@ -169,12 +169,12 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator]:
             audience=s.jwt_audience,
             access_ttl=s.access_token_ttl,
             limits=rt.limits,
-            profiles=profiles,
+            cache=cache,
         )
-        api_keys = ApiKeys(db=rt.db)
+        api_keys = ApiKeys(db=rt.db, cache=cache)
 
         async def resolve_locally(secret: str) -> Principal:
-            return principal_of(*await api_keys.verify(secret))
+            return (await api_keys.verify(secret))[2]
 
         return [
             (
@@ -184,7 +184,7 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator]:
             ),
             (
                 users_pb2_grpc.add_UsersServiceServicer_to_server,
-                UsersService(admin=UserAdmin(db=rt.db, profiles=profiles)),
+                UsersService(admin=UserAdmin(db=rt.db, cache=cache)),
                 "agentmesh.v1.UsersService",
             ),
             (

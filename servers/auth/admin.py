@@ -24,7 +24,7 @@ from .domain import (
     now,
 )
 from .models import UserRow
-from .profiles import ProfileCache
+from .profiles import AccountCache
 from .store import RefreshTokenStore, UserStore
 
 
@@ -42,9 +42,9 @@ def check_roles(roles: Sequence[str]) -> list[str]:
 
 
 class UserAdmin:
-    def __init__(self, *, db: Database, profiles: ProfileCache) -> None:
+    def __init__(self, *, db: Database, cache: AccountCache) -> None:
         self._db = db
-        self._profiles = profiles
+        self._cache = cache
 
     async def list(self, page: Page) -> tuple[Sequence[UserRow], int]:
         async with self._db.session() as s:
@@ -123,7 +123,7 @@ class UserAdmin:
                     await RefreshTokenStore(s).revoke_user(user_id, at)
             user.updated_at = at
             await users.flush()
-        self._profiles.forget(user_id)
+        self._cache.forget_user(user_id)
         return user
 
     async def delete(self, who: Principal, user_id: str) -> None:
@@ -135,7 +135,7 @@ class UserAdmin:
             if user is None:
                 raise NotFound("no such user", details={"user_id": user_id[:64]})
             await users.delete(user)
-        self._profiles.forget(user_id)
+        self._cache.forget_user(user_id)
 
     async def set_roles(self, who: Principal, user_id: str, roles: Sequence[str]) -> UserRow:
         wanted = check_roles(roles)
@@ -147,7 +147,7 @@ class UserAdmin:
                 raise NotFound("no such user", details={"user_id": user_id[:64]})
             user.roles = wanted
             user.updated_at = now()
-        self._profiles.forget(user_id)
+        self._cache.forget_user(user_id)
         return user
 
 

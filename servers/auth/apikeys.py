@@ -20,6 +20,7 @@ from servers.common.rbac import AGENT_PERMISSION, allows, permissions_of
 
 from .domain import aware, check_name, now, sha256
 from .models import ApiKeyRow, UserRow
+from .profiles import AccountCache
 from .store import ApiKeyStore
 
 PREFIX = "amk_"
@@ -32,8 +33,9 @@ TOUCH_EVERY = timedelta(seconds=60)
 
 
 class ApiKeys:
-    def __init__(self, *, db: Database) -> None:
+    def __init__(self, *, db: Database, cache: AccountCache) -> None:
         self._db = db
+        self._cache = cache
 
     async def create(
         self, who: Principal, *, name: str, scopes: Sequence[str], expires_at: datetime | None
@@ -97,18 +99,25 @@ class ApiKeys:
                 raise NotFound("no such API key", details={"key_id": key_id[:64]})
             if key.revoked_at is None:
                 key.revoked_at = now()
-            return key
+        self._cache.forget_key(key.key_hash)
+        return key
 
-    async def verify(self, secret: str) -> tuple[UserRow, ApiKeyRow]:
-        """The owner and the key behind a presented secret; AuthRequired when it is not valid."""
+    async def verify(self, secret: str) -> tuple[UserRow, ApiKeyRow, Principal]:
+        """The owner, the key and the principal behind a presented secret; AuthRequired when it
+        is not valid. Runs on every API-key request, so a remembered key costs a lookup."""
         if not secret.startswith(PREFIX) or len(secret) > 128:
             raise AuthRequired("invalid API key")
-        at = now()
+        key_hash = sha256(secret)
+        cached = self._cache.key(key_hash)
+        if cached is not None:
+            return cached
+        epoch = self._cache.epoch
         async with self._db.session() as s:
-            found = await ApiKeyStore(s).by_hash(sha256(secret))
+            found = await ApiKeyStore(s).by_hash(key_hash)
         if found is None:
             raise AuthRequired("invalid API key")
         key, user = found
+        at = now()
         if key.revoked_at is not None:
             raise AuthRequired("API key has been revoked")
         if key.expires_at is not None and aware(key.expires_at) <= at:
@@ -118,7 +127,14 @@ class ApiKeys:
         if key.last_used_at is None or aware(key.last_used_at) + TOUCH_EVERY <= at:
             async with self._db.write() as s, s.begin():
                 await ApiKeyStore(s).touch(key.key_id, at)
-        return user, key
+            key.last_used_at = at
+        who = principal_of(user, key)
+        # Remembered no longer than the key is valid, nor past its next last-used write.
+        until = (aware(key.last_used_at) + TOUCH_EVERY).timestamp()
+        if key.expires_at is not None:
+            until = min(until, aware(key.expires_at).timestamp())
+        self._cache.put_key(key_hash, user, key, who, until=until, epoch=epoch)
+        return user, key, who
 
 
 def principal_of(user: UserRow, key: ApiKeyRow) -> Principal:

@@ -34,7 +34,7 @@ from servers.common.rbac import DEFAULT_ROLES, permissions_of
 
 from .keys import SigningKey
 from .models import UserRow
-from .profiles import ProfileCache
+from .profiles import AccountCache
 from .store import RefreshTokenStore, UserStore
 
 USERNAME = re.compile(r"^[a-z0-9._-]{3,32}$")
@@ -151,10 +151,10 @@ class Accounts:
         audience: str,
         access_ttl: int,
         limits: LoginLimits,
-        profiles: ProfileCache,
+        cache: AccountCache,
     ) -> None:
         self._db = db
-        self._profiles = profiles
+        self._cache = cache
         self._key = key
         self._issuer = issuer
         self._audience = audience
@@ -217,7 +217,7 @@ class Accounts:
                 raise InvalidCredentials("invalid username, email or password")
             fresh.last_login = at
             issued = await self._issue(s, fresh, at, family_id=str(uuid.uuid4()))
-        self._profiles.forget(user.id)
+        self._cache.forget_user(user.id)
         return issued
 
     async def refresh(self, token: str) -> IssuedTokens:
@@ -259,12 +259,13 @@ class Accounts:
                 await tokens.revoke_user(who.subject, at)
 
     async def me(self, who: Principal) -> UserRow:
-        user = self._profiles.get(who.subject)
+        user = self._cache.profile(who.subject)
         if user is None:
+            epoch = self._cache.epoch
             async with self._db.session() as s:
                 user = await UserStore(s).get(who.subject)
             if user is not None:
-                self._profiles.put(user)
+                self._cache.put_profile(user, epoch)
         if user is None or user.disabled:
             raise AuthRequired("account no longer active")
         return user
@@ -281,7 +282,7 @@ class Accounts:
                 user.email = normalize_email(email)
             user.updated_at = now()
             await users.flush()
-        self._profiles.forget(who.subject)
+        self._cache.forget_user(who.subject)
         return user
 
     async def change_password(self, who: Principal, *, current: str, new: str) -> None:
@@ -301,7 +302,7 @@ class Accounts:
             fresh.updated_at = at
             # Every session signed in with the old password ends at its next refresh.
             await RefreshTokenStore(s).revoke_user(who.subject, at)
-        self._profiles.forget(who.subject)
+        self._cache.forget_user(who.subject)
 
     async def _issue(
         self, session: AsyncSession, user: UserRow, at: datetime, *, family_id: str

@@ -267,7 +267,7 @@ class AuthInternalService(auth_pb2_grpc.AuthInternalServiceServicer):
     ) -> auth_pb2.VerifyApiKeyResponse:
         if not request.key:
             raise ValidationError("key is required", details={"field": "key"})
-        user, key = await self._api_keys.verify(request.key)
+        user, key, _ = await self._api_keys.verify(request.key)
         return auth_pb2.VerifyApiKeyResponse(
             user=user_proto(user), key_id=key.key_id, scopes=list(key.scopes)
         )

@@ -28,6 +28,8 @@ class CallState:
     method: str
     request_id: str
     via_gateway: bool
+    # The call's text metadata, parsed once by the outermost interceptor.
+    metadata: dict[str, str] = field(default_factory=dict)
     trailers: list[tuple[str, str]] = field(default_factory=list)
     principal: Principal | None = None
     status: grpc.StatusCode = grpc.StatusCode.OK

@@ -105,7 +105,7 @@ class RequestIdInterceptor(_ScopeInterceptor):
         if not _REQUEST_ID.match(rid):
             rid = str(uuid.uuid4())
         state = callctx.CallState(
-            method=method, request_id=rid, via_gateway="x-envoy-original-path" in md
+            method=method, request_id=rid, via_gateway="x-envoy-original-path" in md, metadata=md
         )
         token = callctx.enter_call(state)
         try:
@@ -125,11 +125,11 @@ class AccessLogInterceptor(_ScopeInterceptor):
             yield
         finally:
             call = callctx.current_call()
-            if call is not None:
-                # Health probes arrive every few seconds from Envoy; they would drown the log.
-                probe = method.startswith("/grpc.health.v1.")
+            # Health probes arrive every few seconds from Envoy; they would drown the log.
+            level = logging.DEBUG if method.startswith("/grpc.health.v1.") else logging.INFO
+            if call is not None and log.isEnabledFor(level):
                 log.log(
-                    logging.DEBUG if probe else logging.INFO,
+                    level,
                     "rpc",
                     extra={
                         "rpc": method,
@@ -195,7 +195,8 @@ class AuthInterceptor(_ScopeInterceptor):
     @contextlib.asynccontextmanager
     async def scope(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         call = callctx.current_call()
-        who = await self._auth.authorize(method, _metadata(context))
+        metadata = call.metadata if call is not None else _metadata(context)
+        who = await self._auth.authorize(method, metadata)
         if call is not None:
             call.principal = who
         yield

@@ -9,7 +9,7 @@ from sqlalchemy import inspect
 
 from servers.auth.domain import Accounts, LoginLimits
 from servers.auth.keys import SigningKey
-from servers.auth.profiles import ProfileCache
+from servers.auth.profiles import AccountCache
 from servers.common.context import Principal
 from servers.common.db import Database
 from servers.common.errors import InvalidCredentials, UserExists
@@ -52,7 +52,7 @@ async def test_register_and_login_on_each_database(database_url: str, tmp_path: 
         audience="a",
         access_ttl=60,
         limits=limits,
-        profiles=ProfileCache(),
+        cache=AccountCache(),
     )
     try:
         issued = await accounts.register(email="Ann@Example.com", password="s3cret-pass")
