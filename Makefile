@@ -33,6 +33,7 @@ protos: $(SETUP) $(BUF)
 
 ## bench: the benchmarks of bench/, each against its baseline in the same run
 bench: $(SETUP)
+	@command -v wrk >/dev/null || echo "note: without wrk (apt-get install wrk) REST cases use a slower Python client"
 	$(PY) -m bench.run
 
 setup: $(SETUP) $(BUF)
