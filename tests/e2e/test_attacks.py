@@ -140,3 +140,24 @@ def test_viewer_cannot_call_a_mutation(mesh: MeshProcess) -> None:
     # Reading is what a viewer may do (the tasks service itself is another issue's: 501).
     read = httpx.get(mesh.url + "/api/v1/tasks", headers={"Authorization": f"Bearer {token}"})
     assert_envelope(read, 501, "NOT_IMPLEMENTED")
+
+
+def test_replayed_refresh_token_straight_to_the_server(mesh: MeshProcess) -> None:
+    stub = auth_pb2_grpc.AuthServiceStub(grpc.insecure_channel(mesh.services["auth"]))
+    user = new_user()
+    first = stub.Register(
+        auth_pb2.RegisterRequest(email=user["email"], password=user["password"]), timeout=10
+    )
+    second = stub.Refresh(auth_pb2.RefreshRequest(refresh_token=first.refresh_token), timeout=10)
+    with pytest.raises(grpc.RpcError) as replay:
+        stub.Refresh(auth_pb2.RefreshRequest(refresh_token=first.refresh_token), timeout=10)
+    assert replay.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_reason(replay.value) == "AUTH_REQUIRED"
+    # The family is gone: the newer token of the same login no longer works either.
+    with pytest.raises(grpc.RpcError) as family:
+        stub.Refresh(
+            auth_pb2.RefreshRequest(),
+            metadata=(("authorization", f"Bearer {second.refresh_token}"),),
+            timeout=10,
+        )
+    assert error_reason(family.value) == "AUTH_REQUIRED"
