@@ -195,6 +195,9 @@ class Accounts:
 
     async def login(self, *, login: str, password: str, client: str) -> IssuedTokens:
         login = login.strip().lower()
+        if len(login) > 254:
+            # No account has such a name; and it must not become a rate-limit key of that size.
+            raise InvalidCredentials("invalid username, email or password")
         for limiter, key in ((self._limits.per_address, client), (self._limits.per_account, login)):
             verdict = await limiter.hit(key)
             if not verdict.allowed:
@@ -288,8 +291,10 @@ class Accounts:
     async def change_password(self, who: Principal, *, current: str, new: str) -> None:
         check_password_policy(new)
         user = await self.me(who)
-        if not user.password_hash or not await asyncio.to_thread(
-            _verify, user.password_hash, current
+        if (
+            not user.password_hash
+            or len(current.encode()) > PASSWORD_MAX_BYTES
+            or not await asyncio.to_thread(_verify, user.password_hash, current)
         ):
             raise InvalidCredentials("current password is wrong")
         new_hash = await hash_password(new)

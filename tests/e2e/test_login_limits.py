@@ -101,3 +101,8 @@ def test_unknown_user_and_wrong_password_take_about_as_long(mesh: MeshProcess) -
     unknown = statistics.median(timed(f"nobody-{i}") for i in range(7))
     # Both verify an argon2id hash; without the dummy hash, unknown would be ~100x faster.
     assert 0.5 < unknown / wrong < 2.0, (unknown, wrong)
+
+
+def test_an_oversized_login_is_refused_cheaply(mesh: MeshProcess) -> None:
+    reply = _login(mesh.url, "x" * 100_000)
+    assert_envelope(reply, 401, "INVALID_CREDENTIALS")
