@@ -50,6 +50,7 @@ from .common.interceptors import default_interceptors
 from .common.ratelimit import SlidingWindowLimiter
 from .common.server import PortInUse, ServiceServer
 from .messaging.service import EventsService, MessagingService
+from .tasks.domain import Tasks
 from .tasks.service import TasksInternalService, TasksService
 
 log = logging.getLogger("agentmesh.mesh")
@@ -58,7 +59,7 @@ SERVERS_DIR = Path(__file__).resolve().parent
 # Each entry: the service's migrations folder (None: owns no tables yet).
 MIGRATIONS: dict[str, Path | None] = {
     "auth": SERVERS_DIR / "auth" / "migrations",
-    "tasks": None,
+    "tasks": SERVERS_DIR / "tasks" / "migrations",
     "agents": None,
     "messaging": None,
 }
@@ -197,7 +198,7 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator]:
         return [
             (
                 tasks_pb2_grpc.add_TasksServiceServicer_to_server,
-                TasksService(),
+                TasksService(tasks=Tasks(db=rt.db)),
                 "agentmesh.v1.TasksService",
             ),
             (

@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
+from servers.common.clock import now
 from servers.common.context import Principal
 from servers.common.db import Database
 from servers.common.errors import Conflict, NotFound, PermissionDenied, ValidationError
@@ -21,7 +22,6 @@ from .domain import (
     hash_password,
     normalize_email,
     normalize_username,
-    now,
 )
 from .models import UserRow
 from .profiles import AccountCache

@@ -12,13 +12,14 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
+from servers.common.clock import aware, now
 from servers.common.context import Principal
 from servers.common.db import Database
 from servers.common.errors import AuthRequired, NotFound, PermissionDenied, ValidationError
 from servers.common.pagination import Page
 from servers.common.rbac import AGENT_PERMISSION, allows, permissions_of
 
-from .domain import aware, check_name, now, sha256
+from .domain import check_name, sha256
 from .models import ApiKeyRow, UserRow
 from .profiles import AccountCache
 from .store import ApiKeyStore

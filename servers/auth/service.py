@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from agentmesh.v1 import auth_pb2, auth_pb2_grpc, users_pb2, users_pb2_grpc
 from servers.common.auth import bearer_token
+from servers.common.clock import timestamp
 from servers.common.context import Principal, principal, set_http_status
 from servers.common.errors import AuthRequired, ValidationError
 from servers.common.pagination import page
@@ -20,14 +20,6 @@ from .keys import SigningKey
 from .models import ApiKeyRow, UserRow
 
 
-def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
-    return ts
-
-
 def user_proto(user: UserRow) -> auth_pb2.User:
     return auth_pb2.User(
         id=user.id,
@@ -35,8 +27,8 @@ def user_proto(user: UserRow) -> auth_pb2.User:
         email=user.email,
         name=user.name,
         roles=list(user.roles),
-        created_at=_ts(user.created_at),
-        last_login=_ts(user.last_login),
+        created_at=timestamp(user.created_at),
+        last_login=timestamp(user.last_login),
         disabled=user.disabled,
     )
 
@@ -47,10 +39,10 @@ def key_proto(key: ApiKeyRow) -> auth_pb2.ApiKey:
         name=key.name,
         prefix=key.prefix,
         scopes=list(key.scopes),
-        created_at=_ts(key.created_at),
-        expires_at=_ts(key.expires_at),
-        last_used_at=_ts(key.last_used_at),
-        revoked_at=_ts(key.revoked_at),
+        created_at=timestamp(key.created_at),
+        expires_at=timestamp(key.expires_at),
+        last_used_at=timestamp(key.last_used_at),
+        revoked_at=timestamp(key.revoked_at),
     )
 
 

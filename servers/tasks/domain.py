@@ -1,0 +1,289 @@
+"""The rules of tasks: what may be created, who sees what, which state may follow which.
+
+A task moves `created -> queued -> assigned -> running` and ends `completed`, `failed`, `stopped`
+or `cancelled`. This service is the only writer of that state, and every change writes its event
+to the outbox in the same transaction. Assignment to agents (leases, attempts) is the agents
+work of the tasks-and-agents issue; in this slice tasks wait `queued`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from servers.common.clock import now
+from servers.common.context import Principal
+from servers.common.db import Database
+from servers.common.errors import Conflict, NotFound, ValidationError
+from servers.common.pagination import Page
+
+from .models import TaskRow
+from .store import Outbox, TaskStore
+
+STATUSES = (
+    "created",
+    "queued",
+    "assigned",
+    "running",
+    "completed",
+    "failed",
+    "stopped",
+    "cancelled",
+)
+TERMINAL = frozenset({"completed", "failed", "stopped", "cancelled"})
+ACTIVE = frozenset(STATUSES) - TERMINAL
+# Seed 004's older words, accepted as list filters.
+STATUS_ALIASES = {"pending": ("created", "queued"), "processing": ("assigned", "running")}
+# Seed 001's priority words and the seed 004 numbers they stand for (and back).
+PRIORITY_WORDS = {"low": 2, "medium": 5, "high": 8, "critical": 10}
+DEFAULT_PRIORITY, DEFAULT_ATTEMPTS, MAX_ATTEMPTS = 5, 3, 10
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+LIMITS = {
+    "title": 200,
+    "description": 100_000,
+    "model": 100,
+    "idempotency_key": 128,
+    "callback_url": 2048,
+}
+METADATA_MAX_BYTES = 64 * 1024
+MAX_CAPABILITIES = 32
+
+
+def priority_label(priority: int) -> str:
+    if priority <= 3:
+        return "low"
+    if priority <= 6:
+        return "medium"
+    return "high" if priority <= 8 else "critical"
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewTask:
+    type: str
+    title: str
+    description: str
+    priority: int
+    priority_label: str
+    model: str
+    metadata: dict[str, Any]
+    required_capabilities: Sequence[str]
+    idempotency_key: str
+    max_attempts: int
+    callback_url: str
+    defer_start: bool
+
+
+def _too_long(field: str, value: str) -> None:
+    if len(value) > LIMITS[field]:
+        raise ValidationError(
+            f"{field} is longer than {LIMITS[field]} characters",
+            details={"field": field, "max": LIMITS[field]},
+        )
+
+
+def _check(new: NewTask) -> tuple[str, int, int, list[str]]:
+    """Validates a new task; returns its type, priority, attempts and capabilities."""
+    if not new.description.strip():
+        raise ValidationError("description is required", details={"field": "description"})
+    for field in LIMITS:
+        _too_long(field, getattr(new, field))
+    task_type = new.type or "general"
+    if not NAME.match(task_type):
+        raise ValidationError(
+            "type must be 1-64 letters, digits, '_', '.', ':' or '-'", details={"field": "type"}
+        )
+    priority = new.priority
+    if new.priority_label:
+        if new.priority_label not in PRIORITY_WORDS:
+            raise ValidationError(
+                "priority_label must be low, medium, high or critical",
+                details={"field": "priority_label"},
+            )
+        if priority and priority_label(priority) != new.priority_label:
+            raise ValidationError(
+                "priority and priority_label disagree", details={"field": "priority_label"}
+            )
+        priority = priority or PRIORITY_WORDS[new.priority_label]
+    priority = priority or DEFAULT_PRIORITY
+    if not 1 <= priority <= 10:
+        raise ValidationError("priority must be between 1 and 10", details={"field": "priority"})
+    attempts = new.max_attempts or DEFAULT_ATTEMPTS
+    if not 1 <= attempts <= MAX_ATTEMPTS:
+        raise ValidationError(
+            f"max_attempts must be between 1 and {MAX_ATTEMPTS}", details={"field": "max_attempts"}
+        )
+    size = len(json.dumps(new.metadata, separators=(",", ":")).encode())
+    if size > METADATA_MAX_BYTES:
+        raise ValidationError(
+            f"metadata is larger than {METADATA_MAX_BYTES} bytes",
+            details={"field": "metadata", "max": METADATA_MAX_BYTES},
+        )
+    caps = sorted(set(new.required_capabilities))
+    if len(caps) > MAX_CAPABILITIES or any(not NAME.match(c) for c in caps):
+        raise ValidationError(
+            f"required_capabilities: at most {MAX_CAPABILITIES} names like a type",
+            details={"field": "required_capabilities"},
+        )
+    if new.callback_url:
+        parts = urlsplit(new.callback_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValidationError(
+                "callback_url must be an http or https URL", details={"field": "callback_url"}
+            )
+    return task_type, priority, attempts, caps
+
+
+def _not_found(task_id: str) -> NotFound:
+    return NotFound("no such task", reason="TASK_NOT_FOUND", details={"task_id": task_id[:64]})
+
+
+def _may_see(who: Principal, task: TaskRow) -> bool:
+    return task.owner_id == who.subject or "admin" in who.roles
+
+
+@dataclass(frozen=True)
+class Stats:
+    total: int
+    active: int
+    completed: int
+    failed: int
+    average_completion_time: float
+    success_rate: float
+
+
+class Tasks:
+    def __init__(self, *, db: Database) -> None:
+        self._db = db
+
+    async def create(self, who: Principal, new: NewTask) -> tuple[TaskRow, bool]:
+        """The new task, and whether it was created (False: an idempotent repeat)."""
+        task_type, priority, attempts, caps = _check(new)
+        key = new.idempotency_key or None
+        at = now()
+        task = TaskRow(
+            task_id=str(uuid.uuid4()),
+            owner_id=who.subject,
+            type=task_type,
+            title=new.title.strip(),
+            description=new.description,
+            status="created" if new.defer_start else "queued",
+            priority=priority,
+            model=new.model,
+            task_metadata=new.metadata,
+            required_capabilities=caps,
+            progress=0,
+            assigned_agent="",
+            attempt=0,
+            max_attempts=attempts,
+            result=None,
+            error="",
+            error_code="",
+            idempotency_key=key,
+            callback_url=new.callback_url,
+            created_at=at,
+            updated_at=at,
+        )
+        async with self._db.write() as s, s.begin():
+            store = TaskStore(s)
+            if key is not None:
+                first = await store.by_idempotency_key(who.subject, key)
+                if first is not None:
+                    return first, False
+            if not await store.add(task):
+                # A concurrent request with the same key committed first: answer its task.
+                first = await store.by_idempotency_key(who.subject, key or "")
+                if first is None:
+                    raise Conflict("task could not be created; try again")
+                return first, False
+            Outbox(s).add("task.created", task, at, type=task.type, priority=task.priority)
+        return task, True
+
+    async def get(self, who: Principal, task_id: str) -> TaskRow:
+        async with self._db.session() as s:
+            task = await TaskStore(s).get(task_id)
+        if task is None or not _may_see(who, task):
+            raise _not_found(task_id)
+        return task
+
+    async def list(self, who: Principal, status: str, page: Page) -> tuple[Sequence[TaskRow], int]:
+        if status and status not in STATUSES and status not in STATUS_ALIASES:
+            raise ValidationError(
+                f"status must be one of {', '.join(STATUSES)}", details={"field": "status"}
+            )
+        statuses = STATUS_ALIASES.get(status, (status,) if status else ())
+        owner = None if "admin" in who.roles else who.subject
+        async with self._db.session() as s:
+            return await TaskStore(s).page(
+                owner_id=owner, statuses=statuses, limit=page.limit, offset=page.offset
+            )
+
+    async def result(self, who: Principal, task_id: str) -> TaskRow:
+        task = await self.get(who, task_id)
+        if task.status not in ("completed", "failed"):
+            raise Conflict("the task has not finished", details={"status": task.status})
+        return task
+
+    async def _end(self, who: Principal, task_id: str, status: str, event: str) -> TaskRow:
+        """Ends an unfinished task as `stopped` or `cancelled`; repeating it changes nothing."""
+        at = now()
+        async with self._db.write() as s, s.begin():
+            task = await TaskStore(s).get(task_id)
+            if task is None or not _may_see(who, task):
+                raise _not_found(task_id)
+            if task.status == status:
+                return task
+            if task.status in TERMINAL:
+                raise Conflict(
+                    f"the task has already ended {task.status}", details={"status": task.status}
+                )
+            # TODO(tasks-and-agents): an agent holding the task must be told to stop
+            # (AgentsInternalService.DeliverCancellation); no agent holds one in this slice.
+            task.status = status
+            task.cancelled_at = at
+            task.updated_at = at
+            Outbox(s).add(event, task, at)
+        return task
+
+    async def cancel(self, who: Principal, task_id: str) -> TaskRow:
+        return await self._end(who, task_id, "cancelled", "task.cancelled")
+
+    async def stop(self, who: Principal, task_id: str) -> TaskRow:
+        return await self._end(who, task_id, "stopped", "task.stopped")
+
+    async def start(self, who: Principal, task_id: str) -> TaskRow:
+        """Queues a `created` task; one already on its way is left as it is."""
+        at = now()
+        async with self._db.write() as s, s.begin():
+            task = await TaskStore(s).get(task_id)
+            if task is None or not _may_see(who, task):
+                raise _not_found(task_id)
+            if task.status in TERMINAL:
+                raise Conflict(
+                    f"the task has already ended {task.status}", details={"status": task.status}
+                )
+            if task.status == "created":
+                task.status = "queued"
+                task.updated_at = at
+                Outbox(s).add("task.queued", task, at)
+        return task
+
+    async def stats(self, who: Principal) -> Stats:
+        owner = None if "admin" in who.roles else who.subject
+        async with self._db.session() as s:
+            store = TaskStore(s)
+            counts = await store.count_by_status(owner)
+            durations = await store.completion_seconds(owner)
+        completed, failed = counts.get("completed", 0), counts.get("failed", 0)
+        return Stats(
+            total=sum(counts.values()),
+            active=sum(n for status, n in counts.items() if status in ACTIVE),
+            completed=completed,
+            failed=failed,
+            average_completion_time=sum(durations) / len(durations) if durations else 0.0,
+            success_rate=completed / (completed + failed) if completed + failed else 0.0,
+        )

@@ -1,0 +1,97 @@
+"""Repositories of the tasks tables."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from .models import OutboxRow, TaskRow
+
+
+class TaskStore:
+    def __init__(self, session: AsyncSession) -> None:
+        self._s = session
+
+    async def add(self, task: TaskRow) -> bool:
+        """Inserts the task; False when the owner's idempotency key is taken (a concurrent
+        twin won), in which case nothing was written."""
+        try:
+            async with self._s.begin_nested():
+                self._s.add(task)
+                await self._s.flush()
+        except IntegrityError:
+            return False
+        return True
+
+    async def get(self, task_id: str) -> TaskRow | None:
+        return await self._s.get(TaskRow, task_id)
+
+    async def by_idempotency_key(self, owner_id: str, key: str) -> TaskRow | None:
+        found = await self._s.execute(
+            select(TaskRow).where(TaskRow.owner_id == owner_id, TaskRow.idempotency_key == key)
+        )
+        return found.scalars().first()
+
+    def _visible(self, owner_id: str | None, statuses: Collection[str]) -> list[Any]:
+        where: list[Any] = []
+        if owner_id is not None:
+            where.append(TaskRow.owner_id == owner_id)
+        if statuses:
+            where.append(TaskRow.status.in_(list(statuses)))
+        return where
+
+    async def page(
+        self, *, owner_id: str | None, statuses: Collection[str], limit: int, offset: int
+    ) -> tuple[Sequence[TaskRow], int]:
+        where = self._visible(owner_id, statuses)
+        total = (
+            await self._s.execute(select(func.count()).select_from(TaskRow).where(*where))
+        ).scalar_one()
+        rows = await self._s.execute(
+            select(TaskRow)
+            .where(*where)
+            .order_by(TaskRow.created_at.desc(), TaskRow.task_id.desc())
+            .limit(limit)
+            .offset(offset)
+        )
+        return rows.scalars().all(), int(total)
+
+    async def count_by_status(self, owner_id: str | None) -> dict[str, int]:
+        rows = await self._s.execute(
+            select(TaskRow.status, func.count())
+            .where(*self._visible(owner_id, ()))
+            .group_by(TaskRow.status)
+        )
+        return {status: int(count) for status, count in rows.all()}
+
+    async def completion_seconds(self, owner_id: str | None) -> list[float]:
+        """How long each completed task ran, from start to end (for the stats)."""
+        rows = await self._s.execute(
+            select(TaskRow.started_at, TaskRow.completed_at).where(
+                *self._visible(owner_id, ("completed",)),
+                TaskRow.started_at.is_not(None),
+                TaskRow.completed_at.is_not(None),
+            )
+        )
+        return [(end - start).total_seconds() for start, end in rows.all() if start and end]
+
+
+class Outbox:
+    def __init__(self, session: AsyncSession) -> None:
+        self._s = session
+
+    def add(self, event_type: str, task: TaskRow, at: datetime, **data: Any) -> None:
+        self._s.add(
+            OutboxRow(
+                event_type=event_type,
+                subject_id=task.task_id,
+                owner_id=task.owner_id,
+                data={"task_id": task.task_id, "status": task.status, **data},
+                created_at=at,
+            )
+        )

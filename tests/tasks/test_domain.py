@@ -1,0 +1,85 @@
+"""The tasks domain on each database: concurrent idempotent creates, and the outbox."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+from sqlalchemy import ColumnElement, func, select
+
+from servers.common.context import Principal
+from servers.common.db import Database
+from servers.mesh import MIGRATIONS
+from servers.tasks.domain import NewTask, Tasks
+from servers.tasks.models import OutboxRow, TaskRow
+
+ALICE = Principal(subject="alice", kind="user", roles=("user",))
+BOB = Principal(subject="bob", kind="user", roles=("user",))
+NEW = NewTask(
+    type="echo",
+    title="",
+    description="say hello",
+    priority=0,
+    priority_label="",
+    model="",
+    metadata={},
+    required_capabilities=(),
+    idempotency_key="",
+    max_attempts=0,
+    callback_url="",
+    defer_start=False,
+)
+
+
+async def _db(url: str) -> Database:
+    db = Database(url)
+    for service, folder in MIGRATIONS.items():
+        if folder is not None:
+            await db.migrate(service, folder)
+    return db
+
+
+async def _count(db: Database, model: type, *where: ColumnElement[bool]) -> int:
+    async with db.session() as s:
+        return int(
+            (await s.execute(select(func.count()).select_from(model).where(*where))).scalar_one()
+        )
+
+
+async def test_concurrent_creates_with_one_key_make_one_task(database_url: str) -> None:
+    db = await _db(database_url)
+    try:
+        tasks = Tasks(db=db)
+        keyed = replace(NEW, idempotency_key="order-42")
+        results = await asyncio.gather(*(tasks.create(ALICE, keyed) for _ in range(10)))
+        ids = {task.task_id for task, _ in results}
+        assert len(ids) == 1
+        assert sum(created for _, created in results) == 1
+        assert await _count(db, TaskRow, TaskRow.owner_id == "alice") == 1
+        # The key is the owner's: another user's same key is another task.
+        other, created = await tasks.create(BOB, keyed)
+        assert created and other.task_id not in ids
+    finally:
+        await db.close()
+
+
+async def test_every_change_writes_its_event(database_url: str) -> None:
+    db = await _db(database_url)
+    try:
+        tasks = Tasks(db=db)
+        task, _ = await tasks.create(ALICE, replace(NEW, defer_start=True))
+        await tasks.start(ALICE, task.task_id)
+        await tasks.start(ALICE, task.task_id)  # no change, no event
+        await tasks.cancel(ALICE, task.task_id)
+        async with db.session() as s:
+            events = (
+                await s.execute(
+                    select(OutboxRow.event_type, OutboxRow.data)
+                    .where(OutboxRow.subject_id == task.task_id)
+                    .order_by(OutboxRow.id)
+                )
+            ).all()
+        assert [e for e, _ in events] == ["task.created", "task.queued", "task.cancelled"]
+        assert [d["status"] for _, d in events] == ["created", "queued", "cancelled"]
+    finally:
+        await db.close()
