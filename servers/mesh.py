@@ -34,6 +34,7 @@ from agentmesh.v1 import (
 )
 from gateway.proxy import EdgeConfig, EnvoyFailed, EnvoyProcess
 
+from .agents.registry import Registry
 from .agents.service import AgentsInternalService, AgentsService
 from .auth.admin import UserAdmin
 from .auth.apikeys import ApiKeys
@@ -47,11 +48,13 @@ from .common.context import Principal
 from .common.db import Database
 from .common.health import HealthService
 from .common.interceptors import default_interceptors
+from .common.internal import InternalChannel
 from .common.ratelimit import SlidingWindowLimiter
 from .common.server import PortInUse, ServiceServer
 from .messaging.service import EventsService, MessagingService
+from .tasks.dispatch import Dispatch
 from .tasks.domain import Tasks
-from .tasks.service import TasksInternalService, TasksService
+from .tasks.service import Agents, TasksInternalService, TasksService
 
 log = logging.getLogger("agentmesh.mesh")
 
@@ -129,6 +132,17 @@ class Runtime:
             verifier=self.verifier, internal_token=self.internal_token, api_keys=api_keys
         )
 
+    def internal_channel(self, service: str) -> InternalChannel:
+        """A channel to another service of the mesh, closed with the runtime."""
+        channel = InternalChannel(
+            address=lambda: self.peers[service], internal_token=self.internal_token
+        )
+        self._closers.append(channel.close)
+        return channel
+
+    def on_close(self, close: Callable[[], Awaitable[None]]) -> None:
+        self._closers.append(close)
+
     async def close(self) -> None:
         for close in self._closers:
             await close()
@@ -155,11 +169,12 @@ def internal_token(data_dir: Path) -> str:
 
 
 Servicers = list[tuple[Callable[[Any, Any], None], Any, str]]
+Job = Callable[[], Awaitable[None]]
 
 
-def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator]:
-    """(add-to-server function, servicer, full service name) of a service's servicers, and the
-    authenticator its server checks calls with."""
+def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[Job]]:
+    """(add-to-server function, servicer, full service name) of a service's servicers, the
+    authenticator its server checks calls with, and its background jobs."""
     s = rt.settings
     if name == "auth":
         cache = AccountCache()
@@ -177,67 +192,94 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator]:
         async def resolve_locally(secret: str) -> Principal:
             return (await api_keys.verify(secret))[2]
 
-        return [
-            (
-                auth_pb2_grpc.add_AuthServiceServicer_to_server,
-                AuthService(accounts=accounts, api_keys=api_keys, key=rt.key),
-                "agentmesh.v1.AuthService",
-            ),
-            (
-                users_pb2_grpc.add_UsersServiceServicer_to_server,
-                UsersService(admin=UserAdmin(db=rt.db, cache=cache)),
-                "agentmesh.v1.UsersService",
-            ),
-            (
-                auth_pb2_grpc.add_AuthInternalServiceServicer_to_server,
-                AuthInternalService(api_keys=api_keys),
-                "agentmesh.v1.AuthInternalService",
-            ),
-        ], rt.authenticator(resolve_locally)
+        return (
+            [
+                (
+                    auth_pb2_grpc.add_AuthServiceServicer_to_server,
+                    AuthService(accounts=accounts, api_keys=api_keys, key=rt.key),
+                    "agentmesh.v1.AuthService",
+                ),
+                (
+                    users_pb2_grpc.add_UsersServiceServicer_to_server,
+                    UsersService(admin=UserAdmin(db=rt.db, cache=cache)),
+                    "agentmesh.v1.UsersService",
+                ),
+                (
+                    auth_pb2_grpc.add_AuthInternalServiceServicer_to_server,
+                    AuthInternalService(api_keys=api_keys),
+                    "agentmesh.v1.AuthInternalService",
+                ),
+            ],
+            rt.authenticator(resolve_locally),
+            [],
+        )
     if name == "tasks":
-        return [
-            (
-                tasks_pb2_grpc.add_TasksServiceServicer_to_server,
-                TasksService(tasks=Tasks(db=rt.db)),
-                "agentmesh.v1.TasksService",
-            ),
-            (
-                tasks_pb2_grpc.add_TasksInternalServiceServicer_to_server,
-                TasksInternalService(),
-                "agentmesh.v1.TasksInternalService",
-            ),
-        ], rt.authenticator()
+        agents = Agents(rt.internal_channel("agents"))
+        rt.on_close(agents.close)
+        internal = TasksInternalService(
+            dispatch=Dispatch(db=rt.db, lease_seconds=s.lease_seconds), agents=agents
+        )
+        return (
+            [
+                (
+                    tasks_pb2_grpc.add_TasksServiceServicer_to_server,
+                    TasksService(tasks=Tasks(db=rt.db), agents=agents),
+                    "agentmesh.v1.TasksService",
+                ),
+                (
+                    tasks_pb2_grpc.add_TasksInternalServiceServicer_to_server,
+                    internal,
+                    "agentmesh.v1.TasksInternalService",
+                ),
+            ],
+            rt.authenticator(),
+            [internal.sweep],
+        )
     if name == "agents":
-        return [
-            (
-                agents_pb2_grpc.add_AgentsServiceServicer_to_server,
-                AgentsService(),
-                "agentmesh.v1.AgentsService",
-            ),
-            (
-                agents_pb2_grpc.add_AgentsInternalServiceServicer_to_server,
-                AgentsInternalService(),
-                "agentmesh.v1.AgentsInternalService",
-            ),
-        ], rt.authenticator()
+        registry = Registry()
+        return (
+            [
+                (
+                    agents_pb2_grpc.add_AgentsServiceServicer_to_server,
+                    AgentsService(
+                        registry=registry,
+                        tasks=rt.internal_channel("tasks"),
+                        heartbeat_seconds=s.heartbeat_seconds,
+                        lease_seconds=s.lease_seconds,
+                    ),
+                    "agentmesh.v1.AgentsService",
+                ),
+                (
+                    agents_pb2_grpc.add_AgentsInternalServiceServicer_to_server,
+                    AgentsInternalService(registry=registry),
+                    "agentmesh.v1.AgentsInternalService",
+                ),
+            ],
+            rt.authenticator(),
+            [],
+        )
     if name == "messaging":
-        return [
-            (
-                messaging_pb2_grpc.add_MessagingServiceServicer_to_server,
-                MessagingService(),
-                "agentmesh.v1.MessagingService",
-            ),
-            (
-                events_pb2_grpc.add_EventsServiceServicer_to_server,
-                EventsService(),
-                "agentmesh.v1.EventsService",
-            ),
-        ], rt.authenticator()
+        return (
+            [
+                (
+                    messaging_pb2_grpc.add_MessagingServiceServicer_to_server,
+                    MessagingService(),
+                    "agentmesh.v1.MessagingService",
+                ),
+                (
+                    events_pb2_grpc.add_EventsServiceServicer_to_server,
+                    EventsService(),
+                    "agentmesh.v1.EventsService",
+                ),
+            ],
+            rt.authenticator(),
+            [],
+        )
     raise ValueError(f"unknown service {name!r}")
 
 
 def build_server(name: str, rt: Runtime, health: HealthService) -> ServiceServer:
-    entries, authenticator = _servicers(name, rt)
+    entries, authenticator, background = _servicers(name, rt)
 
     def register(server: grpc.aio.Server) -> None:
         for add, servicer, _ in entries:
@@ -250,6 +292,7 @@ def build_server(name: str, rt: Runtime, health: HealthService) -> ServiceServer
         port=rt.settings.service_ports[name],
         interceptors=default_interceptors(authenticator),
         registrations=[register],
+        background=background,
         services=[full for _, _, full in entries] + ["agentmesh.v1.HealthService"],
     )
 

@@ -39,6 +39,8 @@ class Settings:
       AGENTMESH_LOG_LEVEL    DEBUG, INFO, WARNING (default INFO)
       AGENTMESH_LOGIN_LIMIT  login attempts per client address and per account (default 10)
       AGENTMESH_LOGIN_WINDOW_SECONDS  the window of that limit (default 3600)
+      AGENTMESH_LEASE_SECONDS      how long an agent holds a task without renewal (default 30)
+      AGENTMESH_HEARTBEAT_SECONDS  how often agents send heartbeats (default 10)
     """
 
     data_dir: Path
@@ -55,6 +57,8 @@ class Settings:
     access_token_ttl: int = 3600
     login_limit: int = 10
     login_window: int = 3600
+    lease_seconds: int = 30
+    heartbeat_seconds: int = 10
     version: str = "0.1.0"
 
     @classmethod
@@ -74,6 +78,8 @@ class Settings:
             log_level=(env.get("AGENTMESH_LOG_LEVEL") or "INFO").upper(),
             login_limit=_int(env, "AGENTMESH_LOGIN_LIMIT", 10),
             login_window=_int(env, "AGENTMESH_LOGIN_WINDOW_SECONDS", 3600),
+            lease_seconds=_int(env, "AGENTMESH_LEASE_SECONDS", 30),
+            heartbeat_seconds=_int(env, "AGENTMESH_HEARTBEAT_SECONDS", 10),
         )
 
     def with_ports(self, **ports: int) -> Settings:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,7 +35,8 @@ Registration = Callable[[grpc.aio.Server], None]
 
 
 class ServiceServer:
-    """One service on its own port: its servicers, grpc.health.v1, reflection.
+    """One service on its own port: its servicers, grpc.health.v1, reflection, and background
+    jobs (e.g. the lease sweeper) that run while it serves.
 
     ``services`` are the full names this server answers for; grpc.health.v1 reports each (and
     the overall "" entry) SERVING after start and NOT_SERVING from the start of a drain.
@@ -49,6 +51,7 @@ class ServiceServer:
         interceptors: Iterable[grpc.aio.ServerInterceptor],
         registrations: Iterable[Registration],
         services: Iterable[str],
+        background: Iterable[Callable[[], Awaitable[None]]] = (),
     ) -> None:
         self.name = name
         self.host = host
@@ -67,6 +70,8 @@ class ServiceServer:
             ),
             self._server,
         )
+        self._background = list(background)
+        self._running: list[asyncio.Future[None]] = []
         self._stopped = False
 
     @property
@@ -85,6 +90,7 @@ class ServiceServer:
         await self._server.start()
         for service in ("", *self.services):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._running = [asyncio.ensure_future(job()) for job in self._background]
         log.info("listening", extra={"service": self.name, "address": self.address})
         return bound
 
@@ -98,4 +104,7 @@ class ServiceServer:
             return
         self._stopped = True
         await self.drain()
+        for job in self._running:
+            job.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)
         await self._server.stop(grace)

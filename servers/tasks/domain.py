@@ -241,9 +241,10 @@ class Tasks:
                 raise Conflict(
                     f"the task has already ended {task.status}", details={"status": task.status}
                 )
-            # TODO(tasks-and-agents): an agent holding the task must be told to stop
-            # (AgentsInternalService.DeliverCancellation); no agent holds one in this slice.
+            # The agent holding it (assigned_agent stays, for the record) is told by the
+            # servicer; a late result of this attempt is refused, as the task is no longer held.
             task.status = status
+            task.lease_expires_at = None
             task.cancelled_at = at
             task.updated_at = at
             Outbox(s).add(event, task, at)

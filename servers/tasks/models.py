@@ -20,6 +20,7 @@ class TaskRow(Base):
         Index("ix_tasks_tasks_status_priority", "status", "priority", "created_at"),
         # One task per (owner, idempotency key); NULL keys never collide.
         Index("ux_tasks_tasks_idempotency", "owner_id", "idempotency_key", unique=True),
+        Index("ix_tasks_tasks_lease", "status", "lease_expires_at"),
     )
 
     task_id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -46,6 +47,11 @@ class TaskRow(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The current attempt's fencing token and lease end (see dispatch.py).
+    attempt_token: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True
+    )
 
 
 class OutboxRow(Base):

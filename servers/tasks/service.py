@@ -1,19 +1,33 @@
-"""TasksService: proto in, domain call, proto out. TasksInternalService (assignment, leases,
-results from agents) is the tasks-and-agents issue's and answers UNIMPLEMENTED until then."""
+"""TasksService and TasksInternalService: proto in, domain call, proto out.
+
+The tasks service also speaks to the agents service (AgentsInternalService): it wakes agents
+when work is queued, and tells an agent when a task it holds was cancelled, stopped or lost its
+lease. Those calls are best effort: a missed wake-up costs the agents' next poll, a missed
+cancellation is caught by the agent's next heartbeat (its lease is no longer renewed).
+"""
 
 from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
 
 import grpc
 from google.protobuf import json_format, struct_pb2
 
-from agentmesh.v1 import tasks_pb2, tasks_pb2_grpc
-from servers.common.clock import timestamp
+from agentmesh.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from servers.common.clock import now, timestamp
 from servers.common.context import Principal, principal, set_http_status
-from servers.common.errors import AuthRequired
+from servers.common.errors import AuthRequired, Conflict, NotFound, ValidationError
+from servers.common.internal import InternalChannel
 from servers.common.pagination import page
 
+from .dispatch import Dispatch, Lost
 from .domain import NewTask, Tasks, priority_label
 from .models import TaskRow
+
+log = logging.getLogger("agentmesh.tasks")
+SWEEP_SECONDS = 1.0
 
 
 def _struct(value: dict[str, object] | None) -> struct_pb2.Struct | None:
@@ -62,9 +76,59 @@ def _caller() -> Principal:
     return who
 
 
+class Agents:
+    """The tasks service's calls to the agents service, best effort and in the background."""
+
+    def __init__(self, channel: InternalChannel) -> None:
+        self._channel = channel
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, call: Awaitable[object]) -> None:
+        async def run() -> None:
+            try:
+                await call
+            except grpc.aio.AioRpcError as exc:
+                log.info("agents service call failed: %s", exc.code().name)
+
+        task = asyncio.ensure_future(run())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    def tasks_available(self, task: TaskRow) -> None:
+        if task.status != "queued":
+            return
+        stub = self._channel.stub(agents_pb2_grpc.AgentsInternalServiceStub)
+        capabilities = list(task.required_capabilities) or [task.type]
+        self._spawn(
+            stub.NotifyTasksAvailable(
+                agents_pb2.NotifyTasksAvailableRequest(capabilities=capabilities),
+                **self._channel.call_options(),
+            )
+        )
+
+    def cancel(self, agent_id: str, task_id: str, reason: str) -> None:
+        if not agent_id:
+            return
+        stub = self._channel.stub(agents_pb2_grpc.AgentsInternalServiceStub)
+        self._spawn(
+            stub.DeliverCancellation(
+                agents_pb2.DeliverCancellationRequest(
+                    agent_id=agent_id, task_id=task_id, reason=reason
+                ),
+                **self._channel.call_options(),
+            )
+        )
+
+    async def close(self) -> None:
+        for task in list(self._pending):
+            task.cancel()
+        await self._channel.close()
+
+
 class TasksService(tasks_pb2_grpc.TasksServiceServicer):
-    def __init__(self, *, tasks: Tasks) -> None:
+    def __init__(self, *, tasks: Tasks, agents: Agents) -> None:
         self._tasks = tasks
+        self._agents = agents
 
     async def CreateTask(
         self, request: tasks_pb2.CreateTaskRequest, context: grpc.aio.ServicerContext
@@ -84,6 +148,8 @@ class TasksService(tasks_pb2_grpc.TasksServiceServicer):
             defer_start=request.defer_start,
         )
         task, created = await self._tasks.create(_caller(), new)
+        if created:
+            self._agents.tasks_available(task)
         # A repeat with the same idempotency key created nothing: 200, not 201.
         await set_http_status(context, 201 if created else 200)
         return task_proto(task)
@@ -123,18 +189,21 @@ class TasksService(tasks_pb2_grpc.TasksServiceServicer):
     async def CancelTask(
         self, request: tasks_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.Task:
-        return task_proto(await self._tasks.cancel(_caller(), request.task_id))
+        task = await self._tasks.cancel(_caller(), request.task_id)
+        self._agents.cancel(task.assigned_agent, task.task_id, "CANCELLED")
+        return task_proto(task)
 
     async def StartTask(
         self, request: tasks_pb2.StartTaskRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.StartTaskResponse:
-        await self._tasks.start(_caller(), request.task_id)
+        self._agents.tasks_available(await self._tasks.start(_caller(), request.task_id))
         return tasks_pb2.StartTaskResponse(status="started")
 
     async def StopTask(
         self, request: tasks_pb2.StopTaskRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.StopTaskResponse:
-        await self._tasks.stop(_caller(), request.task_id)
+        task = await self._tasks.stop(_caller(), request.task_id)
+        self._agents.cancel(task.assigned_agent, task.task_id, "STOPPED")
         return tasks_pb2.StopTaskResponse(status="stopped")
 
     async def GetStats(
@@ -151,5 +220,115 @@ class TasksService(tasks_pb2_grpc.TasksServiceServicer):
         )
 
 
+def _assignment(task: TaskRow) -> tasks_pb2.Assignment:
+    return tasks_pb2.Assignment(
+        task=task_proto(task),
+        attempt=task.attempt,
+        lease_expires_at=timestamp(task.lease_expires_at),
+        attempt_token=task.attempt_token or "",
+    )
+
+
+def _agent_id(value: str) -> str:
+    if not value or len(value) > 64:
+        raise ValidationError(
+            "agent_id is required (at most 64 characters)", details={"field": "agent_id"}
+        )
+    return value
+
+
 class TasksInternalService(tasks_pb2_grpc.TasksInternalServiceServicer):
-    pass
+    """Called by the agents service on behalf of connected agents."""
+
+    def __init__(self, *, dispatch: Dispatch, agents: Agents) -> None:
+        self._dispatch = dispatch
+        self._agents = agents
+
+    async def ClaimTask(
+        self, request: tasks_pb2.ClaimTaskRequest, context: grpc.aio.ServicerContext
+    ) -> tasks_pb2.ClaimTaskResponse:
+        if request.free_capacity < 1:
+            return tasks_pb2.ClaimTaskResponse()
+        task = await self._dispatch.claim(_agent_id(request.agent_id), request.capabilities)
+        if task is None:
+            return tasks_pb2.ClaimTaskResponse()
+        return tasks_pb2.ClaimTaskResponse(assignment=_assignment(task))
+
+    async def RenewLeases(
+        self, request: tasks_pb2.RenewLeasesRequest, context: grpc.aio.ServicerContext
+    ) -> tasks_pb2.RenewLeasesResponse:
+        renewed, lost = await self._dispatch.renew(_agent_id(request.agent_id), request.task_ids)
+        reply = tasks_pb2.RenewLeasesResponse(renewed_task_ids=renewed, lost_task_ids=lost)
+        reply.lease_expires_at.FromDatetime(now() + self._dispatch.lease)
+        return reply
+
+    async def ReportProgress(
+        self,
+        request: tasks_pb2.TasksInternalServiceReportProgressRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> tasks_pb2.TasksInternalServiceReportProgressResponse:
+        task = await self._dispatch.progress(
+            request.task_id,
+            _agent_id(request.agent_id),
+            request.attempt_token,
+            request.progress,
+            request.message,
+        )
+        if task is None:
+            raise Conflict(
+                "this attempt no longer holds the task",
+                reason="LEASE_LOST",
+                details={"task_id": request.task_id[:64]},
+            )
+        return tasks_pb2.TasksInternalServiceReportProgressResponse(
+            lease_expires_at=timestamp(task.lease_expires_at)
+        )
+
+    async def CompleteTask(
+        self,
+        request: tasks_pb2.TasksInternalServiceCompleteTaskRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> tasks_pb2.TasksInternalServiceCompleteTaskResponse:
+        error = None
+        if request.HasField("error"):
+            e = request.error
+            error = (e.code or "INTERNAL_ERROR", e.message, e.retryable)
+        outcome = await self._dispatch.complete(
+            request.task_id,
+            _agent_id(request.agent_id),
+            request.attempt_token,
+            result=json_format.MessageToDict(request.result)
+            if request.HasField("result")
+            else None,
+            error=error,
+        )
+        if not outcome.accepted:
+            if outcome.reason == "TASK_NOT_FOUND":
+                raise NotFound(
+                    "no such task",
+                    reason="TASK_NOT_FOUND",
+                    details={"task_id": request.task_id[:64]},
+                )
+            raise Conflict(
+                "this attempt no longer holds the task",
+                details={"task_id": request.task_id[:64], "status": outcome.status},
+            )
+        task = await self._dispatch.get(request.task_id)
+        if task.status == "queued":
+            self._agents.tasks_available(task)
+        return tasks_pb2.TasksInternalServiceCompleteTaskResponse(task=task_proto(task))
+
+    async def sweep(self) -> None:
+        """Runs for the life of the server: expired leases go back to the queue (or fail)."""
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            try:
+                lost: list[Lost] = await self._dispatch.expire_leases()
+            except Exception:  # a database hiccup must not end the sweeper
+                log.exception("lease sweep failed")
+                continue
+            for gone in lost:
+                self._agents.cancel(gone.agent_id, gone.task_id, "LEASE_LOST")
+                if gone.requeued:
+                    task = await self._dispatch.get(gone.task_id)
+                    self._agents.tasks_available(task)

@@ -10,10 +10,10 @@ from grpc_health.v1 import health_pb2_grpc as grpc_health_pb2_grpc
 from agentmesh.v1 import (
     auth_pb2,
     auth_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
     health_pb2,
     health_pb2_grpc,
-    tasks_pb2,
-    tasks_pb2_grpc,
 )
 from servers.launcher import MeshProcess
 from tests.helpers import error_reason, new_user
@@ -97,13 +97,11 @@ def test_me_without_a_token_direct_says_auth_required(mesh: MeshProcess) -> None
 
 def test_unimplemented_rpc(mesh: MeshProcess) -> None:
     _, tokens = _register(_auth(mesh.services["auth"]))
-    for address in (mesh.services["tasks"], mesh.url.removeprefix("http://")):
-        stub = tasks_pb2_grpc.TasksServiceStub(grpc.insecure_channel(address))
+    for address in (mesh.services["messaging"], mesh.url.removeprefix("http://")):
+        stub = events_pb2_grpc.EventsServiceStub(grpc.insecure_channel(address))
         with pytest.raises(grpc.RpcError) as err:
-            stub.CreateTask(
-                tasks_pb2.CreateTaskRequest(type="echo", description="x"),
-                metadata=_bearer(tokens.access_token),
-                timeout=10,
+            stub.ListEvents(
+                events_pb2.ListEventsRequest(), metadata=_bearer(tokens.access_token), timeout=10
             )
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert error_reason(err.value) == "NOT_IMPLEMENTED"

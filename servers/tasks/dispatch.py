@@ -1,0 +1,220 @@
+"""Assignments as leases. The agents service claims queued tasks for connected agents; each
+attempt gets a fencing token and a lease that heartbeats and progress reports renew. A lease that
+runs out puts the task back in the queue with its attempt count raised, or fails it after the
+last attempt; reports carrying an older attempt's token are refused, so a late result of an agent
+that lost its lease never overwrites the current attempt.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select
+
+from servers.common.clock import aware, now
+from servers.common.db import Database
+
+from .models import TaskRow
+from .store import Outbox
+
+HELD = ("assigned", "running")
+CLAIM_SCAN = 200
+
+
+def matches(task: TaskRow, capabilities: frozenset[str]) -> bool:
+    """An agent qualifies when it has every required capability, or, when none is required,
+    the task's type."""
+    required = set(task.required_capabilities)
+    return required <= capabilities if required else task.type in capabilities
+
+
+@dataclass(frozen=True)
+class Outcome:
+    accepted: bool
+    status: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Lost:
+    """A lease that ran out: the task and the agent that held it."""
+
+    task_id: str
+    agent_id: str
+    requeued: bool
+
+
+class Dispatch:
+    def __init__(self, *, db: Database, lease_seconds: float) -> None:
+        self._db = db
+        self.lease = timedelta(seconds=lease_seconds)
+
+    async def get(self, task_id: str) -> TaskRow:
+        async with self._db.session() as s:
+            task = await s.get(TaskRow, task_id)
+        if task is None:
+            raise LookupError(task_id)
+        return task
+
+    async def claim(self, agent_id: str, capabilities: Sequence[str]) -> TaskRow | None:
+        """The most urgent queued task the agent can do (first in, first out within a
+        priority), now leased to it; None when there is none."""
+        caps = frozenset(capabilities)
+        at = now()
+        async with self._db.write() as s, s.begin():
+            query = (
+                select(TaskRow)
+                .where(TaskRow.status == "queued")
+                .order_by(TaskRow.priority.desc(), TaskRow.created_at, TaskRow.task_id)
+                .limit(CLAIM_SCAN)
+            )
+            if not self._db.is_sqlite:
+                # Replicas claim side by side; SQLite's writers queue on BEGIN IMMEDIATE.
+                query = query.with_for_update(skip_locked=True)
+            for task in (await s.execute(query)).scalars():
+                if matches(task, caps):
+                    task.status = "assigned"
+                    task.assigned_agent = agent_id
+                    task.attempt += 1
+                    task.attempt_token = str(uuid.uuid4())
+                    task.lease_expires_at = at + self.lease
+                    task.updated_at = at
+                    Outbox(s).add(
+                        "task.assigned", task, at, agent_id=agent_id, attempt=task.attempt
+                    )
+                    return task
+        return None
+
+    async def _held(self, s: Any, task_id: str, agent_id: str, token: str) -> TaskRow | None:
+        task = await s.get(TaskRow, task_id)
+        if (
+            task is None
+            or task.status not in HELD
+            or task.assigned_agent != agent_id
+            or task.attempt_token != token
+        ):
+            return None
+        return task
+
+    async def renew(self, agent_id: str, task_ids: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Extends the leases the agent still holds; returns (renewed, lost) task ids."""
+        at = now()
+        renewed: list[str] = []
+        async with self._db.write() as s, s.begin():
+            if task_ids:
+                rows = await s.execute(
+                    select(TaskRow).where(
+                        TaskRow.task_id.in_(list(task_ids)),
+                        TaskRow.assigned_agent == agent_id,
+                        TaskRow.status.in_(HELD),
+                    )
+                )
+                for task in rows.scalars():
+                    task.lease_expires_at = at + self.lease
+                    renewed.append(task.task_id)
+        return renewed, [t for t in task_ids if t not in renewed]
+
+    async def progress(
+        self, task_id: str, agent_id: str, token: str, progress: int, message: str
+    ) -> TaskRow | None:
+        """Records progress and renews the lease; None when the attempt is no longer current."""
+        at = now()
+        async with self._db.write() as s, s.begin():
+            task = await self._held(s, task_id, agent_id, token)
+            if task is None:
+                return None
+            if task.status == "assigned":
+                task.status = "running"
+                task.started_at = at
+                Outbox(s).add("task.started", task, at, agent_id=agent_id, attempt=task.attempt)
+            task.progress = max(0, min(100, progress))
+            task.lease_expires_at = at + self.lease
+            task.updated_at = at
+            Outbox(s).add("task.progress", task, at, progress=task.progress, message=message[:500])
+            return task
+
+    async def complete(
+        self,
+        task_id: str,
+        agent_id: str,
+        token: str,
+        *,
+        result: dict[str, Any] | None,
+        error: tuple[str, str, bool] | None,
+    ) -> Outcome:
+        """Records an attempt's outcome. A repeat of the recorded outcome is accepted again; an
+        outcome of an attempt that is no longer current is refused."""
+        at = now()
+        async with self._db.write() as s, s.begin():
+            task = await s.get(TaskRow, task_id)
+            if task is None:
+                return Outcome(False, "", "TASK_NOT_FOUND")
+            if task.attempt_token == token and task.status in ("completed", "failed"):
+                return Outcome(True, task.status)
+            if await self._held(s, task_id, agent_id, token) is None:
+                return Outcome(False, task.status, "CONFLICT")
+            task.lease_expires_at = None
+            task.updated_at = at
+            if error is None:
+                task.status = "completed"
+                task.result = result or {}
+                task.progress = 100
+                task.completed_at = at
+                task.started_at = task.started_at or at
+                Outbox(s).add("task.completed", task, at, agent_id=agent_id, attempt=task.attempt)
+                return Outcome(True, task.status)
+            code, message, retryable = error
+            task.error, task.error_code = message[:2000], code[:64]
+            if retryable and task.attempt < task.max_attempts:
+                self._requeue(task)
+                Outbox(s).add("task.requeued", task, at, reason=code, attempt=task.attempt)
+            else:
+                task.status = "failed"
+                task.completed_at = at
+                Outbox(s).add(
+                    "task.failed", task, at, error_code=task.error_code, attempt=task.attempt
+                )
+            return Outcome(True, task.status)
+
+    @staticmethod
+    def _requeue(task: TaskRow) -> None:
+        task.status = "queued"
+        task.assigned_agent = ""
+        task.lease_expires_at = None
+        task.progress = 0
+
+    async def expire_leases(self) -> list[Lost]:
+        """Requeues (or, after the last attempt, fails) every task whose lease ran out."""
+        at = now()
+        lost: list[Lost] = []
+        async with self._db.write() as s, s.begin():
+            rows = await s.execute(
+                select(TaskRow)
+                .where(TaskRow.status.in_(HELD), TaskRow.lease_expires_at < at)
+                .limit(500)
+            )
+            for task in rows.scalars():
+                if task.lease_expires_at is None or aware(task.lease_expires_at) >= at:
+                    continue
+                holder = task.assigned_agent
+                task.updated_at = at
+                task.error = f"lease expired on attempt {task.attempt} (agent {holder})"
+                task.error_code = "LEASE_EXPIRED"
+                if task.attempt < task.max_attempts:
+                    self._requeue(task)
+                    Outbox(s).add(
+                        "task.requeued", task, at, reason="LEASE_EXPIRED", attempt=task.attempt
+                    )
+                else:
+                    task.status = "failed"
+                    task.lease_expires_at = None
+                    task.completed_at = at
+                    Outbox(s).add(
+                        "task.failed", task, at, error_code="LEASE_EXPIRED", attempt=task.attempt
+                    )
+                lost.append(Lost(task.task_id, holder, task.status == "queued"))
+        return lost
