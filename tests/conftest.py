@@ -40,6 +40,20 @@ async def _pg(sql: str) -> None:
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database for this test session (dropped afterwards)."""
+    yield from _fresh_postgres()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each database the mesh supports, empty for this test: SQLite in a temporary folder, and
+    a database of its own on the PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
+        return
+    yield from _fresh_postgres()
+
+
+def _fresh_postgres() -> Iterator[str]:
     name = f"agentmesh_test_{secrets.token_hex(4)}"
     try:
         asyncio.run(_pg(f'CREATE DATABASE "{name}"'))
@@ -48,14 +62,6 @@ def postgres_url() -> Iterator[str]:
     base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
     yield f"{base}/{name}"
     asyncio.run(_pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Each database the mesh supports: SQLite in a temporary folder, and PostgreSQL."""
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
-    return str(request.getfixturevalue("postgres_url"))
 
 
 # Every test logs in from 127.0.0.1; shared meshes must not hit seed 001's 10 logins an hour.

@@ -1,0 +1,128 @@
+"""Leases and fencing in the tasks domain, on each database."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import pytest
+
+from servers.common.db import Database
+from servers.tasks.dispatch import Dispatch
+from servers.tasks.domain import Tasks
+from tests.tasks.test_domain import ALICE, NEW, _db
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    database = await _db(database_url)
+    yield database
+    await database.close()
+
+
+async def test_most_urgent_first_then_first_in(db: Database) -> None:
+    tasks, dispatch = Tasks(db=db), Dispatch(db=db, lease_seconds=30)
+    low, _ = await tasks.create(ALICE, replace(NEW, priority=2))
+    first_high, _ = await tasks.create(ALICE, replace(NEW, priority=9))
+    second_high, _ = await tasks.create(ALICE, replace(NEW, priority=9))
+    order = [await dispatch.claim("agent-1", ["echo"]) for _ in range(4)]
+    assert [t.task_id if t else None for t in order] == [
+        first_high.task_id,
+        second_high.task_id,
+        low.task_id,
+        None,
+    ]
+
+
+async def test_capabilities_decide_who_may_take_a_task(db: Database) -> None:
+    tasks, dispatch = Tasks(db=db), Dispatch(db=db, lease_seconds=30)
+    review, _ = await tasks.create(
+        ALICE, replace(NEW, type="code_review", required_capabilities=("code_review", "python"))
+    )
+    assert await dispatch.claim("echo-only", ["echo"]) is None
+    assert await dispatch.claim("reviewer", ["code_review"]) is None  # lacks "python"
+    claimed = await dispatch.claim("reviewer", ["code_review", "python", "echo"])
+    assert claimed is not None and claimed.task_id == review.task_id
+    assert claimed.status == "assigned" and claimed.attempt == 1 and claimed.attempt_token
+
+
+async def test_a_stale_attempt_is_refused(db: Database) -> None:
+    tasks, dispatch = Tasks(db=db), Dispatch(db=db, lease_seconds=0.2)
+    task, _ = await tasks.create(ALICE, NEW)
+    first = await dispatch.claim("agent-1", ["echo"])
+    assert first is not None and first.attempt_token
+    old_token = first.attempt_token
+    await asyncio.sleep(0.3)
+    lost = await dispatch.expire_leases()
+    assert [(x.task_id, x.agent_id, x.requeued) for x in lost] == [(task.task_id, "agent-1", True)]
+    second = await dispatch.claim("agent-2", ["echo"])
+    assert second is not None and second.attempt == 2 and second.attempt_token != old_token
+    # The first holder, thawed, reports late: refused; its result changes nothing.
+    assert await dispatch.progress(task.task_id, "agent-1", old_token, 50, "") is None
+    late = await dispatch.complete(task.task_id, "agent-1", old_token, result={"x": 1}, error=None)
+    assert not late.accepted and late.reason == "CONFLICT"
+    done = await dispatch.complete(
+        task.task_id, "agent-2", second.attempt_token or "", result={"ok": True}, error=None
+    )
+    assert done.accepted and done.status == "completed"
+    # The same outcome sent again (no ack seen) is accepted again, and changes nothing.
+    again = await dispatch.complete(
+        task.task_id, "agent-2", second.attempt_token or "", result={"other": 1}, error=None
+    )
+    assert again.accepted
+    final = await tasks.get(ALICE, task.task_id)
+    assert final.result == {"ok": True} and final.attempt == 2
+
+
+async def test_the_last_attempt_fails_the_task(db: Database) -> None:
+    tasks, dispatch = Tasks(db=db), Dispatch(db=db, lease_seconds=0.1)
+    task, _ = await tasks.create(ALICE, replace(NEW, max_attempts=2))
+    for _ in range(2):
+        assert await dispatch.claim("agent-1", ["echo"]) is not None
+        await asyncio.sleep(0.15)
+        await dispatch.expire_leases()
+    final = await tasks.get(ALICE, task.task_id)
+    assert final.status == "failed" and final.error_code == "LEASE_EXPIRED"
+    assert final.attempt == 2 and "attempt 2" in final.error
+    assert await dispatch.claim("agent-1", ["echo"]) is None
+
+
+async def test_retryable_errors_retry_until_the_last_attempt(db: Database) -> None:
+    tasks, dispatch = Tasks(db=db), Dispatch(db=db, lease_seconds=30)
+    task, _ = await tasks.create(ALICE, replace(NEW, max_attempts=2))
+    a = await dispatch.claim("agent-1", ["echo"])
+    assert a is not None
+    first = await dispatch.complete(
+        task.task_id,
+        "agent-1",
+        a.attempt_token or "",
+        result=None,
+        error=("INTERNAL_ERROR", "boom", True),
+    )
+    assert first.accepted and first.status == "queued"
+    b = await dispatch.claim("agent-1", ["echo"])
+    assert b is not None
+    second = await dispatch.complete(
+        task.task_id,
+        "agent-1",
+        b.attempt_token or "",
+        result=None,
+        error=("INTERNAL_ERROR", "boom", True),
+    )
+    assert second.status == "failed"
+
+
+async def test_a_cancelled_task_refuses_its_result(db: Database) -> None:
+    tasks, dispatch = Tasks(db=db), Dispatch(db=db, lease_seconds=30)
+    task, _ = await tasks.create(ALICE, NEW)
+    held = await dispatch.claim("agent-1", ["echo"])
+    assert held is not None
+    cancelled = await tasks.cancel(ALICE, task.task_id)
+    assert cancelled.status == "cancelled" and cancelled.assigned_agent == "agent-1"
+    late = await dispatch.complete(
+        task.task_id, "agent-1", held.attempt_token or "", result={"x": 1}, error=None
+    )
+    assert not late.accepted
+    renewed, lost = await dispatch.renew("agent-1", [task.task_id])
+    assert renewed == [] and lost == [task.task_id]
