@@ -36,7 +36,8 @@ STATUSES = (
     "cancelled",
 )
 TERMINAL = frozenset({"completed", "failed", "stopped", "cancelled"})
-ACTIVE = frozenset(STATUSES) - TERMINAL
+# The stats' "active": on its way to an agent or with one (a `created` task waits for StartTask).
+ACTIVE = frozenset({"queued", "assigned", "running"})
 # Seed 004's older words, accepted as list filters.
 STATUS_ALIASES = {"pending": ("created", "queued"), "processing": ("assigned", "running")}
 # Seed 001's priority words and the seed 004 numbers they stand for (and back).
@@ -67,13 +68,13 @@ class NewTask:
     type: str
     title: str
     description: str
-    priority: int
+    priority: int | None  # None: not given
     priority_label: str
     model: str
     metadata: dict[str, Any]
     required_capabilities: Sequence[str]
     idempotency_key: str
-    max_attempts: int
+    max_attempts: int | None  # None: not given
     callback_url: str
     defer_start: bool
 
@@ -98,21 +99,21 @@ def _check(new: NewTask) -> tuple[str, int, int, list[str]]:
             "type must be 1-64 letters, digits, '_', '.', ':' or '-'", details={"field": "type"}
         )
     priority = new.priority
+    if priority is not None and not 1 <= priority <= 10:
+        raise ValidationError("priority must be between 1 and 10", details={"field": "priority"})
     if new.priority_label:
         if new.priority_label not in PRIORITY_WORDS:
             raise ValidationError(
                 "priority_label must be low, medium, high or critical",
                 details={"field": "priority_label"},
             )
-        if priority and priority_label(priority) != new.priority_label:
+        if priority is not None and priority_label(priority) != new.priority_label:
             raise ValidationError(
                 "priority and priority_label disagree", details={"field": "priority_label"}
             )
-        priority = priority or PRIORITY_WORDS[new.priority_label]
-    priority = priority or DEFAULT_PRIORITY
-    if not 1 <= priority <= 10:
-        raise ValidationError("priority must be between 1 and 10", details={"field": "priority"})
-    attempts = new.max_attempts or DEFAULT_ATTEMPTS
+        priority = PRIORITY_WORDS[new.priority_label] if priority is None else priority
+    priority = DEFAULT_PRIORITY if priority is None else priority
+    attempts = DEFAULT_ATTEMPTS if new.max_attempts is None else new.max_attempts
     if not 1 <= attempts <= MAX_ATTEMPTS:
         raise ValidationError(
             f"max_attempts must be between 1 and {MAX_ATTEMPTS}", details={"field": "max_attempts"}

@@ -137,13 +137,13 @@ class TasksService(tasks_pb2_grpc.TasksServiceServicer):
             type=request.type,
             title=request.title,
             description=request.description,
-            priority=request.priority,
+            priority=request.priority if request.HasField("priority") else None,
             priority_label=request.priority_label,
             model=request.model,
             metadata=json_format.MessageToDict(request.metadata),
             required_capabilities=list(request.required_capabilities),
             idempotency_key=request.idempotency_key,
-            max_attempts=request.max_attempts,
+            max_attempts=request.max_attempts if request.HasField("max_attempts") else None,
             callback_url=request.callback_url,
             defer_start=request.defer_start,
         )
@@ -196,15 +196,16 @@ class TasksService(tasks_pb2_grpc.TasksServiceServicer):
     async def StartTask(
         self, request: tasks_pb2.StartTaskRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.StartTaskResponse:
-        self._agents.tasks_available(await self._tasks.start(_caller(), request.task_id))
-        return tasks_pb2.StartTaskResponse(status="started")
+        task = await self._tasks.start(_caller(), request.task_id)
+        self._agents.tasks_available(task)
+        return tasks_pb2.StartTaskResponse(status="started", task=task_proto(task))
 
     async def StopTask(
         self, request: tasks_pb2.StopTaskRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.StopTaskResponse:
         task = await self._tasks.stop(_caller(), request.task_id)
         self._agents.cancel(task.assigned_agent, task.task_id, "STOPPED")
-        return tasks_pb2.StopTaskResponse(status="stopped")
+        return tasks_pb2.StopTaskResponse(status="stopped", task=task_proto(task))
 
     async def GetStats(
         self, request: tasks_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
