@@ -89,6 +89,61 @@ def _grant_role(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _agent_run(args: argparse.Namespace) -> int:
+    """Runs the reference agent with the built-in handlers until SIGTERM or Ctrl-C."""
+    import logging
+    import os
+    import socket
+
+    # Only from the environment: a command-line flag would show the key in `ps`.
+    key = os.environ.get("AGENTMESH_API_KEY", "").strip()
+    if not key:
+        print(
+            "agentmesh: set AGENTMESH_API_KEY to an API key of the `agent` scope "
+            "(see docs/agents.md)",
+            file=sys.stderr,
+        )
+        return 2
+    from .agent.handlers import builtin_handlers
+    from .agent.runtime import Agent, AgentRefused
+
+    workdir = Path(args.workdir)
+    if not workdir.is_dir():
+        print(f"agentmesh: --workdir {args.workdir}: not a directory", file=sys.stderr)
+        return 2
+    handlers = builtin_handlers(workdir)
+    wanted = list(dict.fromkeys(args.capability or handlers))
+    unknown = [c for c in wanted if c not in handlers]
+    if unknown:
+        print(
+            f"agentmesh: no built-in handler for {', '.join(unknown)}; "
+            f"the reference agent handles {', '.join(handlers)}",
+            file=sys.stderr,
+        )
+        return 2
+    level = os.environ.get("AGENTMESH_LOG_LEVEL", "INFO").upper()
+    logs.setup(level if isinstance(logging.getLevelName(level), int) else "INFO")
+    try:
+        agent = Agent(
+            name=args.name or f"{socket.gethostname()[:48]}-{os.getpid()}",
+            api_key=key,
+            capabilities=wanted,
+            capacity=args.capacity,
+            target=args.target or os.environ.get("AGENTMESH_AGENT_TARGET") or "127.0.0.1:8080",
+        )
+    except ValueError as exc:
+        print(f"agentmesh: {exc}", file=sys.stderr)
+        return 2
+    for capability in wanted:
+        agent.add_handler(capability, handlers[capability])
+    try:
+        asyncio.run(agent.run())
+    except AgentRefused as exc:
+        print(f"agentmesh: the mesh refused the agent: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="agentmesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +169,39 @@ def main(argv: list[str] | None = None) -> int:
     env = sub.add_parser("envoy-config", help="print the rendered envoy.yaml, or validate it")
     env.add_argument("--validate", action="store_true", help="run envoy --mode validate on it")
     env.set_defaults(run=_envoy_config)
+    agent = sub.add_parser("agent", help="agent workers")
+    agent_sub = agent.add_subparsers(dest="agent_command", required=True)
+    agent_run = agent_sub.add_parser(
+        "run",
+        help="run the reference agent (built-in task types echo, sleep, code_review)",
+        description="Connects to the mesh with the API key in AGENTMESH_API_KEY (an `agent`-scoped "
+        "key; never a flag, so it stays out of `ps`) and works until SIGTERM or Ctrl-C. "
+        "See docs/agents.md.",
+    )
+    agent_run.add_argument(
+        "--capability",
+        action="append",
+        metavar="TYPE",
+        help="a task type to take, repeatable: echo, sleep, code_review (default: all)",
+    )
+    agent_run.add_argument(
+        "--name", metavar="NAME", help="agent name, unique per owner (default: HOSTNAME-PID)"
+    )
+    agent_run.add_argument(
+        "--capacity", type=int, default=1, metavar="N", help="tasks at once (default 1)"
+    )
+    agent_run.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        help="host:port of the mesh, Envoy (AGENTMESH_AGENT_TARGET, 127.0.0.1:8080)",
+    )
+    agent_run.add_argument(
+        "--workdir",
+        default=".",
+        metavar="DIR",
+        help="the only directory code_review reads (default: .)",
+    )
+    agent_run.set_defaults(run=_agent_run)
     args = parser.parse_args(argv)
     return int(args.run(args))
 

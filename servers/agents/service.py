@@ -241,11 +241,16 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         session.send(agents_pb2.ConnectResponse(result_ack=ack))
         session.wake.set()
 
+    def _silent(self, session: Session) -> bool:
+        return time.monotonic() - session.last_seen > 1.5 * self._heartbeat
+
     async def _dispatch(self, session: Session) -> None:
         """Claims work while the agent has room; sleeps until woken, or a short poll."""
         while True:
             session.wake.clear()
-            while session.free() > 0:
+            # A frozen or cut-off agent still has a session until the writer notices; it must
+            # not be handed the work whose lease it just lost.
+            while session.free() > 0 and not self._silent(session):
                 try:
                     reply = await self._tasks.ClaimTask(
                         tasks_pb2.ClaimTaskRequest(
