@@ -31,7 +31,17 @@ class Session:
     )
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     last_seen: float = field(default_factory=time.monotonic)
+    last_seen_at: float = field(default_factory=time.time)
     connected_at: float = field(default_factory=time.time)
+
+    def seen(self) -> None:
+        self.last_seen, self.last_seen_at = time.monotonic(), time.time()
+
+    def status(self) -> str:
+        """Seed 004's word: idle (no task), active (working, room left), busy (full)."""
+        if not self.held:
+            return "idle"
+        return "busy" if len(self.held) >= self.capacity else "active"
 
     def send(self, frame: agents_pb2.ConnectResponse | None) -> bool:
         """Queues a frame; False when the agent does not keep up (the stream then ends)."""
@@ -48,6 +58,9 @@ class Session:
 class Registry:
     def __init__(self) -> None:
         self._sessions: dict[str, Session] = {}
+        # Keys set (or, as None, removed) through UpdateAgentConfig, by agent id: they take
+        # precedence over a reconnecting agent's Hello defaults. Kept for the server's life.
+        self.overrides: dict[str, dict[str, Any]] = {}
 
     def add(self, session: Session) -> Session | None:
         """Registers a session; returns the one it replaces (the same agent connected again)."""

@@ -1,6 +1,7 @@
-"""AgentsService.Connect (the agent stream that replaces the seed documents' WebSockets) and
-AgentsInternalService. The other AgentsService RPCs (the registry over REST, HTTP-only agents,
-configuration) answer UNIMPLEMENTED until they are built.
+"""AgentsService.Connect (the agent stream that replaces the seed documents' WebSockets), the
+registry of connected agents over REST (list, get, configure), and AgentsInternalService. The
+HTTP-only agent RPCs (register, heartbeat, progress, complete, the SSE assignment stream) answer
+UNIMPLEMENTED until they are built.
 
 One Connect stream runs three things: a reader of the agent's frames (heartbeats renew leases,
 progress and results go to the tasks service), a dispatcher that claims tasks while the agent has
@@ -12,13 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 
 from agentmesh.v1 import (
     agents_pb2,
@@ -28,8 +31,9 @@ from agentmesh.v1 import (
     tasks_pb2_grpc,
 )
 from servers.common.context import Principal, principal
-from servers.common.errors import AuthRequired, NotFound
+from servers.common.errors import AuthRequired, NotFound, ValidationError
 from servers.common.internal import InternalChannel
+from servers.common.pagination import page
 
 from .registry import Registry, Session
 
@@ -39,6 +43,9 @@ HELLO_TIMEOUT = 10.0
 POLL_SECONDS = 2.0
 MAX_CAPACITY = 1000
 AGENT_IDS = uuid.UUID("6f1d3c2e-8a4b-4c55-9d0e-2b7f4a1c9e10")
+# Seed 004's words; only connected agents are known in this version, so "offline" lists none.
+STATUS_WORDS = ("idle", "active", "busy", "overloaded", "offline")
+CONFIG_MAX_BYTES = 64 * 1024
 
 
 def agent_id_of(owner_id: str, name: str) -> str:
@@ -111,7 +118,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                 agent_id=session.agent_id,
                 heartbeat_interval_seconds=self._heartbeat,
                 lease_duration_seconds=self._lease,
-                configuration=first.hello.configuration,
+                configuration=_struct(session.configuration),
             )
         )
         reader = asyncio.create_task(self._read(session, frames))
@@ -142,14 +149,18 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             log.info("agent disconnected", extra={"agent_id": session.agent_id})
 
     def _open(self, who: Principal, hello: agents_pb2.Hello) -> Session:
+        agent_id = agent_id_of(who.subject, hello.name)
         session = Session(
-            agent_id=agent_id_of(who.subject, hello.name),
+            agent_id=agent_id,
             owner_id=who.subject,
             name=hello.name,
             type=hello.type,
             capabilities=frozenset(hello.capabilities),
             capacity=hello.max_capacity or 1,
-            configuration=json_format.MessageToDict(hello.configuration),
+            configuration=apply_config(
+                json_format.MessageToDict(hello.configuration),
+                self._registry.overrides.get(agent_id, {}),
+            ),
             version=hello.version,
         )
         replaced = self._registry.add(session)
@@ -163,7 +174,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
     ) -> None:
         try:
             async for frame in frames:
-                session.last_seen = time.monotonic()
+                session.seen()
                 kind = frame.WhichOneof("kind")
                 if kind == "heartbeat":
                     await self._renew(session, list(frame.heartbeat.task_ids))
@@ -271,6 +282,129 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                     return  # the agent is not reading; its lease will run out
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(session.wake.wait(), POLL_SECONDS)
+
+    def _visible(self, agent_id: str) -> Session:
+        who = _caller()
+        session = self._registry.get(agent_id)
+        if session is None or not (session.owner_id == who.subject or "admin" in who.roles):
+            raise NotFound("no such agent", details={"agent_id": agent_id[:64]})
+        return session
+
+    async def ListAgents(
+        self, request: agents_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> agents_pb2.ListAgentsResponse:
+        who = _caller()
+        if request.status and request.status not in STATUS_WORDS:
+            raise ValidationError(
+                f"status must be one of {', '.join(STATUS_WORDS)}", details={"field": "status"}
+            )
+        p = page(request.limit, request.offset)
+        wanted = set(request.capabilities)
+        mine = [
+            s
+            for s in self._registry.all()
+            if (s.owner_id == who.subject or "admin" in who.roles) and wanted <= s.capabilities
+        ]
+        matching = sorted(
+            (s for s in mine if not request.status or s.status() == request.status),
+            key=lambda s: (s.name, s.agent_id),
+        )
+        idle = sum(1 for s in matching if s.status() == "idle")
+        return agents_pb2.ListAgentsResponse(
+            agents=[agent_proto(s) for s in matching[p.offset : p.offset + p.limit]],
+            total=len(matching),
+            limit=p.limit,
+            offset=p.offset,
+            has_more=p.has_more(len(matching)),
+            active=len(matching),
+            idle=idle,
+            busy=len(matching) - idle,
+        )
+
+    async def GetAgent(
+        self, request: agents_pb2.GetAgentRequest, context: grpc.aio.ServicerContext
+    ) -> agents_pb2.Agent:
+        return agent_proto(self._visible(request.agent_id))
+
+    async def UpdateAgentConfig(
+        self, request: agents_pb2.UpdateAgentConfigRequest, context: grpc.aio.ServicerContext
+    ) -> agents_pb2.UpdateAgentConfigResponse:
+        session = self._visible(request.agent_id)
+        body = json_format.MessageToDict(request.configuration)
+        if len(json.dumps(body).encode()) > CONFIG_MAX_BYTES:
+            raise ValidationError(
+                "configuration is larger than 64 KiB", details={"field": "configuration"}
+            )
+        paths = list(request.update_mask.paths)
+        if any(not path or "." in path for path in paths if path != "*"):
+            raise ValidationError(
+                "update_mask paths are top-level keys", details={"field": "update_mask"}
+            )
+        if "*" in paths:
+            changes: dict[str, Any] = {k: None for k in session.configuration} | body
+        elif paths:
+            changes = {path: body.get(path) for path in paths}
+        else:
+            changes = body
+        session.configuration = apply_config(session.configuration, changes)
+        overrides = self._registry.overrides.setdefault(session.agent_id, {})
+        overrides.update(changes)
+        updated = sorted(changes)
+        config = _struct(session.configuration)
+        session.send(
+            agents_pb2.ConnectResponse(
+                config_update=agents_pb2.ConfigUpdate(configuration=config, updated_fields=updated)
+            )
+        )
+        return agents_pb2.UpdateAgentConfigResponse(
+            agent_id=session.agent_id, updated_fields=updated, configuration=config
+        )
+
+
+def apply_config(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """Sets the changed keys; a None (JSON null) removes the key."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(value)
+    return out
+
+
+def agent_proto(session: Session) -> agents_pb2.Agent:
+    now = time.time()
+    agent = agents_pb2.Agent(
+        agent_id=session.agent_id,
+        name=session.name,
+        type=session.type,
+        status=session.status(),
+        capabilities=sorted(session.capabilities),
+        current_load=len(session.held),
+        max_capacity=session.capacity,
+        configuration=_struct(session.configuration),
+        owner_id=session.owner_id,
+        version=session.version,
+        health=agents_pb2.AgentHealth(
+            status="healthy", uptime_seconds=int(now - session.connected_at)
+        ),
+    )
+    agent.health.last_heartbeat.FromSeconds(int(session.last_seen_at))
+    agent.connected_at.FromSeconds(int(session.connected_at))
+    return agent
+
+
+def _caller() -> Principal:
+    who = principal()
+    if who is None:  # the policy table guarantees one
+        raise AuthRequired("authentication required")
+    return who
 
 
 class AgentsInternalService(agents_pb2_grpc.AgentsInternalServiceServicer):
