@@ -54,7 +54,13 @@ ECHO_SERVICE, ECHO_METHOD = "bench.Echo", "Echo"
 # A proxy from the environment must not carry benchmark traffic anywhere else.
 CHANNEL_OPTIONS = (("grpc.enable_http_proxy", 0),)
 # Pinned so that a caller's environment cannot move the mesh off loopback or off SQLite.
-MESH_ENV = {"AGENTMESH_HOST": "127.0.0.1", "DATABASE_URL": "", "REDIS_URL": ""}
+MESH_ENV = {
+    "AGENTMESH_HOST": "127.0.0.1",
+    "DATABASE_URL": "",
+    "REDIS_URL": "",
+    # One access line per request would be part of what is measured.
+    "AGENTMESH_LOG_LEVEL": "WARNING",
+}
 
 
 @dataclass(frozen=True, kw_only=True)

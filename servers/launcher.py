@@ -45,7 +45,8 @@ class MeshProcess:
             **os.environ,
             "AGENTMESH_DATA_DIR": str(self.data_dir),
             "AGENTMESH_PORT": str(self.port),
-            "AGENTMESH_LOG_LEVEL": "WARNING",
+            # INFO, as `agentmesh up` runs: tests must take the code paths users take.
+            "AGENTMESH_LOG_LEVEL": "INFO",
             "PYTHONUNBUFFERED": "1",
             **(env or {}),
         }

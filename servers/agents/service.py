@@ -166,7 +166,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         replaced = self._registry.add(session)
         if replaced is not None:
             replaced.send(agents_pb2.ConnectResponse(end=common_pb2.StreamEnd(reason="REPLACED")))
-        log.info("agent connected", extra={"agent_id": session.agent_id, "name": hello.name})
+        log.info("agent connected", extra={"agent_id": session.agent_id, "agent_name": hello.name})
         return session
 
     async def _read(
