@@ -33,6 +33,9 @@ class Session:
     last_seen: float = field(default_factory=time.monotonic)
     last_seen_at: float = field(default_factory=time.time)
     connected_at: float = field(default_factory=time.time)
+    # The agent ended its side of the stream itself (it is stopping), rather than the stream
+    # breaking: its tasks are released at once instead of waiting for their leases.
+    closed_by_agent: bool = False
 
     def seen(self) -> None:
         self.last_seen, self.last_seen_at = time.monotonic(), time.time()

@@ -135,7 +135,9 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                     ping.time.GetCurrentTime()
                     yield agents_pb2.ConnectResponse(ping=ping)
                     continue
-                if frame is None:  # the reader ended: the agent closed its side
+                if frame is None:  # the reader ended: the agent closed its side, or it broke
+                    if session.closed_by_agent:
+                        await self._release(session)
                     return
                 yield frame
                 if frame.HasField("error") or frame.HasField("end"):
@@ -185,6 +187,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                 elif kind == "hello":
                     session.send(_error("VALIDATION_ERROR", "Hello may only come first"))
                     return
+            session.closed_by_agent = True
         except grpc.aio.AioRpcError:
             pass  # the agent's side broke; the writer ends the stream
         finally:
@@ -251,6 +254,17 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             del session.held[result.task_id]
         session.send(agents_pb2.ConnectResponse(result_ack=ack))
         session.wake.set()
+
+    async def _release(self, session: Session) -> None:
+        try:
+            await self._tasks.ReleaseAgentTasks(
+                tasks_pb2.ReleaseAgentTasksRequest(
+                    agent_id=session.agent_id, reason="AGENT_STOPPED"
+                ),
+                **self._channel.call_options(),
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("could not release a stopped agent's tasks: %s", exc.code().name)
 
     def _silent(self, session: Session) -> bool:
         return time.monotonic() - session.last_seen > 1.5 * self._heartbeat

@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -190,31 +190,41 @@ class Dispatch:
     async def expire_leases(self) -> list[Lost]:
         """Requeues (or, after the last attempt, fails) every task whose lease ran out."""
         at = now()
-        lost: list[Lost] = []
         async with self._db.write() as s, s.begin():
             rows = await s.execute(
                 select(TaskRow)
                 .where(TaskRow.status.in_(HELD), TaskRow.lease_expires_at < at)
                 .limit(500)
             )
-            for task in rows.scalars():
-                if task.lease_expires_at is None or aware(task.lease_expires_at) >= at:
-                    continue
-                holder = task.assigned_agent
-                task.updated_at = at
-                task.error = f"lease expired on attempt {task.attempt} (agent {holder})"
-                task.error_code = "LEASE_EXPIRED"
-                if task.attempt < task.max_attempts:
-                    self._requeue(task)
-                    Outbox(s).add(
-                        "task.requeued", task, at, reason="LEASE_EXPIRED", attempt=task.attempt
-                    )
-                else:
-                    task.status = "failed"
-                    task.lease_expires_at = None
-                    task.completed_at = at
-                    Outbox(s).add(
-                        "task.failed", task, at, error_code="LEASE_EXPIRED", attempt=task.attempt
-                    )
-                lost.append(Lost(task.task_id, holder, task.status == "queued"))
-        return lost
+            expired = [
+                t
+                for t in rows.scalars()
+                if t.lease_expires_at is not None and aware(t.lease_expires_at) < at
+            ]
+            return [self._give_up(s, t, at, "LEASE_EXPIRED", "lease expired") for t in expired]
+
+    async def release(self, agent_id: str, reason: str) -> list[Lost]:
+        """Takes back every task an agent holds (it stopped cleanly), as if their leases had
+        run out, without waiting for them to."""
+        at = now()
+        async with self._db.write() as s, s.begin():
+            rows = await s.execute(
+                select(TaskRow).where(TaskRow.status.in_(HELD), TaskRow.assigned_agent == agent_id)
+            )
+            return [self._give_up(s, t, at, reason, "agent stopped") for t in rows.scalars()]
+
+    def _give_up(self, s: Any, task: TaskRow, at: datetime, code: str, why: str) -> Lost:
+        """Ends an attempt that its agent will not finish: another one, or the task fails."""
+        holder = task.assigned_agent
+        task.updated_at = at
+        task.error = f"{why} on attempt {task.attempt} (agent {holder})"
+        task.error_code = code
+        if task.attempt < task.max_attempts:
+            self._requeue(task)
+            Outbox(s).add("task.requeued", task, at, reason=code, attempt=task.attempt)
+        else:
+            task.status = "failed"
+            task.lease_expires_at = None
+            task.completed_at = at
+            Outbox(s).add("task.failed", task, at, error_code=code, attempt=task.attempt)
+        return Lost(task.task_id, holder, task.status == "queued")

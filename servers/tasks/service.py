@@ -319,6 +319,24 @@ class TasksInternalService(tasks_pb2_grpc.TasksInternalServiceServicer):
             self._agents.tasks_available(task)
         return tasks_pb2.TasksInternalServiceCompleteTaskResponse(task=task_proto(task))
 
+    async def ReleaseAgentTasks(
+        self, request: tasks_pb2.ReleaseAgentTasksRequest, context: grpc.aio.ServicerContext
+    ) -> tasks_pb2.ReleaseAgentTasksResponse:
+        reason = (request.reason or "AGENT_STOPPED")[:64]
+        lost = await self._dispatch.release(_agent_id(request.agent_id), reason)
+        await self._after_loss(lost, notify_holder=False)
+        return tasks_pb2.ReleaseAgentTasksResponse(
+            requeued_task_ids=[x.task_id for x in lost if x.requeued],
+            failed_task_ids=[x.task_id for x in lost if not x.requeued],
+        )
+
+    async def _after_loss(self, lost: list[Lost], *, notify_holder: bool) -> None:
+        for gone in lost:
+            if notify_holder:
+                self._agents.cancel(gone.agent_id, gone.task_id, "LEASE_LOST")
+            if gone.requeued:
+                self._agents.tasks_available(await self._dispatch.get(gone.task_id))
+
     async def sweep(self) -> None:
         """Runs for the life of the server: expired leases go back to the queue (or fail)."""
         while True:
@@ -328,8 +346,4 @@ class TasksInternalService(tasks_pb2_grpc.TasksInternalServiceServicer):
             except Exception:  # a database hiccup must not end the sweeper
                 log.exception("lease sweep failed")
                 continue
-            for gone in lost:
-                self._agents.cancel(gone.agent_id, gone.task_id, "LEASE_LOST")
-                if gone.requeued:
-                    task = await self._dispatch.get(gone.task_id)
-                    self._agents.tasks_available(task)
+            await self._after_loss(lost, notify_holder=True)

@@ -276,3 +276,32 @@ def test_seed_004_client_flow(mesh: MeshProcess, agents: Callable[..., Any]) -> 
         client.session.close()
     assert result["status"] == "completed"
     assert result["result"]["echo"] == "Review authentication module"
+
+
+def test_a_stopped_agent_hands_its_task_back_at_once(
+    tmp_path: Path, agents: Callable[..., Any]
+) -> None:
+    """SIGTERM ends the agent's side of the stream cleanly: its task is released at once, long
+    before its (here 60 s) lease would run out."""
+    with MeshProcess(
+        data_dir=tmp_path / "slow-lease", env={**FAST, "AGENTMESH_LEASE_SECONDS": "60"}
+    ) as mesh:
+        owner = Owner(mesh)
+        leaving = agents(mesh, owner.key, "leaving")
+        task = owner.create(type="sleep", description="nap", metadata={"seconds": 3})
+        leaving_id = agent_id_of(owner.id, "leaving")
+        wait_until(
+            lambda: owner.task(task["task_id"])["assigned_agent"] == leaving_id,
+            20,
+            "the agent to take the task",
+        )
+        leaving.send_signal(signal.SIGTERM)
+        assert leaving.wait(timeout=15) == 0
+        agents(mesh, owner.key, "staying")
+        wait_until(
+            lambda: owner.task(task["task_id"])["status"] == "completed",
+            20,
+            "completion, well within the lease",
+        )
+        done = owner.task(task["task_id"])
+        assert done["attempt"] == 2 and done["assigned_agent"] == agent_id_of(owner.id, "staying")
