@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BUF := node_modules/.bin/buf
 SETUP := $(VENV)/.installed
+BENCH_SETUP := $(VENV)/.installed-bench
 PYTEST_ARGS ?=
 
 .PHONY: up test lint protos bench setup clean lock
@@ -32,7 +33,7 @@ protos: $(SETUP) $(BUF)
 	$(BUF) lint
 
 ## bench: the benchmarks of bench/, each against its baseline in the same run
-bench: $(SETUP)
+bench: $(BENCH_SETUP)
 	@command -v wrk >/dev/null || echo "note: without wrk (apt-get install wrk) REST cases use a slower Python client"
 	$(PY) -m bench.run
 
@@ -42,6 +43,11 @@ $(SETUP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+# The bench extra (Celery, the baseline of bench/dispatch.py) on top of the dev install.
+$(BENCH_SETUP): $(SETUP) pyproject.toml constraints.txt
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
 	touch $@
 
 $(BUF): package.json package-lock.json

@@ -1,4 +1,5 @@
-"""Runs every benchmark of bench/ and prints its table: `make bench` (`python -m bench.run`).
+"""Runs the benchmarks of bench/ and prints their tables: `make bench` (`python -m bench.run`
+runs them all; `python -m bench.run dispatch` only the one named).
 
 Each benchmark measures its cases and its own baseline in the same run, on the same machine, so
 that the ratios (not the absolute rates) are what to compare from one commit to the next.
@@ -16,12 +17,16 @@ from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
-from bench import auth_me
+from bench import auth_me, dispatch
 
 Settings = auth_me.Settings
 Report = auth_me.Report
 
-BENCHMARKS: tuple[Callable[[Settings], Report], ...] = (auth_me.run,)
+# By name, in the order `make bench` runs them.
+BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
+    auth_me.NAME: auth_me.run,
+    dispatch.NAME: dispatch.run,
+}
 
 
 def _at_least(kind: type[int] | type[float], low: float) -> Callable[[str], float]:
@@ -37,6 +42,12 @@ def _at_least(kind: type[int] | type[float], low: float) -> Callable[[str], floa
 def _args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
+        "benchmarks",
+        nargs="*",
+        metavar="NAME",
+        help=f"benchmarks to run, of {', '.join(BENCHMARKS)} (default: all)",
+    )
+    parser.add_argument(
         "--seconds", type=_at_least(float, 0.1), default=5.0, help="measured time per case (5)"
     )
     parser.add_argument(
@@ -46,7 +57,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         "--warmup", type=_at_least(int, 0), default=200, help="unmeasured requests per case (200)"
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.benchmarks if name not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+    return args
 
 
 def _machine() -> dict[str, object]:
@@ -71,20 +86,30 @@ def _ratios(report: Report) -> dict[str, float | None]:
     }
 
 
+def _goals(report: Report) -> list[tuple[str, bool | None]]:
+    """A report's goals, for the reports that state some (dispatch.Report): text, met."""
+    return [(goal.text, goal.met) for goal in getattr(report, "goals", ())]
+
+
 def _print(report: Report) -> None:
+    # A report may name what it counts ("tasks") and what its latency is ("dispatch").
+    count: str = getattr(report, "count_label", "requests")
+    timed: str = getattr(report, "latency_label", "")
+    p50, p99 = f"{timed} p50 ms".strip(), f"{timed} p99 ms".strip()
+    width = max(8, len(p50))
     print(f"\n== {report.name}: {report.title}")
     print(f"baseline: {report.baseline}")
-    print(
-        f"{'case':<20} {'requests':>9} {'requests/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
-    )
+    print(f"{'case':<20} {count:>9} {count + '/s':>11} {p50:>{width}} {p99:>{width}} {'errors':>7}")
     for case in report.cases:
         print(
-            f"{case.name:<20} {case.requests:>9} {case.rps:>11.0f} {_ms(case.p50_ms):>8}"
-            f" {_ms(case.p99_ms):>8} {case.errors:>7}"
+            f"{case.name:<20} {case.requests:>9} {case.rps:>11.0f} {_ms(case.p50_ms):>{width}}"
+            f" {_ms(case.p99_ms):>{width}} {case.errors:>7}"
         )
     print("throughput ratios:")
     for label, ratio in _ratios(report).items():
         print(f"  {label:<32} {'-' if ratio is None else f'{ratio:.3f}'}")
+    for text, met in _goals(report):
+        print(f"goal: {text}: {'not judged' if met is None else 'met' if met else 'NOT MET'}")
     for note in report.notes:
         print(f"note: {note}")
 
@@ -115,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     reports = []
     failed = False
-    for bench in BENCHMARKS:
-        report = bench(settings)
+    for name in args.benchmarks or BENCHMARKS:
+        report = BENCHMARKS[name](settings)
         _print(report)
         failed = _shout_errors(report) or failed
         reports.append(report)
@@ -131,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                         case.name: {**asdict(case), "rps": case.rps} for case in report.cases
                     },
                     "ratios": _ratios(report),
+                    "goals": dict(_goals(report)),
                 }
                 for report in reports
             },
