@@ -25,13 +25,6 @@ HELD = ("assigned", "running")
 CLAIM_SCAN = 200
 
 
-def matches(task: TaskRow, capabilities: frozenset[str]) -> bool:
-    """An agent qualifies when it has every required capability, or, when none is required,
-    the task's type."""
-    required = set(task.required_capabilities)
-    return required <= capabilities if required else task.type in capabilities
-
-
 @dataclass(frozen=True)
 class Outcome:
     accepted: bool
@@ -66,8 +59,10 @@ class Dispatch:
         caps = frozenset(capabilities)
         at = now()
         async with self._db.write() as s, s.begin():
+            # An agent qualifies when it has every required capability, or, when none is
+            # required, the task's type. Choose on those few columns; load only the chosen row.
             query = (
-                select(TaskRow)
+                select(TaskRow.task_id, TaskRow.type, TaskRow.required_capabilities)
                 .where(TaskRow.status == "queued")
                 .order_by(TaskRow.priority.desc(), TaskRow.created_at, TaskRow.task_id)
                 .limit(CLAIM_SCAN)
@@ -75,19 +70,27 @@ class Dispatch:
             if not self._db.is_sqlite:
                 # Replicas claim side by side; SQLite's writers queue on BEGIN IMMEDIATE.
                 query = query.with_for_update(skip_locked=True)
-            for task in (await s.execute(query)).scalars():
-                if matches(task, caps):
-                    task.status = "assigned"
-                    task.assigned_agent = agent_id
-                    task.attempt += 1
-                    task.attempt_token = str(uuid.uuid4())
-                    task.lease_expires_at = at + self.lease
-                    task.updated_at = at
-                    Outbox(s).add(
-                        "task.assigned", task, at, agent_id=agent_id, attempt=task.attempt
-                    )
-                    return task
-        return None
+            chosen = next(
+                (
+                    task_id
+                    for task_id, task_type, required in (await s.execute(query)).all()
+                    if (set(required) <= caps if required else task_type in caps)
+                ),
+                None,
+            )
+            if chosen is None:
+                return None
+            task = await s.get(TaskRow, chosen)
+            if task is None or task.status != "queued":  # cannot change under this lock
+                return None
+            task.status = "assigned"
+            task.assigned_agent = agent_id
+            task.attempt += 1
+            task.attempt_token = str(uuid.uuid4())
+            task.lease_expires_at = at + self.lease
+            task.updated_at = at
+            Outbox(s).add("task.assigned", task, at, agent_id=agent_id, attempt=task.attempt)
+            return task
 
     async def _held(self, s: Any, task_id: str, agent_id: str, token: str) -> TaskRow | None:
         task = await s.get(TaskRow, task_id)
