@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 
 from agentmesh.v1 import (
     agents_pb2,
@@ -30,10 +30,11 @@ from agentmesh.v1 import (
     tasks_pb2,
     tasks_pb2_grpc,
 )
-from servers.common.context import Principal, principal
-from servers.common.errors import AuthRequired, NotFound, ValidationError
+from servers.common.context import Principal, require_principal
+from servers.common.errors import NotFound, ValidationError
 from servers.common.internal import InternalChannel
 from servers.common.pagination import page
+from servers.common.protos import struct
 
 from .registry import Registry, Session
 
@@ -99,9 +100,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         request_iterator: AsyncIterator[agents_pb2.ConnectRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[agents_pb2.ConnectResponse]:
-        who = principal()
-        if who is None:  # the policy table guarantees one
-            raise AuthRequired("authentication required")
+        who = require_principal()
         frames = aiter(request_iterator)
         try:
             first = await asyncio.wait_for(anext(frames), HELLO_TIMEOUT)
@@ -118,7 +117,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                 agent_id=session.agent_id,
                 heartbeat_interval_seconds=self._heartbeat,
                 lease_duration_seconds=self._lease,
-                configuration=_struct(session.configuration),
+                configuration=struct(session.configuration),
             )
         )
         reader = asyncio.create_task(self._read(session, frames))
@@ -298,7 +297,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                 await asyncio.wait_for(session.wake.wait(), POLL_SECONDS)
 
     def _visible(self, agent_id: str) -> Session:
-        who = _caller()
+        who = require_principal()
         session = self._registry.get(agent_id)
         if session is None or not (session.owner_id == who.subject or "admin" in who.roles):
             raise NotFound("no such agent", details={"agent_id": agent_id[:64]})
@@ -307,7 +306,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
     async def ListAgents(
         self, request: agents_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
     ) -> agents_pb2.ListAgentsResponse:
-        who = _caller()
+        who = require_principal()
         if request.status and request.status not in STATUS_WORDS:
             raise ValidationError(
                 f"status must be one of {', '.join(STATUS_WORDS)}", details={"field": "status"}
@@ -364,7 +363,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         overrides = self._registry.overrides.setdefault(session.agent_id, {})
         overrides.update(changes)
         updated = sorted(changes)
-        config = _struct(session.configuration)
+        config = struct(session.configuration)
         session.send(
             agents_pb2.ConnectResponse(
                 config_update=agents_pb2.ConfigUpdate(configuration=config, updated_fields=updated)
@@ -386,12 +385,6 @@ def apply_config(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any
     return merged
 
 
-def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    out = struct_pb2.Struct()
-    out.update(value)
-    return out
-
-
 def agent_proto(session: Session) -> agents_pb2.Agent:
     now = time.time()
     agent = agents_pb2.Agent(
@@ -402,7 +395,7 @@ def agent_proto(session: Session) -> agents_pb2.Agent:
         capabilities=sorted(session.capabilities),
         current_load=len(session.held),
         max_capacity=session.capacity,
-        configuration=_struct(session.configuration),
+        configuration=struct(session.configuration),
         owner_id=session.owner_id,
         version=session.version,
         health=agents_pb2.AgentHealth(
@@ -412,13 +405,6 @@ def agent_proto(session: Session) -> agents_pb2.Agent:
     agent.health.last_heartbeat.FromSeconds(int(session.last_seen_at))
     agent.connected_at.FromSeconds(int(session.connected_at))
     return agent
-
-
-def _caller() -> Principal:
-    who = principal()
-    if who is None:  # the policy table guarantees one
-        raise AuthRequired("authentication required")
-    return who
 
 
 class AgentsInternalService(agents_pb2_grpc.AgentsInternalServiceServicer):

@@ -9,7 +9,7 @@ import grpc
 from agentmesh.v1 import auth_pb2, auth_pb2_grpc, users_pb2, users_pb2_grpc
 from servers.common.auth import bearer_token
 from servers.common.clock import timestamp
-from servers.common.context import Principal, principal, set_http_status
+from servers.common.context import require_principal, set_http_status
 from servers.common.errors import AuthRequired, ValidationError
 from servers.common.pagination import page
 
@@ -55,13 +55,6 @@ def tokens_proto(issued: IssuedTokens) -> auth_pb2.AuthTokens:
         user=user_proto(issued.user),
         token=issued.access_token,
     )
-
-
-def _caller() -> Principal:
-    who = principal()
-    if who is None:  # the policy table guarantees one; this guards a wrong table
-        raise AuthRequired("authentication required")
-    return who
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
@@ -120,32 +113,34 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
     async def Logout(
         self, request: auth_pb2.LogoutRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.LogoutResponse:
-        await self._accounts.logout(_caller(), request.refresh_token)
+        await self._accounts.logout(require_principal(), request.refresh_token)
         return auth_pb2.LogoutResponse(message="Logged out")
 
     async def GetMe(
         self, request: auth_pb2.GetMeRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.UserEnvelope:
-        return auth_pb2.UserEnvelope(user=user_proto(await self._accounts.me(_caller())))
+        return auth_pb2.UserEnvelope(user=user_proto(await self._accounts.me(require_principal())))
 
     async def UpdateMe(
         self, request: auth_pb2.UpdateMeRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.UserEnvelope:
-        user = await self._accounts.update_me(_caller(), name=request.name, email=request.email)
+        user = await self._accounts.update_me(
+            require_principal(), name=request.name, email=request.email
+        )
         return auth_pb2.UserEnvelope(user=user_proto(user))
 
     async def ChangePassword(
         self, request: auth_pb2.ChangePasswordRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.ChangePasswordResponse:
         await self._accounts.change_password(
-            _caller(), current=request.current_password, new=request.new_password
+            require_principal(), current=request.current_password, new=request.new_password
         )
         return auth_pb2.ChangePasswordResponse(message="Password changed successfully")
 
     async def ValidateToken(
         self, request: auth_pb2.ValidateTokenRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.ValidateTokenResponse:
-        user = await self._accounts.me(_caller())
+        user = await self._accounts.me(require_principal())
         return auth_pb2.ValidateTokenResponse(valid=True, user=user_proto(user))
 
     async def CreateApiKey(
@@ -153,7 +148,7 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
     ) -> auth_pb2.CreateApiKeyResponse:
         expires = request.expires_at.ToDatetime(UTC) if request.HasField("expires_at") else None
         row, secret = await self._api_keys.create(
-            _caller(), name=request.name, scopes=list(request.scopes), expires_at=expires
+            require_principal(), name=request.name, scopes=list(request.scopes), expires_at=expires
         )
         await set_http_status(context, 201)
         return auth_pb2.CreateApiKeyResponse(api_key=key_proto(row), key=secret)
@@ -162,7 +157,7 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         self, request: auth_pb2.ListApiKeysRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.ListApiKeysResponse:
         p = page(request.limit, request.offset)
-        rows, total = await self._api_keys.list(_caller(), p)
+        rows, total = await self._api_keys.list(require_principal(), p)
         return auth_pb2.ListApiKeysResponse(
             api_keys=[key_proto(r) for r in rows],
             total=total,
@@ -174,7 +169,7 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
     async def RevokeApiKey(
         self, request: auth_pb2.RevokeApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.RevokeApiKeyResponse:
-        row = await self._api_keys.revoke(_caller(), request.key_id)
+        row = await self._api_keys.revoke(require_principal(), request.key_id)
         return auth_pb2.RevokeApiKeyResponse(api_key=key_proto(row))
 
     async def GetJwks(
@@ -218,13 +213,13 @@ class UsersService(users_pb2_grpc.UsersServiceServicer):
     async def GetUser(
         self, request: users_pb2.GetUserRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.User:
-        return user_proto(await self._admin.get(_caller(), request.user_id))
+        return user_proto(await self._admin.get(require_principal(), request.user_id))
 
     async def UpdateUser(
         self, request: users_pb2.UpdateUserRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.User:
         user = await self._admin.update(
-            _caller(),
+            require_principal(),
             request.user_id,
             username=request.username,
             email=request.email,
@@ -236,7 +231,7 @@ class UsersService(users_pb2_grpc.UsersServiceServicer):
     async def DeleteUser(
         self, request: users_pb2.DeleteUserRequest, context: grpc.aio.ServicerContext
     ) -> users_pb2.DeleteUserResponse:
-        await self._admin.delete(_caller(), request.user_id)
+        await self._admin.delete(require_principal(), request.user_id)
         await set_http_status(context, 204)
         return users_pb2.DeleteUserResponse()
 
@@ -244,7 +239,7 @@ class UsersService(users_pb2_grpc.UsersServiceServicer):
         self, request: users_pb2.SetUserRolesRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.User:
         return user_proto(
-            await self._admin.set_roles(_caller(), request.user_id, list(request.roles))
+            await self._admin.set_roles(require_principal(), request.user_id, list(request.roles))
         )
 
 

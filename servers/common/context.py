@@ -58,6 +58,17 @@ def principal() -> Principal | None:
     return call.principal if call else None
 
 
+def require_principal() -> Principal:
+    """The caller of an RPC whose policy rule demands one. The authenticating interceptor has
+    already refused anonymous calls; this guards against a wrong rule in the policy table."""
+    from .errors import AuthRequired
+
+    who = principal()
+    if who is None:
+        raise AuthRequired("authentication required")
+    return who
+
+
 def request_id() -> str:
     call = _call.get()
     return call.request_id if call else ""

@@ -13,14 +13,15 @@ import logging
 from collections.abc import Awaitable
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 
 from agentmesh.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from servers.common.clock import now, timestamp
-from servers.common.context import Principal, principal, set_http_status
-from servers.common.errors import AuthRequired, Conflict, NotFound, ValidationError
+from servers.common.context import require_principal, set_http_status
+from servers.common.errors import Conflict, NotFound, ValidationError
 from servers.common.internal import InternalChannel
 from servers.common.pagination import page
+from servers.common.protos import struct
 
 from .dispatch import Dispatch, Lost
 from .domain import NewTask, Tasks, priority_label
@@ -28,14 +29,6 @@ from .models import TaskRow
 
 log = logging.getLogger("agentmesh.tasks")
 SWEEP_SECONDS = 1.0
-
-
-def _struct(value: dict[str, object] | None) -> struct_pb2.Struct | None:
-    if value is None:
-        return None
-    out = struct_pb2.Struct()
-    out.update(value)
-    return out
 
 
 def task_proto(task: TaskRow) -> tasks_pb2.Task:
@@ -49,13 +42,13 @@ def task_proto(task: TaskRow) -> tasks_pb2.Task:
         priority=task.priority,
         priority_label=priority_label(task.priority),
         model=task.model,
-        metadata=_struct(task.task_metadata),
+        metadata=struct(task.task_metadata),
         required_capabilities=list(task.required_capabilities),
         progress=task.progress,
         assigned_agent=task.assigned_agent,
         attempt=task.attempt,
         max_attempts=task.max_attempts,
-        result=_struct(task.result),
+        result=struct(task.result) if task.result is not None else None,
         error=task.error,
         error_code=task.error_code,
         idempotency_key=task.idempotency_key or "",
@@ -67,13 +60,6 @@ def task_proto(task: TaskRow) -> tasks_pb2.Task:
         completed_at=timestamp(task.completed_at),
         cancelled_at=timestamp(task.cancelled_at),
     )
-
-
-def _caller() -> Principal:
-    who = principal()
-    if who is None:  # the policy table guarantees one; this guards a wrong table
-        raise AuthRequired("authentication required")
-    return who
 
 
 class Agents:
@@ -147,7 +133,7 @@ class TasksService(tasks_pb2_grpc.TasksServiceServicer):
             callback_url=request.callback_url,
             defer_start=request.defer_start,
         )
-        task, created = await self._tasks.create(_caller(), new)
+        task, created = await self._tasks.create(require_principal(), new)
         if created:
             self._agents.tasks_available(task)
         # A repeat with the same idempotency key created nothing: 200, not 201.
@@ -158,7 +144,7 @@ class TasksService(tasks_pb2_grpc.TasksServiceServicer):
         self, request: tasks_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.ListTasksResponse:
         p = page(request.limit, request.offset)
-        rows, total = await self._tasks.list(_caller(), request.status, p)
+        rows, total = await self._tasks.list(require_principal(), request.status, p)
         return tasks_pb2.ListTasksResponse(
             tasks=[task_proto(r) for r in rows],
             total=total,
@@ -170,17 +156,17 @@ class TasksService(tasks_pb2_grpc.TasksServiceServicer):
     async def GetTask(
         self, request: tasks_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.Task:
-        return task_proto(await self._tasks.get(_caller(), request.task_id))
+        return task_proto(await self._tasks.get(require_principal(), request.task_id))
 
     async def GetTaskResult(
         self, request: tasks_pb2.GetTaskResultRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.GetTaskResultResponse:
-        task = await self._tasks.result(_caller(), request.task_id)
+        task = await self._tasks.result(require_principal(), request.task_id)
         return tasks_pb2.GetTaskResultResponse(
             task_id=task.task_id,
             type=task.type,
             status=task.status,
-            result=_struct(task.result),
+            result=struct(task.result) if task.result is not None else None,
             error=task.error,
             error_code=task.error_code,
             completed_at=timestamp(task.completed_at),
@@ -189,28 +175,28 @@ class TasksService(tasks_pb2_grpc.TasksServiceServicer):
     async def CancelTask(
         self, request: tasks_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.Task:
-        task = await self._tasks.cancel(_caller(), request.task_id)
+        task = await self._tasks.cancel(require_principal(), request.task_id)
         self._agents.cancel(task.assigned_agent, task.task_id, "CANCELLED")
         return task_proto(task)
 
     async def StartTask(
         self, request: tasks_pb2.StartTaskRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.StartTaskResponse:
-        task = await self._tasks.start(_caller(), request.task_id)
+        task = await self._tasks.start(require_principal(), request.task_id)
         self._agents.tasks_available(task)
         return tasks_pb2.StartTaskResponse(status="started", task=task_proto(task))
 
     async def StopTask(
         self, request: tasks_pb2.StopTaskRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.StopTaskResponse:
-        task = await self._tasks.stop(_caller(), request.task_id)
+        task = await self._tasks.stop(require_principal(), request.task_id)
         self._agents.cancel(task.assigned_agent, task.task_id, "STOPPED")
         return tasks_pb2.StopTaskResponse(status="stopped", task=task_proto(task))
 
     async def GetStats(
         self, request: tasks_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.GetStatsResponse:
-        stats = await self._tasks.stats(_caller())
+        stats = await self._tasks.stats(require_principal())
         return tasks_pb2.GetStatsResponse(
             total_tasks=stats.total,
             active_tasks=stats.active,
