@@ -325,10 +325,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         idle = sum(1 for s in matching if s.status() == "idle")
         return agents_pb2.ListAgentsResponse(
             agents=[agent_proto(s) for s in matching[p.offset : p.offset + p.limit]],
-            total=len(matching),
-            limit=p.limit,
-            offset=p.offset,
-            has_more=p.has_more(len(matching)),
+            **p.fields(len(matching)),
             active=len(matching),
             idle=idle,
             busy=len(matching) - idle,

@@ -160,10 +160,7 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         rows, total = await self._api_keys.list(require_principal(), p)
         return auth_pb2.ListApiKeysResponse(
             api_keys=[key_proto(r) for r in rows],
-            total=total,
-            limit=p.limit,
-            offset=p.offset,
-            has_more=p.has_more(total),
+            **p.fields(total),
         )
 
     async def RevokeApiKey(
@@ -191,10 +188,7 @@ class UsersService(users_pb2_grpc.UsersServiceServicer):
         rows, total = await self._admin.list(p)
         return users_pb2.ListUsersResponse(
             users=[user_proto(r) for r in rows],
-            total=total,
-            limit=p.limit,
-            offset=p.offset,
-            has_more=p.has_more(total),
+            **p.fields(total),
         )
 
     async def CreateUser(

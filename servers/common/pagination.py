@@ -17,6 +17,15 @@ class Page:
     def has_more(self, total: int) -> bool:
         return self.offset + self.limit < total
 
+    def fields(self, total: int) -> dict[str, int | bool]:
+        """The paging fields every list response carries: total, limit, offset, has_more."""
+        return {
+            "total": total,
+            "limit": self.limit,
+            "offset": self.offset,
+            "has_more": self.has_more(total),
+        }
+
 
 def page(limit: int, offset: int) -> Page:
     """The page a request asks for; 0 means the default limit (proto3 cannot tell unset from 0)."""

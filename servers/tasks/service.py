@@ -147,10 +147,7 @@ class TasksService(tasks_pb2_grpc.TasksServiceServicer):
         rows, total = await self._tasks.list(require_principal(), request.status, p)
         return tasks_pb2.ListTasksResponse(
             tasks=[task_proto(r) for r in rows],
-            total=total,
-            limit=p.limit,
-            offset=p.offset,
-            has_more=p.has_more(total),
+            **p.fields(total),
         )
 
     async def GetTask(
