@@ -22,10 +22,12 @@ class StreamAgent:
         self._queue: asyncio.Queue[agents_pb2.ConnectRequest | None] = asyncio.Queue()
         self._channel = grpc.aio.insecure_channel(mesh.url.removeprefix("http://"))
         self.frames: asyncio.Queue[agents_pb2.ConnectResponse] = asyncio.Queue()
+        # A capability no other test queues work for: on the shared mesh this agent must stay
+        # idle (agents serve every owner's tasks).
         hello = agents_pb2.Hello(
             name=name,
             type="specialist",
-            capabilities=["code_review"],
+            capabilities=["registry_probe"],
             max_capacity=2,
             version="test",
         )
@@ -74,7 +76,7 @@ async def test_connected_agents_are_listed_got_and_configured(mesh: MeshProcess)
             )
             one = (await client.get(f"/api/v1/agents/{agent_id}")).json()
             assert one["name"] == "reviewer" and one["status"] == "idle"
-            assert one["capabilities"] == ["code_review"] and one["max_capacity"] == 2
+            assert one["capabilities"] == ["registry_probe"] and one["max_capacity"] == 2
             assert one["configuration"] == {"model": "small", "temperature": 0.7}
             assert one["health"]["status"] == "healthy"
             filtered = await client.get("/api/v1/agents", params={"capabilities": "python"})
