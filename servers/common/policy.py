@@ -97,6 +97,7 @@ POLICY: dict[str, Rule] = {
     f"{_P}AgentsService/Connect": AGENT,
     f"{_P}AgentsInternalService/DeliverCancellation": INTERNAL,
     f"{_P}AgentsInternalService/NotifyTasksAvailable": INTERNAL,
+    f"{_P}AgentsInternalService/ResolveAgents": INTERNAL,
     # Inter-agent messages: agents only; from_agent is always the authenticated agent.
     f"{_P}MessagingService/SendMessage": AGENT,
     f"{_P}MessagingService/SendRequest": AGENT,

@@ -8,6 +8,8 @@ from typing import Any
 from sqlalchemy import JSON, DateTime, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from servers.common.outbox import OutboxMixin
+
 
 class Base(DeclarativeBase):
     pass
@@ -54,17 +56,8 @@ class TaskRow(Base):
     )
 
 
-class OutboxRow(Base):
-    """A task event, written in the transaction of the change it tells of; the relay of the
-    events issue publishes it to the bus."""
+class OutboxRow(OutboxMixin, Base):
+    """A task event (see servers/common/outbox.py)."""
 
     __tablename__ = "tasks_outbox"
     __table_args__ = (Index("ix_tasks_outbox_unpublished", "published_at", "id"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    event_type: Mapped[str] = mapped_column(String(64))
-    subject_id: Mapped[str] = mapped_column(String(36))
-    owner_id: Mapped[str] = mapped_column(String(36))
-    data: Mapped[dict[str, Any]] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -341,12 +341,14 @@ class Welcome(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[int] = ..., lease_duration_seconds: _Optional[int] = ..., configuration: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class Cancellation(_message.Message):
-    __slots__ = ("task_id", "reason")
+    __slots__ = ("task_id", "reason", "attempt_token")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     reason: str
-    def __init__(self, task_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    attempt_token: str
+    def __init__(self, task_id: _Optional[str] = ..., reason: _Optional[str] = ..., attempt_token: _Optional[str] = ...) -> None: ...
 
 class ConfigUpdate(_message.Message):
     __slots__ = ("configuration", "updated_fields")
@@ -379,14 +381,16 @@ class TaskResultAck(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., attempt_token: _Optional[str] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., status: _Optional[str] = ...) -> None: ...
 
 class DeliverCancellationRequest(_message.Message):
-    __slots__ = ("agent_id", "task_id", "reason")
+    __slots__ = ("agent_id", "task_id", "reason", "attempt_token")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     task_id: str
     reason: str
-    def __init__(self, agent_id: _Optional[str] = ..., task_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    attempt_token: str
+    def __init__(self, agent_id: _Optional[str] = ..., task_id: _Optional[str] = ..., reason: _Optional[str] = ..., attempt_token: _Optional[str] = ...) -> None: ...
 
 class DeliverCancellationResponse(_message.Message):
     __slots__ = ()
@@ -401,3 +405,31 @@ class NotifyTasksAvailableRequest(_message.Message):
 class NotifyTasksAvailableResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ResolveAgentsRequest(_message.Message):
+    __slots__ = ("agent_ids", "key_id")
+    AGENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    agent_ids: _containers.RepeatedScalarFieldContainer[str]
+    key_id: str
+    def __init__(self, agent_ids: _Optional[_Iterable[str]] = ..., key_id: _Optional[str] = ...) -> None: ...
+
+class ResolveAgentsResponse(_message.Message):
+    __slots__ = ("agents",)
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    agents: _containers.RepeatedCompositeFieldContainer[AgentIdentity]
+    def __init__(self, agents: _Optional[_Iterable[_Union[AgentIdentity, _Mapping]]] = ...) -> None: ...
+
+class AgentIdentity(_message.Message):
+    __slots__ = ("agent_id", "owner_id", "key_id", "name", "online")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    owner_id: str
+    key_id: str
+    name: str
+    online: bool
+    def __init__(self, agent_id: _Optional[str] = ..., owner_id: _Optional[str] = ..., key_id: _Optional[str] = ..., name: _Optional[str] = ..., online: _Optional[bool] = ...) -> None: ...

@@ -566,6 +566,11 @@ class AgentsInternalServiceStub:
                 request_serializer=agentmesh_dot_v1_dot_agents__pb2.NotifyTasksAvailableRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_v1_dot_agents__pb2.NotifyTasksAvailableResponse.FromString,
                 _registered_method=True)
+        self.ResolveAgents = channel.unary_unary(
+                '/agentmesh.v1.AgentsInternalService/ResolveAgents',
+                request_serializer=agentmesh_dot_v1_dot_agents__pb2.ResolveAgentsRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_agents__pb2.ResolveAgentsResponse.FromString,
+                _registered_method=True)
 
 
 class AgentsInternalServiceServicer:
@@ -593,6 +598,15 @@ class AgentsInternalServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResolveAgents(self, request, context):
+        """Looks agents up in the registry, online or not: the agents with the given ids, or those
+        registered with the given API key. Used by messaging to name a sender by its credentials
+        and to check that a recipient exists. Unknown ids are left out of the answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentsInternalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -605,6 +619,11 @@ def add_AgentsInternalServiceServicer_to_server(servicer, server):
                     servicer.NotifyTasksAvailable,
                     request_deserializer=agentmesh_dot_v1_dot_agents__pb2.NotifyTasksAvailableRequest.FromString,
                     response_serializer=agentmesh_dot_v1_dot_agents__pb2.NotifyTasksAvailableResponse.SerializeToString,
+            ),
+            'ResolveAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveAgents,
+                    request_deserializer=agentmesh_dot_v1_dot_agents__pb2.ResolveAgentsRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_agents__pb2.ResolveAgentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -665,6 +684,33 @@ class AgentsInternalService:
             '/agentmesh.v1.AgentsInternalService/NotifyTasksAvailable',
             agentmesh_dot_v1_dot_agents__pb2.NotifyTasksAvailableRequest.SerializeToString,
             agentmesh_dot_v1_dot_agents__pb2.NotifyTasksAvailableResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.v1.AgentsInternalService/ResolveAgents',
+            agentmesh_dot_v1_dot_agents__pb2.ResolveAgentsRequest.SerializeToString,
+            agentmesh_dot_v1_dot_agents__pb2.ResolveAgentsResponse.FromString,
             options,
             channel_credentials,
             insecure,
