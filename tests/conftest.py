@@ -66,7 +66,8 @@ def _fresh_postgres() -> Iterator[str]:
 
 # Every test logs in from 127.0.0.1; shared meshes must not hit seed 001's 10 logins an hour.
 # tests/e2e/test_login_limits.py runs its own mesh with the default.
-SHARED_MESH_ENV = {"AGENTMESH_LOGIN_LIMIT": "100000"}
+# Idle event and inbox streams send a heartbeat every second, so that tests see them soon.
+SHARED_MESH_ENV = {"AGENTMESH_LOGIN_LIMIT": "100000", "AGENTMESH_STREAM_HEARTBEAT_SECONDS": "1"}
 
 
 def _boot(tmp: Path, **env: str) -> MeshProcess:
@@ -149,3 +150,23 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     finally:
         proc.kill()
         proc.wait()
+
+
+def restart_redis(server: RedisServer) -> subprocess.Popen[bytes]:
+    """The stopped redis-server of ``server`` again, on the same port (empty: it keeps no
+    data); the caller kills it."""
+    url, stopped = server
+    again = subprocess.Popen(stopped.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis.from_url(url)
+    try:
+        for _ in range(200):
+            try:
+                if client.ping():
+                    return again
+            except redis.ConnectionError:
+                time.sleep(0.05)
+    finally:
+        client.close()
+    again.kill()
+    again.wait()
+    raise AssertionError("redis-server did not come back")

@@ -79,7 +79,9 @@ class Bus(abc.ABC):
         self, topic: str, group: str, consumer: str, *, count: int, block: float
     ) -> list[Entry]:
         """New entries for this consumer of the group (each entry goes to one consumer and is
-        pending until acknowledged); waits up to ``block`` seconds when there is none."""
+        pending until acknowledged); waits up to ``block`` seconds when there is none. A group
+        that is gone (Redis restarted without persistence) is created again from the topic's
+        start, so its consumers go on with whatever the topic still holds."""
 
     @abc.abstractmethod
     async def ack(self, topic: str, group: str, ids: list[str]) -> None:
@@ -99,4 +101,16 @@ class Bus(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None:
-        """Releases connections; wakes blocked readers."""
+        """Releases connections and wakes blocked readers; afterwards calls raise
+        BusUnavailable."""
+
+
+def open_bus(redis_url: str | None, *, prefix: str = "agentmesh:") -> Bus:
+    """Redis Streams when a URL is given, else the in-process bus."""
+    if redis_url:
+        from .redisbus import RedisBus
+
+        return RedisBus(redis_url, prefix=prefix)
+    from .membus import MemoryBus
+
+    return MemoryBus()
