@@ -17,7 +17,7 @@ from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
-from bench import auth_me, dispatch
+from bench import auth_me, dispatch, events
 
 Settings = auth_me.Settings
 Report = auth_me.Report
@@ -26,6 +26,7 @@ Report = auth_me.Report
 BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     auth_me.NAME: auth_me.run,
     dispatch.NAME: dispatch.run,
+    events.NAME: events.run,
 }
 
 

@@ -6,6 +6,7 @@ import os
 import secrets
 import subprocess
 import sys
+from dataclasses import dataclass
 from datetime import datetime
 
 import grpc
@@ -72,3 +73,36 @@ def grant_role(mesh: MeshProcess, login: str, role: str, database_url: str | Non
         capture_output=True,
         timeout=60,
     )
+
+
+@dataclass(frozen=True)
+class Account:
+    username: str
+    password: str
+    id: str
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str]]:
+        return (("authorization", f"Bearer {self.token}"),)
+
+
+def register(client: httpx.Client) -> Account:
+    user = new_user()
+    reply = client.post("/api/v1/auth/register", json=user)
+    assert reply.status_code == 201, reply.text
+    body = reply.json()
+    return Account(user["username"], user["password"], body["user"]["id"], body["access_token"])
+
+
+def relogin(client: httpx.Client, account: Account) -> Account:
+    """The same account signed in again, so that its token carries its current roles."""
+    reply = client.post(
+        "/api/v1/auth/login", json={"username": account.username, "password": account.password}
+    )
+    assert reply.status_code == 200, reply.text
+    return Account(account.username, account.password, account.id, reply.json()["access_token"])

@@ -25,7 +25,7 @@ from .domain import (
 )
 from .models import UserRow
 from .profiles import AccountCache
-from .store import RefreshTokenStore, UserStore
+from .store import RefreshTokenStore, UserStore, security_event
 
 
 def is_admin(who: Principal) -> bool:
@@ -121,6 +121,8 @@ class UserAdmin:
                 user.disabled = disabled
                 if disabled:
                     await RefreshTokenStore(s).revoke_user(user_id, at)
+                event = "security.account_disabled" if disabled else "security.account_enabled"
+                security_event(s, event, user_id, at, by=who.subject)
             user.updated_at = at
             await users.flush()
         self._cache.forget_user(user_id)
@@ -147,6 +149,9 @@ class UserAdmin:
                 raise NotFound("no such user", details={"user_id": user_id[:64]})
             user.roles = wanted
             user.updated_at = now()
+            security_event(
+                s, "security.roles_changed", user_id, user.updated_at, roles=wanted, by=who.subject
+            )
         self._cache.forget_user(user_id)
         return user
 

@@ -22,7 +22,7 @@ from servers.common.rbac import AGENT_PERMISSION, allows, permissions_of
 from .domain import check_name, sha256
 from .models import ApiKeyRow, UserRow
 from .profiles import AccountCache
-from .store import ApiKeyStore
+from .store import ApiKeyStore, security_event
 
 PREFIX = "amk_"
 SCOPES = ("read", "write", "execute", "agent")
@@ -87,6 +87,9 @@ class ApiKeys:
                     expires_at=expires_at,
                 )
             )
+            security_event(
+                s, "security.api_key_created", who.subject, at, key_id=row.key_id, scopes=wanted
+            )
         return row, secret
 
     async def list(self, who: Principal, page: Page) -> tuple[Sequence[ApiKeyRow], int]:
@@ -100,6 +103,9 @@ class ApiKeys:
                 raise NotFound("no such API key", details={"key_id": key_id[:64]})
             if key.revoked_at is None:
                 key.revoked_at = now()
+                security_event(
+                    s, "security.api_key_revoked", who.subject, key.revoked_at, key_id=key_id
+                )
         self._cache.forget_key(key.key_hash)
         return key
 

@@ -36,7 +36,7 @@ from servers.common.rbac import DEFAULT_ROLES, permissions_of
 from .keys import SigningKey
 from .models import UserRow
 from .profiles import AccountCache
-from .store import RefreshTokenStore, UserStore
+from .store import RefreshTokenStore, UserStore, security_event
 
 USERNAME = re.compile(r"^[a-z0-9._-]{3,32}$")
 EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
@@ -230,6 +230,7 @@ class Accounts:
             if not await tokens.spend(token_hash, at):
                 # Spent before: two parties hold this token. Commit the revocation, then refuse.
                 await tokens.revoke_family(row.family_id, at)
+                security_event(s, "security.refresh_token_reuse", row.user_id, at)
                 replayed = True
             else:
                 user = await UserStore(s).get(row.user_id)
@@ -299,6 +300,7 @@ class Accounts:
             fresh.updated_at = at
             # Every session signed in with the old password ends at its next refresh.
             await RefreshTokenStore(s).revoke_user(who.subject, at)
+            security_event(s, "security.password_changed", who.subject, at)
         self._cache.forget_user(who.subject)
 
     async def _issue(

@@ -7,6 +7,8 @@ from datetime import datetime
 from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from servers.common.outbox import OutboxMixin
+
 
 class Base(DeclarativeBase):
     pass
@@ -62,3 +64,11 @@ class ApiKeyRow(Base):
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class OutboxRow(OutboxMixin, Base):
+    """A security event about an account (see servers/common/outbox.py): its subject and owner
+    are the user it concerns."""
+
+    __tablename__ = "auth_outbox"
+    __table_args__ = (Index("ix_auth_outbox_unpublished", "published_at", "id"),)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -11,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from servers.common.errors import UserExists
 
-from .models import ApiKeyRow, RefreshTokenRow, UserRow
+from .models import ApiKeyRow, OutboxRow, RefreshTokenRow, UserRow
 
 
 class UserStore:
@@ -173,3 +174,18 @@ class ApiKeyStore:
             .values(last_used_at=now)
             .execution_options(synchronize_session=False)
         )
+
+
+def security_event(
+    session: AsyncSession, event_type: str, user_id: str, at: datetime, **data: Any
+) -> None:
+    """Writes a security event about the user in the session's transaction."""
+    session.add(
+        OutboxRow(
+            event_type=event_type,
+            subject_id=user_id,
+            owner_id=user_id,
+            data={"user_id": user_id, **data},
+            created_at=at,
+        )
+    )

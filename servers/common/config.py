@@ -23,6 +23,13 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 1:
+        raise SystemExit(f"agentmesh: {name} must be at least 1, got {value}")
+    return value
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything a process of the mesh needs to know at start.
@@ -35,12 +42,19 @@ class Settings:
       AGENTMESH_<SERVICE>_PORT  gRPC port of auth/tasks/agents/messaging (default 0: free port)
       DATABASE_URL           SQLAlchemy URL (default: SQLite in the data directory)
       REDIS_URL              Redis for the bus and limits (default: none, in-process)
+      AGENTMESH_BUS_PREFIX   prefix of the bus's Redis keys (default "agentmesh:"); processes
+                             with the same prefix act as one mesh
       AGENTMESH_GRACE_SECONDS  drain time on shutdown (default 5)
       AGENTMESH_LOG_LEVEL    DEBUG, INFO, WARNING (default INFO)
       AGENTMESH_LOGIN_LIMIT  login attempts per client address and per account (default 10)
       AGENTMESH_LOGIN_WINDOW_SECONDS  the window of that limit (default 3600)
       AGENTMESH_LEASE_SECONDS      how long an agent holds a task without renewal (default 30)
       AGENTMESH_HEARTBEAT_SECONDS  how often agents send heartbeats (default 10)
+      AGENTMESH_EVENT_RETENTION_SECONDS  how long events stay replayable (default 86400)
+      AGENTMESH_EVENT_RETENTION_MAX      at most this many events are kept (default 100000)
+      AGENTMESH_STREAM_HEARTBEAT_SECONDS heartbeats on idle event and inbox streams (default 15)
+      AGENTMESH_MESSAGE_RATE_LIMIT  messages an agent may send per second (default 50)
+      AGENTMESH_INBOX_MAX_UNACKED   unacknowledged messages an inbox holds (default 10000)
     """
 
     data_dir: Path
@@ -50,6 +64,7 @@ class Settings:
     service_ports: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(SERVICES, 0))
     database_url: str = ""
     redis_url: str | None = None
+    bus_prefix: str = "agentmesh:"
     grace_seconds: float = 5.0
     log_level: str = "INFO"
     jwt_issuer: str = "agentmesh"
@@ -59,6 +74,11 @@ class Settings:
     login_window: int = 3600
     lease_seconds: int = 30
     heartbeat_seconds: int = 10
+    event_retention_seconds: int = 86400
+    event_retention_max: int = 100_000
+    stream_heartbeat_seconds: int = 15
+    message_rate_limit: int = 50
+    inbox_max_unacked: int = 10_000
     version: str = "0.1.0"
 
     @classmethod
@@ -74,12 +94,18 @@ class Settings:
             service_ports=ports,
             database_url=env.get("DATABASE_URL") or default_database_url(data_dir),
             redis_url=env.get("REDIS_URL") or None,
+            bus_prefix=env.get("AGENTMESH_BUS_PREFIX") or "agentmesh:",
             grace_seconds=float(env.get("AGENTMESH_GRACE_SECONDS") or 5.0),
             log_level=(env.get("AGENTMESH_LOG_LEVEL") or "INFO").upper(),
             login_limit=_int(env, "AGENTMESH_LOGIN_LIMIT", 10),
             login_window=_int(env, "AGENTMESH_LOGIN_WINDOW_SECONDS", 3600),
             lease_seconds=_int(env, "AGENTMESH_LEASE_SECONDS", 30),
             heartbeat_seconds=_int(env, "AGENTMESH_HEARTBEAT_SECONDS", 10),
+            event_retention_seconds=_positive(env, "AGENTMESH_EVENT_RETENTION_SECONDS", 86400),
+            event_retention_max=_positive(env, "AGENTMESH_EVENT_RETENTION_MAX", 100_000),
+            stream_heartbeat_seconds=_positive(env, "AGENTMESH_STREAM_HEARTBEAT_SECONDS", 15),
+            message_rate_limit=_positive(env, "AGENTMESH_MESSAGE_RATE_LIMIT", 50),
+            inbox_max_unacked=_positive(env, "AGENTMESH_INBOX_MAX_UNACKED", 10_000),
         )
 
     def with_ports(self, **ports: int) -> Settings:

@@ -49,7 +49,12 @@ def enter_call(state: CallState) -> contextvars.Token[CallState | None]:
 
 
 def leave_call(token: contextvars.Token[CallState | None]) -> None:
-    _call.reset(token)
+    try:
+        _call.reset(token)
+    except ValueError:
+        # A server stream cancelled while paused at a yield is closed from another context,
+        # where the token does not belong; there is nothing of this call to undo there.
+        _call.set(None)
 
 
 def principal() -> Principal | None:

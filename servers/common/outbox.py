@@ -6,11 +6,27 @@ Each service owns its own outbox table (``<service>_outbox``), declared with ``O
 
 from __future__ import annotations
 
-from datetime import datetime
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Integer, String
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import JSON, DateTime, Integer, String, delete, event, select, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from .bus import Bus, BusUnavailable
+from .clock import aware, now
+from .db import Database
+
+log = logging.getLogger("agentmesh.outbox")
+
+# The topic every service's events are published to.
+EVENTS_TOPIC = "events"
 
 
 class OutboxMixin:
@@ -26,3 +42,164 @@ class OutboxMixin:
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+# Relays by outbox model: a commit that wrote events to a model's table wakes its relays.
+_relays: dict[type, list[Relay]] = {}
+
+
+@event.listens_for(Session, "after_flush")
+def _note_events(session: Session, _context: Any) -> None:
+    for obj in session.new:
+        if isinstance(obj, OutboxMixin):
+            session.info.setdefault("outbox", set()).add(type(obj))
+
+
+@event.listens_for(Session, "after_commit")
+def _wake_relays(session: Session) -> None:
+    for model in session.info.pop("outbox", ()):
+        for relay in _relays.get(model, ()):
+            relay.notify()
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_events(session: Session) -> None:
+    session.info.pop("outbox", None)
+
+
+def event_fields(row: OutboxMixin) -> dict[str, str]:
+    """An outbox row as the flat string fields of a bus entry (see servers/messaging/events.py
+    for the reading side)."""
+    return {
+        "type": row.event_type,
+        "subject": row.subject_id,
+        "owner": row.owner_id,
+        "time": aware(row.created_at).isoformat(),
+        "data": json.dumps(row.data, separators=(",", ":"), default=str),
+    }
+
+
+class Relay:
+    """Publishes a service's committed outbox rows to the bus's "events" topic, oldest first,
+    and marks them published. Woken by each commit that wrote events in this process, and polls
+    for the rest (rows written by other processes, or before a restart).
+
+    A row is published at least once: when the process dies between publishing and marking,
+    the row is published again after the restart. While the bus is down the rows wait and the
+    relay retries with backoff; nothing is dropped.
+
+    On PostgreSQL the batch is read FOR UPDATE, so two replicas relaying the same table take
+    turns instead of publishing the same rows twice. SQLite serves one process, whose relay
+    reads without holding the write lock while it publishes.
+    """
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        model: type[OutboxMixin],
+        bus: Bus,
+        retention_seconds: int,
+        max_len: int,
+        topic: str = EVENTS_TOPIC,
+        batch: int = 200,
+        poll: float = 1.0,
+        keep_published: timedelta = timedelta(hours=1),
+    ) -> None:
+        self._db = db
+        self._model = model
+        self._bus = bus
+        self._topic = topic
+        self._retention_ms = retention_seconds * 1000
+        self._max_len = max_len
+        self._batch = batch
+        self._poll = poll
+        self._keep = keep_published
+        self._wake = asyncio.Event()
+        self.up = True
+        self.published = 0
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        _relays.setdefault(self._model, []).append(self)
+        delay = 0.1
+        last_cleanup = 0.0
+        try:
+            while True:
+                self._wake.clear()
+                try:
+                    count = await self.publish_pending()
+                except BusUnavailable:
+                    if self.up:
+                        log.warning("bus unavailable; events wait in the outbox")
+                    self.up = False
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                except SQLAlchemyError as exc:
+                    log.warning("outbox read failed: %s", exc)
+                    await asyncio.sleep(self._poll)
+                    continue
+                if not self.up:
+                    log.info("bus available again; outbox relay resumed")
+                self.up, delay = True, 0.1
+                if count >= self._batch:
+                    continue
+                if time.monotonic() - last_cleanup > 60:
+                    last_cleanup = time.monotonic()
+                    await self.forget_published()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._poll):
+                        await self._wake.wait()
+        finally:
+            _relays[self._model].remove(self)
+
+    async def publish_pending(self) -> int:
+        """Publishes one batch of unpublished rows; returns how many."""
+        model = self._model
+        query = (
+            select(model).where(model.published_at.is_(None)).order_by(model.id).limit(self._batch)
+        )
+        if self._db.is_sqlite:
+            async with self._db.session() as s:
+                rows = list(await s.scalars(query))
+            if rows:
+                await self._publish(rows)
+                async with self._db.write() as s, s.begin():
+                    await self._mark(s, rows)
+            return len(rows)
+        async with self._db.write() as s, s.begin():
+            rows = list(await s.scalars(query.with_for_update()))
+            if rows:
+                await self._publish(rows)
+                await self._mark(s, rows)
+        return len(rows)
+
+    async def _publish(self, rows: list[OutboxMixin]) -> None:
+        for row in rows:
+            await self._bus.publish(
+                self._topic,
+                event_fields(row),
+                retention_ms=self._retention_ms,
+                max_len=self._max_len,
+            )
+            self.published += 1
+
+    async def _mark(self, s: AsyncSession, rows: list[OutboxMixin]) -> None:
+        model = self._model
+        await s.execute(
+            update(model)
+            .where(model.id.in_([r.id for r in rows]), model.published_at.is_(None))
+            .values(published_at=now())
+        )
+
+    async def forget_published(self) -> None:
+        """Deletes rows published long ago: the bus keeps the events from then on."""
+        model = self._model
+        try:
+            async with self._db.write() as s, s.begin():
+                await s.execute(delete(model).where(model.published_at < now() - self._keep))
+        except SQLAlchemyError as exc:
+            log.warning("outbox cleanup failed: %s", exc)

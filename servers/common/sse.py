@@ -7,6 +7,9 @@ writes the `id:`, `event:`, `retry:` and keepalive lines a browser's EventSource
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from google.api import httpbody_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -21,15 +24,25 @@ def _clean(value: str) -> str:
     return value.replace("\r", " ").replace("\n", " ")
 
 
+def _integral(value: Any) -> Any:
+    """JSON numbers as the transcoder prints them: a google.protobuf.Value holds a double, and
+    a whole one is written without its ".0"."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
 def frame(event: str, message: Message, *, event_id: str = "") -> str:
-    """One SSE frame: optional `id:`, `event:`, and the message as one line of JSON."""
-    # The same JSON as the transcoder prints for unary replies (envoy.yaml's print_options).
-    data = json_format.MessageToJson(
-        message,
-        indent=None,
-        preserving_proto_field_name=True,
-        always_print_fields_with_no_presence=True,
+    """One SSE frame: optional `id:`, `event:`, and the message as one line of JSON, printed
+    as the transcoder prints unary replies (envoy.yaml's print_options)."""
+    fields = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
+    data = json.dumps(_integral(fields), separators=(",", ":"), ensure_ascii=False)
     head = f"id: {_clean(event_id)}\n" if event_id else ""
     return f"{head}event: {_clean(event)}\ndata: {data}\n\n"
 

@@ -38,3 +38,24 @@ def test_environment_wins(tmp_path: Path) -> None:
 def test_bad_ports_are_refused_with_a_message(value: str) -> None:
     with pytest.raises(SystemExit, match="AGENTMESH_PORT"):
         Settings.from_env({"AGENTMESH_PORT": value})
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "AGENTMESH_EVENT_RETENTION_SECONDS",
+        "AGENTMESH_EVENT_RETENTION_MAX",
+        "AGENTMESH_STREAM_HEARTBEAT_SECONDS",
+    ],
+)
+def test_event_settings_must_be_positive(name: str) -> None:
+    with pytest.raises(SystemExit, match=name):
+        Settings.from_env({name: "0"})
+    assert getattr(Settings.from_env({name: "7"}), _FIELDS[name]) == 7
+
+
+_FIELDS = {
+    "AGENTMESH_EVENT_RETENTION_SECONDS": "event_retention_seconds",
+    "AGENTMESH_EVENT_RETENTION_MAX": "event_retention_max",
+    "AGENTMESH_STREAM_HEARTBEAT_SECONDS": "stream_heartbeat_seconds",
+}

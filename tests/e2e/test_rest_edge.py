@@ -87,15 +87,6 @@ def test_expired_token_is_token_expired(mesh: MeshProcess) -> None:
     assert_envelope(reply, 401, "TOKEN_EXPIRED")
 
 
-def test_unimplemented_rpc_is_501(mesh: MeshProcess) -> None:
-    user = new_user()
-    token = httpx.post(mesh.url + "/api/v1/auth/register", json=user).json()["access_token"]
-    # The events service is declared but not built yet (its own issue).
-    reply = httpx.get(mesh.url + "/api/v1/events", headers={"Authorization": f"Bearer {token}"})
-    error = assert_envelope(reply, 501, "NOT_IMPLEMENTED")
-    assert error["details"] == {"rpc": "/agentmesh.v1.EventsService/ListEvents"}
-
-
 def test_role_without_permission_is_403(mesh: MeshProcess) -> None:
     token = httpx.post(mesh.url + "/api/v1/auth/register", json=new_user()).json()["access_token"]
     # Seed 004: the "user" role may not read agents, and user administration is for admins.

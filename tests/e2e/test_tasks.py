@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,9 @@ from google.protobuf import struct_pb2
 
 from agentmesh.v1 import tasks_pb2, tasks_pb2_grpc
 from servers.launcher import MeshProcess, free_port
-from tests.helpers import assert_envelope, error_reason, grant_role, new_user
+from tests.helpers import Account, assert_envelope, error_reason, grant_role, new_user
+from tests.helpers import register as _register
+from tests.helpers import relogin as _login
 
 Grant = Callable[[str, str], None]
 Body = dict[str, Any]
@@ -33,39 +34,6 @@ VOLATILE = {"estimated_completion"}
 # How a state conflict may be said over gRPC (docs/errors.md: CONFLICT is ABORTED or
 # ALREADY_EXISTS).
 GRPC_CONFLICT = {grpc.StatusCode.ABORTED, grpc.StatusCode.ALREADY_EXISTS}
-
-
-@dataclass(frozen=True)
-class Account:
-    username: str
-    password: str
-    id: str
-    token: str
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-    @property
-    def metadata(self) -> tuple[tuple[str, str]]:
-        return (("authorization", f"Bearer {self.token}"),)
-
-
-def _register(client: httpx.Client) -> Account:
-    user = new_user()
-    reply = client.post("/api/v1/auth/register", json=user)
-    assert reply.status_code == 201, reply.text
-    body = reply.json()
-    return Account(user["username"], user["password"], body["user"]["id"], body["access_token"])
-
-
-def _login(client: httpx.Client, account: Account) -> Account:
-    """The same account signed in again, so that its token carries its current roles."""
-    reply = client.post(
-        "/api/v1/auth/login", json={"username": account.username, "password": account.password}
-    )
-    assert reply.status_code == 200, reply.text
-    return Account(account.username, account.password, account.id, reply.json()["access_token"])
 
 
 def _create(client: httpx.Client, who: Account, **fields: Any) -> Body:

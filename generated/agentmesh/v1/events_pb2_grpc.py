@@ -33,9 +33,9 @@ class EventsServiceStub:
     nothing that is still retained.
 
     Every RPC requires authentication (401 AUTH_REQUIRED, or TOKEN_EXPIRED) and counts against the
-    caller's quota (429 RATE_LIMIT_EXCEEDED). A caller receives only the events it may see: task
-    events of its own tasks, agent events when it has `read` on agents (developer, admin), and
-    everything when it is an admin. Events it may not see are skipped, never reported.
+    caller's quota (429 RATE_LIMIT_EXCEEDED). A caller receives only the events about its own
+    resources (its tasks, the agents its keys registered, its account), and an admin everything.
+    Events it may not see are skipped, never reported.
 
     Patterns select event types: `*` matches any run of characters, so "task.*" matches every
     task event, "*.failed" every failure and "*" everything; a pattern without `*` matches one
@@ -72,9 +72,9 @@ class EventsServiceServicer:
     nothing that is still retained.
 
     Every RPC requires authentication (401 AUTH_REQUIRED, or TOKEN_EXPIRED) and counts against the
-    caller's quota (429 RATE_LIMIT_EXCEEDED). A caller receives only the events it may see: task
-    events of its own tasks, agent events when it has `read` on agents (developer, admin), and
-    everything when it is an admin. Events it may not see are skipped, never reported.
+    caller's quota (429 RATE_LIMIT_EXCEEDED). A caller receives only the events about its own
+    resources (its tasks, the agents its keys registered, its account), and an admin everything.
+    Events it may not see are skipped, never reported.
 
     Patterns select event types: `*` matches any run of characters, so "task.*" matches every
     task event, "*.failed" every failure and "*" everything; a pattern without `*` matches one
@@ -151,9 +151,9 @@ class EventsService:
     nothing that is still retained.
 
     Every RPC requires authentication (401 AUTH_REQUIRED, or TOKEN_EXPIRED) and counts against the
-    caller's quota (429 RATE_LIMIT_EXCEEDED). A caller receives only the events it may see: task
-    events of its own tasks, agent events when it has `read` on agents (developer, admin), and
-    everything when it is an admin. Events it may not see are skipped, never reported.
+    caller's quota (429 RATE_LIMIT_EXCEEDED). A caller receives only the events about its own
+    resources (its tasks, the agents its keys registered, its account), and an admin everything.
+    Events it may not see are skipped, never reported.
 
     Patterns select event types: `*` matches any run of characters, so "task.*" matches every
     task event, "*.failed" every failure and "*" everything; a pattern without `*` matches one
