@@ -594,12 +594,16 @@ class Agent:
             log.warning("outcome refused", extra=extra)
 
     def _cancelled(self, cancellation: agents_pb2.Cancellation) -> None:
-        task_id = cancellation.task_id
+        task_id, token = cancellation.task_id, cancellation.attempt_token
+        job = self._running.get(task_id)
+        if token and job is not None and job.token != token:
+            # It stops another attempt than the one running here (e.g. the one before).
+            log.info("ignoring a cancellation of another attempt", extra={"task_id": task_id})
+            return
         log.info("task cancelled", extra={"task_id": task_id, "reason": cancellation.reason})
-        job = self._running.pop(task_id, None)
         if job is not None:
             self._drop(job)
-        for key in [key for key in self._pending if key[0] == task_id]:
+        for key in [k for k in self._pending if k[0] == task_id and (not token or k[1] == token)]:
             del self._pending[key]
 
     def _drop(self, job: _Job) -> None:

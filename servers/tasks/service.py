@@ -92,14 +92,15 @@ class Agents:
             )
         )
 
-    def cancel(self, agent_id: str, task_id: str, reason: str) -> None:
+    def cancel(self, agent_id: str, task_id: str, reason: str, attempt_token: str) -> None:
+        """Tells the agent to stop the attempt with this token ("": whichever it runs)."""
         if not agent_id:
             return
         stub = self._channel.stub(agents_pb2_grpc.AgentsInternalServiceStub)
         self._spawn(
             stub.DeliverCancellation(
                 agents_pb2.DeliverCancellationRequest(
-                    agent_id=agent_id, task_id=task_id, reason=reason
+                    agent_id=agent_id, task_id=task_id, reason=reason, attempt_token=attempt_token
                 ),
                 **self._channel.call_options(),
             )
@@ -173,7 +174,10 @@ class TasksService(tasks_pb2_grpc.TasksServiceServicer):
         self, request: tasks_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.Task:
         task = await self._tasks.cancel(require_principal(), request.task_id)
-        self._agents.cancel(task.assigned_agent, task.task_id, "CANCELLED")
+        # Ending a task leaves its attempt token as it was: it names the attempt to stop.
+        self._agents.cancel(
+            task.assigned_agent, task.task_id, "CANCELLED", task.attempt_token or ""
+        )
         return task_proto(task)
 
     async def StartTask(
@@ -187,7 +191,7 @@ class TasksService(tasks_pb2_grpc.TasksServiceServicer):
         self, request: tasks_pb2.StopTaskRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.StopTaskResponse:
         task = await self._tasks.stop(require_principal(), request.task_id)
-        self._agents.cancel(task.assigned_agent, task.task_id, "STOPPED")
+        self._agents.cancel(task.assigned_agent, task.task_id, "STOPPED", task.attempt_token or "")
         return tasks_pb2.StopTaskResponse(status="stopped", task=task_proto(task))
 
     async def GetStats(
@@ -315,10 +319,19 @@ class TasksInternalService(tasks_pb2_grpc.TasksInternalServiceServicer):
 
     async def _after_loss(self, lost: list[Lost], *, notify_holder: bool) -> None:
         for gone in lost:
+            task = await self._dispatch.get(gone.task_id)
             if notify_holder:
-                self._agents.cancel(gone.agent_id, gone.task_id, "LEASE_LOST")
+                if task.status in ("queued", "failed"):
+                    # Not claimed again yet: the row still holds the lost attempt's token.
+                    self._agents.cancel(
+                        gone.agent_id, gone.task_id, "LEASE_LOST", task.attempt_token or ""
+                    )
+                elif task.assigned_agent != gone.agent_id:
+                    # Claimed by another agent: the old holder stops whatever it runs of it.
+                    self._agents.cancel(gone.agent_id, gone.task_id, "LEASE_LOST", "")
+                # Claimed again by the same agent: its new assignment replaced the old attempt.
             if gone.requeued:
-                self._agents.tasks_available(await self._dispatch.get(gone.task_id))
+                self._agents.tasks_available(task)
 
     async def sweep(self) -> None:
         """Runs for the life of the server: expired leases go back to the queue (or fail)."""

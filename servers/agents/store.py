@@ -1,0 +1,109 @@
+"""Repositories of the agents tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from .models import AgentRow, OutboxRow
+
+
+class AgentStore:
+    def __init__(self, session: AsyncSession) -> None:
+        self._s = session
+
+    async def get(self, agent_id: str, *, lock: bool = False) -> AgentRow | None:
+        """The agent's row; ``lock`` holds it FOR UPDATE until the transaction ends (on
+        PostgreSQL; SQLite's writers are serialised by BEGIN IMMEDIATE already)."""
+        query = select(AgentRow).where(AgentRow.agent_id == agent_id)
+        if lock:
+            query = query.with_for_update()
+        return (await self._s.execute(query)).scalars().first()
+
+    async def add(self, row: AgentRow) -> bool:
+        """Inserts the row; False when a concurrent first connection inserted it first."""
+        try:
+            async with self._s.begin_nested():
+                self._s.add(row)
+                await self._s.flush()
+        except IntegrityError:
+            return False
+        return True
+
+    async def visible(self, owner_id: str | None) -> Sequence[AgentRow]:
+        """Every agent of an owner, or every agent (None: an admin asks)."""
+        query = select(AgentRow).order_by(AgentRow.name, AgentRow.agent_id)
+        if owner_id is not None:
+            query = query.where(AgentRow.owner_id == owner_id)
+        return (await self._s.execute(query)).scalars().all()
+
+    async def resolve(self, agent_ids: Sequence[str], key_id: str) -> Sequence[AgentRow]:
+        query = select(AgentRow)
+        if agent_ids:
+            query = query.where(AgentRow.agent_id.in_(list(agent_ids)))
+        if key_id:
+            query = query.where(AgentRow.key_id == key_id)
+        return (await self._s.execute(query)).scalars().all()
+
+    async def touch(self, seen: Sequence[dict[str, Any]]) -> None:
+        """Records when each connected agent was last heard from and its load, one batch;
+        a row another stream has taken over since (``session_id``) is left alone. Each item:
+        agent_id, session_id, last_seen_at, current_load."""
+        table = AgentRow.metadata.tables[AgentRow.__tablename__]
+        statement = (
+            update(table)
+            .where(
+                table.c.agent_id == bindparam("b_agent_id"),
+                table.c.session_id == bindparam("b_session_id"),
+                table.c.online.is_(True),
+            )
+            .values(last_seen_at=bindparam("b_last_seen_at"), current_load=bindparam("b_load"))
+        )
+        await self._s.execute(
+            statement,
+            [
+                {
+                    "b_agent_id": item["agent_id"],
+                    "b_session_id": item["session_id"],
+                    "b_last_seen_at": item["last_seen_at"],
+                    "b_load": item["current_load"],
+                }
+                for item in seen
+            ],
+        )
+
+    async def stale(self, before: datetime, *, lock: bool) -> Sequence[AgentRow]:
+        """Rows still marked online that nobody touched since ``before``. ``lock`` takes them
+        FOR UPDATE SKIP LOCKED, so that replicas reaping together do not both take one."""
+        query = (
+            select(AgentRow)
+            .where(AgentRow.online.is_(True), AgentRow.last_seen_at < before)
+            .order_by(AgentRow.last_seen_at)
+            .limit(500)
+        )
+        if lock:
+            query = query.with_for_update(skip_locked=True)
+        return (await self._s.execute(query)).scalars().all()
+
+
+class Outbox:
+    def __init__(self, session: AsyncSession) -> None:
+        self._s = session
+
+    def add(
+        self, event_type: str, *, agent_id: str, owner_id: str, at: datetime, **data: Any
+    ) -> None:
+        self._s.add(
+            OutboxRow(
+                event_type=event_type,
+                subject_id=agent_id,
+                owner_id=owner_id,
+                data={"agent_id": agent_id, **data},
+                created_at=at,
+            )
+        )

@@ -1,0 +1,42 @@
+"""The reference agent's side of a Cancellation's attempt token (servers/agent/runtime.py): a
+cancellation of another attempt leaves the running one alone. Frames are fed to the runtime as
+its stream reader would; no server is needed for this rule."""
+
+from __future__ import annotations
+
+import asyncio
+
+from agentmesh.v1 import agents_pb2, tasks_pb2
+from servers.agent.runtime import Agent, Progress
+
+
+async def test_a_cancellation_of_another_attempt_is_ignored() -> None:
+    agent = Agent(name="runner", api_key="amk_test", capabilities=["wait"])
+    started = asyncio.Event()
+
+    @agent.handler("wait")
+    async def wait(task: tasks_pb2.Task, report: Progress) -> dict[str, object]:
+        started.set()
+        await asyncio.Event().wait()
+        return {}
+
+    task = tasks_pb2.Task(task_id="t1", type="wait")
+    agent._assigned(tasks_pb2.Assignment(task=task, attempt=2, attempt_token="attempt-2"))
+    await asyncio.wait_for(started.wait(), 5)
+
+    def cancel(token: str) -> None:
+        agent._cancelled(
+            agents_pb2.Cancellation(task_id="t1", reason="LEASE_LOST", attempt_token=token)
+        )
+
+    cancel("attempt-1")  # the attempt before: not this one
+    assert agent.running_task_ids == ["t1"]
+    cancel("attempt-2")
+    assert agent.running_task_ids == []
+
+    agent._assigned(tasks_pb2.Assignment(task=task, attempt=3, attempt_token="attempt-3"))
+    assert agent.running_task_ids == ["t1"]
+    cancel("")  # no token: whatever attempt runs
+    assert agent.running_task_ids == []
+    await asyncio.sleep(0)
+    await asyncio.gather(*agent._tasks, return_exceptions=True)
