@@ -32,11 +32,13 @@ class MessagingServiceStub:
     ends; an offline agent receives it when it reconnects. REST paths are under /api/v1 (seed 001
     has no messaging endpoints, so there are no unversioned aliases).
 
-    Every RPC requires authentication (401 AUTH_REQUIRED, or TOKEN_EXPIRED) and counts against the
-    caller's quota (429 RATE_LIMIT_EXCEEDED). Messages are sent and received by agents, with an
-    API key of the `agent` scope; another caller gets 403 INSUFFICIENT_PERMISSIONS. An agent reads
-    only its own inbox (an admin reads any): another agent's inbox, or a message addressed to
-    someone else, answers 404 NOT_FOUND, exactly as one that does not exist.
+    Every RPC requires authentication (401 AUTH_REQUIRED, or TOKEN_EXPIRED). Messages are sent and
+    received by agents only, with an API key of the `agent` scope; any other caller (a user's
+    token, an admin's included, or a key without that scope) gets 403 INSUFFICIENT_PERMISSIONS.
+    The caller acts as the agent registered (connected) with its key: an agent reads only its own
+    inbox, and another agent's inbox, or a message addressed to someone else, answers 404
+    NOT_FOUND, exactly as one that does not exist. 503 SERVICE_UNAVAILABLE when the agents
+    service, which says who is who, does not answer.
     """
 
     def __init__(self, channel):
@@ -83,22 +85,32 @@ class MessagingServiceServicer:
     ends; an offline agent receives it when it reconnects. REST paths are under /api/v1 (seed 001
     has no messaging endpoints, so there are no unversioned aliases).
 
-    Every RPC requires authentication (401 AUTH_REQUIRED, or TOKEN_EXPIRED) and counts against the
-    caller's quota (429 RATE_LIMIT_EXCEEDED). Messages are sent and received by agents, with an
-    API key of the `agent` scope; another caller gets 403 INSUFFICIENT_PERMISSIONS. An agent reads
-    only its own inbox (an admin reads any): another agent's inbox, or a message addressed to
-    someone else, answers 404 NOT_FOUND, exactly as one that does not exist.
+    Every RPC requires authentication (401 AUTH_REQUIRED, or TOKEN_EXPIRED). Messages are sent and
+    received by agents only, with an API key of the `agent` scope; any other caller (a user's
+    token, an admin's included, or a key without that scope) gets 403 INSUFFICIENT_PERMISSIONS.
+    The caller acts as the agent registered (connected) with its key: an agent reads only its own
+    inbox, and another agent's inbox, or a message addressed to someone else, answers 404
+    NOT_FOUND, exactly as one that does not exist. 503 SERVICE_UNAVAILABLE when the agents
+    service, which says who is who, does not answer.
     """
 
     def SendMessage(self, request, context):
         """Sends a message to an agent. 201 with the stored message. `from_agent` is set by the server
-        from the authenticated agent, never taken on trust from the body. The recipient need not be
-        online: the message waits in its inbox. Sending again with the same `message_id` answers the
-        stored message and sends nothing. A response is a message of type "response" addressed to
-        the requester and carrying the request's `correlation_id`. 400 VALIDATION_ERROR (unknown
-        type, no to_agent, ttl_seconds outside 1..86400, payload above 256 KiB); 403
-        INSUFFICIENT_PERMISSIONS when the caller is not an agent or from_agent names another agent;
-        404 NOT_FOUND for an unknown recipient.
+        from the authenticated agent, never taken on trust from the body: the agent registered with
+        the caller's API key, or, when several agents share the key, the one `from_agent` names. The
+        recipient need not be online: the message waits in its inbox. Sending again with the same
+        `message_id` answers the stored message with 200 and sends nothing. A response is a message
+        of type "response" addressed to the requester and carrying the request's `correlation_id`.
+        400 VALIDATION_ERROR (unknown type, no to_agent, a malformed message_id or correlation_id,
+        ttl_seconds outside 1..86400, payload above 256 KiB, a response without correlation_id, or
+        no from_agent while several agents share the key); 403 INSUFFICIENT_PERMISSIONS when the
+        caller is not an agent, no agent is registered with its key yet (connect it first), or
+        from_agent names an agent not registered with its key; 404 NOT_FOUND for an unknown
+        recipient; 409 CONFLICT when another agent already sent a message with this message_id;
+        429 RATE_LIMIT_EXCEEDED when the sending agent sent more than its limit (50 messages a
+        second by default, SendRequest included; `details.retry_after` and the Retry-After header
+        say when to try again); 429 INBOX_FULL (RESOURCE_EXHAUSTED) when the recipient already holds
+        10,000 unacknowledged messages.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,10 +118,15 @@ class MessagingServiceServicer:
 
     def SendRequest(self, request, context):
         """Sends a message of type "request" and waits for the response: the first message of type
-        "response" addressed to the caller with the same `correlation_id`. Waits until `timeout_ms`
-        or the call's own deadline, whichever comes first; then 504 TIMEOUT_ERROR
-        (DEADLINE_EXCEEDED). The request stays in the recipient's inbox until its TTL, and a late
-        response is delivered to the caller's inbox like any message. Errors as SendMessage, plus 409
+        "response" addressed to the caller with the same `correlation_id`, sent after the request.
+        Waits until `timeout_ms` or the call's own deadline, whichever comes first, and through
+        Envoy (REST or gRPC) at most 60 s, as Envoy's route timeout is 65 s; then 504 TIMEOUT_ERROR
+        (DEADLINE_EXCEEDED), with the request's message_id and correlation_id in the details. The
+        request stays in the recipient's inbox until its TTL, and a late response is delivered to
+        the caller's inbox like any message; repeating the call with the same message_id waits
+        again and also finds a response that came meanwhile. Errors as SendMessage, plus 400
+        VALIDATION_ERROR for timeout_ms outside 1..300000 or a key that several agents share (this
+        request has no from_agent: the sender is the one agent registered with the key), and 409
         CONFLICT when the caller already waits on the same correlation_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -119,15 +136,18 @@ class MessagingServiceServicer:
     def AckMessage(self, request, context):
         """Acknowledges a message in the caller's inbox: it is no longer delivered, and stays listable
         until its TTL ends. Acknowledging twice answers the same. Answers the message with
-        `acked_at`. The recipient only. 404 NOT_FOUND (unknown, expired, or someone else's).
+        `acked_at`. The recipient only (any agent registered with the caller's key). 404 NOT_FOUND
+        (unknown, expired, or someone else's).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListInbox(self, request, context):
-        """Lists an agent's inbox, oldest first: the messages addressed to it whose TTL has not ended.
-        The agent itself, or an admin. 404 NOT_FOUND; 400 VALIDATION_ERROR for a limit above 100.
+        """Lists an agent's inbox, oldest first: the messages addressed to it whose TTL has not ended,
+        acknowledged or not (`unacked` for only the others). The agent itself only (registered with
+        the caller's key); 404 NOT_FOUND for any other agent. 400 VALIDATION_ERROR for a limit above
+        100.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -136,11 +156,14 @@ class MessagingServiceServicer:
     def StreamInbox(self, request, context):
         """An agent's inbox as a gRPC stream (no HTTP binding; REST clients use StreamInboxSse). First
         every unacknowledged message, oldest first, then each new one as it arrives, with a
-        Heartbeat every heartbeat interval when idle. Unacknowledged messages are delivered again
-        on the next connection, so a message is delivered at least once: the recipient acknowledges
-        each with AckMessage and ignores message ids it has seen. The agent itself only. NOT_FOUND
-        before the stream opens; afterwards failures arrive as a StreamError (SLOW_CONSUMER when
-        the agent falls too far behind), a clean end as a StreamEnd ("SERVER_SHUTDOWN").
+        Heartbeat every heartbeat interval (AGENTMESH_STREAM_HEARTBEAT_SECONDS, 15) when idle.
+        Unacknowledged messages are delivered again on the next connection (not twice on one), so a
+        message is delivered at least once: the recipient acknowledges each with AckMessage and
+        ignores message ids it has seen. A response that a SendRequest of this agent is waiting for
+        goes to that call instead. The agent itself only: NOT_FOUND before the stream opens.
+        Afterwards failures arrive as a StreamError: SLOW_CONSUMER when 100 messages wait unread
+        for the agent, more wait behind them and it has taken none for three heartbeat intervals
+        (reconnect to get the rest); a clean end as a StreamEnd ("SERVER_SHUTDOWN").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -148,9 +171,11 @@ class MessagingServiceServicer:
 
     def StreamInboxSse(self, request, context):
         """StreamInbox as Server-Sent Events (content type text/event-stream). The server writes the
-        frames itself: `event: message` with `id:` the message_id and `data:` the AgentMessage as
-        JSON; `event: ping` with a Heartbeat when idle; and as the last frame `event: error` with a
-        StreamError or `event: end` with a StreamEnd. Delivery and errors as StreamInbox.
+        frames itself: first `retry: 1000`, then `event: message` with `id:` the message_id and
+        `data:` the AgentMessage as JSON; `event: ping` with a Heartbeat when idle; and as the last
+        frame `event: error` with a StreamError or `event: end` with a StreamEnd. Delivery and
+        errors as StreamInbox; a reconnection gets every unacknowledged message again, so the
+        Last-Event-ID header is not needed and is ignored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -203,11 +228,13 @@ class MessagingService:
     ends; an offline agent receives it when it reconnects. REST paths are under /api/v1 (seed 001
     has no messaging endpoints, so there are no unversioned aliases).
 
-    Every RPC requires authentication (401 AUTH_REQUIRED, or TOKEN_EXPIRED) and counts against the
-    caller's quota (429 RATE_LIMIT_EXCEEDED). Messages are sent and received by agents, with an
-    API key of the `agent` scope; another caller gets 403 INSUFFICIENT_PERMISSIONS. An agent reads
-    only its own inbox (an admin reads any): another agent's inbox, or a message addressed to
-    someone else, answers 404 NOT_FOUND, exactly as one that does not exist.
+    Every RPC requires authentication (401 AUTH_REQUIRED, or TOKEN_EXPIRED). Messages are sent and
+    received by agents only, with an API key of the `agent` scope; any other caller (a user's
+    token, an admin's included, or a key without that scope) gets 403 INSUFFICIENT_PERMISSIONS.
+    The caller acts as the agent registered (connected) with its key: an agent reads only its own
+    inbox, and another agent's inbox, or a message addressed to someone else, answers 404
+    NOT_FOUND, exactly as one that does not exist. 503 SERVICE_UNAVAILABLE when the agents
+    service, which says who is who, does not answer.
     """
 
     @staticmethod

@@ -1,0 +1,444 @@
+"""The messaging domain on each database, with the real bus, follower and hub: idempotent
+sends, limits, acknowledgement, inbox streams, request/response and expiry.
+
+Agents are given as AgentRef here: who they are is the agents service's answer, which the e2e
+tests (tests/e2e/test_messaging.py) take from the real service."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+import redis.asyncio as redis
+from sqlalchemy import update
+
+from servers.common.bus import Bus
+from servers.common.clock import now
+from servers.common.db import Database
+from servers.common.errors import (
+    AlreadyExists,
+    Conflict,
+    DeadlineExceeded,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    ValidationError,
+)
+from servers.common.follower import Follower
+from servers.common.membus import MemoryBus
+from servers.common.pagination import page
+from servers.common.ratelimit import SlidingWindowLimiter
+from servers.mesh import MIGRATIONS
+from servers.messaging.domain import PAYLOAD_MAX_BYTES, AgentRef, Messages, NewMessage
+from servers.messaging.hub import TOPIC, InboxHub
+from servers.messaging.models import MessageRow
+from servers.messaging.resolver import choose_sender
+from servers.messaging.stream import Ended, Failed, Frame, InboxStream, Ping
+from tests.conftest import _unavailable
+
+ALICE = AgentRef("agent-alice", "user-1")
+BOB = AgentRef("agent-bob", "user-2")
+CAROL = AgentRef("agent-carol", "user-2")
+REDIS_URL = os.environ.get("AGENTMESH_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def to(agent: AgentRef, **fields: object) -> NewMessage:
+    return replace(NewMessage(to_agent=agent.agent_id, type="event", payload={"n": 1}), **fields)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def opened(url: str) -> AsyncIterator[Database]:
+    db = Database(url)
+    try:
+        for service, folder in MIGRATIONS.items():
+            if folder is not None:
+                await db.migrate(service, folder)
+        yield db
+    finally:
+        await db.close()
+
+
+async def _cancel(task: asyncio.Future[None]) -> None:
+    # MemoryBus.read waits with asyncio.wait_for, which on Python 3.11 may swallow a
+    # cancellation that arrives together with an entry: ask again until the task ends.
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
+
+
+@asynccontextmanager
+async def process(
+    db: Database, bus: Bus, *, limit: int = 1000, **options: object
+) -> AsyncIterator[Messages]:
+    """What one messaging server holds: a follower of the topic, the hub, the domain."""
+    follower = Follower(bus, TOPIC, block=0.2)
+    running = asyncio.ensure_future(follower.run())
+    await asyncio.wait_for(follower.started.wait(), 5)
+    hub = InboxHub(bus=bus, follower=follower)
+    hub.start()
+    limiter = SlidingWindowLimiter(name=f"t-{uuid.uuid4().hex}", limit=limit, window=1.0)
+    try:
+        yield Messages(db=db, hub=hub, limiter=limiter, **options)  # type: ignore[arg-type]
+    finally:
+        hub.stop()
+        await _cancel(running)
+        await limiter.close()
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    async with opened(database_url) as db:
+        yield db
+
+
+@pytest.fixture
+async def messages(db: Database) -> AsyncIterator[Messages]:
+    bus = MemoryBus()
+    async with process(db, bus, poll_seconds=10.0) as messages:
+        yield messages
+    await bus.close()
+
+
+class Reader:
+    """Reads an inbox stream in the background, as a servicer would."""
+
+    def __init__(self, stream: InboxStream) -> None:
+        self.frames: asyncio.Queue[Frame] = asyncio.Queue()
+        self._iter = stream.frames()
+        self._task = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        async for frame in self._iter:
+            await self.frames.put(frame)
+
+    async def next(self, timeout: float = 3.0) -> Frame:
+        return await asyncio.wait_for(self.frames.get(), timeout)
+
+    async def message(self, timeout: float = 3.0) -> MessageRow:
+        while True:
+            frame = await self.next(timeout)
+            if isinstance(frame, MessageRow):
+                return frame
+            assert isinstance(frame, Ping), frame
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        await self._iter.aclose()
+
+
+def stream(messages: Messages, agent: AgentRef, **options: object) -> InboxStream:
+    opts: dict[str, object] = {"heartbeat": 10.0, "closing": asyncio.Event()} | options
+    return InboxStream(messages, agent.agent_id, **opts)  # type: ignore[arg-type]
+
+
+async def test_a_repeated_message_id_is_one_message(messages: Messages) -> None:
+    first, created = await messages.send(ALICE, BOB, to(BOB, message_id="msg-1"))
+    assert created and first.message_id == "msg-1" and first.from_agent == ALICE.agent_id
+    again, created = await messages.send(ALICE, BOB, to(BOB, message_id="msg-1"))
+    assert not created and again.seq == first.seq
+    # The same id from another agent is a clash, not a repeat.
+    with pytest.raises(AlreadyExists):
+        await messages.send(CAROL, BOB, to(BOB, message_id="msg-1"))
+    # Concurrent repeats store one message.
+    results = await asyncio.gather(
+        *(messages.send(ALICE, BOB, to(BOB, message_id="msg-2")) for _ in range(8))
+    )
+    assert len({row.seq for row, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    rows, total = await messages.inbox(BOB.agent_id, unacked=False, page=page(0, 0))
+    assert total == 2 and [r.message_id for r in rows] == ["msg-1", "msg-2"]
+    # A generated id, the default TTL.
+    row, _ = await messages.send(ALICE, BOB, to(BOB))
+    assert row.message_id.startswith("msg-") and row.ttl_seconds == 3600
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"type": "gossip"},
+        {"to_agent": ""},
+        {"ttl_seconds": 86_401},
+        {"ttl_seconds": -1},
+        {"message_id": "has space"},
+        {"message_id": "x" * 129},
+        {"type": "response"},  # without a correlation_id
+        {"payload": {"blob": "x" * PAYLOAD_MAX_BYTES}},
+    ],
+)
+async def test_invalid_messages_are_refused(messages: Messages, fields: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        await messages.send(ALICE, BOB, replace(to(BOB), **fields))  # type: ignore[arg-type]
+
+
+async def test_rate_limit_and_full_inbox(db: Database) -> None:
+    bus = MemoryBus()
+    async with process(db, bus, limit=3, max_unacked=5) as messages:
+        for _ in range(3):
+            await messages.send(ALICE, BOB, to(BOB))
+        with pytest.raises(RateLimited) as limited:
+            await messages.send(ALICE, BOB, to(BOB))
+        assert limited.value.reason == "RATE_LIMIT_EXCEEDED"
+        assert int(limited.value.details["retry_after"]) >= 1
+        # The limit is per sender.
+        await messages.send(CAROL, BOB, to(BOB))
+        await messages.send(CAROL, BOB, to(BOB))
+        with pytest.raises(RateLimited) as full:
+            await messages.send(CAROL, BOB, to(BOB))
+        assert full.value.reason == "INBOX_FULL"
+        assert full.value.details["max_unacked"] == "5"
+        # Acknowledging makes room.
+        rows, _ = await messages.inbox(BOB.agent_id, unacked=True, page=page(1, 0))
+        await messages.ack({BOB.agent_id}, rows[0].message_id)
+        await messages.send(AgentRef("agent-dave", "user-3"), BOB, to(BOB))
+    await bus.close()
+
+
+async def test_ack_and_listing(messages: Messages) -> None:
+    sent = [(await messages.send(ALICE, BOB, to(BOB, message_id=f"m-{i}")))[0] for i in range(5)]
+    acked = await messages.ack({BOB.agent_id}, "m-1")
+    assert acked.acked_at is not None
+    assert (await messages.ack({BOB.agent_id}, "m-1")).acked_at == acked.acked_at
+    # Only the recipient acknowledges; anyone else meets NOT_FOUND, as for an unknown id.
+    for agents, message_id in (({ALICE.agent_id}, "m-2"), ({BOB.agent_id}, "nope"), (set(), "m-2")):
+        with pytest.raises(NotFound):
+            await messages.ack(agents, message_id)
+    rows, total = await messages.inbox(BOB.agent_id, unacked=False, page=page(2, 1))
+    assert total == 5 and [r.message_id for r in rows] == ["m-1", "m-2"]
+    rows, total = await messages.inbox(BOB.agent_id, unacked=True, page=page(0, 0))
+    assert total == 4 and [r.message_id for r in rows] == ["m-0", "m-2", "m-3", "m-4"]
+    assert page(2, 1).has_more(5)
+    assert (await messages.inbox(ALICE.agent_id, unacked=False, page=page(0, 0)))[1] == 0
+    assert len(sent) == 5
+
+
+async def test_a_stream_sends_the_backlog_then_new_messages_then_redelivers(
+    messages: Messages,
+) -> None:
+    for i in range(3):
+        await messages.send(ALICE, BOB, to(BOB, message_id=f"old-{i}"))
+    reader = Reader(stream(messages, BOB))
+    try:
+        assert [(await reader.message()).message_id for _ in range(3)] == [
+            "old-0",
+            "old-1",
+            "old-2",
+        ]
+        started = time.monotonic()
+        await messages.send(ALICE, BOB, to(BOB, message_id="new-0"))
+        assert (await reader.message()).message_id == "new-0"
+        # Woken by the hub, not found by the 10 s poll.
+        assert time.monotonic() - started < 1.0
+        await messages.ack({BOB.agent_id}, "old-0")
+        await messages.ack({BOB.agent_id}, "new-0")
+        # Nothing is sent twice on one stream.
+        with pytest.raises(TimeoutError):
+            await reader.message(timeout=0.3)
+    finally:
+        await reader.close()
+    # A new connection gets what was not acknowledged, oldest first.
+    again = Reader(stream(messages, BOB))
+    try:
+        assert [(await again.message()).message_id for _ in range(2)] == ["old-1", "old-2"]
+    finally:
+        await again.close()
+
+
+async def test_heartbeats_and_shutdown(messages: Messages) -> None:
+    closing = asyncio.Event()
+    reader = Reader(stream(messages, BOB, heartbeat=0.1, closing=closing))
+    try:
+        assert isinstance(await reader.next(), Ping)
+        assert isinstance(await reader.next(), Ping)
+        closing.set()
+        while not isinstance(frame := await reader.next(), Ended):
+            assert isinstance(frame, Ping)
+        assert frame.reason == "SERVER_SHUTDOWN"
+    finally:
+        await reader.close()
+
+
+async def test_a_consumer_that_falls_behind_is_cut_off(messages: Messages) -> None:
+    inbox = stream(messages, BOB, queue_size=2, slow_after=0.3, heartbeat=0.1)
+    frames = inbox.frames()
+    try:
+        await messages.send(ALICE, BOB, to(BOB, message_id="s-0"))
+        first = await asyncio.wait_for(anext(frames), 3)
+        assert isinstance(first, MessageRow) and first.message_id == "s-0"
+        for i in range(1, 6):
+            await messages.send(ALICE, BOB, to(BOB, message_id=f"s-{i}"))
+        await asyncio.sleep(0.8)  # the agent takes nothing while its queue is full
+        last = await asyncio.wait_for(anext(frames), 3)
+        assert isinstance(last, Failed) and last.code == "SLOW_CONSUMER"
+        with pytest.raises(StopAsyncIteration):
+            await anext(frames)
+    finally:
+        await frames.aclose()
+    # Nothing was lost: every message is still unacknowledged, for the next connection.
+    _, total = await messages.inbox(BOB.agent_id, unacked=True, page=page(0, 0))
+    assert total == 6
+
+
+async def test_a_slow_but_steady_consumer_gets_the_whole_backlog(messages: Messages) -> None:
+    for i in range(7):
+        await messages.send(ALICE, BOB, to(BOB, message_id=f"b-{i}"))
+    reader = Reader(stream(messages, BOB, queue_size=2, slow_after=5.0))
+    try:
+        got = [(await reader.message()).message_id for _ in range(7)]
+        assert got == [f"b-{i}" for i in range(7)]
+    finally:
+        await reader.close()
+
+
+async def test_request_and_response(messages: Messages) -> None:
+    responder = Reader(stream(messages, BOB))
+    requester_inbox = Reader(stream(messages, ALICE))
+
+    async def answer() -> None:
+        request = await responder.message()
+        await messages.send(
+            BOB,
+            ALICE,
+            to(ALICE, correlation_id=request.correlation_id, payload={"ok": True}, type="response"),
+        )
+
+    try:
+        answering = asyncio.ensure_future(answer())
+        started = time.monotonic()
+        request, response = await messages.request(ALICE, BOB, to(BOB, payload={"q": 1}), wait=5.0)
+        elapsed = time.monotonic() - started
+        await answering
+        assert request.type == "request" and request.correlation_id.startswith("corr-")
+        assert response.correlation_id == request.correlation_id
+        assert response.payload == {"ok": True} and response.acked_at is not None
+        assert elapsed < 1.0
+        # The response went to the waiter, not also to the requester's inbox stream.
+        with pytest.raises(TimeoutError):
+            await requester_inbox.message(timeout=0.3)
+    finally:
+        await responder.close()
+        await requester_inbox.close()
+
+
+async def test_a_request_without_answer_times_out_and_a_late_answer_waits_in_the_inbox(
+    messages: Messages,
+) -> None:
+    with pytest.raises(DeadlineExceeded) as late:
+        await messages.request(ALICE, BOB, to(BOB, correlation_id="c-1"), wait=0.2)
+    assert late.value.reason == "TIMEOUT_ERROR"
+    assert late.value.details["correlation_id"] == "c-1"
+    await messages.send(BOB, ALICE, to(ALICE, type="response", correlation_id="c-1"))
+    rows, total = await messages.inbox(ALICE.agent_id, unacked=True, page=page(0, 0))
+    assert total == 1 and rows[0].correlation_id == "c-1"
+
+
+async def test_one_waiter_per_correlation_id(messages: Messages) -> None:
+    waiting = asyncio.ensure_future(
+        messages.request(ALICE, BOB, to(BOB, correlation_id="c-2"), wait=1.0)
+    )
+    await asyncio.sleep(0.1)
+    with pytest.raises(Conflict):
+        await messages.request(ALICE, BOB, to(BOB, correlation_id="c-2"), wait=1.0)
+    # Another requester may use the same id.
+    responder = asyncio.ensure_future(
+        messages.request(CAROL, BOB, to(BOB, correlation_id="c-2"), wait=1.0)
+    )
+    await messages.send(BOB, ALICE, to(ALICE, type="response", correlation_id="c-2"))
+    _, response = await waiting
+    assert response.to_agent == ALICE.agent_id
+    with pytest.raises(DeadlineExceeded):
+        await responder
+
+
+async def test_a_repeated_request_finds_the_response_that_came_meanwhile(
+    messages: Messages,
+) -> None:
+    with pytest.raises(DeadlineExceeded):
+        await messages.request(ALICE, BOB, to(BOB, message_id="req-9"), wait=0.1)
+    rows, _ = await messages.inbox(BOB.agent_id, unacked=True, page=page(0, 0))
+    correlation = rows[0].correlation_id
+    await messages.send(BOB, ALICE, to(ALICE, type="response", correlation_id=correlation))
+    request, response = await messages.request(ALICE, BOB, to(BOB, message_id="req-9"), wait=1.0)
+    assert request.message_id == "req-9" and response.correlation_id == correlation
+
+
+async def test_expired_messages_are_neither_listed_nor_kept(
+    messages: Messages, db: Database
+) -> None:
+    await messages.send(ALICE, BOB, to(BOB, message_id="old"))
+    await messages.send(ALICE, BOB, to(BOB, message_id="fresh"))
+    async with db.write() as s, s.begin():
+        await s.execute(
+            update(MessageRow)
+            .where(MessageRow.message_id == "old")
+            .values(expires_at=now() - timedelta(seconds=1))
+        )
+    rows, total = await messages.inbox(BOB.agent_id, unacked=False, page=page(0, 0))
+    assert [r.message_id for r in rows] == ["fresh"] and total == 1
+    with pytest.raises(NotFound):
+        await messages.ack({BOB.agent_id}, "old")
+    assert await messages.sweep_once(batch=1) == 1
+    assert await messages.sweep_once() == 0
+    # The id is free again once the message is gone.
+    _, created = await messages.send(CAROL, BOB, to(BOB, message_id="old"))
+    assert created
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_send_in_one_process_wakes_a_stream_in_another(db: Database, kind: str) -> None:
+    async with AsyncExitStack() as stack:
+        if kind == "memory":
+            shared = MemoryBus()
+            buses: list[Bus] = [shared, shared]
+        else:
+            probe = redis.from_url(REDIS_URL, socket_connect_timeout=1)
+            try:
+                await probe.ping()
+            except (redis.RedisError, OSError) as exc:
+                _unavailable(f"Redis at {REDIS_URL}", exc)
+            finally:
+                await probe.aclose()
+            from servers.common.redisbus import RedisBus
+
+            prefix = f"agentmesh-test:{uuid.uuid4().hex}:"
+            buses = [RedisBus(REDIS_URL, prefix=prefix), RedisBus(REDIS_URL, prefix=prefix)]
+        for bus in buses:
+            stack.push_async_callback(bus.close)
+        here = await stack.enter_async_context(process(db, buses[0], poll_seconds=10.0))
+        there = await stack.enter_async_context(process(db, buses[1], poll_seconds=10.0))
+        reader = Reader(stream(there, BOB))
+        stack.push_async_callback(reader.close)
+        await asyncio.sleep(0.2)  # the stream's first read is done
+        started = time.monotonic()
+        await here.send(ALICE, BOB, to(BOB, message_id="far"))
+        assert (await reader.message()).message_id == "far"
+        assert time.monotonic() - started < 2.0  # the bus woke it, not the 10 s poll
+
+        # A request waiting there gets the response sent here.
+        waiting = asyncio.ensure_future(
+            there.request(ALICE, BOB, to(BOB, correlation_id="x-1"), wait=5.0)
+        )
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await here.send(BOB, ALICE, to(ALICE, type="response", correlation_id="x-1"))
+        _, response = await waiting
+        assert response.correlation_id == "x-1" and time.monotonic() - started < 2.0
+
+
+def test_the_sender_is_chosen_from_the_keys_agents() -> None:
+    assert choose_sender([ALICE], "") == ALICE
+    assert choose_sender([ALICE], ALICE.agent_id) == ALICE
+    assert choose_sender([ALICE, CAROL], CAROL.agent_id) == CAROL
+    with pytest.raises(ValidationError):
+        choose_sender([ALICE, CAROL], "")
+    with pytest.raises(PermissionDenied):
+        choose_sender([ALICE], BOB.agent_id)
+    with pytest.raises(PermissionDenied):
+        choose_sender([], "")
