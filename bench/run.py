@@ -17,7 +17,7 @@ from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
-from bench import auth_me, dispatch, events
+from bench import auth_me, dispatch, events, messaging
 
 Settings = auth_me.Settings
 Report = auth_me.Report
@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     auth_me.NAME: auth_me.run,
     dispatch.NAME: dispatch.run,
     events.NAME: events.run,
+    messaging.NAME: messaging.run,
 }
 
 

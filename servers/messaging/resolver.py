@@ -2,11 +2,18 @@
 
 An agent calls messaging with the API key it connected with; the agents registered with that
 key are the agents the caller may act as. The sender is never taken from the request body.
+
+Answers that found agents are remembered for CACHE_SECONDS, since every message needs two of
+them and agents change keys rarely: an agent that connects with another key acts under the new
+one here within that time. Empty answers are not remembered, so an agent that has just connected
+for the first time can send and be sent to at once. The key itself is verified by the auth
+service on every call, so a revoked key stops at once regardless.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 import grpc
@@ -17,6 +24,9 @@ from servers.common.errors import NotFound, PermissionDenied, Unavailable, Valid
 from servers.common.internal import CALL_TIMEOUT, InternalChannel
 
 from .domain import AgentRef
+
+CACHE_SECONDS = 2.0
+CACHE_MAX = 10_000
 
 
 def choose_sender(
@@ -55,9 +65,24 @@ class AgentResolver:
 
     def __init__(self, channel: InternalChannel) -> None:
         self._channel = channel
+        self._known: dict[tuple[tuple[str, ...], str], tuple[float, list[AgentRef]]] = {}
 
     async def _resolve(
         self, *, agent_ids: Sequence[str] = (), key_id: str = "", timeout: float | None
+    ) -> list[AgentRef]:
+        question = (tuple(agent_ids), key_id)
+        remembered = self._known.get(question)
+        if remembered is not None and remembered[0] > time.monotonic():
+            return remembered[1]
+        found = await self._ask(agent_ids, key_id, timeout)
+        if found:
+            if len(self._known) >= CACHE_MAX:
+                self._known.clear()
+            self._known[question] = (time.monotonic() + CACHE_SECONDS, found)
+        return found
+
+    async def _ask(
+        self, agent_ids: Sequence[str], key_id: str, timeout: float | None
     ) -> list[AgentRef]:
         stub = self._channel.stub(agents_pb2_grpc.AgentsInternalServiceStub)
         budget = CALL_TIMEOUT if timeout is None else max(0.01, min(timeout, CALL_TIMEOUT))

@@ -1,0 +1,195 @@
+"""Agent request/response: the round trip of MessagingService.SendRequest between two connected
+agents, against the mesh's own floor for one authenticated gRPC call, measured in the same run.
+
+  request_response  agent A calls SendRequest to agent B (gRPC through Envoy, one at a time);
+                    B holds StreamInbox through Envoy, acknowledges each request and answers it
+                    with SendMessage(type "response"). Timed from A's send to A's answer
+  unary_floor       the baseline: A's key calls AuthService.GetMe through Envoy, one at a time:
+                    what any authenticated call through the edge costs on this machine
+
+Both agents are registered by holding AgentsService.Connect, as real workers do. The mesh runs
+as `agentmesh up` does, on SQLite and the in-process bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import httpx
+
+from agentmesh.v1 import (
+    agents_pb2,
+    agents_pb2_grpc,
+    auth_pb2,
+    auth_pb2_grpc,
+    messaging_pb2,
+    messaging_pb2_grpc,
+)
+from bench.auth_me import CHANNEL_OPTIONS, CaseResult, Settings, _percentile
+from bench.dispatch import MESH_ENV, Goal, Report, _developer, _expect
+from servers.launcher import MeshProcess
+
+NAME = "messaging"
+BASELINE = "unary_floor (GetMe through Envoy with the same agent key)"
+GOAL_P50_MS = 5.0
+CALL_TIMEOUT = 10.0
+WARMUP = 20
+
+
+def _key(mesh: MeshProcess, token: str, name: str) -> str:
+    with httpx.Client(base_url=mesh.url, timeout=CALL_TIMEOUT, trust_env=False) as http:
+        created = http.post(
+            "/api/v1/auth/api-keys",
+            json={"name": name, "scopes": ["agent"]},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        return str(_expect(created, 201, "api key")["key"])
+
+
+async def _connect(channel: grpc.aio.Channel, key: str, name: str) -> tuple[str, object]:
+    """Holds Connect for an agent; returns its id and the call (cancel it to leave)."""
+    queue: asyncio.Queue[agents_pb2.ConnectRequest] = asyncio.Queue()
+    await queue.put(
+        agents_pb2.ConnectRequest(
+            hello=agents_pb2.Hello(name=name, capabilities=["bench-none"], max_capacity=1)
+        )
+    )
+
+    async def frames() -> AsyncIterator[agents_pb2.ConnectRequest]:
+        while True:
+            yield await queue.get()
+
+    stub = agents_pb2_grpc.AgentsServiceStub(channel)
+    call = stub.Connect(frames(), metadata=(("x-api-key", key),))
+    welcome = await call.read()
+    return welcome.welcome.agent_id, call
+
+
+async def _answer(channel: grpc.aio.Channel, key: str, me: str) -> None:
+    """Agent B: answers every request in its inbox."""
+    stub = messaging_pb2_grpc.MessagingServiceStub(channel)
+    metadata = (("x-api-key", key),)
+    async for frame in stub.StreamInbox(
+        messaging_pb2.StreamInboxRequest(agent_id=me), metadata=metadata
+    ):
+        if not frame.HasField("message") or frame.message.type != "request":
+            continue
+        request = frame.message
+        await stub.SendMessage(
+            messaging_pb2.SendMessageRequest(
+                to_agent=request.from_agent,
+                type="response",
+                correlation_id=request.correlation_id,
+                payload=request.payload,
+            ),
+            metadata=metadata,
+            timeout=CALL_TIMEOUT,
+        )
+        await stub.AckMessage(
+            messaging_pb2.AckMessageRequest(message_id=request.message_id),
+            metadata=metadata,
+            timeout=CALL_TIMEOUT,
+        )
+
+
+async def _timed(seconds: float, call: object) -> tuple[list[float], int, str]:
+    latencies: list[float] = []
+    errors, first = 0, ""
+    deadline = time.monotonic() + seconds
+    count = 0
+    while time.monotonic() < deadline or count < WARMUP:
+        started = time.perf_counter()
+        try:
+            await call()  # type: ignore[operator]
+        except grpc.aio.AioRpcError as exc:
+            errors += 1
+            first = first or f"{exc.code().name}: {exc.details()}"
+            if errors > 20:
+                break
+            continue
+        count += 1
+        if count > WARMUP:
+            latencies.append((time.perf_counter() - started) * 1000)
+    return sorted(latencies), errors, first
+
+
+async def _cases(mesh: MeshProcess, seconds: float) -> list[CaseResult]:
+    token, key_a = _developer(mesh)
+    key_b = _key(mesh, token, "bench-b")
+    edge = mesh.url.removeprefix("http://")
+    async with grpc.aio.insecure_channel(edge, options=CHANNEL_OPTIONS) as channel:
+        agent_a, call_a = await _connect(channel, key_a, "bench-a")
+        agent_b, call_b = await _connect(channel, key_b, "bench-b")
+        answering = asyncio.create_task(_answer(channel, key_b, agent_b))
+        messages = messaging_pb2_grpc.MessagingServiceStub(channel)
+        auth = auth_pb2_grpc.AuthServiceStub(channel)
+        meta_a = (("x-api-key", key_a),)
+
+        async def request() -> None:
+            reply = await messages.SendRequest(
+                messaging_pb2.SendRequestRequest(
+                    to_agent=agent_b, correlation_id=uuid.uuid4().hex, timeout_ms=5000
+                ),
+                metadata=meta_a,
+                timeout=CALL_TIMEOUT,
+            )
+            if reply.response.correlation_id != reply.request.correlation_id:
+                raise RuntimeError("a response to another request")
+
+        async def floor() -> None:
+            await auth.GetMe(auth_pb2.GetMeRequest(), metadata=meta_a, timeout=CALL_TIMEOUT)
+
+        results = []
+        try:
+            for name, call in (("unary_floor", floor), ("request_response", request)):
+                started = time.monotonic()
+                latencies, errors, first = await _timed(seconds, call)
+                results.append(
+                    CaseResult(
+                        name=name,
+                        requests=len(latencies),
+                        errors=errors,
+                        seconds=time.monotonic() - started,
+                        p50_ms=_percentile(latencies, 0.5),
+                        p99_ms=_percentile(latencies, 0.99),
+                        first_error=first,
+                    )
+                )
+        finally:
+            answering.cancel()
+            for stream in (call_a, call_b):
+                stream.cancel()  # type: ignore[attr-defined]
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await answering
+    return results
+
+
+def run(settings: Settings) -> Report:
+    with tempfile.TemporaryDirectory(prefix="agentmesh-bench-") as tmp:
+        with MeshProcess(data_dir=Path(tmp), env=MESH_ENV) as mesh:
+            cases = asyncio.run(_cases(mesh, settings.seconds))
+    by_name = {c.name: c for c in cases}
+    p50 = by_name["request_response"].p50_ms
+    return Report(
+        name=NAME,
+        title="agent request/response round trip through Envoy, one request in flight",
+        baseline=BASELINE,
+        cases=cases,
+        ratios=(("request_response", "unary_floor"),),
+        notes=["a round trip is 2 sends, 1 inbox delivery, 1 ack and the waiter's read"],
+        count_label="round trips",
+        latency_label="rtt",
+        goals=(
+            Goal(
+                text=f"request/response p50 under {GOAL_P50_MS:g} ms",
+                met=p50 is not None and p50 < GOAL_P50_MS,
+            ),
+        ),
+    )
