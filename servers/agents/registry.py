@@ -1,13 +1,22 @@
-"""The agents connected to this server, each with its stream's outgoing queue."""
+"""The agents connected to this server, each with its stream's outgoing queue. What outlives a
+connection (who the agent is, its configuration overrides, whether it is online) is in the
+agents_agents table (domain.py).
+
+A Connect agent's session lives as long as its stream. An HTTP agent's session (``http``) is
+its presence on this server: it begins with RegisterAgent (or the first call after the session
+was lost), outlives its SSE streams, and ends when the agent has been silent for three heartbeat
+intervals with no stream open (service.py). Its outgoing frames wait in the same queue and are
+written as Server-Sent Events while a stream is open (``streaming``)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentmesh.v1 import agents_pb2
+from agentmesh.v1 import agents_pb2, tasks_pb2
 
 # Frames waiting for a slow agent; past this the stream ends (the agent reconnects and its
 # leases, renewed by heartbeats, keep its work).
@@ -18,14 +27,26 @@ OUTBOX_LIMIT = 1000
 class Session:
     agent_id: str
     owner_id: str
+    # The API key it connected with.
+    key_id: str
     name: str
     type: str
     capabilities: frozenset[str]
     capacity: int
     configuration: dict[str, Any]
     version: str
-    # task id -> attempt token of the tasks this agent holds now
+    # task id -> attempt token of the tasks this agent holds now; "" for a task its heartbeat
+    # renewed that this session did not hand out (it was assigned before a reconnection)
     held: dict[str, str] = field(default_factory=dict)
+    # The assignments handed out by this session (or the session it took over), to repeat
+    # them to a reconnecting SSE stream; only those still in ``held`` count.
+    assignments: dict[str, tasks_pb2.Assignment] = field(default_factory=dict)
+    # The configuration of its Hello or registration, before the stored overrides.
+    defaults: dict[str, Any] = field(default_factory=dict)
+    # Registered over REST (RegisterAgent): the session outlives its streams.
+    http: bool = False
+    # An SSE stream writes this session's frames now.
+    streaming: bool = False
     outbox: asyncio.Queue[agents_pb2.ConnectResponse | None] = field(
         default_factory=lambda: asyncio.Queue(OUTBOX_LIMIT)
     )
@@ -33,6 +54,12 @@ class Session:
     last_seen: float = field(default_factory=time.monotonic)
     last_seen_at: float = field(default_factory=time.time)
     connected_at: float = field(default_factory=time.time)
+    # This session (a Connect stream, an HTTP agent's presence), as recorded in the agent's
+    # row while it holds the agent.
+    session_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    # Whether reaching full capacity writes agent.overloaded; re-armed by the periodic touch
+    # once the agent has room again, so a busy agent writes at most one per heartbeat interval.
+    overload_armed: bool = True
     # The agent ended its side of the stream itself (it is stopping), rather than the stream
     # breaking: its tasks are released at once instead of waiting for their leases.
     closed_by_agent: bool = False
@@ -57,13 +84,48 @@ class Session:
     def free(self) -> int:
         return self.capacity - len(self.held)
 
+    def silent_for(self) -> float:
+        """Seconds since the agent was last heard from."""
+        return time.monotonic() - self.last_seen
+
+    def hold(self, assignment: tasks_pb2.Assignment) -> None:
+        task_id = assignment.task.task_id
+        self.held[task_id] = assignment.attempt_token
+        for gone in [t for t in self.assignments if t not in self.held]:
+            del self.assignments[gone]
+        self.assignments[task_id] = assignment
+
+    def drop(self, task_id: str, attempt_token: str = "") -> None:
+        """Stops counting a task as held: any attempt of it when ``attempt_token`` is empty,
+        else only that attempt (or one whose token this session never knew)."""
+        if not attempt_token or self.held.get(task_id) in ("", attempt_token):
+            self.held.pop(task_id, None)
+            self.assignments.pop(task_id, None)
+
+    def holding(self) -> list[tasks_pb2.Assignment]:
+        """The assignments handed out that the agent still holds, oldest first."""
+        return [a for t, a in self.assignments.items() if self.held.get(t) == a.attempt_token]
+
+    def unqueue_assignments(self) -> None:
+        """Drops the assignment frames still waiting in the queue (a stream broke before
+        writing them): the next stream repeats the held ones first anyway."""
+        kept = []
+        while not self.outbox.empty():
+            frame = self.outbox.get_nowait()
+            if frame is None or not frame.HasField("assignment"):
+                kept.append(frame)
+        for frame in kept:
+            self.outbox.put_nowait(frame)
+
+    def adopt(self, old: Session) -> None:
+        """Takes over the work of the session this one replaces (the same HTTP agent)."""
+        self.held = {**old.held, **self.held}
+        self.assignments = {**old.assignments, **self.assignments}
+
 
 class Registry:
     def __init__(self) -> None:
         self._sessions: dict[str, Session] = {}
-        # Keys set (or, as None, removed) through UpdateAgentConfig, by agent id: they take
-        # precedence over a reconnecting agent's Hello defaults. Kept for the server's life.
-        self.overrides: dict[str, dict[str, Any]] = {}
 
     def add(self, session: Session) -> Session | None:
         """Registers a session; returns the one it replaces (the same agent connected again)."""
@@ -74,6 +136,12 @@ class Registry:
     def remove(self, session: Session) -> None:
         if self._sessions.get(session.agent_id) is session:
             del self._sessions[session.agent_id]
+
+    def restore(self, session: Session, replaced: Session | None) -> None:
+        """Undoes ``add(session)``, which replaced ``replaced``."""
+        self.remove(session)
+        if replaced is not None and session.agent_id not in self._sessions:
+            self._sessions[session.agent_id] = replaced
 
     def get(self, agent_id: str) -> Session | None:
         return self._sessions.get(agent_id)

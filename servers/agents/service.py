@@ -1,27 +1,35 @@
-"""AgentsService.Connect (the agent stream that replaces the seed documents' WebSockets), the
-registry of connected agents over REST (list, get, configure), and AgentsInternalService. The
-HTTP-only agent RPCs (register, heartbeat, progress, complete, the SSE assignment stream) answer
-UNIMPLEMENTED until they are built.
+"""AgentsService: the agent worker's side, over Connect (the bidirectional stream that replaces
+the seed documents' WebSockets) or, for agents that speak only HTTP, over RegisterAgent,
+Heartbeat, ReportProgress, CompleteTask and the StreamAssignments SSE stream; the agent registry
+over REST (list, get, configure); and AgentsInternalService.
 
-One Connect stream runs three things: a reader of the agent's frames (heartbeats renew leases,
-progress and results go to the tasks service), a dispatcher that claims tasks while the agent has
-free capacity and sleeps until woken (NotifyTasksAvailable) or a short poll, and the writer below
-that sends the queued frames and pings the agent when it is quiet.
+Every agent that ever connected or registered has a row in agents_agents (domain.py says when it
+counts as online, and how an agent whose server died is set offline); reads merge the row with
+the live session when the agent is connected here.
+
+Both kinds of agent run on the same pieces: a Session in the registry, a dispatcher that claims
+tasks while the agent has free capacity (and is heard from) and sleeps until woken
+(NotifyTasksAvailable) or a short poll, a writer that sends the queued frames and pings the agent
+when it is quiet, and one way each of renewing leases and forwarding progress and results to
+the tasks service. A Connect stream is its session: the reader of the agent's frames feeds those.
+An HTTP agent's session outlives its SSE streams (registry.py): the unary calls feed the same
+pieces, and the dispatcher runs while a stream is open.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import itertools
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
+from google.api import httpbody_pb2
 from google.protobuf import json_format
+from sqlalchemy.exc import SQLAlchemyError
 
 from agentmesh.v1 import (
     agents_pb2,
@@ -30,13 +38,17 @@ from agentmesh.v1 import (
     tasks_pb2,
     tasks_pb2_grpc,
 )
-from servers.common.context import Principal, require_principal
-from servers.common.errors import NotFound, ValidationError
-from servers.common.internal import InternalChannel
+from servers.common import sse
+from servers.common.clock import timestamp
+from servers.common.context import Principal, require_principal, set_http_status
+from servers.common.errors import Conflict, NotFound, Unavailable, ValidationError
+from servers.common.internal import CALL_TIMEOUT, InternalChannel
 from servers.common.pagination import page
 from servers.common.protos import struct
 
-from .registry import Registry, Session
+from . import http
+from .domain import AgentDirectory, View, config_too_large
+from .registry import Session
 
 log = logging.getLogger("agentmesh.agents")
 
@@ -44,9 +56,10 @@ HELLO_TIMEOUT = 10.0
 POLL_SECONDS = 2.0
 MAX_CAPACITY = 1000
 AGENT_IDS = uuid.UUID("6f1d3c2e-8a4b-4c55-9d0e-2b7f4a1c9e10")
-# Seed 004's words; only connected agents are known in this version, so "offline" lists none.
-STATUS_WORDS = ("idle", "active", "busy", "overloaded", "offline")
-CONFIG_MAX_BYTES = 64 * 1024
+# The agent is silent (no frame, no REST call) for this many heartbeat intervals: no new work
+# for it; for three, its stream ends (HEARTBEAT_TIMEOUT) and an HTTP agent's session expires.
+QUIET_INTERVALS = 1.5
+SILENT_INTERVALS = 3
 
 
 def agent_id_of(owner_id: str, name: str) -> str:
@@ -58,42 +71,71 @@ def _error(code: str, message: str) -> agents_pb2.ConnectResponse:
     return agents_pb2.ConnectResponse(error=common_pb2.StreamError(code=code, message=message))
 
 
-def _cancellation(task_id: str, reason: str) -> agents_pb2.ConnectResponse:
+def _end(reason: str) -> agents_pb2.ConnectResponse:
+    return agents_pb2.ConnectResponse(end=common_pb2.StreamEnd(reason=reason))
+
+
+def _last(frame: agents_pb2.ConnectResponse) -> bool:
+    return frame.HasField("error") or frame.HasField("end")
+
+
+def _cancellation(task_id: str, reason: str, attempt_token: str = "") -> agents_pb2.ConnectResponse:
     return agents_pb2.ConnectResponse(
-        cancellation=agents_pb2.Cancellation(task_id=task_id, reason=reason)
+        cancellation=agents_pb2.Cancellation(
+            task_id=task_id, reason=reason, attempt_token=attempt_token
+        )
     )
 
 
-def _check_hello(hello: agents_pb2.Hello) -> str:
-    """What is wrong with a Hello, or ""."""
+def hello_problem(hello: agents_pb2.Hello) -> tuple[str, str] | None:
+    """What is wrong with a Hello (or a registration): (field, message), or None."""
     if not 1 <= len(hello.name) <= 64:
-        return "name must be 1-64 characters"
+        return "name", "name must be 1-64 characters"
     if not hello.capabilities or len(hello.capabilities) > 32:
-        return "capabilities: 1 to 32"
+        return "capabilities", "capabilities: 1 to 32"
     if any(not 1 <= len(c) <= 64 for c in hello.capabilities):
-        return "each capability must be 1-64 characters"
+        return "capabilities", "each capability must be 1-64 characters"
     if not 0 <= hello.max_capacity <= MAX_CAPACITY:
-        return f"max_capacity must be 1 to {MAX_CAPACITY}"
-    return ""
+        return "max_capacity", f"max_capacity must be 1 to {MAX_CAPACITY}"
+    if len(hello.type) > 64 or len(hello.version) > 64:
+        return "type", "type and version: at most 64 characters each"
+    if config_too_large(json_format.MessageToDict(hello.configuration)):
+        return "configuration", "configuration is larger than 64 KiB"
+    return None
+
+
+def _timeout(context: grpc.aio.ServicerContext) -> float:
+    """The caller's remaining deadline, for the call to the tasks service made on its behalf."""
+    left = context.time_remaining()
+    return CALL_TIMEOUT if left is None else max(0.1, min(CALL_TIMEOUT, left))
 
 
 class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
     def __init__(
         self,
         *,
-        registry: Registry,
+        directory: AgentDirectory,
         tasks: InternalChannel,
         heartbeat_seconds: int,
         lease_seconds: int,
+        closing: asyncio.Event | None = None,
     ) -> None:
-        self._registry = registry
+        self._directory = directory
+        self._registry = directory.registry
         self._channel = tasks
         self._heartbeat = heartbeat_seconds
         self._lease = lease_seconds
+        # Set when the server starts to stop: open streams end with StreamEnd SERVER_SHUTDOWN.
+        self._closing = closing or asyncio.Event()
+        # New HTTP sessions (registration, a rebuilt session, a new stream) one at a time, so
+        # that two calls at once make one session. They are rare: once per start or stream.
+        self._attaching = asyncio.Lock()
 
     @property
     def _tasks(self) -> tasks_pb2_grpc.TasksInternalServiceStub:
         return self._channel.stub(tasks_pb2_grpc.TasksInternalServiceStub)
+
+    # -- Connect ----------------------------------------------------------------------------
 
     async def Connect(
         self,
@@ -107,68 +149,50 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         except (StopAsyncIteration, TimeoutError):
             yield _error("VALIDATION_ERROR", "the first frame must be a Hello")
             return
-        problem = _check_hello(first.hello) if first.HasField("hello") else "first frame: Hello"
-        if problem:
-            yield _error("VALIDATION_ERROR", problem)
-            return
-        session = self._open(who, first.hello)
-        yield agents_pb2.ConnectResponse(
-            welcome=agents_pb2.Welcome(
-                agent_id=session.agent_id,
-                heartbeat_interval_seconds=self._heartbeat,
-                lease_duration_seconds=self._lease,
-                configuration=struct(session.configuration),
-            )
+        problem = (
+            hello_problem(first.hello) if first.HasField("hello") else ("", "first frame: Hello")
         )
+        if problem:
+            yield _error("VALIDATION_ERROR", problem[1])
+            return
+        try:
+            session = await self._open(who, first.hello)
+        except SQLAlchemyError as exc:
+            log.warning("could not record an agent's connection: %s", exc)
+            yield _error("SERVICE_UNAVAILABLE", "the agent registry is unavailable; reconnect")
+            return
+        reason = "DISCONNECTED"
         reader = asyncio.create_task(self._read(session, frames))
         dispatcher = asyncio.create_task(self._dispatch(session))
+        closer = asyncio.create_task(self._end_on_close(session))
         try:
+            yield agents_pb2.ConnectResponse(
+                welcome=agents_pb2.Welcome(
+                    agent_id=session.agent_id,
+                    heartbeat_interval_seconds=self._heartbeat,
+                    lease_duration_seconds=self._lease,
+                    configuration=struct(session.configuration),
+                )
+            )
             while True:
-                try:
-                    frame = await asyncio.wait_for(session.outbox.get(), self._heartbeat)
-                except TimeoutError:
-                    if time.monotonic() - session.last_seen > 3 * self._heartbeat:
-                        yield _error("HEARTBEAT_TIMEOUT", "no frame from the agent in time")
-                        return
-                    ping = agents_pb2.Ping(nonce=uuid.uuid4().hex)
-                    ping.time.GetCurrentTime()
-                    yield agents_pb2.ConnectResponse(ping=ping)
-                    continue
+                frame = await self._next(session)
                 if frame is None:  # the reader ended: the agent closed its side, or it broke
                     if session.closed_by_agent:
+                        reason = "AGENT_STOPPED"
                         await self._release(session)
                     return
                 yield frame
-                if frame.HasField("error") or frame.HasField("end"):
+                if _last(frame):
+                    reason = frame.error.code if frame.HasField("error") else frame.end.reason
                     return
         finally:
-            reader.cancel()
-            dispatcher.cancel()
+            for job in (reader, dispatcher, closer):
+                job.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(reader, dispatcher, return_exceptions=True)
+                await asyncio.gather(reader, dispatcher, closer, return_exceptions=True)
             self._registry.remove(session)
+            await self._directory.disconnect(session, reason)
             log.info("agent disconnected", extra={"agent_id": session.agent_id})
-
-    def _open(self, who: Principal, hello: agents_pb2.Hello) -> Session:
-        agent_id = agent_id_of(who.subject, hello.name)
-        session = Session(
-            agent_id=agent_id,
-            owner_id=who.subject,
-            name=hello.name,
-            type=hello.type,
-            capabilities=frozenset(hello.capabilities),
-            capacity=hello.max_capacity or 1,
-            configuration=apply_config(
-                json_format.MessageToDict(hello.configuration),
-                self._registry.overrides.get(agent_id, {}),
-            ),
-            version=hello.version,
-        )
-        replaced = self._registry.add(session)
-        if replaced is not None:
-            replaced.send(agents_pb2.ConnectResponse(end=common_pb2.StreamEnd(reason="REPLACED")))
-        log.info("agent connected", extra={"agent_id": session.agent_id, "agent_name": hello.name})
-        return session
 
     async def _read(
         self, session: Session, frames: AsyncIterator[agents_pb2.ConnectRequest]
@@ -178,11 +202,21 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                 session.seen()
                 kind = frame.WhichOneof("kind")
                 if kind == "heartbeat":
-                    await self._renew(session, list(frame.heartbeat.task_ids))
+                    # Also the tasks handed out on this stream that the agent has not listed
+                    # yet: they may still wait in its queue.
+                    await self._renew_streamed(
+                        session, sorted(set(frame.heartbeat.task_ids) | set(session.held))
+                    )
                 elif kind == "progress":
-                    await self._progress(session, frame.progress)
+                    try:
+                        await self._progress(session, frame.progress)
+                    except grpc.aio.AioRpcError as exc:
+                        if exc.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.NOT_FOUND):
+                            session.send(_cancellation(frame.progress.task_id, "LEASE_LOST"))
                 elif kind == "result":
-                    await self._result(session, frame.result)
+                    ack = await self._result(session, frame.result)
+                    if ack is not None:
+                        session.send(agents_pb2.ConnectResponse(result_ack=ack))
                 elif kind == "hello":
                     session.send(_error("VALIDATION_ERROR", "Hello may only come first"))
                     return
@@ -192,67 +226,14 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         finally:
             session.send(None)
 
-    async def _renew(self, session: Session, task_ids: list[str]) -> None:
-        held = sorted(set(task_ids) | set(session.held))
-        if not held:
-            return
+    async def _renew_streamed(self, session: Session, task_ids: list[str]) -> None:
         try:
-            reply = await self._tasks.RenewLeases(
-                tasks_pb2.RenewLeasesRequest(agent_id=session.agent_id, task_ids=held),
-                **self._channel.call_options(),
-            )
+            reply = await self._renew(session, task_ids)
         except grpc.aio.AioRpcError as exc:
             log.warning("lease renewal failed: %s", exc.code().name)
             return
         for task_id in reply.lost_task_ids:
-            session.held.pop(task_id, None)
             session.send(_cancellation(task_id, "LEASE_LOST"))
-        if reply.lost_task_ids:
-            session.wake.set()
-
-    async def _progress(self, session: Session, progress: agents_pb2.TaskProgress) -> None:
-        try:
-            await self._tasks.ReportProgress(
-                tasks_pb2.TasksInternalServiceReportProgressRequest(
-                    task_id=progress.task_id,
-                    agent_id=session.agent_id,
-                    attempt_token=progress.attempt_token,
-                    progress=progress.progress,
-                    message=progress.message,
-                ),
-                **self._channel.call_options(),
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.NOT_FOUND):
-                session.held.pop(progress.task_id, None)
-                session.send(_cancellation(progress.task_id, "LEASE_LOST"))
-                session.wake.set()
-
-    async def _result(self, session: Session, result: agents_pb2.TaskResult) -> None:
-        request = tasks_pb2.TasksInternalServiceCompleteTaskRequest(
-            task_id=result.task_id, agent_id=session.agent_id, attempt_token=result.attempt_token
-        )
-        if result.HasField("error"):
-            request.error.CopyFrom(result.error)
-        else:
-            request.result.CopyFrom(result.result)
-        ack = agents_pb2.TaskResultAck(task_id=result.task_id, attempt_token=result.attempt_token)
-        try:
-            reply = await self._tasks.CompleteTask(request, **self._channel.call_options())
-            ack.accepted, ack.status = True, reply.task.status
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                ack.reason = "TASK_NOT_FOUND"
-            elif exc.code() == grpc.StatusCode.ABORTED:
-                ack.reason = "CONFLICT"
-            else:
-                # Not recorded and not refused: no ack, so the agent sends it again later.
-                log.warning("could not record a result: %s", exc.code().name)
-                return
-        if session.held.get(result.task_id) == result.attempt_token:
-            del session.held[result.task_id]
-        session.send(agents_pb2.ConnectResponse(result_ack=ack))
-        session.wake.set()
 
     async def _release(self, session: Session) -> None:
         try:
@@ -265,16 +246,124 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         except grpc.aio.AioRpcError as exc:
             log.warning("could not release a stopped agent's tasks: %s", exc.code().name)
 
-    def _silent(self, session: Session) -> bool:
-        return time.monotonic() - session.last_seen > 1.5 * self._heartbeat
+    # -- what Connect and HTTP agents share -------------------------------------------------
+
+    async def _open(
+        self, who: Principal, hello: agents_pb2.Hello, *, over_http: bool = False
+    ) -> Session:
+        """A Hello or a registration: the agent's session, recorded online."""
+        configuration = json_format.MessageToDict(hello.configuration)
+        session = Session(
+            agent_id=agent_id_of(who.subject, hello.name),
+            owner_id=who.subject,
+            key_id=who.token_id,
+            name=hello.name,
+            type=hello.type,
+            capabilities=frozenset(hello.capabilities),
+            capacity=hello.max_capacity or 1,
+            configuration=configuration,
+            version=hello.version,
+            defaults=configuration,
+            http=over_http,
+        )
+        await self._take_over(session)
+        log.info("agent connected", extra={"agent_id": session.agent_id, "agent_name": hello.name})
+        return session
+
+    async def _take_over(self, session: Session) -> None:
+        """Records the session online with its effective configuration and puts it in the
+        registry. The session it replaces here ends with REPLACED; an HTTP session takes over
+        the work of the one it replaces, to repeat it to its stream."""
+        replaced = await self._directory.connect(session, session.defaults)
+        if replaced is not None:
+            if session.http:
+                session.adopt(replaced)
+            replaced.send(_end("REPLACED"))
+
+    async def _renew(
+        self, session: Session, task_ids: list[str], timeout: float = CALL_TIMEOUT
+    ) -> tasks_pb2.RenewLeasesResponse:
+        """Renews the leases of these tasks. Renewed ones count as held (also those assigned
+        before a reconnection, whose token this session never knew); lost ones no longer."""
+        if not task_ids:
+            return tasks_pb2.RenewLeasesResponse()
+        reply = await self._tasks.RenewLeases(
+            tasks_pb2.RenewLeasesRequest(agent_id=session.agent_id, task_ids=task_ids),
+            **self._channel.call_options(timeout),
+        )
+        for task_id in reply.renewed_task_ids:
+            session.held.setdefault(task_id, "")
+        for task_id in reply.lost_task_ids:
+            session.drop(task_id)
+        if reply.lost_task_ids:
+            session.wake.set()
+        return reply
+
+    async def _progress(
+        self, session: Session, progress: agents_pb2.TaskProgress, timeout: float = CALL_TIMEOUT
+    ) -> tasks_pb2.TasksInternalServiceReportProgressResponse:
+        """Forwards progress (which renews the lease). When the attempt is no longer current
+        the task stops counting as held, and the tasks service's error is raised."""
+        try:
+            return await self._tasks.ReportProgress(
+                tasks_pb2.TasksInternalServiceReportProgressRequest(
+                    task_id=progress.task_id,
+                    agent_id=session.agent_id,
+                    attempt_token=progress.attempt_token,
+                    progress=progress.progress,
+                    message=progress.message,
+                ),
+                **self._channel.call_options(timeout),
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.NOT_FOUND):
+                session.drop(progress.task_id, progress.attempt_token)
+                session.wake.set()
+            raise
+
+    async def _result(
+        self, session: Session, result: agents_pb2.TaskResult, timeout: float = CALL_TIMEOUT
+    ) -> agents_pb2.TaskResultAck | None:
+        """Forwards an outcome: the ack, accepted or refused; None when it was neither
+        recorded nor refused (the tasks service is away), so the agent sends it again."""
+        request = tasks_pb2.TasksInternalServiceCompleteTaskRequest(
+            task_id=result.task_id, agent_id=session.agent_id, attempt_token=result.attempt_token
+        )
+        if result.HasField("error"):
+            request.error.CopyFrom(result.error)
+        else:
+            request.result.CopyFrom(result.result)
+        ack = agents_pb2.TaskResultAck(task_id=result.task_id, attempt_token=result.attempt_token)
+        try:
+            reply = await self._tasks.CompleteTask(request, **self._channel.call_options(timeout))
+            ack.accepted, ack.status = True, reply.task.status
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                ack.reason = "TASK_NOT_FOUND"
+            elif exc.code() == grpc.StatusCode.ABORTED:
+                ack.reason = "CONFLICT"
+            else:
+                log.warning("could not record a result: %s", exc.code().name)
+                return None
+        if result.attempt_token:
+            session.drop(result.task_id, result.attempt_token)
+        session.wake.set()
+        return ack
+
+    def _quiet(self, session: Session) -> bool:
+        return session.silent_for() > QUIET_INTERVALS * self._heartbeat
 
     async def _dispatch(self, session: Session) -> None:
         """Claims work while the agent has room; sleeps until woken, or a short poll."""
         while True:
             session.wake.clear()
             # A frozen or cut-off agent still has a session until the writer notices; it must
-            # not be handed the work whose lease it just lost.
-            while session.free() > 0 and not self._silent(session):
+            # not be handed the work whose lease it just lost. Nor a replaced session.
+            while (
+                session.free() > 0
+                and not self._quiet(session)
+                and self._registry.get(session.agent_id) is session
+            ):
                 try:
                     reply = await self._tasks.ClaimTask(
                         tasks_pb2.ClaimTaskRequest(
@@ -289,133 +378,311 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                     break
                 if not reply.HasField("assignment"):
                     break
-                assignment = reply.assignment
-                session.held[assignment.task.task_id] = assignment.attempt_token
-                if not session.send(agents_pb2.ConnectResponse(assignment=assignment)):
+                session.hold(reply.assignment)
+                if not session.send(agents_pb2.ConnectResponse(assignment=reply.assignment)):
                     return  # the agent is not reading; its lease will run out
+                if session.free() == 0 and session.overload_armed:
+                    try:
+                        await self._directory.overloaded(session)
+                    except SQLAlchemyError as exc:
+                        log.warning("could not record agent.overloaded: %s", exc)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(session.wake.wait(), POLL_SECONDS)
+                async with asyncio.timeout(POLL_SECONDS):
+                    await session.wake.wait()
 
-    def _visible(self, agent_id: str) -> Session:
+    async def _next(self, session: Session) -> agents_pb2.ConnectResponse | None:
+        """The next frame for the agent: a queued one; a Ping after an interval of quiet; a
+        HEARTBEAT_TIMEOUT error once the agent has been silent for three. None: Connect's
+        reader ended."""
+        try:
+            async with asyncio.timeout(self._heartbeat):
+                return await session.outbox.get()
+        except TimeoutError:
+            if session.silent_for() > SILENT_INTERVALS * self._heartbeat:
+                return _error("HEARTBEAT_TIMEOUT", "nothing heard from the agent in time")
+            ping = agents_pb2.Ping(nonce=uuid.uuid4().hex)
+            ping.time.GetCurrentTime()
+            return agents_pb2.ConnectResponse(ping=ping)
+
+    async def _end_on_close(self, session: Session) -> None:
+        await self._closing.wait()
+        session.send(_end("SERVER_SHUTDOWN"))
+
+    # -- agents that speak only HTTP --------------------------------------------------------
+
+    async def RegisterAgent(
+        self, request: agents_pb2.RegisterAgentRequest, context: grpc.aio.ServicerContext
+    ) -> agents_pb2.RegisterAgentResponse:
         who = require_principal()
+        hello = agents_pb2.Hello(
+            name=request.name,
+            type=request.type,
+            capabilities=request.capabilities,
+            max_capacity=request.max_capacity,
+            configuration=request.configuration,
+            version=request.version,
+        )
+        problem = hello_problem(hello)
+        if problem:
+            raise ValidationError(problem[1], details={"field": problem[0]})
+        with http.registry_errors():
+            known = await self._directory.known(agent_id_of(who.subject, hello.name))
+            async with self._attaching:
+                session = await self._open(who, hello, over_http=True)
+            view = await self._directory.get(who, session.agent_id)
+        await set_http_status(context, 200 if known else 201)
+        return agents_pb2.RegisterAgentResponse(
+            agent=agent_proto(view),
+            heartbeat_interval_seconds=self._heartbeat,
+            lease_duration_seconds=self._lease,
+        )
+
+    async def Heartbeat(
+        self, request: agents_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> agents_pb2.HeartbeatResponse:
+        http.check_heartbeat(request)
+        session = await self._agent(require_principal(), request.agent_id)
+        try:
+            reply = await self._renew(
+                session, list(dict.fromkeys(request.task_ids)), _timeout(context)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise http.tasks_error(exc, "") from None
+        return agents_pb2.HeartbeatResponse(
+            lease_expires_at=reply.lease_expires_at if reply.renewed_task_ids else None,
+            renewed_task_ids=reply.renewed_task_ids,
+            lost_task_ids=reply.lost_task_ids,
+            heartbeat_interval_seconds=self._heartbeat,
+        )
+
+    async def ReportProgress(
+        self, request: agents_pb2.ReportProgressRequest, context: grpc.aio.ServicerContext
+    ) -> agents_pb2.ReportProgressResponse:
+        http.check_progress(request)
+        session = await self._agent(require_principal(), request.agent_id)
+        progress = agents_pb2.TaskProgress(
+            task_id=request.task_id,
+            attempt_token=request.attempt_token,
+            progress=request.progress,
+            message=request.message,
+        )
+        try:
+            reply = await self._progress(session, progress, _timeout(context))
+        except grpc.aio.AioRpcError as exc:
+            raise http.tasks_error(exc, request.task_id) from None
+        return agents_pb2.ReportProgressResponse(lease_expires_at=reply.lease_expires_at)
+
+    async def CompleteTask(
+        self, request: agents_pb2.CompleteTaskRequest, context: grpc.aio.ServicerContext
+    ) -> agents_pb2.CompleteTaskResponse:
+        http.check_outcome(request)
+        session = await self._agent(require_principal(), request.agent_id)
+        result = agents_pb2.TaskResult(task_id=request.task_id, attempt_token=request.attempt_token)
+        if request.HasField("error"):
+            result.error.CopyFrom(request.error)
+        else:
+            result.result.CopyFrom(request.result)
+        ack = await self._result(session, result, _timeout(context))
+        details = {"task_id": request.task_id}
+        if ack is None:
+            raise Unavailable("the tasks service is unavailable; retry", details=details)
+        if ack.reason == "TASK_NOT_FOUND":
+            raise NotFound("no such task", reason="TASK_NOT_FOUND", details=details)
+        if not ack.accepted:
+            raise Conflict("this attempt no longer holds the task", details=details)
+        return agents_pb2.CompleteTaskResponse(task_id=ack.task_id, status=ack.status)
+
+    async def StreamAssignments(
+        self, request: agents_pb2.StreamAssignmentsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        session = await self._agent(require_principal(), request.agent_id)
+        session = await self._attach(session)
+        dispatcher = asyncio.create_task(self._dispatch(session))
+        closer = asyncio.create_task(self._end_on_close(session))
+        ids = itertools.count(1)
+        log.info("assignment stream opened", extra={"agent_id": session.agent_id})
+        try:
+            # Like Connect's Welcome: the effective configuration, then the work the agent
+            # holds, with unchanged attempt tokens, so that a reconnect loses nothing.
+            opening = [
+                agents_pb2.ConnectResponse(
+                    config_update=agents_pb2.ConfigUpdate(
+                        configuration=struct(session.configuration)
+                    )
+                )
+            ]
+            opening += [agents_pb2.ConnectResponse(assignment=a) for a in session.holding()]
+            yield sse.body(
+                sse.retry(http.SSE_RETRY_MS)
+                + "".join(http.sse_event(f, str(next(ids))) for f in opening)
+            )
+            while True:
+                frame = await self._next(session)
+                if frame is None:
+                    return
+                text = http.sse_event(frame, str(next(ids)))
+                if text:
+                    yield sse.body(text)
+                if _last(frame):
+                    return
+        finally:
+            dispatcher.cancel()
+            closer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(dispatcher, closer, return_exceptions=True)
+            # The session stays: the agent is online while its calls keep coming. Its leases
+            # are not released; they run out unless heartbeats renew them.
+            session.streaming = False
+            log.info("assignment stream closed", extra={"agent_id": session.agent_id})
+
+    async def _agent(self, who: Principal, agent_id: str) -> Session:
+        """The caller's agent on this server, marked as heard from. NOT_FOUND unless the
+        caller's key registered it. An agent registered before whose session ended (silence,
+        a restart) gets a new one: it is online again."""
         session = self._registry.get(agent_id)
-        if session is None or not (session.owner_id == who.subject or "admin" in who.roles):
-            raise NotFound("no such agent", details={"agent_id": agent_id[:64]})
+        if session is None or session.key_id != who.token_id:
+            async with self._attaching:
+                session = self._registry.get(agent_id)
+                if session is None or session.key_id != who.token_id:
+                    session = await self._reattach(who, agent_id)
+        session.seen()
         return session
+
+    async def _reattach(self, who: Principal, agent_id: str) -> Session:
+        found: list[View] = []
+        if 1 <= len(agent_id) <= http.ID_MAX:
+            with http.registry_errors():
+                found = await self._directory.resolve([agent_id], who.token_id)
+        mine = [v for v in found if v.owner_id == who.subject]
+        if not mine:
+            raise NotFound("no such agent", details={"agent_id": agent_id[: http.ID_MAX]})
+        session = http.session_of(mine[0])
+        with http.registry_errors():
+            await self._take_over(session)
+        return session
+
+    async def _attach(self, session: Session) -> Session:
+        """The session an SSE stream writes: the agent's HTTP session when no stream has it,
+        else a successor that takes its work over (the older stream ends with REPLACED)."""
+        async with self._attaching:
+            current = self._registry.get(session.agent_id) or session
+            if current.http and not current.streaming:
+                current.streaming = True
+                current.unqueue_assignments()
+                return current
+            successor = http.successor_of(current)
+            successor.streaming = True
+            with http.registry_errors():
+                await self._take_over(successor)
+            return successor
+
+    async def expire_http_agents(self) -> None:
+        """Runs for the life of the server: an HTTP agent with no stream open that has been
+        silent for three heartbeat intervals goes offline (HEARTBEAT_LOST). Its leases are
+        not released: they run out, as a crashed Connect agent's do."""
+        while True:
+            await asyncio.sleep(self._heartbeat)
+            for session in self._registry.all():
+                if (
+                    session.http
+                    and not session.streaming
+                    and session.silent_for() > SILENT_INTERVALS * self._heartbeat
+                ):
+                    self._registry.remove(session)
+                    try:
+                        await self._directory.disconnect(session, "HEARTBEAT_LOST")
+                    except Exception:  # the row stays online until the reaper sees it stale
+                        log.exception("could not record a silent http agent offline")
+                    log.info("http agent went silent", extra={"agent_id": session.agent_id})
+
+    # -- the registry over REST -------------------------------------------------------------
 
     async def ListAgents(
         self, request: agents_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
     ) -> agents_pb2.ListAgentsResponse:
-        who = require_principal()
-        if request.status and request.status not in STATUS_WORDS:
-            raise ValidationError(
-                f"status must be one of {', '.join(STATUS_WORDS)}", details={"field": "status"}
-            )
         p = page(request.limit, request.offset)
-        wanted = set(request.capabilities)
-        mine = [
-            s
-            for s in self._registry.all()
-            if (s.owner_id == who.subject or "admin" in who.roles) and wanted <= s.capabilities
-        ]
-        matching = sorted(
-            (s for s in mine if not request.status or s.status() == request.status),
-            key=lambda s: (s.name, s.agent_id),
+        found = await self._directory.listing(
+            require_principal(), request.status, list(request.capabilities)
         )
-        idle = sum(1 for s in matching if s.status() == "idle")
         return agents_pb2.ListAgentsResponse(
-            agents=[agent_proto(s) for s in matching[p.offset : p.offset + p.limit]],
-            **p.fields(len(matching)),
-            active=len(matching),
-            idle=idle,
-            busy=len(matching) - idle,
+            agents=[agent_proto(v) for v in found.agents[p.offset : p.offset + p.limit]],
+            **p.fields(len(found.agents)),
+            active=found.online,
+            idle=found.idle,
+            busy=found.online - found.idle,
         )
 
     async def GetAgent(
         self, request: agents_pb2.GetAgentRequest, context: grpc.aio.ServicerContext
     ) -> agents_pb2.Agent:
-        return agent_proto(self._visible(request.agent_id))
+        return agent_proto(await self._directory.get(require_principal(), request.agent_id))
 
     async def UpdateAgentConfig(
         self, request: agents_pb2.UpdateAgentConfigRequest, context: grpc.aio.ServicerContext
     ) -> agents_pb2.UpdateAgentConfigResponse:
-        session = self._visible(request.agent_id)
-        body = json_format.MessageToDict(request.configuration)
-        if len(json.dumps(body).encode()) > CONFIG_MAX_BYTES:
-            raise ValidationError(
-                "configuration is larger than 64 KiB", details={"field": "configuration"}
-            )
-        paths = list(request.update_mask.paths)
-        if any(not path or "." in path for path in paths if path != "*"):
-            raise ValidationError(
-                "update_mask paths are top-level keys", details={"field": "update_mask"}
-            )
-        if "*" in paths:
-            changes: dict[str, Any] = {k: None for k in session.configuration} | body
-        elif paths:
-            changes = {path: body.get(path) for path in paths}
-        else:
-            changes = body
-        session.configuration = apply_config(session.configuration, changes)
-        overrides = self._registry.overrides.setdefault(session.agent_id, {})
-        overrides.update(changes)
-        updated = sorted(changes)
-        config = struct(session.configuration)
-        session.send(
-            agents_pb2.ConnectResponse(
-                config_update=agents_pb2.ConfigUpdate(configuration=config, updated_fields=updated)
-            )
+        change = await self._directory.configure(
+            require_principal(),
+            request.agent_id,
+            json_format.MessageToDict(request.configuration),
+            list(request.update_mask.paths),
         )
+        config = struct(change.configuration)
+        if change.session is not None:
+            change.session.send(
+                agents_pb2.ConnectResponse(
+                    config_update=agents_pb2.ConfigUpdate(
+                        configuration=config, updated_fields=change.updated_fields
+                    )
+                )
+            )
         return agents_pb2.UpdateAgentConfigResponse(
-            agent_id=session.agent_id, updated_fields=updated, configuration=config
+            agent_id=request.agent_id, updated_fields=change.updated_fields, configuration=config
         )
 
 
-def apply_config(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    """Sets the changed keys; a None (JSON null) removes the key."""
-    merged = dict(base)
-    for key, value in changes.items():
-        if value is None:
-            merged.pop(key, None)
-        else:
-            merged[key] = value
-    return merged
-
-
-def agent_proto(session: Session) -> agents_pb2.Agent:
-    now = time.time()
-    agent = agents_pb2.Agent(
-        agent_id=session.agent_id,
-        name=session.name,
-        type=session.type,
-        status=session.status(),
-        capabilities=sorted(session.capabilities),
-        current_load=len(session.held),
-        max_capacity=session.capacity,
-        configuration=struct(session.configuration),
-        owner_id=session.owner_id,
-        version=session.version,
+def agent_proto(view: View) -> agents_pb2.Agent:
+    online_since = view.connected_at if view.online else None
+    uptime = (time.time() - online_since.timestamp()) if online_since else 0
+    return agents_pb2.Agent(
+        agent_id=view.agent_id,
+        name=view.name,
+        type=view.type,
+        status=view.status,
+        capabilities=list(view.capabilities),
+        current_load=view.current_load,
+        max_capacity=view.max_capacity,
+        configuration=struct(view.configuration),
+        owner_id=view.owner_id,
+        version=view.version,
         health=agents_pb2.AgentHealth(
-            status="healthy", uptime_seconds=int(now - session.connected_at)
+            status="healthy" if view.online else "unhealthy",
+            uptime_seconds=max(0, int(uptime)),
+            last_heartbeat=timestamp(view.last_seen_at),
         ),
+        connected_at=timestamp(online_since),
     )
-    agent.health.last_heartbeat.FromSeconds(int(session.last_seen_at))
-    agent.connected_at.FromSeconds(int(session.connected_at))
-    return agent
 
 
 class AgentsInternalService(agents_pb2_grpc.AgentsInternalServiceServicer):
-    def __init__(self, *, registry: Registry) -> None:
-        self._registry = registry
+    def __init__(self, *, directory: AgentDirectory) -> None:
+        self._directory = directory
+        self._registry = directory.registry
 
     async def DeliverCancellation(
         self, request: agents_pb2.DeliverCancellationRequest, context: grpc.aio.ServicerContext
     ) -> agents_pb2.DeliverCancellationResponse:
         session = self._registry.get(request.agent_id)
         if session is None:
-            raise NotFound("agent is not connected here", details={"agent_id": request.agent_id})
-        session.held.pop(request.task_id, None)
-        session.send(_cancellation(request.task_id, request.reason or "CANCELLED"))
+            # Not connected here: its next heartbeat (after a reconnect) learns the lease is
+            # gone. Only an agent the registry never saw is NOT_FOUND.
+            if not await self._directory.known(request.agent_id):
+                raise NotFound("no such agent", details={"agent_id": request.agent_id[:64]})
+            return agents_pb2.DeliverCancellationResponse()
+        token = request.attempt_token
+        # A token names one attempt: a newer attempt of the task that this agent holds now
+        # keeps its place.
+        session.drop(request.task_id, token)
+        session.send(_cancellation(request.task_id, request.reason or "CANCELLED", token))
         session.wake.set()
         return agents_pb2.DeliverCancellationResponse()
 
@@ -424,3 +691,20 @@ class AgentsInternalService(agents_pb2_grpc.AgentsInternalServiceServicer):
     ) -> agents_pb2.NotifyTasksAvailableResponse:
         self._registry.wake(set(request.capabilities))
         return agents_pb2.NotifyTasksAvailableResponse()
+
+    async def ResolveAgents(
+        self, request: agents_pb2.ResolveAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> agents_pb2.ResolveAgentsResponse:
+        found = await self._directory.resolve(list(request.agent_ids), request.key_id)
+        return agents_pb2.ResolveAgentsResponse(
+            agents=[
+                agents_pb2.AgentIdentity(
+                    agent_id=v.agent_id,
+                    owner_id=v.owner_id,
+                    key_id=v.key_id,
+                    name=v.name,
+                    online=v.online,
+                )
+                for v in found
+            ]
+        )
