@@ -55,6 +55,10 @@ class Settings:
       AGENTMESH_STREAM_HEARTBEAT_SECONDS heartbeats on idle event and inbox streams (default 15)
       AGENTMESH_MESSAGE_RATE_LIMIT  messages an agent may send per second (default 50)
       AGENTMESH_INBOX_MAX_UNACKED   unacknowledged messages an inbox holds (default 10000)
+      AGENTMESH_CALLBACK_ALLOW_PRIVATE  1: task callbacks may call private and loopback
+                                        addresses (default: refused)
+      AGENTMESH_CALLBACK_SECRET     the key callbacks are signed with (default: created once in
+                                    the data directory)
     """
 
     data_dir: Path
@@ -79,6 +83,7 @@ class Settings:
     stream_heartbeat_seconds: int = 15
     message_rate_limit: int = 50
     inbox_max_unacked: int = 10_000
+    callback_allow_private: bool = False
     version: str = "0.1.0"
 
     @classmethod
@@ -106,6 +111,7 @@ class Settings:
             stream_heartbeat_seconds=_positive(env, "AGENTMESH_STREAM_HEARTBEAT_SECONDS", 15),
             message_rate_limit=_positive(env, "AGENTMESH_MESSAGE_RATE_LIMIT", 50),
             inbox_max_unacked=_positive(env, "AGENTMESH_INBOX_MAX_UNACKED", 10_000),
+            callback_allow_private=env.get("AGENTMESH_CALLBACK_ALLOW_PRIVATE") == "1",
         )
 
     def with_ports(self, **ports: int) -> Settings:
