@@ -34,26 +34,40 @@ from agentmesh.v1 import (
 )
 from gateway.proxy import EdgeConfig, EnvoyFailed, EnvoyProcess
 
+from .agents.domain import AgentDirectory
+from .agents.models import OutboxRow as AgentsOutboxRow
 from .agents.registry import Registry
 from .agents.service import AgentsInternalService, AgentsService
 from .auth.admin import UserAdmin
 from .auth.apikeys import ApiKeys
 from .auth.domain import Accounts, LoginLimits
 from .auth.keys import SigningKey
+from .auth.models import OutboxRow as AuthOutboxRow
 from .auth.profiles import AccountCache
 from .auth.service import AuthInternalService, AuthService, UsersService
 from .common.auth import ApiKeyClient, ApiKeyResolver, Authenticator, TokenVerifier
+from .common.bus import Bus, open_bus
 from .common.config import SERVICES, Settings
 from .common.context import Principal
 from .common.db import Database
+from .common.follower import Follower
 from .common.health import HealthService
 from .common.interceptors import default_interceptors
 from .common.internal import InternalChannel
+from .common.outbox import OutboxMixin, Relay
 from .common.ratelimit import SlidingWindowLimiter
 from .common.server import PortInUse, ServiceServer
-from .messaging.service import EventsService, MessagingService
+from .messaging.domain import RATE_WINDOW as MESSAGE_RATE_WINDOW
+from .messaging.domain import Messages
+from .messaging.events import EventHub, EventsService
+from .messaging.hub import TOPIC as MESSAGES_TOPIC
+from .messaging.hub import InboxHub
+from .messaging.messages import MessagingService
+from .messaging.resolver import AgentResolver
+from .tasks.callbacks import CallbackWorker
 from .tasks.dispatch import Dispatch
 from .tasks.domain import Tasks
+from .tasks.models import OutboxRow as TasksOutboxRow
 from .tasks.service import Agents, TasksInternalService, TasksService
 
 log = logging.getLogger("agentmesh.mesh")
@@ -63,8 +77,8 @@ SERVERS_DIR = Path(__file__).resolve().parent
 MIGRATIONS: dict[str, Path | None] = {
     "auth": SERVERS_DIR / "auth" / "migrations",
     "tasks": SERVERS_DIR / "tasks" / "migrations",
-    "agents": None,
-    "messaging": None,
+    "agents": SERVERS_DIR / "agents" / "migrations",
+    "messaging": SERVERS_DIR / "messaging" / "migrations",
 }
 
 
@@ -78,7 +92,13 @@ class Runtime:
     verifier: TokenVerifier
     internal_token: str
     limits: LoginLimits
+    bus: Bus
     peers: dict[str, str] = field(default_factory=dict)
+    # Set when the process starts to stop: open streams end with StreamEnd("SERVER_SHUTDOWN").
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
+    _stop_hooks: list[Callable[[], None]] = field(default_factory=list)
+    _followers: dict[str, Follower] = field(default_factory=dict)
+    _jobs: list[asyncio.Task[None]] = field(default_factory=list)
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     @classmethod
@@ -118,6 +138,7 @@ class Runtime:
             verifier=verifier,
             internal_token=internal_token(settings.data_dir),
             limits=limits,
+            bus=open_bus(settings.redis_url, prefix=settings.bus_prefix),
         )
 
     def authenticator(self, api_keys: ApiKeyResolver | None = None) -> Authenticator:
@@ -143,10 +164,44 @@ class Runtime:
     def on_close(self, close: Callable[[], Awaitable[None]]) -> None:
         self._closers.append(close)
 
+    def on_stop(self, hook: Callable[[], None]) -> None:
+        """Runs ``hook`` when the process starts to stop, before servers drain."""
+        self._stop_hooks.append(hook)
+
+    def stopping(self) -> None:
+        """Tells open streams to end now (StreamEnd "SERVER_SHUTDOWN")."""
+        self.closing.set()
+        for hook in self._stop_hooks:
+            hook()
+
+    def follower(self, topic: str) -> Follower:
+        """The process's one reader of a bus topic, started on first use."""
+        follower = self._followers.get(topic)
+        if follower is None:
+            follower = self._followers[topic] = Follower(self.bus, topic)
+            self._jobs.append(asyncio.ensure_future(follower.run()))
+        return follower
+
+    def relay(self, model: type[OutboxMixin]) -> Relay:
+        """A relay of a service's outbox to the events topic (run it as a background job)."""
+        return Relay(
+            db=self.db,
+            model=model,
+            bus=self.bus,
+            retention_seconds=self.settings.event_retention_seconds,
+            max_len=self.settings.event_retention_max,
+        )
+
     async def close(self) -> None:
+        self.stopping()
+        for job in self._jobs:
+            job.cancel()
+        await asyncio.gather(*self._jobs, return_exceptions=True)
+        self._jobs.clear()
         for close in self._closers:
             await close()
         self._closers.clear()
+        await self.bus.close()
         await self.limits.close()
         await self.db.close()
 
@@ -157,9 +212,19 @@ def internal_token(data_dir: Path) -> str:
     AGENTMESH_INTERNAL_TOKEN wins (replicas on several hosts share it); otherwise it is created
     once in the data directory.
     """
-    if token := os.environ.get("AGENTMESH_INTERNAL_TOKEN"):
-        return token
-    path = data_dir / "keys" / "internal-token"
+    return _secret(data_dir, "internal-token", "AGENTMESH_INTERNAL_TOKEN")
+
+
+def callback_secret(data_dir: Path) -> str:
+    """The key task callbacks are signed with (servers/tasks/callbacks.py): from
+    AGENTMESH_CALLBACK_SECRET (replicas share it), or created once in the data directory."""
+    return _secret(data_dir, "callback-secret", "AGENTMESH_CALLBACK_SECRET")
+
+
+def _secret(data_dir: Path, name: str, variable: str) -> str:
+    if value := os.environ.get(variable):
+        return value
+    path = data_dir / "keys" / name
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with contextlib.suppress(FileExistsError):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -211,7 +276,7 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
                 ),
             ],
             rt.authenticator(resolve_locally),
-            [],
+            [rt.relay(AuthOutboxRow).run],
         )
     if name == "tasks":
         agents = Agents(rt.internal_channel("agents"))
@@ -219,6 +284,20 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
         internal = TasksInternalService(
             dispatch=Dispatch(db=rt.db, lease_seconds=s.lease_seconds), agents=agents
         )
+        callbacks = CallbackWorker(
+            db=rt.db,
+            bus=rt.bus,
+            secret=callback_secret(s.data_dir),
+            allow_private=s.callback_allow_private,
+        )
+        relay = rt.relay(TasksOutboxRow)
+
+        async def relay_once_callbacks_listen() -> None:
+            # The callbacks' consumer group starts at the topic's end: events published before
+            # it exists would never be called back.
+            await callbacks.started.wait()
+            await relay.run()
+
         return (
             [
                 (
@@ -233,47 +312,82 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
                 ),
             ],
             rt.authenticator(),
-            [internal.sweep],
+            [internal.sweep, callbacks.run, relay_once_callbacks_listen],
         )
     if name == "agents":
-        registry = Registry()
+        directory = AgentDirectory(
+            db=rt.db, registry=Registry(), heartbeat_seconds=s.heartbeat_seconds
+        )
+        rt.on_close(directory.close)
+        agents_service = AgentsService(
+            directory=directory,
+            tasks=rt.internal_channel("tasks"),
+            heartbeat_seconds=s.heartbeat_seconds,
+            lease_seconds=s.lease_seconds,
+            closing=rt.closing,
+        )
         return (
             [
                 (
                     agents_pb2_grpc.add_AgentsServiceServicer_to_server,
-                    AgentsService(
-                        registry=registry,
-                        tasks=rt.internal_channel("tasks"),
-                        heartbeat_seconds=s.heartbeat_seconds,
-                        lease_seconds=s.lease_seconds,
-                    ),
+                    agents_service,
                     "agentmesh.v1.AgentsService",
                 ),
                 (
                     agents_pb2_grpc.add_AgentsInternalServiceServicer_to_server,
-                    AgentsInternalService(registry=registry),
+                    AgentsInternalService(directory=directory),
                     "agentmesh.v1.AgentsInternalService",
                 ),
             ],
             rt.authenticator(),
-            [],
+            [
+                directory.maintain,
+                agents_service.expire_http_agents,
+                rt.relay(AgentsOutboxRow).run,
+            ],
         )
     if name == "messaging":
+        inbox_hub = InboxHub(bus=rt.bus, follower=rt.follower(MESSAGES_TOPIC))
+        inbox_hub.start()
+        message_limit = SlidingWindowLimiter(
+            name="messages",
+            limit=s.message_rate_limit,
+            window=MESSAGE_RATE_WINDOW,
+            redis_url=s.redis_url,
+        )
+        rt.on_close(message_limit.close)
+        messages = Messages(
+            db=rt.db,
+            hub=inbox_hub,
+            limiter=message_limit,
+            poll_seconds=s.stream_heartbeat_seconds,
+            max_unacked=s.inbox_max_unacked,
+        )
+        hub = EventHub(rt.follower("events"))
+        rt.on_stop(hub.shutdown)
+
         return (
             [
                 (
                     messaging_pb2_grpc.add_MessagingServiceServicer_to_server,
-                    MessagingService(),
+                    MessagingService(
+                        messages=messages,
+                        resolver=AgentResolver(rt.internal_channel("agents")),
+                        heartbeat_seconds=s.stream_heartbeat_seconds,
+                        closing=rt.closing,
+                    ),
                     "agentmesh.v1.MessagingService",
                 ),
                 (
                     events_pb2_grpc.add_EventsServiceServicer_to_server,
-                    EventsService(),
+                    EventsService(
+                        bus=rt.bus, hub=hub, heartbeat_seconds=s.stream_heartbeat_seconds
+                    ),
                     "agentmesh.v1.EventsService",
                 ),
             ],
             rt.authenticator(),
-            [],
+            [messages.sweep],
         )
     raise ValueError(f"unknown service {name!r}")
 
@@ -323,6 +437,13 @@ class Mesh:
         self.envoy: EnvoyProcess | None = None
         self._rt: Runtime | None = None
         self._health: HealthService | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        """What the services share (started meshes only)."""
+        if self._rt is None:
+            raise RuntimeError("the mesh is not started")
+        return self._rt
 
     @property
     def run_dir(self) -> Path:
@@ -398,6 +519,10 @@ class Mesh:
         """Drain: health NOT_SERVING, in-flight calls finish within the grace period, then
         Envoy stops and the database closes. Safe to call twice."""
         grace = self.settings.grace_seconds
+        if self._rt is not None:
+            # Streams end first, in-band, so that draining does not wait the grace period out.
+            self._rt.stopping()
+            await asyncio.sleep(0)
         await asyncio.gather(*(srv.drain() for srv in self.servers.values()))
         await asyncio.gather(*(srv.stop(grace) for srv in self.servers.values()))
         if self.envoy is not None:

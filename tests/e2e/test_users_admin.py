@@ -106,11 +106,16 @@ def test_admin_lists_users_in_pages(mesh: MeshProcess, admin: Account) -> None:
     with httpx.Client(base_url=mesh.url, headers=admin.headers) as client:
         for _ in range(3):
             _register(client)
-        everyone = client.get("/api/v1/users", params={"limit": 100})
-        assert everyone.status_code == 200, everyone.text
+        # The shared mesh may hold more users than a page: read them all, page by page.
+        ids: list[str] = []
+        while True:
+            everyone = client.get("/api/v1/users", params={"limit": 100, "offset": len(ids)})
+            assert everyone.status_code == 200, everyone.text
+            ids += [u["id"] for u in everyone.json()["users"]]
+            if not everyone.json()["has_more"]:
+                break
         total = everyone.json()["total"]
-        assert total >= 4
-        ids = [u["id"] for u in everyone.json()["users"]]
+        assert total >= 4 and len(ids) == total == len(set(ids))
         assert admin.id in ids
 
         default = client.get("/api/v1/users")
@@ -494,7 +499,10 @@ def test_users_service_over_grpc(mesh: MeshProcess, admin: Account, where: str) 
     own = stub.GetUser(users_pb2.GetUserRequest(user_id=b.id), metadata=as_(b), timeout=10)
     assert own.id == b.id and own.username == b.username
 
-    listed = stub.ListUsers(users_pb2.ListUsersRequest(limit=100), metadata=as_(admin), timeout=10)
+    # Oldest first: on the shared mesh, other tests' users come before these two.
+    total = stub.ListUsers(users_pb2.ListUsersRequest(limit=1), metadata=as_(admin)).total
+    newest = users_pb2.ListUsersRequest(limit=100, offset=max(0, total - 100))
+    listed = stub.ListUsers(newest, metadata=as_(admin), timeout=10)
     assert listed.limit == 100 and listed.total >= 3
     assert {a.id, b.id} <= {u.id for u in listed.users}
     fetched = stub.GetUser(users_pb2.GetUserRequest(user_id=a.id), metadata=as_(admin), timeout=10)
