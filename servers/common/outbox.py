@@ -90,7 +90,9 @@ class Relay:
 
     On PostgreSQL the batch is read FOR UPDATE, so two replicas relaying the same table take
     turns instead of publishing the same rows twice. SQLite serves one process, whose relay
-    reads without holding the write lock while it publishes.
+    reads without holding the write lock while it publishes, remembers how far it got, and marks
+    rows published in one write per ``mark_delay`` at most: SQLite has one writer, and a marking
+    write per event would double the writes of every change.
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class Relay:
         batch: int = 200,
         poll: float = 1.0,
         keep_published: timedelta = timedelta(hours=1),
+        mark_delay: float = 0.2,
     ) -> None:
         self._db = db
         self._model = model
@@ -116,6 +119,12 @@ class Relay:
         self._poll = poll
         self._keep = keep_published
         self._wake = asyncio.Event()
+        self._mark_delay = mark_delay
+        # SQLite: the last row id published by this relay, and the published rows not yet
+        # marked, with when they must be.
+        self._high = 0
+        self._unmarked: list[int] = []
+        self._mark_due = 0.0
         self.up = True
         self.published = 0
 
@@ -150,11 +159,19 @@ class Relay:
                 if time.monotonic() - last_cleanup > 60:
                     last_cleanup = time.monotonic()
                     await self.forget_published()
+                wait = self._poll
+                if self._unmarked:
+                    wait = min(wait, max(0.0, self._mark_due - time.monotonic()))
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._poll):
+                    async with asyncio.timeout(wait):
                         await self._wake.wait()
         finally:
             _relays[self._model].remove(self)
+            if self._unmarked:
+                # Best effort; what stays unmarked is published again after the restart.
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1.0):
+                        await self.mark_published()
 
     async def publish_pending(self) -> int:
         """Publishes one batch of unpublished rows; returns how many."""
@@ -164,17 +181,23 @@ class Relay:
         )
         if self._db.is_sqlite:
             async with self._db.session() as s:
-                rows = list(await s.scalars(query))
-            if rows:
-                await self._publish(rows)
-                async with self._db.write() as s, s.begin():
-                    await self._mark(s, rows)
+                rows = list(await s.scalars(query.where(model.id > self._high)))
+            for row in rows:
+                await self._publish([row])
+                self._high = row.id
+                if not self._unmarked:
+                    self._mark_due = time.monotonic() + self._mark_delay
+                self._unmarked.append(row.id)
+            if self._unmarked and (
+                len(self._unmarked) >= self._batch or time.monotonic() >= self._mark_due
+            ):
+                await self.mark_published()
             return len(rows)
         async with self._db.write() as s, s.begin():
             rows = list(await s.scalars(query.with_for_update()))
             if rows:
                 await self._publish(rows)
-                await self._mark(s, rows)
+                await self._mark(s, [r.id for r in rows])
         return len(rows)
 
     async def _publish(self, rows: list[OutboxMixin]) -> None:
@@ -187,13 +210,22 @@ class Relay:
             )
             self.published += 1
 
-    async def _mark(self, s: AsyncSession, rows: list[OutboxMixin]) -> None:
+    async def _mark(self, s: AsyncSession, ids: list[int]) -> None:
         model = self._model
         await s.execute(
             update(model)
-            .where(model.id.in_([r.id for r in rows]), model.published_at.is_(None))
+            .where(model.id.in_(ids), model.published_at.is_(None))
             .values(published_at=now())
         )
+
+    async def mark_published(self) -> None:
+        """SQLite: marks the rows this relay published and has not marked yet."""
+        ids = list(self._unmarked)
+        if not ids:
+            return
+        async with self._db.write() as s, s.begin():
+            await self._mark(s, ids)
+        del self._unmarked[: len(ids)]
 
     async def forget_published(self) -> None:
         """Deletes rows published long ago: the bus keeps the events from then on."""
