@@ -18,6 +18,7 @@ import pytest
 
 from servers.launcher import MeshProcess
 from tests.conftest import SHARED_MESH_ENV
+from tests.e2e.test_events import create_task
 from tests.helpers import register
 
 Received = tuple[dict[str, str], bytes]
@@ -57,13 +58,7 @@ def test_an_ended_task_is_called_back_once_signed(
         httpx.Client(base_url=mesh.url, timeout=10) as client,
     ):
         owner = register(client)
-        created = client.post(
-            "/api/v1/tasks",
-            json={"description": "call me", "callback_url": url},
-            headers=owner.headers,
-        )
-        assert created.status_code == 201, created.text
-        task_id = created.json()["task_id"]
+        task_id = create_task(client, owner, callback_url=url)
         # Nothing is sent while the task is merely created.
         with pytest.raises(queue.Empty):
             got.get(timeout=1.5)
@@ -91,12 +86,7 @@ def test_callbacks_to_private_addresses_are_refused_by_default(
         httpx.Client(base_url=mesh.url, timeout=10) as client,
     ):
         owner = register(client)
-        created = client.post(
-            "/api/v1/tasks",
-            json={"description": "call me", "callback_url": url},
-            headers=owner.headers,
-        )
-        task_id = created.json()["task_id"]
+        task_id = create_task(client, owner, callback_url=url)
         assert client.delete(f"/api/v1/tasks/{task_id}", headers=owner.headers).is_success
         with pytest.raises(queue.Empty):
             got.get(timeout=3)
