@@ -19,7 +19,7 @@ import json
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -32,7 +32,7 @@ from agentmesh.v1 import common_pb2, events_pb2, events_pb2_grpc
 from servers.common import sse
 from servers.common.bus import Bus, BusUnavailable, Entry, parse_id
 from servers.common.context import Principal, current_call, require_principal
-from servers.common.errors import Unavailable, ValidationError
+from servers.common.errors import RateLimited, Unavailable, ValidationError
 from servers.common.follower import Follower
 from servers.common.outbox import EVENTS_TOPIC
 from servers.common.pagination import page
@@ -41,6 +41,8 @@ from servers.common.protos import struct
 MAX_PATTERNS = 20
 PATTERN = re.compile(r"^[A-Za-z0-9_.*-]{1,64}$")
 QUEUE_LIMIT = 10_000
+# Open event streams per user in one process; one more is 429 RATE_LIMIT_EXCEEDED.
+MAX_STREAMS_PER_USER = 20
 REPLAY_PAGE = 500
 LIST_SCAN_PAGE = 1000
 # Bytes of SSE frames sent as one chunk when events come in a burst.
@@ -218,6 +220,24 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
         self._hub = hub
         self._heartbeat = heartbeat_seconds
         self._queue_limit = queue_limit
+        self._open: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def _slot(self, who: Principal) -> Iterator[None]:
+        """Counts an open stream against its user's limit, for as long as it is open."""
+        open_now = self._open.get(who.subject, 0)
+        if open_now >= MAX_STREAMS_PER_USER:
+            raise RateLimited(
+                f"at most {MAX_STREAMS_PER_USER} open event streams per user; close one first",
+                details={"limit": MAX_STREAMS_PER_USER, "retry_after": 5},
+            )
+        self._open[who.subject] = open_now + 1
+        try:
+            yield
+        finally:
+            left = self._open.pop(who.subject, 1) - 1
+            if left:
+                self._open[who.subject] = left
 
     async def _frames(self, matches: Filter, after: str) -> AsyncIterator[Frame]:
         """Batches of events for one subscriber, heartbeats when idle, and a last frame."""
@@ -300,16 +320,17 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
     ) -> AsyncIterator[events_pb2.SubscribeResponse]:
         matches = self._filter(request.patterns, request.subject_id)
         after = resume_point(request.after)
-        async for frame in self._frames(matches, after):
-            if isinstance(frame, list):
-                for event in frame:
-                    yield events_pb2.SubscribeResponse(event=event.proto)
-            elif isinstance(frame, common_pb2.Heartbeat):
-                yield events_pb2.SubscribeResponse(heartbeat=frame)
-            elif isinstance(frame, common_pb2.StreamError):
-                yield events_pb2.SubscribeResponse(error=frame)
-            else:
-                yield events_pb2.SubscribeResponse(end=frame)
+        with self._slot(require_principal()):
+            async for frame in self._frames(matches, after):
+                if isinstance(frame, list):
+                    for event in frame:
+                        yield events_pb2.SubscribeResponse(event=event.proto)
+                elif isinstance(frame, common_pb2.Heartbeat):
+                    yield events_pb2.SubscribeResponse(heartbeat=frame)
+                elif isinstance(frame, common_pb2.StreamError):
+                    yield events_pb2.SubscribeResponse(error=frame)
+                else:
+                    yield events_pb2.SubscribeResponse(end=frame)
 
     async def StreamEvents(
         self, request: events_pb2.StreamEventsRequest, context: grpc.aio.ServicerContext
@@ -318,17 +339,18 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
         call = current_call()
         last_event_id = call.metadata.get(sse.LAST_EVENT_ID, "") if call else ""
         after = resume_point(last_event_id.strip() or request.after)
-        yield sse.body(sse.retry(SSE_RETRY_MS))
-        async for frame in self._frames(matches, after):
-            if isinstance(frame, list):
-                for chunk in _chunks(frame):
-                    yield sse.body(chunk)
-            elif isinstance(frame, common_pb2.Heartbeat):
-                yield sse.body(sse.frame("ping", frame))
-            elif isinstance(frame, common_pb2.StreamError):
-                yield sse.body(sse.frame("error", frame))
-            else:
-                yield sse.body(sse.frame("end", frame))
+        with self._slot(require_principal()):
+            yield sse.body(sse.retry(SSE_RETRY_MS))
+            async for frame in self._frames(matches, after):
+                if isinstance(frame, list):
+                    for chunk in _chunks(frame):
+                        yield sse.body(chunk)
+                elif isinstance(frame, common_pb2.Heartbeat):
+                    yield sse.body(sse.frame("ping", frame))
+                elif isinstance(frame, common_pb2.StreamError):
+                    yield sse.body(sse.frame("error", frame))
+                else:
+                    yield sse.body(sse.frame("end", frame))
 
     async def ListEvents(
         self, request: events_pb2.ListEventsRequest, context: grpc.aio.ServicerContext

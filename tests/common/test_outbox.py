@@ -143,9 +143,10 @@ async def test_published_rows_are_forgotten_after_a_while(db: Database) -> None:
     assert left == ["new"]  # unpublished rows stay, whatever their age
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_sqlite_marks_published_rows_in_one_deferred_write(db: Database) -> None:
-    if not db.is_sqlite:
-        pytest.skip("PostgreSQL marks each batch in the transaction that read it FOR UPDATE")
+    # SQLite only: PostgreSQL marks each batch in the transaction that read it FOR UPDATE.
+    assert db.is_sqlite
     bus = MemoryBus()
     r = relay(db, bus, mark_delay=3600)
     await write_events(db, "a")

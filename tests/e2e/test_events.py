@@ -358,3 +358,27 @@ def test_security_events_reach_the_account_they_concern(mesh: MeshProcess) -> No
         assert events[1]["data"]["key_id"] == key_id
         # Not a word of it to anyone else.
         assert list_events(client, other, patterns="security.*")["events"] == []
+
+
+def test_a_user_may_hold_twenty_event_streams(mesh: MeshProcess) -> None:
+    with httpx.Client(base_url=mesh.url, timeout=10) as client:
+        owner, other = register(client), register(client)
+        with contextlib.ExitStack() as streams:
+            opened = [streams.enter_context(stream(client, owner)) for _ in range(20)]
+            assert all(reply.status_code == 200 for reply in opened)
+            refused = client.get("/api/v1/events/stream", headers=owner.headers)
+            error = assert_envelope(refused, 429, "RATE_LIMIT_EXCEEDED")
+            assert refused.headers["retry-after"] == "5"
+            assert error["details"] == {"limit": "20", "retry_after": "5"}  # ErrorInfo metadata
+            # The limit is the user's: another user is not affected.
+            with stream(client, other) as theirs:
+                assert theirs.status_code == 200
+            opened[0].close()
+        # Closed streams give their places back.
+        deadline = time.monotonic() + 5
+        while True:
+            with stream(client, owner) as again:
+                if again.status_code == 200 or time.monotonic() > deadline:
+                    assert again.status_code == 200
+                    break
+            time.sleep(0.1)

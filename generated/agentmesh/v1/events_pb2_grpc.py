@@ -33,7 +33,8 @@ class EventsServiceStub:
     nothing that is still retained.
 
     Every RPC requires authentication (401 AUTH_REQUIRED, or TOKEN_EXPIRED) and counts against the
-    caller's quota (429 RATE_LIMIT_EXCEEDED). A caller receives only the events about its own
+    caller's quota (429 RATE_LIMIT_EXCEEDED); a user holds at most 20 open streams (Subscribe and
+    StreamEvents together) per server process, and one more is 429 RATE_LIMIT_EXCEEDED. A caller receives only the events about its own
     resources (its tasks, the agents its keys registered, its account), and an admin everything.
     Events it may not see are skipped, never reported.
 
@@ -72,7 +73,8 @@ class EventsServiceServicer:
     nothing that is still retained.
 
     Every RPC requires authentication (401 AUTH_REQUIRED, or TOKEN_EXPIRED) and counts against the
-    caller's quota (429 RATE_LIMIT_EXCEEDED). A caller receives only the events about its own
+    caller's quota (429 RATE_LIMIT_EXCEEDED); a user holds at most 20 open streams (Subscribe and
+    StreamEvents together) per server process, and one more is 429 RATE_LIMIT_EXCEEDED. A caller receives only the events about its own
     resources (its tasks, the agents its keys registered, its account), and an admin everything.
     Events it may not see are skipped, never reported.
 
@@ -151,7 +153,8 @@ class EventsService:
     nothing that is still retained.
 
     Every RPC requires authentication (401 AUTH_REQUIRED, or TOKEN_EXPIRED) and counts against the
-    caller's quota (429 RATE_LIMIT_EXCEEDED). A caller receives only the events about its own
+    caller's quota (429 RATE_LIMIT_EXCEEDED); a user holds at most 20 open streams (Subscribe and
+    StreamEvents together) per server process, and one more is 429 RATE_LIMIT_EXCEEDED. A caller receives only the events about its own
     resources (its tasks, the agents its keys registered, its account), and an admin everything.
     Events it may not see are skipped, never reported.
 
