@@ -166,6 +166,16 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
+def _may_call_back(entry: Entry) -> bool:
+    """False when the event says its task has no callback URL (events written before the
+    tasks service said so count as "maybe": the task is read)."""
+    try:
+        data = json.loads(entry.fields.get("data", "{}"))
+    except ValueError:
+        return True
+    return not (isinstance(data, dict) and data.get("callback") is False)
+
+
 class CallbackWorker:
     """Delivers task callbacks from the events topic; ``run`` is its background job.
 
@@ -275,7 +285,7 @@ class CallbackWorker:
     async def _one(self, client: httpx.AsyncClient, entry: Entry, *, retry: bool) -> bool:
         """Handles one entry; True when it is done with (acknowledge it)."""
         event_type = entry.fields.get("type", "")
-        if event_type not in ENDED:
+        if event_type not in ENDED or not _may_call_back(entry):
             return True
         task_id = entry.fields.get("subject", "")
         where = {"event_id": entry.id, "task_id": task_id}

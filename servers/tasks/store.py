@@ -91,7 +91,14 @@ class Outbox:
                 event_type=event_type,
                 subject_id=task.task_id,
                 owner_id=task.owner_id,
-                data={"task_id": task.task_id, "status": task.status, **data},
+                # "callback": whether the callback worker has a URL to call for this task,
+                # so that it reads the task only when it does.
+                data={
+                    "task_id": task.task_id,
+                    "status": task.status,
+                    "callback": bool(task.callback_url),
+                    **data,
+                },
                 created_at=at,
             )
         )
