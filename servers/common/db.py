@@ -1,8 +1,9 @@
 """The SQLAlchemy 2.0 async engine and Alembic migrations applied at start.
 
-One DATABASE_URL: SQLite in the data directory by default (WAL, foreign keys on), PostgreSQL
-through asyncpg in production. Each service owns its tables and its migration history, kept in
-its own version table (alembic_version_<service>).
+One DATABASE_URL: SQLite in the data directory by default (WAL, foreign keys on), run on the
+event loop's thread by sqlite_inline.py; PostgreSQL through asyncpg in production. Each service
+owns its tables and its migration history, kept in its own version table
+(alembic_version_<service>).
 """
 
 from __future__ import annotations
@@ -24,18 +25,10 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from . import sqlite_inline
+
 log = logging.getLogger("agentmesh.db")
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    # WAL lets readers proceed during a write; busy_timeout makes a writer wait for the lock
-    # instead of failing at once when another writer holds it.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
+SQLITE_BUSY_SECONDS = 10.0  # how long a writer waits for another process's write lock
 
 
 def _sqlite_manual_begin(dbapi_connection: Any, _record: Any) -> None:
@@ -85,21 +78,27 @@ class Database:
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
             path = url.split(":///", 1)[1] if ":///" in url else ""
-            if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.engine: AsyncEngine = create_async_engine(url)
-            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
-            self.writer: AsyncEngine = create_async_engine(url)
-            event.listen(self.writer.sync_engine, "connect", _sqlite_pragmas)
+            if not path or path == ":memory:":
+                raise ValueError("a SQLite DATABASE_URL must name a file: sqlite+aiosqlite:///PATH")
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # Inline connections (sqlite_inline.py): statements run on the loop's thread.
+            connect = sqlite_inline.connector(path, busy_seconds=SQLITE_BUSY_SECONDS)
+            self.engine: AsyncEngine = create_async_engine(url, async_creator=connect)
+            self.writer: AsyncEngine = create_async_engine(url, async_creator=connect)
             event.listen(self.writer.sync_engine, "connect", _sqlite_manual_begin)
             event.listen(self.writer.sync_engine, "begin", _begin_immediate)
         else:
             self.engine = create_async_engine(url, pool_pre_ping=True, pool_size=10)
             self.writer = self.engine
         self._write_turn = asyncio.Lock() if self.is_sqlite else None
+        self._checkpointer = sqlite_inline.Checkpointer(path) if self.is_sqlite else None
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._writes = async_sessionmaker(self.writer, expire_on_commit=False)
         self._closed = False
+
+    def _started(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.start()
 
     def session(self) -> AsyncSession:
         """A session for reading."""
@@ -112,6 +111,7 @@ class Database:
         SQLite for its write lock. Two connections contending inside SQLite would otherwise
         meet its busy handler, which backs off by sleeping (1, 2, 5, ... 100 ms): tens of
         milliseconds lost per collision, where a queue in the event loop loses none."""
+        self._started()
         if self._write_turn is None:
             return self._writes()
         return _InTurn(self._writes(), self._write_turn)
@@ -148,6 +148,8 @@ class Database:
             await self.engine.dispose()
             if self.writer is not self.engine:
                 await self.writer.dispose()
+            if self._checkpointer is not None:
+                await self._checkpointer.stop()
 
     async def __aenter__(self) -> Database:
         return self
