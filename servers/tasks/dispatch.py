@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Text, cast, or_, select
 
 from servers.common.clock import aware, now
 from servers.common.db import Database
@@ -22,7 +22,9 @@ from .models import TaskRow
 from .store import Outbox
 
 HELD = ("assigned", "running")
-CLAIM_SCAN = 200
+CLAIM_SCAN = 200  # queued tasks a claim looks at, at most, for one its agent can do
+CLAIM_PAGE = 20
+NO_REQUIREMENTS = "[]"  # required_capabilities, as stored, of a task that requires none
 
 
 @dataclass(frozen=True)
@@ -59,25 +61,7 @@ class Dispatch:
         caps = frozenset(capabilities)
         at = now()
         async with self._db.write() as s, s.begin():
-            # An agent qualifies when it has every required capability, or, when none is
-            # required, the task's type. Choose on those few columns; load only the chosen row.
-            query = (
-                select(TaskRow.task_id, TaskRow.type, TaskRow.required_capabilities)
-                .where(TaskRow.status == "queued")
-                .order_by(TaskRow.priority.desc(), TaskRow.created_at, TaskRow.task_id)
-                .limit(CLAIM_SCAN)
-            )
-            if not self._db.is_sqlite:
-                # Replicas claim side by side; SQLite's writers queue on BEGIN IMMEDIATE.
-                query = query.with_for_update(skip_locked=True)
-            chosen = next(
-                (
-                    task_id
-                    for task_id, task_type, required in (await s.execute(query)).all()
-                    if (set(required) <= caps if required else task_type in caps)
-                ),
-                None,
-            )
+            chosen = await self._choose(s, caps)
             if chosen is None:
                 return None
             task = await s.get(TaskRow, chosen)
@@ -91,6 +75,38 @@ class Dispatch:
             task.updated_at = at
             Outbox(s).add("task.assigned", task, at, agent_id=agent_id, attempt=task.attempt)
             return task
+
+    async def _choose(self, s: Any, caps: frozenset[str]) -> str | None:
+        """The id of the first queued task, in queue order, that these capabilities cover.
+
+        An agent qualifies when it has every required capability, or, when none is required,
+        the task's type. The database rules out the tasks of other types that require nothing
+        (the common case), reading the queue index in order; tasks with requirements are
+        checked here, a page at a time, on a few columns."""
+        if not caps:
+            return None
+        query = (
+            select(TaskRow.task_id, TaskRow.type, TaskRow.required_capabilities)
+            .where(
+                TaskRow.status == "queued",
+                or_(
+                    TaskRow.type.in_(sorted(caps)),
+                    cast(TaskRow.required_capabilities, Text) != NO_REQUIREMENTS,
+                ),
+            )
+            .order_by(TaskRow.priority.desc(), TaskRow.created_at, TaskRow.task_id)
+        )
+        if not self._db.is_sqlite:
+            # Replicas claim side by side; SQLite's writers queue on BEGIN IMMEDIATE.
+            query = query.with_for_update(skip_locked=True)
+        for offset in range(0, CLAIM_SCAN, CLAIM_PAGE):
+            rows = (await s.execute(query.limit(CLAIM_PAGE).offset(offset))).all()
+            for task_id, task_type, required in rows:
+                if set(required) <= caps if required else task_type in caps:
+                    return str(task_id)
+            if len(rows) < CLAIM_PAGE:
+                break
+        return None
 
     async def _held(self, s: Any, task_id: str, agent_id: str, token: str) -> TaskRow | None:
         task = await s.get(TaskRow, task_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Index, Integer, String, Text
+from sqlalchemy import JSON, DateTime, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from servers.common.outbox import OutboxMixin
@@ -19,7 +19,8 @@ class TaskRow(Base):
     __tablename__ = "tasks_tasks"
     __table_args__ = (
         Index("ix_tasks_tasks_owner_created", "owner_id", "created_at"),
-        Index("ix_tasks_tasks_status_priority", "status", "priority", "created_at"),
+        # The queue in claim order: highest priority first, oldest first within it.
+        Index("ix_tasks_tasks_queue", "status", text("priority DESC"), "created_at", "task_id"),
         # One task per (owner, idempotency key); NULL keys never collide.
         Index("ux_tasks_tasks_idempotency", "owner_id", "idempotency_key", unique=True),
         Index("ix_tasks_tasks_lease", "status", "lease_expires_at"),

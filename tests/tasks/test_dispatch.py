@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from servers.common.db import Database
-from servers.tasks.dispatch import Dispatch
+from servers.tasks.dispatch import CLAIM_PAGE, Dispatch
 from servers.tasks.domain import Tasks
 from tests.tasks.test_domain import ALICE, NEW, _db
 
@@ -45,6 +45,23 @@ async def test_capabilities_decide_who_may_take_a_task(db: Database) -> None:
     claimed = await dispatch.claim("reviewer", ["code_review", "python", "echo"])
     assert claimed is not None and claimed.task_id == review.task_id
     assert claimed.status == "assigned" and claimed.attempt == 1 and claimed.attempt_token
+
+
+async def test_a_claim_looks_past_tasks_the_agent_cannot_do(db: Database) -> None:
+    """More than a page of queued tasks ahead that the agent cannot do (other types, and
+    requirements it lacks), of higher priority: it still gets the one it can, and the others
+    stay queued for agents that can."""
+    tasks, dispatch = Tasks(db=db), Dispatch(db=db, lease_seconds=30)
+    for number in range(CLAIM_PAGE + 5):
+        other = "summarise" if number % 2 else "code_review"
+        needs = ("python",) if number % 3 == 0 else ()
+        await tasks.create(ALICE, replace(NEW, type=other, priority=9, required_capabilities=needs))
+    mine, _ = await tasks.create(ALICE, replace(NEW, type="echo", priority=2))
+    claimed = await dispatch.claim("echo-only", ["echo"])
+    assert claimed is not None and claimed.task_id == mine.task_id
+    assert await dispatch.claim("echo-only", ["echo"]) is None
+    python = await dispatch.claim("python-dev", ["python"])
+    assert python is not None and python.required_capabilities == ["python"]
 
 
 async def test_a_stale_attempt_is_refused(db: Database) -> None:
