@@ -36,7 +36,7 @@ from gateway.proxy import EdgeConfig, EnvoyFailed, EnvoyProcess
 
 from .agents.domain import AgentDirectory
 from .agents.models import OutboxRow as AgentsOutboxRow
-from .agents.registry import Registry
+from .agents.registry import QUIET_INTERVALS, Registry
 from .agents.service import AgentsInternalService, AgentsService
 from .auth.admin import UserAdmin
 from .auth.apikeys import ApiKeys
@@ -316,7 +316,9 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
         )
     if name == "agents":
         directory = AgentDirectory(
-            db=rt.db, registry=Registry(), heartbeat_seconds=s.heartbeat_seconds
+            db=rt.db,
+            registry=Registry(quiet_after=QUIET_INTERVALS * s.heartbeat_seconds),
+            heartbeat_seconds=s.heartbeat_seconds,
         )
         rt.on_close(directory.close)
         agents_service = AgentsService(

@@ -11,6 +11,7 @@ written as Server-Sent Events while a stream is open (``streaming``)."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ from typing import Any
 
 from agentmesh.v1 import agents_pb2, tasks_pb2
 
+# An agent silent for this many heartbeat intervals is handed no new work (it may be frozen or
+# cut off; the writer ends its stream at three).
+QUIET_INTERVALS = 1.5
 # Frames waiting for a slow agent; past this the stream ends (the agent reconnects and its
 # leases, renewed by heartbeats, keep its work).
 OUTBOX_LIMIT = 1000
@@ -63,6 +67,11 @@ class Session:
     # The agent ended its side of the stream itself (it is stopping), rather than the stream
     # breaking: its tasks are released at once instead of waiting for their leases.
     closed_by_agent: bool = False
+    # Its dispatcher runs (a stream is open); is asking the tasks service for work now; when
+    # it last got some.
+    dispatching: bool = False
+    claiming: bool = False
+    last_claimed: float = 0.0
 
     def seen(self) -> None:
         self.last_seen, self.last_seen_at = time.monotonic(), time.time()
@@ -124,8 +133,13 @@ class Session:
 
 
 class Registry:
-    def __init__(self) -> None:
+    def __init__(self, *, quiet_after: float = math.inf) -> None:
         self._sessions: dict[str, Session] = {}
+        # Seconds of silence after which a session is handed no new work.
+        self.quiet_after = quiet_after
+
+    def quiet(self, session: Session) -> bool:
+        return session.silent_for() > self.quiet_after
 
     def add(self, session: Session) -> Session | None:
         """Registers a session; returns the one it replaces (the same agent connected again)."""
@@ -147,9 +161,25 @@ class Registry:
         return self._sessions.get(agent_id)
 
     def wake(self, capabilities: set[str]) -> None:
-        for session in self._sessions.values():
-            if session.free() > 0 and (not capabilities or session.capabilities & capabilities):
-                session.wake.set()
+        """A task needing these capabilities was queued: wakes the dispatcher of one session
+        that could take it, the one with most room (longest without work among equals), not
+        every such session, whose claims but one would come back empty. When every session
+        that could take it is claiming or woken already, all of those look once more: a claim
+        that began before the task was committed may have missed it."""
+        able = [
+            s
+            for s in self._sessions.values()
+            if s.dispatching
+            and s.free() > 0
+            and capabilities <= s.capabilities
+            and not self.quiet(s)
+        ]
+        idle = [s for s in able if not s.claiming and not s.wake.is_set()]
+        if idle:
+            min(idle, key=lambda s: (-s.free(), s.last_claimed)).wake.set()
+            return
+        for session in able:
+            session.wake.set()
 
     def all(self) -> list[Session]:
         return list(self._sessions.values())

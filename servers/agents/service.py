@@ -58,7 +58,6 @@ MAX_CAPACITY = 1000
 AGENT_IDS = uuid.UUID("6f1d3c2e-8a4b-4c55-9d0e-2b7f4a1c9e10")
 # The agent is silent (no frame, no REST call) for this many heartbeat intervals: no new work
 # for it; for three, its stream ends (HEARTBEAT_TIMEOUT) and an HTTP agent's session expires.
-QUIET_INTERVALS = 1.5
 SILENT_INTERVALS = 3
 
 
@@ -350,20 +349,25 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         session.wake.set()
         return ack
 
-    def _quiet(self, session: Session) -> bool:
-        return session.silent_for() > QUIET_INTERVALS * self._heartbeat
-
     async def _dispatch(self, session: Session) -> None:
         """Claims work while the agent has room; sleeps until woken, or a short poll."""
+        session.dispatching = True
+        try:
+            await self._claim_while_room(session)
+        finally:
+            session.dispatching = session.claiming = False
+
+    async def _claim_while_room(self, session: Session) -> None:
         while True:
             session.wake.clear()
             # A frozen or cut-off agent still has a session until the writer notices; it must
             # not be handed the work whose lease it just lost. Nor a replaced session.
             while (
                 session.free() > 0
-                and not self._quiet(session)
+                and not self._registry.quiet(session)
                 and self._registry.get(session.agent_id) is session
             ):
+                session.claiming = True
                 try:
                     reply = await self._tasks.ClaimTask(
                         tasks_pb2.ClaimTaskRequest(
@@ -376,8 +380,11 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                 except grpc.aio.AioRpcError as exc:
                     log.warning("claim failed: %s", exc.code().name)
                     break
+                finally:
+                    session.claiming = False
                 if not reply.HasField("assignment"):
                     break
+                session.last_claimed = time.monotonic()
                 session.hold(reply.assignment)
                 if not session.send(agents_pb2.ConnectResponse(assignment=reply.assignment)):
                     return  # the agent is not reading; its lease will run out

@@ -1,0 +1,77 @@
+"""Which dispatchers a newly queued task wakes (Registry.wake): one that can take it, so that
+the others do not each spend a claim on it, and never one that cannot."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from servers.agents.registry import Registry, Session
+from tests.agents.test_directory import session
+
+
+def _dispatching(name: str, *, capabilities: set[str], capacity: int = 1) -> Session:
+    s = replace(session(name, capacity=capacity), capabilities=frozenset(capabilities))
+    s.dispatching = True
+    return s
+
+
+def _registry(*sessions: Session, quiet_after: float = 30.0) -> Registry:
+    registry = Registry(quiet_after=quiet_after)
+    for s in sessions:
+        registry.add(s)
+    return registry
+
+
+def _woken(*sessions: Session) -> list[str]:
+    return [s.name for s in sessions if s.wake.is_set()]
+
+
+def test_one_idle_dispatcher_that_can_take_the_task_is_woken() -> None:
+    a, b = _dispatching("a", capabilities={"echo"}), _dispatching("b", capabilities={"echo"})
+    registry = _registry(a, b)
+    registry.wake({"echo"})
+    assert len(_woken(a, b)) == 1
+    registry.wake({"echo"})  # a second task: the other one
+    assert _woken(a, b) == ["a", "b"]
+
+
+def test_the_one_with_most_room_then_longest_without_work_is_chosen() -> None:
+    small = _dispatching("small", capabilities={"echo"}, capacity=1)
+    large = _dispatching("large", capabilities={"echo"}, capacity=4)
+    _registry(small, large).wake({"echo"})
+    assert _woken(small, large) == ["large"]
+
+    recent = _dispatching("recent", capabilities={"echo"})
+    recent.last_claimed = time.monotonic()
+    rested = _dispatching("rested", capabilities={"echo"})
+    rested.last_claimed = time.monotonic() - 60
+    _registry(recent, rested).wake({"echo"})
+    assert _woken(recent, rested) == ["rested"]
+
+
+def test_only_dispatchers_that_can_take_it() -> None:
+    echo = _dispatching("echo", capabilities={"echo"})
+    reviewer = _dispatching("reviewer", capabilities={"code_review", "python"})
+    full = _dispatching("full", capabilities={"code_review", "python"}, capacity=1)
+    full.held["task-1"] = "token"
+    no_stream = replace(session("no-stream"), capabilities=frozenset({"code_review", "python"}))
+    quiet = _dispatching("quiet", capabilities={"code_review", "python"})
+    quiet.last_seen -= 120
+    registry = _registry(echo, reviewer, full, no_stream, quiet)
+    registry.wake({"code_review", "python"})  # a task requiring both
+    assert _woken(echo, reviewer, full, no_stream, quiet) == ["reviewer"]
+    reviewer.wake.clear()
+    registry.wake({"python", "rust"})  # nobody has both
+    assert _woken(echo, reviewer, full, no_stream, quiet) == []
+
+
+def test_when_every_able_dispatcher_is_busy_claiming_all_look_again() -> None:
+    """A claim that began before the task committed may miss it; waking the claiming
+    dispatchers makes each look once more when its claim returns."""
+    a, b = _dispatching("a", capabilities={"echo"}), _dispatching("b", capabilities={"echo"})
+    a.claiming = True
+    b.wake.set()  # woken by an earlier task, not yet running
+    registry = _registry(a, b)
+    registry.wake({"echo"})
+    assert _woken(a, b) == ["a", "b"]
