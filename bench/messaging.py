@@ -5,7 +5,9 @@ agents, against the mesh's own floor for one authenticated gRPC call, measured i
                     B holds StreamInbox through Envoy, acknowledges each request and answers it
                     with SendMessage(type "response"). Timed from A's send to A's answer
   unary_floor       the baseline: A's key calls AuthService.GetMe through Envoy, one at a time:
-                    what any authenticated call through the edge costs on this machine
+                    what any authenticated call through the edge costs on this machine. Its calls
+                    take turns on FLOOR_CONNECTIONS connections: one connection would meet the
+                    edge's flood guard (500 requests/s per connection, envoy.yaml)
 
 Both agents are registered by holding AgentsService.Connect, as real workers do. The mesh runs
 as `agentmesh up` does, on SQLite and the in-process bus.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import tempfile
 import time
 import uuid
@@ -32,11 +35,16 @@ from agentmesh.v1 import (
     messaging_pb2,
     messaging_pb2_grpc,
 )
+from bench import dispatch
 from bench.auth_me import CHANNEL_OPTIONS, CaseResult, Settings, _percentile
-from bench.dispatch import MESH_ENV, Goal, Report, _developer, _expect
+from bench.dispatch import Goal, Report, _developer, _expect
 from servers.launcher import MeshProcess
 
 NAME = "messaging"
+# One request in flight measures latency, not the per-agent send limit (50/s by default), which
+# a round trip of 20 ms reaches: B would be refused its answers.
+MESH_ENV = {**dispatch.MESH_ENV, "AGENTMESH_MESSAGE_RATE_LIMIT": "100000"}
+FLOOR_CONNECTIONS = 4
 BASELINE = "unary_floor (GetMe through Envoy with the same agent key)"
 GOAL_P50_MS = 5.0
 CALL_TIMEOUT = 10.0
@@ -129,10 +137,11 @@ async def _cases(mesh: MeshProcess, seconds: float) -> list[CaseResult]:
         agent_b, call_b = await _connect(channel, key_b, "bench-b")
         answering = asyncio.create_task(_answer(channel, key_b, agent_b))
         messages = messaging_pb2_grpc.MessagingServiceStub(channel)
-        auth = auth_pb2_grpc.AuthServiceStub(channel)
         meta_a = (("x-api-key", key_a),)
 
         async def request() -> None:
+            if answering.done():
+                raise RuntimeError(f"agent B stopped answering: {answering.exception()!r}")
             reply = await messages.SendRequest(
                 messaging_pb2.SendRequestRequest(
                     to_agent=agent_b, correlation_id=uuid.uuid4().hex, timeout_ms=5000
@@ -143,8 +152,19 @@ async def _cases(mesh: MeshProcess, seconds: float) -> list[CaseResult]:
             if reply.response.correlation_id != reply.request.correlation_id:
                 raise RuntimeError("a response to another request")
 
+        floor_channels = [
+            # A local subchannel pool each: channels to one address share a connection else.
+            grpc.aio.insecure_channel(
+                edge, options=[*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+            )
+            for _ in range(FLOOR_CONNECTIONS)
+        ]
+        floor_stubs = itertools.cycle(auth_pb2_grpc.AuthServiceStub(c) for c in floor_channels)
+
         async def floor() -> None:
-            await auth.GetMe(auth_pb2.GetMeRequest(), metadata=meta_a, timeout=CALL_TIMEOUT)
+            await next(floor_stubs).GetMe(
+                auth_pb2.GetMeRequest(), metadata=meta_a, timeout=CALL_TIMEOUT
+            )
 
         results = []
         try:
@@ -163,6 +183,8 @@ async def _cases(mesh: MeshProcess, seconds: float) -> list[CaseResult]:
                     )
                 )
         finally:
+            for floor_channel in floor_channels:
+                await floor_channel.close()
             answering.cancel()
             for stream in (call_a, call_b):
                 stream.cancel()  # type: ignore[attr-defined]
