@@ -213,6 +213,8 @@ async def _mesh_case(bus: str, rate: int, seconds: float) -> CaseResult:
             "AGENTMESH_LOG_LEVEL": "WARNING",
             "AGENTMESH_BUS_PREFIX": prefix,
             "AGENTMESH_STREAM_HEARTBEAT_SECONDS": "15",
+            # All the subscribers are one user, past the default limit of 20 streams.
+            "AGENTMESH_EVENT_STREAMS_PER_USER": str(SUBSCRIBERS),
         }
         if bus == "redis":
             env["REDIS_URL"] = REDIS_URL

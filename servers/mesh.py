@@ -383,7 +383,10 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
                 (
                     events_pb2_grpc.add_EventsServiceServicer_to_server,
                     EventsService(
-                        bus=rt.bus, hub=hub, heartbeat_seconds=s.stream_heartbeat_seconds
+                        bus=rt.bus,
+                        hub=hub,
+                        heartbeat_seconds=s.stream_heartbeat_seconds,
+                        streams_per_user=s.event_streams_per_user,
                     ),
                     "agentmesh.v1.EventsService",
                 ),

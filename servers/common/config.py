@@ -53,6 +53,7 @@ class Settings:
       AGENTMESH_EVENT_RETENTION_SECONDS  how long events stay replayable (default 86400)
       AGENTMESH_EVENT_RETENTION_MAX      at most this many events are kept (default 100000)
       AGENTMESH_STREAM_HEARTBEAT_SECONDS heartbeats on idle event and inbox streams (default 15)
+      AGENTMESH_EVENT_STREAMS_PER_USER  event streams a user may hold open (default 20)
       AGENTMESH_MESSAGE_RATE_LIMIT  messages an agent may send per second (default 50)
       AGENTMESH_INBOX_MAX_UNACKED   unacknowledged messages an inbox holds (default 10000)
       AGENTMESH_CALLBACK_ALLOW_PRIVATE  1: task callbacks may call private and loopback
@@ -81,6 +82,7 @@ class Settings:
     event_retention_seconds: int = 86400
     event_retention_max: int = 100_000
     stream_heartbeat_seconds: int = 15
+    event_streams_per_user: int = 20
     message_rate_limit: int = 50
     inbox_max_unacked: int = 10_000
     callback_allow_private: bool = False
@@ -109,6 +111,7 @@ class Settings:
             event_retention_seconds=_positive(env, "AGENTMESH_EVENT_RETENTION_SECONDS", 86400),
             event_retention_max=_positive(env, "AGENTMESH_EVENT_RETENTION_MAX", 100_000),
             stream_heartbeat_seconds=_positive(env, "AGENTMESH_STREAM_HEARTBEAT_SECONDS", 15),
+            event_streams_per_user=_positive(env, "AGENTMESH_EVENT_STREAMS_PER_USER", 20),
             message_rate_limit=_positive(env, "AGENTMESH_MESSAGE_RATE_LIMIT", 50),
             inbox_max_unacked=_positive(env, "AGENTMESH_INBOX_MAX_UNACKED", 10_000),
             callback_allow_private=env.get("AGENTMESH_CALLBACK_ALLOW_PRIVATE") == "1",

@@ -41,8 +41,9 @@ from servers.common.protos import struct
 MAX_PATTERNS = 20
 PATTERN = re.compile(r"^[A-Za-z0-9_.*-]{1,64}$")
 QUEUE_LIMIT = 10_000
-# Open event streams per user in one process; one more is 429 RATE_LIMIT_EXCEEDED.
-MAX_STREAMS_PER_USER = 20
+# Open event streams per user in one process by default (AGENTMESH_EVENT_STREAMS_PER_USER); one
+# more is 429 RATE_LIMIT_EXCEEDED.
+STREAMS_PER_USER = 20
 REPLAY_PAGE = 500
 LIST_SCAN_PAGE = 1000
 # Bytes of SSE frames sent as one chunk when events come in a burst.
@@ -215,8 +216,10 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
         hub: EventHub,
         heartbeat_seconds: float,
         queue_limit: int = QUEUE_LIMIT,
+        streams_per_user: int = STREAMS_PER_USER,
     ) -> None:
         self._bus = bus
+        self._streams_per_user = streams_per_user
         self._hub = hub
         self._heartbeat = heartbeat_seconds
         self._queue_limit = queue_limit
@@ -226,10 +229,10 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
     def _slot(self, who: Principal) -> Iterator[None]:
         """Counts an open stream against its user's limit, for as long as it is open."""
         open_now = self._open.get(who.subject, 0)
-        if open_now >= MAX_STREAMS_PER_USER:
+        if open_now >= self._streams_per_user:
             raise RateLimited(
-                f"at most {MAX_STREAMS_PER_USER} open event streams per user; close one first",
-                details={"limit": MAX_STREAMS_PER_USER, "retry_after": 5},
+                f"at most {self._streams_per_user} open event streams per user; close one first",
+                details={"limit": self._streams_per_user, "retry_after": 5},
             )
         self._open[who.subject] = open_now + 1
         try:
