@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -92,8 +93,23 @@ class Database:
             self.writer = self.engine
         self._write_turn = asyncio.Lock() if self.is_sqlite else None
         self._checkpointer = sqlite_inline.Checkpointer(path) if self.is_sqlite else None
-        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        self._writes = async_sessionmaker(self.writer, expire_on_commit=False)
+        if self.is_sqlite:
+            # Sessions without greenlets (sqlite_inline.InlineSession), typed as the
+            # AsyncSession whose interface they keep.
+            self._sync_engines: tuple[Engine, ...] = (
+                sqlite_inline.engine(path, writer=False),
+                sqlite_inline.engine(path, writer=True),
+            )
+            reads, writes = (
+                sqlite_inline.sessions(e, busy_seconds=SQLITE_BUSY_SECONDS)
+                for e in self._sync_engines
+            )
+            self._reads = cast(Callable[[], AsyncSession], reads)
+            self._writes = cast(Callable[[], AsyncSession], writes)
+        else:
+            self._sync_engines = ()
+            self._reads = async_sessionmaker(self.engine, expire_on_commit=False)
+            self._writes = async_sessionmaker(self.writer, expire_on_commit=False)
         self._closed = False
 
     def _started(self) -> None:
@@ -102,7 +118,7 @@ class Database:
 
     def session(self) -> AsyncSession:
         """A session for reading."""
-        return self.sessions()
+        return self._reads()
 
     def write(self) -> contextlib.AbstractAsyncContextManager[AsyncSession]:
         """A session for a transaction that writes: ``async with db.write() as s, s.begin():``.
@@ -148,6 +164,8 @@ class Database:
             await self.engine.dispose()
             if self.writer is not self.engine:
                 await self.writer.dispose()
+            for sync_engine in self._sync_engines:
+                sync_engine.dispose()
             if self._checkpointer is not None:
                 await self._checkpointer.stop()
 
