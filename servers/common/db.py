@@ -37,13 +37,6 @@ def _sqlite_manual_begin(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None
 
 
-def _begin_immediate(conn: Connection) -> None:
-    # A deferred SQLite transaction that reads, then writes, fails at once ("database is locked")
-    # when another writer committed in between; busy_timeout does not cover that upgrade.
-    # Writers therefore take the write lock up front and queue on busy_timeout instead.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-
 class _InTurn:
     """A write session entered only while holding the process's SQLite write turn."""
 
@@ -87,7 +80,7 @@ class Database:
             self.engine: AsyncEngine = create_async_engine(url, async_creator=connect)
             self.writer: AsyncEngine = create_async_engine(url, async_creator=connect)
             event.listen(self.writer.sync_engine, "connect", _sqlite_manual_begin)
-            event.listen(self.writer.sync_engine, "begin", _begin_immediate)
+            event.listen(self.writer.sync_engine, "begin", sqlite_inline.begin_immediate)
         else:
             self.engine = create_async_engine(url, pool_pre_ping=True, pool_size=10)
             self.writer = self.engine

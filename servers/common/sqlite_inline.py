@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
@@ -45,6 +45,28 @@ CHECKPOINT_SECONDS = 1.0
 
 def _locked(error: BaseException) -> bool:
     return "locked" in str(error) or "busy" in str(error)
+
+
+async def _until_unlocked(
+    attempt: Callable[[], Any],
+    busy_seconds: float,
+    errors: type[Exception] | tuple[type[Exception], ...],
+    undo: Callable[[], Any] = lambda: None,
+) -> Any:
+    """``attempt()``'s result; while it fails because another process holds the write lock,
+    ``undo()`` and try again after doubling pauses in the event loop (not in SQLite's busy
+    handler, which sleeps on the loop's thread), for ``busy_seconds`` at most."""
+    deadline = time.monotonic() + busy_seconds
+    pause = BUSY_FIRST_SLEEP
+    while True:
+        try:
+            return attempt()
+        except errors as exc:
+            undo()
+            if not _locked(exc) or time.monotonic() >= deadline:
+                raise
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, BUSY_MAX_SLEEP)
 
 
 class InlineCursor:
@@ -147,19 +169,10 @@ class InlineConnection:
         self._busy_seconds = busy_seconds
 
     async def begin(self, cursor: sqlite3.Cursor, sql: str) -> None:
-        """Runs a BEGIN; when another process holds the write lock, waits for it in the event
-        loop (doubling pauses) instead of in SQLite's busy handler, for ``busy_seconds``."""
-        deadline = time.monotonic() + self._busy_seconds
-        pause = BUSY_FIRST_SLEEP
-        while True:
-            try:
-                cursor.execute(sql)
-                return
-            except sqlite3.OperationalError as exc:
-                if not _locked(exc) or time.monotonic() >= deadline:
-                    raise
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, BUSY_MAX_SLEEP)
+        """Runs a BEGIN, waiting in the event loop for another process's write lock."""
+        await _until_unlocked(
+            lambda: cursor.execute(sql), self._busy_seconds, sqlite3.OperationalError
+        )
 
     def cursor(self) -> InlineCursor:
         return InlineCursor(self, self._conn.cursor())
@@ -252,6 +265,13 @@ class Checkpointer:
 # interface the mesh uses (InlineSession). PostgreSQL keeps AsyncSession and asyncpg.
 
 
+def begin_immediate(conn: Connection) -> None:
+    """The "begin" of a writer engine. A deferred SQLite transaction that reads, then writes,
+    fails at once ("database is locked") when another writer committed in between, which no
+    busy wait covers; writers therefore take the write lock up front."""
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def engine(path: str, *, writer: bool) -> Engine:
     """A sync engine on the SQLite file. A writer's transactions begin with BEGIN IMMEDIATE
     (InlineSession.begin waits for another process's lock in the event loop)."""
@@ -277,7 +297,7 @@ def engine(path: str, *, writer: bool) -> Engine:
         f"sqlite:///{path}", creator=connect, poolclass=QueuePool, pool_size=8, max_overflow=-1
     )
     if writer:
-        event.listen(made, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        event.listen(made, "begin", begin_immediate)
     return made
 
 
@@ -292,19 +312,18 @@ class _Begun:
 
     async def __aenter__(self) -> Any:
         sync = self._session.sync_session
-        deadline = time.monotonic() + self._session.busy_seconds
-        pause = BUSY_FIRST_SLEEP
-        while True:
+
+        def begin() -> Any:
             self._transaction = sync.begin()
-            try:
-                sync.connection()  # BEGIN (IMMEDIATE) now, not at the first statement
-                return self._transaction
-            except OperationalError as exc:
-                self._transaction.rollback()
-                if not _locked(exc) or time.monotonic() >= deadline:
-                    raise
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, BUSY_MAX_SLEEP)
+            sync.connection()  # BEGIN (IMMEDIATE) now, not at the first statement
+            return self._transaction
+
+        return await _until_unlocked(
+            begin,
+            self._session.busy_seconds,
+            OperationalError,
+            undo=lambda: self._transaction.rollback(),
+        )
 
     async def __aexit__(self, *exc: Any) -> None:
         self._transaction.__exit__(*exc)
