@@ -2,8 +2,9 @@
 agents, against the mesh's own floor for one authenticated gRPC call, measured in the same run.
 
   request_response  agent A calls SendRequest to agent B (gRPC through Envoy, one at a time);
-                    B holds StreamInbox through Envoy, acknowledges each request and answers it
-                    with SendMessage(type "response"). Timed from A's send to A's answer
+                    B holds StreamInbox through Envoy and answers each request with
+                    SendMessage(type "response"), which acknowledges it. Timed from A's send
+                    to A's answer
   unary_floor       the baseline: A's key calls AuthService.GetMe through Envoy, one at a time:
                     what any authenticated call through the edge costs on this machine. Its calls
                     take turns on FLOOR_CONNECTIONS connections: one connection would meet the
@@ -81,7 +82,8 @@ async def _connect(channel: grpc.aio.Channel, key: str, name: str) -> tuple[str,
 
 
 async def _answer(channel: grpc.aio.Channel, key: str, me: str) -> None:
-    """Agent B: answers every request in its inbox."""
+    """Agent B: answers every request in its inbox. The answer acknowledges the request (see
+    MessagingService.SendMessage), so B makes no AckMessage call."""
     stub = messaging_pb2_grpc.MessagingServiceStub(channel)
     metadata = (("x-api-key", key),)
     async for frame in stub.StreamInbox(
@@ -97,11 +99,6 @@ async def _answer(channel: grpc.aio.Channel, key: str, me: str) -> None:
                 correlation_id=request.correlation_id,
                 payload=request.payload,
             ),
-            metadata=metadata,
-            timeout=CALL_TIMEOUT,
-        )
-        await stub.AckMessage(
-            messaging_pb2.AckMessageRequest(message_id=request.message_id),
             metadata=metadata,
             timeout=CALL_TIMEOUT,
         )
@@ -205,7 +202,7 @@ def run(settings: Settings) -> Report:
         baseline=BASELINE,
         cases=cases,
         ratios=(("request_response", "unary_floor"),),
-        notes=["a round trip is 2 sends, 1 inbox delivery, 1 ack and the waiter's read"],
+        notes=["a round trip is 2 sends (the response acknowledges the request) and 1 delivery"],
         count_label="round trips",
         latency_label="rtt",
         goals=(

@@ -132,6 +132,13 @@ def notification(row: MessageRow) -> dict[str, str]:
     }
 
 
+def copy(row: MessageRow, **changes: Any) -> MessageRow:
+    """A detached copy of a message, with ``changes``. A stored row is handed as is to this
+    process's streams and waiters (hub.py), which only read it; a change makes a copy."""
+    fields = {c.key: getattr(row, c.key) for c in MessageRow.__table__.columns}
+    return MessageRow(**(fields | changes))
+
+
 def _not_found(message_id: str) -> NotFound:
     return NotFound("no such message", details={"message_id": message_id[:128]})
 
@@ -185,7 +192,8 @@ class Messages:
                 first = await store.get(new.message_id)
                 if first is not None:
                     return await self._repeat(store, first, sender, awaited_until), False
-            if await store.unacked_count(recipient.agent_id, at) >= self._max_unacked:
+            held = await store.unacked_count(recipient.agent_id, at, cap=self._max_unacked)
+            if held >= self._max_unacked:
                 raise RateLimited(
                     "the recipient's inbox is full; it must acknowledge messages first",
                     reason="INBOX_FULL",
@@ -203,7 +211,9 @@ class Messages:
                 ttl_seconds=new.ttl_seconds,
                 created_at=at,
                 expires_at=at + timedelta(seconds=new.ttl_seconds),
-                acked_at=None,
+                # A response that a SendRequest here waits for is delivered by the hub, at
+                # once: it is acknowledged as it is stored.
+                acked_at=at if self.hub.awaits(recipient.agent_id, new) else None,
                 awaited_until=awaited_until,
             )
             if not await store.add(row):
@@ -212,8 +222,21 @@ class Messages:
                 if first is None:  # pragma: no cover - it was there a moment ago
                     raise AlreadyExists("message_id is taken", details={"field": "message_id"})
                 return await self._repeat(store, first, sender, awaited_until), False
-        await self.hub.notify(notification(row))
+            if row.type == "response":
+                # Answering a request acknowledges it: the responder has handled it.
+                await store.ack_answered(row)
+        taken = await self.hub.notify(notification(row), row)
+        if row.acked_at is not None and not taken:
+            # Its waiter gave up while it was stored (its deadline, or the caller left): the
+            # response belongs in the requester's inbox after all.
+            row = await self._unacknowledged(row)
         return row, True
+
+    async def _unacknowledged(self, response: MessageRow) -> MessageRow:
+        async with self.db.write() as s, s.begin():
+            await MessageStore(s).unack(response.message_id)
+        await self.hub.notify(notification(response))
+        return copy(response, acked_at=None)
 
     async def _repeat(
         self,
@@ -251,11 +274,20 @@ class Messages:
         waiter = self.hub.expect(sender.agent_id, new.correlation_id)
         try:
             until = now() + timedelta(seconds=wait)
-            request, _ = await self.send(sender, recipient, new, awaited_until=until)
+            request, created = await self.send(sender, recipient, new, awaited_until=until)
+            # A new request has no response yet, and the waiter hears of any that comes; a
+            # repeat may find one that came meanwhile.
+            look = not created
             while True:
-                response = await self._claim_response(request)
-                if response is not None:
-                    return request, response
+                offered = waiter.take()
+                if offered is not None:
+                    if offered.acked_at is None:
+                        offered = await self._acknowledged(offered)
+                    return request, offered
+                if look:
+                    response = await self._claim_response(request)
+                    if response is not None:
+                        return request, response
                 left = deadline - loop.time()
                 if left <= 0:
                     raise DeadlineExceeded(
@@ -267,10 +299,12 @@ class Messages:
                         },
                     )
                 await waiter.wait(min(left, self.poll_seconds))
+                look = True
         finally:
             waiter.close()
 
     async def _claim_response(self, request: MessageRow) -> MessageRow | None:
+        """The response to ``request`` in the database, acknowledged, or None."""
         at = now()
         async with self.db.session() as s:
             found = await MessageStore(s).response_to(
@@ -279,32 +313,35 @@ class Messages:
                 since=aware(request.created_at),
                 at=at,
             )
-        if found is None:
-            return None
-        if found.acked_at is None:
-            async with self.db.write() as s, s.begin():
-                await MessageStore(s).ack(found.message_id, at)
-                # Another delivery may have acknowledged it first; keep its time.
-                found = await MessageStore(s).get(found.message_id) or found
-        return found
+        if found is None or found.acked_at is not None:
+            return found
+        return await self._acknowledged(found)
+
+    async def _acknowledged(self, response: MessageRow) -> MessageRow:
+        """``response``, acknowledged by its delivery to the waiting requester."""
+        at = now()
+        async with self.db.write() as s, s.begin():
+            store = MessageStore(s)
+            if await store.ack(response.message_id, at):
+                return copy(response, acked_at=at)
+            # Another delivery acknowledged it first (or it expired and was swept): keep
+            # the time that delivery gave it.
+            first = await store.get(response.message_id)
+        return first or copy(response, acked_at=at)
 
     async def ack(self, agents: Collection[str], message_id: str) -> MessageRow:
         """Acknowledges a message addressed to one of ``agents`` (the caller's)."""
         if not ID_PATTERN.match(message_id):
             raise _not_found(message_id)
         at = now()
-        async with self.db.session() as s:
-            row = await MessageStore(s).get(message_id)
-        if row is None or row.to_agent not in agents or expired(row, at):
-            raise _not_found(message_id)
-        if row.acked_at is not None:
-            return row
         async with self.db.write() as s, s.begin():
             store = MessageStore(s)
-            await store.ack(message_id, at)
             row = await store.get(message_id)
-        if row is None:  # swept in between
-            raise _not_found(message_id)
+            if row is None or row.to_agent not in agents or expired(row, at):
+                raise _not_found(message_id)
+            acked_now = row.acked_at is None and await store.ack(message_id, at)
+        if acked_now:
+            row.acked_at = at  # after the commit, on the detached row: no second UPDATE
         return row
 
     async def inbox(

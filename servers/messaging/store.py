@@ -1,13 +1,18 @@
-"""Repositories of the messaging tables."""
+"""Repositories of the messaging tables.
+
+The statements of every send, delivery and acknowledgement are built once, here, with bound
+parameters: building a statement and its cache key each time costs more Python than SQLite
+takes to run it. The rest are built per call.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, delete, exists, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Table, and_, bindparam, delete, exists, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -15,36 +20,71 @@ from .models import MessageRow
 
 Position = tuple[datetime, int]  # (created_at, seq): a place in an inbox, oldest first
 
+_table = cast(Table, MessageRow.__table__)
+_c = _table.c
+_COLUMNS = tuple(c.key for c in _table.columns if c.key != "seq")
+# One INSERT ... ON CONFLICT DO NOTHING RETURNING seq per dialect, not the ORM's flush in a
+# savepoint: a twin's message_id makes it return no row and write nothing.
+_INSERT = {
+    name: dialect.insert(_table)
+    .on_conflict_do_nothing(index_elements=["message_id"])
+    .returning(_c.seq)
+    for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))
+}
+_GET = select(MessageRow).where(MessageRow.message_id == bindparam("m_id"))
+_HELD = select(func.count()).select_from(
+    select(_c.seq)
+    .where(
+        _c.to_agent == bindparam("agent"),
+        _c.acked_at.is_(None),
+        _c.expires_at > bindparam("at"),
+    )
+    .limit(bindparam("cap"))
+    .subquery()
+)
+_ACK = (
+    update(_table)
+    .where(_c.message_id == bindparam("m_id"), _c.acked_at.is_(None))
+    .values(acked_at=bindparam("at"))
+)
+_UNACK = update(_table).where(_c.message_id == bindparam("m_id")).values(acked_at=None)
+_ACK_ANSWERED = (
+    update(_table)
+    .where(
+        _c.to_agent == bindparam("responder"),
+        _c.correlation_id == bindparam("corr"),
+        _c.from_agent == bindparam("requester"),
+        _c.type == "request",
+        _c.acked_at.is_(None),
+    )
+    .values(acked_at=bindparam("at"))
+)
+
 
 class MessageStore:
     def __init__(self, session: AsyncSession) -> None:
         self._s = session
 
     async def add(self, row: MessageRow) -> bool:
-        """Inserts the message; False when its message_id is taken (a concurrent twin won),
-        in which case nothing was written."""
-        try:
-            async with self._s.begin_nested():
-                self._s.add(row)
-                await self._s.flush()
-        except IntegrityError:
+        """Inserts the message and sets its ``seq``; False when its message_id is taken (a
+        concurrent twin won), in which case nothing was written."""
+        connection = await self._s.connection()
+        values = {key: getattr(row, key) for key in _COLUMNS}
+        found = await self._s.execute(_INSERT[connection.dialect.name], values)
+        seq = found.scalar_one_or_none()
+        if seq is None:
             return False
+        row.seq = seq
         return True
 
     async def get(self, message_id: str) -> MessageRow | None:
-        found = await self._s.execute(select(MessageRow).where(MessageRow.message_id == message_id))
+        found = await self._s.execute(_GET, {"m_id": message_id})
         return found.scalars().first()
 
-    async def unacked_count(self, agent_id: str, at: datetime) -> int:
-        total = await self._s.execute(
-            select(func.count())
-            .select_from(MessageRow)
-            .where(
-                MessageRow.to_agent == agent_id,
-                MessageRow.acked_at.is_(None),
-                MessageRow.expires_at > at,
-            )
-        )
+    async def unacked_count(self, agent_id: str, at: datetime, *, cap: int) -> int:
+        """How many unacknowledged, unexpired messages ``agent_id`` holds, counted up to
+        ``cap``: every send asks, and a full inbox must not cost a full count each time."""
+        total = await self._s.execute(_HELD, {"agent": agent_id, "at": at, "cap": cap})
         return int(total.scalar_one())
 
     async def page(
@@ -73,10 +113,11 @@ class MessageStore:
         since: datetime | None,
         after: Position | None,
         limit: int,
+        ids: Collection[str] = (),
     ) -> Sequence[MessageRow]:
         """What an inbox stream sends: unacknowledged, unexpired messages created at or after
-        ``since``, oldest first, after ``after``. Responses that a SendRequest of the
-        recipient is waiting for are left to that waiter."""
+        ``since``, oldest first, after ``after`` (and among ``ids``, when given). Responses
+        that a SendRequest of the recipient is waiting for are left to that waiter."""
         request = aliased(MessageRow)
         awaited = exists().where(
             request.from_agent == MessageRow.to_agent,
@@ -90,6 +131,8 @@ class MessageStore:
             MessageRow.expires_at > at,
             ~and_(MessageRow.type == "response", awaited),
         ]
+        if ids:
+            where.append(MessageRow.message_id.in_(list(ids)))
         if since is not None:
             where.append(MessageRow.created_at >= since)
         if after is not None:
@@ -125,12 +168,25 @@ class MessageStore:
         )
         return found.scalars().first()
 
-    async def ack(self, message_id: str, at: datetime) -> None:
-        """Marks a message acknowledged unless it already is."""
+    async def ack(self, message_id: str, at: datetime) -> bool:
+        """Marks a message acknowledged unless it already is; whether this did."""
+        done = await self._s.execute(_ACK, {"m_id": message_id, "at": at})
+        return bool(getattr(done, "rowcount", 0))
+
+    async def unack(self, message_id: str) -> None:
+        await self._s.execute(_UNACK, {"m_id": message_id})
+
+    async def ack_answered(self, response: MessageRow) -> None:
+        """Acknowledges the request that ``response`` answers: the unacknowledged request
+        from the response's recipient to its sender with its correlation_id."""
         await self._s.execute(
-            update(MessageRow)
-            .where(MessageRow.message_id == message_id, MessageRow.acked_at.is_(None))
-            .values(acked_at=at)
+            _ACK_ANSWERED,
+            {
+                "responder": response.from_agent,
+                "corr": response.correlation_id,
+                "requester": response.to_agent,
+                "at": response.created_at,
+            },
         )
 
     async def await_response(self, message_id: str, until: datetime) -> None:

@@ -1,13 +1,20 @@
 """An agent's open inbox: every unacknowledged message, oldest first, then each new one.
 
-Two parts per stream. A puller reads the database (on open, when the hub wakes it, and every
-poll interval) into a bounded queue of frames; the writer (``frames()``) hands them out, with a
-heartbeat when idle and a last frame on failure or shutdown. The database is the truth, so a
-missed wake-up only delays a message until the next poll, and whatever is unacknowledged when
-a stream ends is sent again on the next one (at-least-once).
+Two parts per stream. A puller reads the database into a bounded queue of frames; the writer
+(``frames()``) hands them out, with a heartbeat when idle and a last frame on failure or
+shutdown. The database is the truth, so a missed wake-up only delays a message until the next
+poll, and whatever is unacknowledged when a stream ends is sent again on the next one
+(at-least-once).
 
-A stream remembers which messages it has sent and reads only messages created after
-``LOOKBACK`` before its last complete read: a message commits within moments of its
+What is read when:
+- a full read, of every deliverable message not sent yet: on open, every poll interval, and
+  when the stream has room again after falling behind;
+- a read of the messages the hub named (stored by another process);
+- nothing, for a message this process stored: the hub hands over the row (``offer``), which
+  goes straight to the queue when the stream is caught up.
+
+A stream remembers which messages it has sent and a full read looks only at messages created
+after ``LOOKBACK`` before its last complete full read: a message commits within moments of its
 ``created_at`` (domain.py takes it inside the transaction), and LOOKBACK leaves room for slow
 commits and for clock differences between replicas.
 """
@@ -15,7 +22,6 @@ commits and for clock differences between replicas.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -35,6 +41,8 @@ LOOKBACK = timedelta(seconds=60)
 PAGE = 100
 # Frames read ahead for one stream: at most this many messages wait in memory for the agent.
 QUEUE_SIZE = 100
+# Ids of messages to read, named by the hub; past this many the next read is a full one.
+NAMED_MAX = 1000
 
 
 @dataclass(frozen=True)
@@ -87,16 +95,48 @@ class InboxStream:
         self._slow_after = 3 * heartbeat if slow_after is None else slow_after
         self._frames: deque[Frame] = deque()
         self._ready = asyncio.Event()
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # set: read again
         self._sent: dict[str, datetime] = {}
-        self._since: datetime | None = None
+        self._since: datetime | None = None  # None until the first full read completes
+        self._named: set[str] = set()
+        self._full = True  # whether the next read is a full one
+        self._reading = False
         self._behind = False
         self._failed = False
         self._taken = time.monotonic()
 
+    def offer(self, row: MessageRow | None, message_id: str) -> None:
+        """The hub's word that a message for this agent was stored (hub.Listener)."""
+        if message_id in self._sent:
+            return
+        if row is not None and self._takes(row):
+            self._queue(row)
+            self._ready.set()
+            return
+        if len(self._named) < NAMED_MAX and message_id:
+            self._named.add(message_id)
+        else:
+            self._full = True
+        self._wake.set()
+
+    def _takes(self, row: MessageRow) -> bool:
+        """Whether an offered row may go out now: only while nothing older can be waiting
+        unread (caught up, no read under way) and there is room."""
+        return (
+            self._since is not None
+            and not self._reading
+            and not self._behind
+            and not self._failed
+            and len(self._frames) < self._size
+        )
+
+    def _queue(self, row: MessageRow) -> None:
+        self._frames.append(row)
+        self._sent[row.message_id] = aware(row.created_at)
+
     async def frames(self) -> AsyncGenerator[Frame, None]:
         """The frames to send, until a Failed or Ended one (or the caller stops reading)."""
-        self._wake = self._hub.watch(self.agent_id)
+        self._hub.watch(self.agent_id, self)
         puller = asyncio.create_task(self._pull_loop())
         watcher = asyncio.create_task(self._watch_closing())
         try:
@@ -115,6 +155,7 @@ class InboxStream:
                 frame = self._frames.popleft()
                 self._taken = time.monotonic()
                 if self._behind and len(self._frames) <= self._size // 2:
+                    self._full = True
                     self._wake.set()
                 yield frame
                 if isinstance(frame, Failed):
@@ -123,7 +164,7 @@ class InboxStream:
             puller.cancel()
             watcher.cancel()
             await asyncio.gather(puller, watcher, return_exceptions=True)
-            self._hub.unwatch(self.agent_id, self._wake)
+            self._hub.unwatch(self.agent_id, self)
 
     async def _watch_closing(self) -> None:
         await self._closing.wait()
@@ -132,21 +173,34 @@ class InboxStream:
     async def _pull_loop(self) -> None:
         while not self._failed:
             self._wake.clear()
+            self._reading = True
             try:
-                await self._pull()
+                if self._full or self._behind:
+                    self._full = False
+                    self._named.clear()
+                    await self._pull()
+                elif self._named:
+                    named, self._named = self._named, set()
+                    await self._pull(named)
             except Exception:  # the database may be away for a moment; poll again later
+                self._full = True
                 log.exception("inbox read failed", extra={"agent_id": self.agent_id})
+            finally:
+                self._reading = False
             if self._failed:
                 return
             wait = min(self._heartbeat, self._slow_after) if self._behind else self._heartbeat
             # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
             # that arrives together with the wake-up.
-            with contextlib.suppress(TimeoutError):
+            try:
                 async with asyncio.timeout(wait):
                     await self._wake.wait()
+            except TimeoutError:
+                self._full = True
 
-    async def _pull(self) -> None:
-        """Queues the messages not sent yet, as many as there is room for."""
+    async def _pull(self, named: set[str] | None = None) -> None:
+        """Queues the messages not sent yet (all, or those ``named``), as many as there is
+        room for."""
         started = now()
         after: Position | None = None
         added = 0
@@ -155,7 +209,12 @@ class InboxStream:
             store = MessageStore(s)
             while not self._behind:
                 rows = await store.deliverable(
-                    self.agent_id, at=started, since=self._since, after=after, limit=PAGE
+                    self.agent_id,
+                    at=started,
+                    since=None if named else self._since,
+                    after=after,
+                    limit=PAGE,
+                    ids=named or (),
                 )
                 for row in rows:
                     after = (row.created_at, row.seq)
@@ -164,8 +223,7 @@ class InboxStream:
                     if len(self._frames) >= self._size:
                         self._behind = True
                         break
-                    self._frames.append(row)
-                    self._sent[row.message_id] = aware(row.created_at)
+                    self._queue(row)
                     added += 1
                 if len(rows) < PAGE:
                     break
@@ -175,9 +233,11 @@ class InboxStream:
             if time.monotonic() - self._taken > self._slow_after:
                 self._fail_slow()
             return
-        # Everything created before this read has been seen: the next reads start later.
-        self._since = started - LOOKBACK
-        self._sent = {k: v for k, v in self._sent.items() if v >= self._since}
+        if named is None:
+            # Everything created before this read has been seen: the next full reads
+            # start later.
+            self._since = started - LOOKBACK
+            self._sent = {k: v for k, v in self._sent.items() if v >= self._since}
 
     def _fail_slow(self) -> None:
         self._failed = True

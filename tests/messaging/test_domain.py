@@ -20,7 +20,7 @@ import redis.asyncio as redis
 from sqlalchemy import update
 
 from servers.common.bus import Bus
-from servers.common.clock import now
+from servers.common.clock import aware, now
 from servers.common.db import Database
 from servers.common.errors import (
     AlreadyExists,
@@ -40,6 +40,7 @@ from servers.messaging.domain import PAYLOAD_MAX_BYTES, AgentRef, Messages, NewM
 from servers.messaging.hub import TOPIC, InboxHub
 from servers.messaging.models import MessageRow
 from servers.messaging.resolver import choose_sender
+from servers.messaging.store import MessageStore
 from servers.messaging.stream import Ended, Failed, Frame, InboxStream, Ping
 from tests.conftest import _unavailable
 
@@ -205,7 +206,9 @@ async def test_ack_and_listing(messages: Messages) -> None:
     sent = [(await messages.send(ALICE, BOB, to(BOB, message_id=f"m-{i}")))[0] for i in range(5)]
     acked = await messages.ack({BOB.agent_id}, "m-1")
     assert acked.acked_at is not None
-    assert (await messages.ack({BOB.agent_id}, "m-1")).acked_at == acked.acked_at
+    # Twice answers the same time (SQLite gives it back without its zone: compare as UTC).
+    again = (await messages.ack({BOB.agent_id}, "m-1")).acked_at
+    assert again is not None and aware(again) == aware(acked.acked_at)
     # Only the recipient acknowledges; anyone else meets NOT_FOUND, as for an unknown id.
     for agents, message_id in (({ALICE.agent_id}, "m-2"), ({BOB.agent_id}, "nope"), (set(), "m-2")):
         with pytest.raises(NotFound):
@@ -297,6 +300,62 @@ async def test_a_slow_but_steady_consumer_gets_the_whole_backlog(messages: Messa
         await reader.close()
 
 
+async def test_a_stream_keeps_send_order_while_it_falls_behind_and_catches_up(
+    messages: Messages,
+) -> None:
+    # A queue of 3 makes the stream fall behind and read back from the database, while
+    # messages stored meanwhile are offered to it directly: none may overtake an older one.
+    reader = Reader(stream(messages, BOB, queue_size=3, slow_after=10.0))
+    await asyncio.sleep(0.1)  # the first read is done
+    sent = [f"o-{i}" for i in range(40)]
+
+    async def sender() -> None:
+        for i, message_id in enumerate(sent):
+            await messages.send(ALICE, BOB, to(BOB, message_id=message_id))
+            if i % 7 == 0:
+                await asyncio.sleep(0.01)
+
+    try:
+        sending = asyncio.ensure_future(sender())
+        got = []
+        for _ in sent:
+            got.append((await reader.message()).message_id)
+            if len(got) % 5 == 0:
+                await asyncio.sleep(0.02)  # a slow agent
+        await sending
+        assert got == sent
+        with pytest.raises(TimeoutError):  # and none twice
+            await reader.message(timeout=0.3)
+    finally:
+        await reader.close()
+
+
+async def test_a_new_message_waits_behind_the_backlog_of_a_stream_that_fell_behind(
+    messages: Messages,
+) -> None:
+    inbox = stream(messages, BOB, queue_size=2, slow_after=10.0)
+    frames = inbox.frames()
+    try:
+        await messages.send(ALICE, BOB, to(BOB, message_id="q-0"))
+        first = await asyncio.wait_for(anext(frames), 3)
+        assert isinstance(first, MessageRow) and first.message_id == "q-0"
+        for i in range(1, 6):
+            await messages.send(ALICE, BOB, to(BOB, message_id=f"q-{i}"))
+        await asyncio.sleep(0.2)  # the stream has read what fits and knows it is behind
+        got = []
+        while len(got) < 6:
+            # In this task, not wait_for's: nothing else runs between the frame and the send.
+            frame = await anext(frames)
+            assert isinstance(frame, MessageRow)
+            got.append(frame.message_id)
+            if len(got) == 1:
+                # Sent as soon as the queue has room again, before the stream reads back.
+                await messages.send(ALICE, BOB, to(BOB, message_id="late"))
+        assert got == ["q-1", "q-2", "q-3", "q-4", "q-5", "late"]
+    finally:
+        await frames.aclose()
+
+
 async def test_request_and_response(messages: Messages) -> None:
     responder = Reader(stream(messages, BOB))
     requester_inbox = Reader(stream(messages, ALICE))
@@ -322,6 +381,9 @@ async def test_request_and_response(messages: Messages) -> None:
         # The response went to the waiter, not also to the requester's inbox stream.
         with pytest.raises(TimeoutError):
             await requester_inbox.message(timeout=0.3)
+        # Answering acknowledged the request: it is not delivered to the responder again.
+        unacked, _ = await messages.inbox(BOB.agent_id, unacked=True, page=page(0, 0))
+        assert unacked == []
     finally:
         await responder.close()
         await requester_inbox.close()
@@ -337,6 +399,32 @@ async def test_a_request_without_answer_times_out_and_a_late_answer_waits_in_the
     await messages.send(BOB, ALICE, to(ALICE, type="response", correlation_id="c-1"))
     rows, total = await messages.inbox(ALICE.agent_id, unacked=True, page=page(0, 0))
     assert total == 1 and rows[0].correlation_id == "c-1"
+
+
+async def test_a_response_whose_waiter_leaves_as_it_is_stored_goes_to_the_inbox(
+    messages: Messages, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A response that a waiter here expects is stored acknowledged, for the waiter to take.
+    # When the waiter is gone by the time the response is committed, it goes to the inbox.
+    waiter = messages.hub.expect(ALICE.agent_id, "c-gone")
+    answered = MessageStore.ack_answered
+
+    async def leave_meanwhile(store: MessageStore, response: MessageRow) -> None:
+        waiter.close()
+        await answered(store, response)
+
+    monkeypatch.setattr(MessageStore, "ack_answered", leave_meanwhile)
+    inbox = Reader(stream(messages, ALICE))
+    try:
+        sent, _ = await messages.send(
+            BOB, ALICE, to(ALICE, type="response", correlation_id="c-gone")
+        )
+        assert sent.acked_at is None
+        assert (await inbox.message()).message_id == sent.message_id
+    finally:
+        await inbox.close()
+    rows, _ = await messages.inbox(ALICE.agent_id, unacked=True, page=page(0, 0))
+    assert [r.message_id for r in rows] == [sent.message_id]
 
 
 async def test_one_waiter_per_correlation_id(messages: Messages) -> None:

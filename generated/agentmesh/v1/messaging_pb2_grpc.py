@@ -100,7 +100,8 @@ class MessagingServiceServicer:
         the caller's API key, or, when several agents share the key, the one `from_agent` names. The
         recipient need not be online: the message waits in its inbox. Sending again with the same
         `message_id` answers the stored message with 200 and sends nothing. A response is a message
-        of type "response" addressed to the requester and carrying the request's `correlation_id`.
+        of type "response" addressed to the requester and carrying the request's `correlation_id`;
+        sending it acknowledges that request (the responder's inbox no longer delivers it).
         400 VALIDATION_ERROR (unknown type, no to_agent, a malformed message_id or correlation_id,
         ttl_seconds outside 1..86400, payload above 256 KiB, a response without correlation_id, or
         no from_agent while several agents share the key); 403 INSUFFICIENT_PERMISSIONS when the
