@@ -40,7 +40,15 @@ def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
 
 
 class _ScopeInterceptor(grpc.aio.ServerInterceptor):
-    """Runs every call of every kind inside ``self.scope(method, context)``."""
+    """Runs every call of every kind inside ``self.scope(method, context)``.
+
+    A method's handler is the same on every call, so its wrapped handler is made once and
+    kept: grpc asks the interceptors on every call, and wrapping anew each time cost more
+    than the scope itself."""
+
+    def __init__(self) -> None:
+        # By method; only methods the server has (an unknown one is never kept).
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     def scope(self, method: str, context: grpc.aio.ServicerContext) -> Any:
         raise NotImplementedError
@@ -50,10 +58,17 @@ class _ScopeInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        known = self._wrapped.get(method)
+        if known is not None:
+            return known
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
+        made = self._wrapped[method] = self._wrap(method, handler)
+        return made
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             behavior = getattr(handler, kind)
             if behavior is not None:
@@ -190,6 +205,7 @@ class AuthInterceptor(_ScopeInterceptor):
     """Authenticates and authorises every call by the policy table, again behind Envoy."""
 
     def __init__(self, authenticator: Authenticator) -> None:
+        super().__init__()
         self._auth = authenticator
 
     @contextlib.asynccontextmanager
