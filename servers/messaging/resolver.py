@@ -71,15 +71,21 @@ class AgentResolver:
         self, *, agent_ids: Sequence[str] = (), key_id: str = "", timeout: float | None
     ) -> list[AgentRef]:
         question = (tuple(agent_ids), key_id)
-        remembered = self._known.get(question)
-        if remembered is not None and remembered[0] > time.monotonic():
-            return remembered[1]
+        remembered = self._remembered(question)
+        if remembered is not None:
+            return remembered
         found = await self._ask(agent_ids, key_id, timeout)
         if found:
             if len(self._known) >= CACHE_MAX:
                 self._known.clear()
             self._known[question] = (time.monotonic() + CACHE_SECONDS, found)
         return found
+
+    def _remembered(self, question: tuple[tuple[str, ...], str]) -> list[AgentRef] | None:
+        remembered = self._known.get(question)
+        if remembered is not None and remembered[0] > time.monotonic():
+            return remembered[1]
+        return None
 
     async def _ask(
         self, agent_ids: Sequence[str], key_id: str, timeout: float | None
@@ -108,10 +114,16 @@ class AgentResolver:
         """The sending agent (see choose_sender; None: the request cannot name one) and the
         recipient (404 when unknown)."""
         key = _key_of(who)
-        mine, theirs = await asyncio.gather(
-            self._resolve(key_id=key, timeout=timeout),
-            self._resolve(agent_ids=[to_agent], timeout=timeout),
-        )
+        known_mine = self._remembered(((), key))
+        known_theirs = self._remembered(((to_agent,), ""))
+        if known_mine is not None and known_theirs is not None:
+            # Every message needs both: the common case makes no task at all.
+            mine, theirs = known_mine, known_theirs
+        else:
+            mine, theirs = await asyncio.gather(
+                self._resolve(key_id=key, timeout=timeout),
+                self._resolve(agent_ids=[to_agent], timeout=timeout),
+            )
         sender = choose_sender(mine, from_agent or "", can_name=from_agent is not None)
         if not theirs:
             raise NotFound("no such agent", details={"to_agent": to_agent[:64]})
