@@ -272,6 +272,14 @@ def begin_immediate(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _begin_immediate_raw(conn: Connection) -> None:
+    """begin_immediate for the sync engines below, whose driver connection is sqlite3's own:
+    straight to it, without a trip through SQLAlchemy's statement machinery (one per write)."""
+    driver = conn.connection.driver_connection
+    assert isinstance(driver, sqlite3.Connection)
+    driver.execute("BEGIN IMMEDIATE")
+
+
 def engine(path: str, *, writer: bool) -> Engine:
     """A sync engine on the SQLite file. A writer's transactions begin with BEGIN IMMEDIATE
     (InlineSession.begin waits for another process's lock in the event loop)."""
@@ -297,7 +305,7 @@ def engine(path: str, *, writer: bool) -> Engine:
         f"sqlite:///{path}", creator=connect, poolclass=QueuePool, pool_size=8, max_overflow=-1
     )
     if writer:
-        event.listen(made, "begin", begin_immediate)
+        event.listen(made, "begin", _begin_immediate_raw)
     return made
 
 
@@ -321,7 +329,8 @@ class _Begun:
         return await _until_unlocked(
             begin,
             self._session.busy_seconds,
-            OperationalError,
+            # sqlite3's own from the engine's begin hook (_begin_immediate_raw)
+            (OperationalError, sqlite3.OperationalError),
             undo=lambda: self._transaction.rollback(),
         )
 
