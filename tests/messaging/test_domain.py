@@ -342,7 +342,7 @@ async def test_a_new_message_waits_behind_the_backlog_of_a_stream_that_fell_behi
         for i in range(1, 6):
             await messages.send(ALICE, BOB, to(BOB, message_id=f"q-{i}"))
         await asyncio.sleep(0.2)  # the stream has read what fits and knows it is behind
-        got = []
+        got: list[str] = []
         while len(got) < 6:
             # In this task, not wait_for's: nothing else runs between the frame and the send.
             frame = await anext(frames)
