@@ -11,10 +11,11 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol, cast
 
-from sqlalchemy import JSON, DateTime, Integer, String, delete, event, select, update
+from sqlalchemy import JSON, DateTime, Integer, String, Table, delete, event, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -67,7 +68,22 @@ def _forget_events(session: Session) -> None:
     session.info.pop("outbox", None)
 
 
-def event_fields(row: OutboxMixin) -> dict[str, str]:
+class EventRow(Protocol):
+    """An outbox row as read: the mapped class, or a plain row of its table."""
+
+    @property
+    def event_type(self) -> str: ...
+    @property
+    def subject_id(self) -> str: ...
+    @property
+    def owner_id(self) -> str: ...
+    @property
+    def data(self) -> dict[str, Any]: ...
+    @property
+    def created_at(self) -> datetime: ...
+
+
+def event_fields(row: EventRow) -> dict[str, str]:
     """An outbox row as the flat string fields of a bus entry (see servers/messaging/events.py
     for the reading side)."""
     return {
@@ -180,8 +196,16 @@ class Relay:
             select(model).where(model.published_at.is_(None)).order_by(model.id).limit(self._batch)
         )
         if self._db.is_sqlite:
+            # Plain rows, not mapped objects: the relay only reads them, once per commit.
+            table = cast(Table, model.__table__)  # type: ignore[attr-defined]
+            plain = (
+                select(table)
+                .where(table.c.published_at.is_(None), table.c.id > self._high)
+                .order_by(table.c.id)
+                .limit(self._batch)
+            )
             async with self._db.session() as s:
-                rows = list(await s.scalars(query.where(model.id > self._high)))
+                rows = list((await s.execute(plain)).all())
             for row in rows:
                 await self._publish([row])
                 self._high = row.id
@@ -200,7 +224,7 @@ class Relay:
                 await self._mark(s, [r.id for r in rows])
         return len(rows)
 
-    async def _publish(self, rows: list[OutboxMixin]) -> None:
+    async def _publish(self, rows: Sequence[EventRow]) -> None:
         for row in rows:
             await self._bus.publish(
                 self._topic,
