@@ -15,7 +15,18 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol, cast
 
-from sqlalchemy import JSON, DateTime, Integer, String, Table, delete, event, select, update
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Integer,
+    String,
+    Table,
+    bindparam,
+    delete,
+    event,
+    select,
+    update,
+)
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -140,6 +151,21 @@ class Relay:
         # marked, with when they must be.
         self._high = 0
         self._unmarked: list[int] = []
+        # Built once: the relay reads after every commit that wrote an event.
+        table = cast(Table, model.__table__)  # type: ignore[attr-defined]
+        unpublished = (
+            select(table).where(table.c.published_at.is_(None)).order_by(table.c.id).limit(batch)
+        )
+        # SQLite: plain rows after the last one published here. PostgreSQL: the mapped rows,
+        # locked, so that replicas take turns.
+        self._after_high = unpublished.where(table.c.id > bindparam("high"))
+        self._locked = (
+            select(model)
+            .where(model.published_at.is_(None))
+            .order_by(model.id)
+            .limit(batch)
+            .with_for_update()
+        )
         self._mark_due = 0.0
         self.up = True
         self.published = 0
@@ -191,21 +217,9 @@ class Relay:
 
     async def publish_pending(self) -> int:
         """Publishes one batch of unpublished rows; returns how many."""
-        model = self._model
-        query = (
-            select(model).where(model.published_at.is_(None)).order_by(model.id).limit(self._batch)
-        )
         if self._db.is_sqlite:
-            # Plain rows, not mapped objects: the relay only reads them, once per commit.
-            table = cast(Table, model.__table__)  # type: ignore[attr-defined]
-            plain = (
-                select(table)
-                .where(table.c.published_at.is_(None), table.c.id > self._high)
-                .order_by(table.c.id)
-                .limit(self._batch)
-            )
             async with self._db.session() as s:
-                rows = list((await s.execute(plain)).all())
+                rows = list((await s.execute(self._after_high, {"high": self._high})).all())
             for row in rows:
                 await self._publish([row])
                 self._high = row.id
@@ -218,7 +232,7 @@ class Relay:
                 await self.mark_published()
             return len(rows)
         async with self._db.write() as s, s.begin():
-            rows = list(await s.scalars(query.with_for_update()))
+            rows = list(await s.scalars(self._locked))
             if rows:
                 await self._publish(rows)
                 await self._mark(s, [r.id for r in rows])
