@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, cast, or_, select
+from sqlalchemy import Text, bindparam, cast, or_, select
 
 from servers.common.clock import aware, now
 from servers.common.db import Database
@@ -25,6 +25,24 @@ HELD = ("assigned", "running")
 CLAIM_SCAN = 200  # queued tasks a claim looks at, at most, for one its agent can do
 CLAIM_PAGE = 20
 NO_REQUIREMENTS = "[]"  # required_capabilities, as stored, of a task that requires none
+
+
+# Built once, with bound parameters: every claim runs them.
+_QUEUE = (
+    select(TaskRow.task_id, TaskRow.type, TaskRow.required_capabilities)
+    .where(
+        TaskRow.status == "queued",
+        or_(
+            TaskRow.type.in_(bindparam("types", expanding=True)),
+            cast(TaskRow.required_capabilities, Text) != NO_REQUIREMENTS,
+        ),
+    )
+    .order_by(TaskRow.priority.desc(), TaskRow.created_at, TaskRow.task_id)
+    .limit(CLAIM_PAGE)
+    .offset(bindparam("offset"))
+)
+_QUEUE_LOCKED = _QUEUE.with_for_update(skip_locked=True)
+_BY_ID = select(TaskRow).where(TaskRow.task_id == bindparam("task_id"))
 
 
 @dataclass(frozen=True)
@@ -57,15 +75,25 @@ class Dispatch:
 
     async def claim(self, agent_id: str, capabilities: Sequence[str]) -> TaskRow | None:
         """The most urgent queued task the agent can do (first in, first out within a
-        priority), now leased to it; None when there is none."""
+        priority), now leased to it; None when there is none.
+
+        The queue is read first without the write lock: an agent with room asks after every
+        task it finishes, and when nothing is queued for it the answer costs no write
+        transaction. A task another claim took in between is chosen again under the lock."""
         caps = frozenset(capabilities)
+        if not caps:
+            return None
+        async with self._db.session() as s:
+            seen = await self._choose(s, caps, lock=False)
+        if seen is None:
+            return None
         at = now()
         async with self._db.write() as s, s.begin():
-            chosen = await self._choose(s, caps)
-            if chosen is None:
-                return None
-            task = await s.get(TaskRow, chosen)
-            if task is None or task.status != "queued":  # cannot change under this lock
+            task = await self._queued(s, seen)
+            if task is None:
+                chosen = await self._choose(s, caps)
+                task = None if chosen is None else await self._queued(s, chosen)
+            if task is None:
                 return None
             task.status = "assigned"
             task.assigned_agent = agent_id
@@ -76,31 +104,27 @@ class Dispatch:
             Outbox(s).add("task.assigned", task, at, agent_id=agent_id, attempt=task.attempt)
             return task
 
-    async def _choose(self, s: Any, caps: frozenset[str]) -> str | None:
+    async def _queued(self, s: Any, task_id: str) -> TaskRow | None:
+        """The task, locked (PostgreSQL) for this transaction, if it is still queued."""
+        query = _BY_ID if self._db.is_sqlite else _BY_ID.with_for_update()
+        task = (await s.execute(query, {"task_id": task_id})).scalars().first()
+        return task if task is not None and task.status == "queued" else None
+
+    async def _choose(self, s: Any, caps: frozenset[str], *, lock: bool = True) -> str | None:
         """The id of the first queued task, in queue order, that these capabilities cover.
 
         An agent qualifies when it has every required capability, or, when none is required,
         the task's type. The database rules out the tasks of other types that require nothing
         (the common case), reading the queue index in order; tasks with requirements are
-        checked here, a page at a time, on a few columns."""
+        checked here, a page at a time, on a few columns. ``lock``: on PostgreSQL, lock the
+        rows read (replicas claim side by side, skipping each other's); SQLite's writers
+        queue on BEGIN IMMEDIATE instead."""
         if not caps:
             return None
-        query = (
-            select(TaskRow.task_id, TaskRow.type, TaskRow.required_capabilities)
-            .where(
-                TaskRow.status == "queued",
-                or_(
-                    TaskRow.type.in_(sorted(caps)),
-                    cast(TaskRow.required_capabilities, Text) != NO_REQUIREMENTS,
-                ),
-            )
-            .order_by(TaskRow.priority.desc(), TaskRow.created_at, TaskRow.task_id)
-        )
-        if not self._db.is_sqlite:
-            # Replicas claim side by side; SQLite's writers queue on BEGIN IMMEDIATE.
-            query = query.with_for_update(skip_locked=True)
+        query = _QUEUE_LOCKED if lock and not self._db.is_sqlite else _QUEUE
+        types = sorted(caps)
         for offset in range(0, CLAIM_SCAN, CLAIM_PAGE):
-            rows = (await s.execute(query.limit(CLAIM_PAGE).offset(offset))).all()
+            rows = (await s.execute(query, {"types": types, "offset": offset})).all()
             for task_id, task_type, required in rows:
                 if set(required) <= caps if required else task_type in caps:
                     return str(task_id)

@@ -64,6 +64,26 @@ async def test_a_claim_looks_past_tasks_the_agent_cannot_do(db: Database) -> Non
     assert python is not None and python.required_capabilities == ["python"]
 
 
+async def test_concurrent_claims_take_each_task_once(db: Database) -> None:
+    """Claims read the queue before they take the write lock, so several can see the same
+    task first: one gets it, the others take the next ones, and none is handed out twice."""
+    tasks, dispatch = Tasks(db=db), Dispatch(db=db, lease_seconds=30)
+    created = {(await tasks.create(ALICE, NEW))[0].task_id for _ in range(12)}
+
+    async def agent(name: str) -> list[str]:
+        taken = []
+        while (task := await dispatch.claim(name, ["echo"])) is not None:
+            taken.append(task.task_id)
+        return taken
+
+    claims = await asyncio.gather(*(agent(f"agent-{n}") for n in range(5)))
+    everything = [task_id for taken in claims for task_id in taken]
+    assert sorted(everything) == sorted(created)  # each once, none left queued
+    for name, taken in zip((f"agent-{n}" for n in range(5)), claims, strict=True):
+        for task_id in taken:
+            assert (await dispatch.get(task_id)).assigned_agent == name
+
+
 async def test_a_stale_attempt_is_refused(db: Database) -> None:
     tasks, dispatch = Tasks(db=db), Dispatch(db=db, lease_seconds=0.2)
     task, _ = await tasks.create(ALICE, NEW)
