@@ -50,6 +50,7 @@ class Outcome:
     accepted: bool
     status: str
     reason: str = ""
+    task: TaskRow | None = None  # as recorded, when accepted
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ class Dispatch:
             if task is None:
                 return Outcome(False, "", "TASK_NOT_FOUND")
             if task.attempt_token == token and task.status in ("completed", "failed"):
-                return Outcome(True, task.status)
+                return Outcome(True, task.status, task=task)
             if await self._held(s, task_id, agent_id, token) is None:
                 return Outcome(False, task.status, "CONFLICT")
             task.lease_expires_at = None
@@ -209,7 +210,7 @@ class Dispatch:
                 task.completed_at = at
                 task.started_at = task.started_at or at
                 Outbox(s).add("task.completed", task, at, agent_id=agent_id, attempt=task.attempt)
-                return Outcome(True, task.status)
+                return Outcome(True, task.status, task=task)
             code, message, retryable = error
             task.error, task.error_code = message[:2000], code[:64]
             if retryable and task.attempt < task.max_attempts:
@@ -221,7 +222,7 @@ class Dispatch:
                 Outbox(s).add(
                     "task.failed", task, at, error_code=task.error_code, attempt=task.attempt
                 )
-            return Outcome(True, task.status)
+            return Outcome(True, task.status, task=task)
 
     @staticmethod
     def _requeue(task: TaskRow) -> None:

@@ -301,7 +301,7 @@ class TasksInternalService(tasks_pb2_grpc.TasksInternalServiceServicer):
                 "this attempt no longer holds the task",
                 details={"task_id": request.task_id[:64], "status": outcome.status},
             )
-        task = await self._dispatch.get(request.task_id)
+        task = outcome.task or await self._dispatch.get(request.task_id)
         if task.status == "queued":
             self._agents.tasks_available(task)
         return tasks_pb2.TasksInternalServiceCompleteTaskResponse(task=task_proto(task))

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Table, func, inspect, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .models import OutboxRow, TaskRow
+
+_tasks = cast(Table, TaskRow.__table__)
+# (attribute, column) of every mapped column: the attribute of "metadata" is task_metadata.
+_TASK_COLUMNS = tuple(
+    (attribute.key, attribute.columns[0]) for attribute in inspect(TaskRow).column_attrs
+)
+_INSERT_TASK = {
+    name: dialect.insert(_tasks)
+    .on_conflict_do_nothing(index_elements=["owner_id", "idempotency_key"])
+    .returning(_tasks.c.task_id)
+    for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))
+}
 
 
 class TaskStore:
@@ -18,15 +30,19 @@ class TaskStore:
         self._s = session
 
     async def add(self, task: TaskRow) -> bool:
-        """Inserts the task; False when the owner's idempotency key is taken (a concurrent
-        twin won), in which case nothing was written."""
-        try:
-            async with self._s.begin_nested():
-                self._s.add(task)
-                await self._s.flush()
-        except IntegrityError:
-            return False
-        return True
+        """Inserts the task (which stays outside the session); False when the owner's
+        idempotency key is taken (a concurrent twin won), in which case nothing was
+        written. One INSERT ... ON CONFLICT DO NOTHING, not the ORM's flush in a savepoint:
+        every create takes this path."""
+        connection = await self._s.connection()
+        state = inspect(task)
+        values = {
+            column.key: state.dict[attribute]
+            for attribute, column in _TASK_COLUMNS
+            if attribute in state.dict
+        }
+        found = await self._s.execute(_INSERT_TASK[connection.dialect.name], values)
+        return found.scalar_one_or_none() is not None
 
     async def get(self, task_id: str) -> TaskRow | None:
         return await self._s.get(TaskRow, task_id)
