@@ -10,6 +10,8 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from servers.common.outbox import write_event
+
 from .models import AgentRow, OutboxRow
 
 
@@ -98,12 +100,12 @@ class Outbox:
     def add(
         self, event_type: str, *, agent_id: str, owner_id: str, at: datetime, **data: Any
     ) -> None:
-        self._s.add(
-            OutboxRow(
-                event_type=event_type,
-                subject_id=agent_id,
-                owner_id=owner_id,
-                data={"agent_id": agent_id, **data},
-                created_at=at,
-            )
+        write_event(
+            self._s,
+            OutboxRow,
+            event_type=event_type,
+            subject_id=agent_id,
+            owner_id=owner_id,
+            data={"agent_id": agent_id, **data},
+            at=at,
         )

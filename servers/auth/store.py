@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from servers.common.errors import UserExists
+from servers.common.outbox import write_event
 
 from .models import ApiKeyRow, OutboxRow, RefreshTokenRow, UserRow
 
@@ -180,12 +181,12 @@ def security_event(
     session: AsyncSession, event_type: str, user_id: str, at: datetime, **data: Any
 ) -> None:
     """Writes a security event about the user in the session's transaction."""
-    session.add(
-        OutboxRow(
-            event_type=event_type,
-            subject_id=user_id,
-            owner_id=user_id,
-            data={"user_id": user_id, **data},
-            created_at=at,
-        )
+    write_event(
+        session,
+        OutboxRow,
+        event_type=event_type,
+        subject_id=user_id,
+        owner_id=user_id,
+        data={"user_id": user_id, **data},
+        at=at,
     )

@@ -24,6 +24,7 @@ from sqlalchemy import (
     bindparam,
     delete,
     event,
+    insert,
     select,
     update,
 )
@@ -60,6 +61,37 @@ class OutboxMixin:
 _relays: dict[type, list[Relay]] = {}
 
 
+def write_event(
+    session: AsyncSession,
+    model: type[OutboxMixin],
+    *,
+    event_type: str,
+    subject_id: str,
+    owner_id: str,
+    data: dict[str, Any],
+    at: datetime,
+) -> None:
+    """Writes an event in the session's transaction. The rows of a transaction are inserted
+    together as it commits (one INSERT for all of them, not an ORM flush each), and the
+    commit wakes the model's relays."""
+    row = {
+        "event_type": event_type,
+        "subject_id": subject_id,
+        "owner_id": owner_id,
+        "data": data,
+        "created_at": at,
+    }
+    session.info.setdefault("outbox_rows", {}).setdefault(model, []).append(row)
+    session.info.setdefault("outbox", set()).add(model)
+
+
+@event.listens_for(Session, "before_commit")
+def _insert_events(session: Session) -> None:
+    staged: dict[type[OutboxMixin], list[dict[str, Any]]] = session.info.pop("outbox_rows", {})
+    for model, rows in staged.items():
+        session.execute(insert(cast(Table, model.__table__)), rows)  # type: ignore[attr-defined]
+
+
 @event.listens_for(Session, "after_flush")
 def _note_events(session: Session, _context: Any) -> None:
     for obj in session.new:
@@ -77,6 +109,7 @@ def _wake_relays(session: Session) -> None:
 @event.listens_for(Session, "after_rollback")
 def _forget_events(session: Session) -> None:
     session.info.pop("outbox", None)
+    session.info.pop("outbox_rows", None)
 
 
 class EventRow(Protocol):

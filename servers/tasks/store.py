@@ -10,6 +10,8 @@ from sqlalchemy import Table, func, inspect, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from servers.common.outbox import write_event
+
 from .models import OutboxRow, TaskRow
 
 _tasks = cast(Table, TaskRow.__table__)
@@ -102,19 +104,19 @@ class Outbox:
         self._s = session
 
     def add(self, event_type: str, task: TaskRow, at: datetime, **data: Any) -> None:
-        self._s.add(
-            OutboxRow(
-                event_type=event_type,
-                subject_id=task.task_id,
-                owner_id=task.owner_id,
-                # "callback": whether the callback worker has a URL to call for this task,
-                # so that it reads the task only when it does.
-                data={
-                    "task_id": task.task_id,
-                    "status": task.status,
-                    "callback": bool(task.callback_url),
-                    **data,
-                },
-                created_at=at,
-            )
+        write_event(
+            self._s,
+            OutboxRow,
+            event_type=event_type,
+            subject_id=task.task_id,
+            owner_id=task.owner_id,
+            # "callback": whether the callback worker has a URL to call for this task, so
+            # that it reads the task only when it does.
+            data={
+                "task_id": task.task_id,
+                "status": task.status,
+                "callback": bool(task.callback_url),
+                **data,
+            },
+            at=at,
         )

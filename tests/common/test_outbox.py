@@ -17,7 +17,7 @@ from servers.common.bus import Bus
 from servers.common.clock import now
 from servers.common.db import Database
 from servers.common.membus import MemoryBus
-from servers.common.outbox import EVENTS_TOPIC, Relay
+from servers.common.outbox import EVENTS_TOPIC, Relay, write_event
 from servers.common.redisbus import RedisBus
 from servers.launcher import free_port
 from servers.mesh import MIGRATIONS
@@ -41,14 +41,14 @@ def relay(db: Database, bus: Bus, **kw: object) -> Relay:
 async def write_events(db: Database, *subjects: str) -> None:
     async with db.write() as s, s.begin():
         for subject in subjects:
-            s.add(
-                OutboxRow(
-                    event_type="task.created",
-                    subject_id=subject,
-                    owner_id="owner-1",
-                    data={"task_id": subject, "n": 1},
-                    created_at=now(),
-                )
+            write_event(
+                s,
+                OutboxRow,
+                event_type="task.created",
+                subject_id=subject,
+                owner_id="owner-1",
+                data={"task_id": subject, "n": 1},
+                at=now(),
             )
 
 
@@ -81,6 +81,27 @@ async def test_committed_events_reach_the_bus_in_order_once(db: Database) -> Non
     assert first["type"] == "task.created" and first["owner"] == "owner-1"
     assert json.loads(first["data"]) == {"task_id": "a", "n": 1}
     assert await unpublished(db) == 0
+
+
+async def test_a_rolled_back_change_leaves_no_event(db: Database) -> None:
+    bus = MemoryBus()
+    with pytest.raises(RuntimeError):
+        async with db.write() as s, s.begin():
+            write_event(
+                s,
+                OutboxRow,
+                event_type="task.created",
+                subject_id="never",
+                owner_id="owner-1",
+                data={},
+                at=now(),
+            )
+            raise RuntimeError("the change failed")
+    await write_events(db, "kept")
+    r = relay(db, bus)
+    assert await r.publish_pending() == 1
+    entries = await bus.range(EVENTS_TOPIC, "0-0", 10)
+    assert [e.fields["subject"] for e in entries] == ["kept"]
 
 
 async def test_a_commit_wakes_the_relay(db: Database) -> None:
