@@ -85,11 +85,18 @@ def write_event(
     session.info.setdefault("outbox", set()).add(model)
 
 
+_inserts: dict[type[OutboxMixin], Any] = {}
+
+
 @event.listens_for(Session, "before_commit")
 def _insert_events(session: Session) -> None:
     staged: dict[type[OutboxMixin], list[dict[str, Any]]] = session.info.pop("outbox_rows", {})
     for model, rows in staged.items():
-        session.execute(insert(cast(Table, model.__table__)), rows)  # type: ignore[attr-defined]
+        statement = _inserts.get(model)
+        if statement is None:
+            table = cast(Table, model.__table__)  # type: ignore[attr-defined]
+            statement = _inserts[model] = insert(table)
+        session.execute(statement, rows)
 
 
 @event.listens_for(Session, "after_flush")
