@@ -96,6 +96,11 @@ async def set_http_status(context: grpc.aio.ServicerContext, status: int) -> Non
     The transcoder answers every successful RPC with 200, and it drops custom trailers, so this
     goes out as initial metadata, which Envoy's Lua filter turns into the status. Call it only
     right before returning the response: once initial metadata is sent, a later error could no
-    longer become an HTTP error status. gRPC callers simply ignore the header.
+    longer become an HTTP error status. Only REST calls (transcoded by Envoy, which marks them
+    with x-envoy-original-path) get it: a native gRPC caller would ignore the header, and
+    sending initial metadata early is one more operation on the call.
     """
+    call = _call.get()
+    if call is not None and not call.via_gateway:
+        return
     await context.send_initial_metadata((("x-http-status", str(status)),))
