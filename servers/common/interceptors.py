@@ -1,4 +1,5 @@
-"""Server interceptors, outermost first: request id, access log, error mapping, authentication.
+"""Server interceptors, outermost first: request id, access log, error mapping, authentication,
+installed as one ChainInterceptor.
 
 Each is a grpc.aio.ServerInterceptor that wraps the handler's behaviour in an async context
 manager, so one implementation serves unary and streaming RPCs alike. They share the call's
@@ -13,7 +14,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -218,10 +219,33 @@ class AuthInterceptor(_ScopeInterceptor):
         yield
 
 
+class ChainInterceptor(_ScopeInterceptor):
+    """Several interceptors' scopes, outermost first, around one wrapper of the handler.
+
+    Behaves as the interceptors installed one inside the other, but a streamed message passes
+    through one wrapping generator instead of one per interceptor: with a hundred event
+    streams, that per-message cost is a large part of the fan-out."""
+
+    def __init__(self, links: Sequence[_ScopeInterceptor]) -> None:
+        super().__init__()
+        self._links = tuple(links)
+
+    @contextlib.asynccontextmanager
+    async def scope(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            for link in self._links:
+                await stack.enter_async_context(link.scope(method, context))
+            yield
+
+
 def default_interceptors(authenticator: Authenticator) -> list[grpc.aio.ServerInterceptor]:
     return [
-        RequestIdInterceptor(),
-        AccessLogInterceptor(),
-        ErrorInterceptor(),
-        AuthInterceptor(authenticator),
+        ChainInterceptor(
+            [
+                RequestIdInterceptor(),
+                AccessLogInterceptor(),
+                ErrorInterceptor(),
+                AuthInterceptor(authenticator),
+            ]
+        )
     ]
