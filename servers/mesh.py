@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import json
 import logging
 import os
@@ -510,6 +511,11 @@ class Mesh:
                 ) from None
             raise
         self._write_state()
+        # Everything made so far (modules, mappings, descriptors, servers) lives as long as
+        # the process: kept out of the collector's view, a full collection scans only what
+        # calls create, and its pauses, which every stream and call waits out, stay short.
+        gc.collect()
+        gc.freeze()
 
     def _write_state(self) -> None:
         s = self.settings
