@@ -96,7 +96,9 @@ def _insert_events(session: Session) -> None:
         if statement is None:
             table = cast(Table, model.__table__)  # type: ignore[attr-defined]
             statement = _inserts[model] = insert(table)
-        session.execute(statement, rows)
+        # On the connection: the session's own execute adds ORM machinery a plain insert
+        # does not need. One row goes as a single execute, not an executemany.
+        session.connection().execute(statement, rows[0] if len(rows) == 1 else rows)
 
 
 @event.listens_for(Session, "after_flush")
