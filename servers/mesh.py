@@ -424,10 +424,14 @@ def build_server(name: str, rt: Runtime, health: HealthService) -> ServiceServer
             add(servicer, server)
         health_pb2_grpc.add_HealthServiceServicer_to_server(health, server)
 
+    s = rt.settings
     return ServiceServer(
         name,
-        host=rt.settings.host,
-        port=rt.settings.service_ports[name],
+        host=s.host,
+        port=s.service_ports[name],
+        # A port picked for the server is never the public or admin port, which Envoy binds
+        # only later (the kernel soon hands out a port just released, e.g. one a test chose).
+        avoid={s.public_port, s.admin_port} - {0},
         interceptors=default_interceptors(authenticator),
         registrations=[register],
         background=background,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+import socket
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,6 +16,7 @@ log = logging.getLogger("agentmesh.server")
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 # Keepalive pings detect half-open connections hop by hop; clients may ping every 10 s.
+BIND_ATTEMPTS = 20
 SERVER_OPTIONS: Sequence[tuple[str, int]] = (
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -52,10 +54,12 @@ class ServiceServer:
         registrations: Iterable[Registration],
         services: Iterable[str],
         background: Iterable[Callable[[], Awaitable[None]]] = (),
+        avoid: Collection[int] = (),
     ) -> None:
         self.name = name
         self.host = host
         self.port = port
+        self._avoid = frozenset(avoid)
         self.services = tuple(services)
         self.health = health.aio.HealthServicer()
         self._server = grpc.aio.server(interceptors=list(interceptors), options=SERVER_OPTIONS)
@@ -79,11 +83,9 @@ class ServiceServer:
         return f"{self.host}:{self.port}"
 
     async def start(self) -> int:
-        """Binds (port 0 picks a free one), starts, and returns the bound port."""
-        try:
-            bound = self._server.add_insecure_port(f"{self.host}:{self.port}")
-        except RuntimeError as exc:
-            raise PortInUse(f"{self.name}: cannot listen on {self.host}:{self.port}") from exc
+        """Binds (port 0 picks a free one, never one of ``avoid``), starts, and returns the
+        bound port."""
+        bound = self._bind(self.port) if self.port or not self._avoid else self._bind_free()
         if not bound:
             raise PortInUse(f"{self.name}: cannot listen on {self.host}:{self.port}")
         self.port = bound
@@ -93,6 +95,25 @@ class ServiceServer:
         self._running = [asyncio.ensure_future(job()) for job in self._background]
         log.info("listening", extra={"service": self.name, "address": self.address})
         return bound
+
+    def _bind(self, port: int) -> int:
+        """The port bound, or 0 when it could not be."""
+        try:
+            return int(self._server.add_insecure_port(f"{self.host}:{port}"))
+        except RuntimeError:
+            return 0
+
+    def _bind_free(self) -> int:
+        """A free port outside ``avoid``: one the kernel offers, bound right after (another
+        process may take it in between; then the next one)."""
+        for _ in range(BIND_ATTEMPTS):
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind((self.host, 0))
+                offered = int(probe.getsockname()[1])
+            if offered not in self._avoid and (bound := self._bind(offered)):
+                return bound
+        return 0
 
     async def drain(self) -> None:
         """Tells health checkers to stop sending new calls here."""

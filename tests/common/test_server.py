@@ -1,8 +1,10 @@
-"""ServiceServer's drain: health turns NOT_SERVING, in-flight calls finish, new ones are refused."""
+"""ServiceServer: its drain (health turns NOT_SERVING, in-flight calls finish, new ones are refused)
+and the ports it binds."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import grpc
 import pytest
@@ -10,6 +12,7 @@ from grpc_health.v1 import health_pb2 as grpc_health_pb2
 from grpc_health.v1 import health_pb2_grpc as grpc_health_pb2_grpc
 
 from agentmesh.v1 import health_pb2, health_pb2_grpc
+from servers.common import server as server_module
 from servers.common.server import PortInUse, ServiceServer
 
 
@@ -25,11 +28,12 @@ class Slow(health_pb2_grpc.HealthServiceServicer):
         return health_pb2.GetLivenessResponse(status="alive")
 
 
-def _server(servicer: Slow, port: int = 0) -> ServiceServer:
+def _server(servicer: Slow, port: int = 0, avoid: frozenset[int] = frozenset()) -> ServiceServer:
     return ServiceServer(
         "slow",
         host="127.0.0.1",
         port=port,
+        avoid=avoid,
         interceptors=[],
         registrations=[lambda s: health_pb2_grpc.add_HealthServiceServicer_to_server(servicer, s)],
         services=["agentmesh.v1.HealthService"],
@@ -69,3 +73,39 @@ async def test_taken_port_is_port_in_use() -> None:
             await _server(Slow(), port=port).start()
     finally:
         await first.stop(grace=0)
+
+
+async def test_a_picked_port_is_never_one_to_avoid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel soon offers a port that was just released again: the mesh's public port, for
+    one, is free until Envoy binds it. A server told to avoid it takes the next offer."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        public = held.getsockname()[1]
+    offers = iter([public, public])
+    real = socket.socket
+
+    class Probe:
+        def __init__(self, family: int, kind: int) -> None:
+            self._sock = real(family, kind)
+
+        def __enter__(self) -> Probe:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._sock.close()
+
+        def bind(self, address: tuple[str, int]) -> None:
+            self._sock.bind((address[0], next(offers, 0)))
+
+        def getsockname(self) -> tuple[str, int]:
+            host, port = self._sock.getsockname()
+            return str(host), int(port)
+
+    monkeypatch.setattr(server_module.socket, "socket", Probe)
+    server = _server(Slow(), avoid=frozenset({public}))
+    try:
+        port = await server.start()
+    finally:
+        monkeypatch.undo()
+        await server.stop(grace=0)
+    assert port != public and port != 0
