@@ -73,7 +73,8 @@ def write_event(
 ) -> None:
     """Writes an event in the session's transaction. The rows of a transaction are inserted
     together as it commits (one INSERT for all of them, not an ORM flush each), and the
-    commit wakes the model's relays."""
+    commit wakes the model's relays; a rollback of the transaction drops them. Not for use
+    inside a savepoint that may roll back on its own: its rollback would not drop them."""
     row = {
         "event_type": event_type,
         "subject_id": subject_id,
