@@ -107,7 +107,7 @@ class MessagingService(messaging_pb2_grpc.MessagingServiceServicer):
             )
         )
         sender, recipient = await self._directory.sender_and_recipient(
-            require_principal(), None, new.to_agent, timeout=_remaining(context)
+            require_principal(), request.from_agent, new.to_agent, timeout=_remaining(context)
         )
         call = current_call()
         envoy_ms = call.metadata.get(ENVOY_TIMEOUT_HEADER, "") if call is not None else ""

@@ -29,11 +29,9 @@ CACHE_SECONDS = 2.0
 CACHE_MAX = 10_000
 
 
-def choose_sender(
-    candidates: Sequence[AgentRef], from_agent: str, *, can_name: bool = True
-) -> AgentRef:
+def choose_sender(candidates: Sequence[AgentRef], from_agent: str) -> AgentRef:
     """The sending agent among those registered with the caller's key: the only one, or the
-    one ``from_agent`` names (``can_name``: whether the request has a from_agent field)."""
+    one ``from_agent`` names."""
     if from_agent:
         for agent in candidates:
             if agent.agent_id == from_agent:
@@ -46,9 +44,7 @@ def choose_sender(
         raise PermissionDenied("no agent is registered with this API key; connect this agent first")
     if len(candidates) > 1:
         raise ValidationError(
-            "several agents are registered with this API key; from_agent must name the sender"
-            if can_name
-            else "several agents are registered with this API key; use a key of one agent",
+            "several agents are registered with this API key; from_agent must name the sender",
             details={"field": "from_agent", "agents": len(candidates)},
         )
     return candidates[0]
@@ -106,13 +102,12 @@ class AgentResolver:
     async def sender_and_recipient(
         self,
         who: Principal,
-        from_agent: str | None,
+        from_agent: str,
         to_agent: str,
         *,
         timeout: float | None,
     ) -> tuple[AgentRef, AgentRef]:
-        """The sending agent (see choose_sender; None: the request cannot name one) and the
-        recipient (404 when unknown)."""
+        """The sending agent (see choose_sender) and the recipient (404 when unknown)."""
         key = _key_of(who)
         known_mine = self._remembered(((), key))
         known_theirs = self._remembered(((to_agent,), ""))
@@ -124,7 +119,7 @@ class AgentResolver:
                 self._resolve(key_id=key, timeout=timeout),
                 self._resolve(agent_ids=[to_agent], timeout=timeout),
             )
-        sender = choose_sender(mine, from_agent or "", can_name=from_agent is not None)
+        sender = choose_sender(mine, from_agent)
         if not theirs:
             raise NotFound("no such agent", details={"to_agent": to_agent[:64]})
         return sender, theirs[0]

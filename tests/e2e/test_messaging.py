@@ -320,11 +320,29 @@ async def test_who_sends_and_who_reads_is_decided_by_the_key(
     assert_envelope(await send(rest, one, bob), 400, "VALIDATION_ERROR")
     reply = await send(rest, one, bob, from_agent=two.id)
     assert reply.status_code == 201 and reply.json()["from_agent"] == two.id
-    # SendRequest cannot name its sender: a shared key is refused before anything is sent.
+    # SendRequest the same way: without from_agent a shared key is refused before anything is
+    # sent, another key's agent is not a sender, and the agent named is the one that asks.
     asked = await rest.post(
         "/api/v1/messages/request", json={"to_agent": bob.id}, headers=one.headers
     )
     assert_envelope(asked, 400, "VALIDATION_ERROR")
+    posing = await rest.post(
+        "/api/v1/messages/request",
+        json={"to_agent": bob.id, "from_agent": alice.id},
+        headers=one.headers,
+    )
+    assert_envelope(posing, 403, "INSUFFICIENT_PERMISSIONS")
+    unanswered = await rest.post(
+        "/api/v1/messages/request",
+        json={"to_agent": bob.id, "from_agent": two.id, "timeout_ms": 200},
+        headers=one.headers,
+    )
+    assert_envelope(unanswered, 504, "TIMEOUT_ERROR")
+    held = await rest.get(
+        f"/api/v1/agents/{bob.id}/messages", params={"unacked": "true"}, headers=bob.headers
+    )
+    requests = [m for m in held.json()["messages"] if m["type"] == "request"]
+    assert [m["from_agent"] for m in requests] == [two.id]
     # A user's token is not an agent.
     by_user = await rest.post(
         "/api/v1/messages", json={"to_agent": bob.id, "type": "event"}, headers=developer.headers

@@ -57,20 +57,22 @@ class SendMessageRequest(_message.Message):
     def __init__(self, message_id: _Optional[str] = ..., from_agent: _Optional[str] = ..., to_agent: _Optional[str] = ..., type: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., correlation_id: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class SendRequestRequest(_message.Message):
-    __slots__ = ("message_id", "to_agent", "payload", "correlation_id", "timeout_ms", "ttl_seconds")
+    __slots__ = ("message_id", "to_agent", "payload", "correlation_id", "timeout_ms", "ttl_seconds", "from_agent")
     MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
     TO_AGENT_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FROM_AGENT_FIELD_NUMBER: _ClassVar[int]
     message_id: str
     to_agent: str
     payload: _struct_pb2.Struct
     correlation_id: str
     timeout_ms: int
     ttl_seconds: int
-    def __init__(self, message_id: _Optional[str] = ..., to_agent: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., correlation_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+    from_agent: str
+    def __init__(self, message_id: _Optional[str] = ..., to_agent: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., correlation_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., ttl_seconds: _Optional[int] = ..., from_agent: _Optional[str] = ...) -> None: ...
 
 class SendRequestResponse(_message.Message):
     __slots__ = ("request", "response")

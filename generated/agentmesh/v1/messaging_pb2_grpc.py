@@ -125,10 +125,10 @@ class MessagingServiceServicer:
         (DEADLINE_EXCEEDED), with the request's message_id and correlation_id in the details. The
         request stays in the recipient's inbox until its TTL, and a late response is delivered to
         the caller's inbox like any message; repeating the call with the same message_id waits
-        again and also finds a response that came meanwhile. Errors as SendMessage, plus 400
-        VALIDATION_ERROR for timeout_ms outside 1..300000 or a key that several agents share (this
-        request has no from_agent: the sender is the one agent registered with the key), and 409
-        CONFLICT when the caller already waits on the same correlation_id.
+        again and also finds a response that came meanwhile. The sender is chosen as for
+        SendMessage (from_agent names it when several agents share the key). Errors as
+        SendMessage, plus 400 VALIDATION_ERROR for timeout_ms outside 1..300000, and 409 CONFLICT
+        when the caller already waits on the same correlation_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
