@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, text
+from sqlalchemy import ColumnElement, Table, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -167,3 +168,24 @@ class Database:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class InsertOrNothing:
+    """``INSERT ... ON CONFLICT (conflict) DO NOTHING RETURNING returning`` on ``table``, built
+    once per dialect: one statement where the ORM would flush in a savepoint to turn a
+    unique-key collision into "a concurrent twin won"."""
+
+    def __init__(self, table: Table, *, conflict: Sequence[str], returning: ColumnElement[Any]):
+        self._statements = {
+            name: dialect.insert(table)
+            .on_conflict_do_nothing(index_elements=list(conflict))
+            .returning(returning)
+            for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))
+        }
+
+    async def __call__(self, session: AsyncSession, values: dict[str, Any]) -> Any:
+        """The returned column of the new row; None when the conflict kept it from being
+        written."""
+        connection = await session.connection()
+        found = await session.execute(self._statements[connection.dialect.name], values)
+        return found.scalar_one_or_none()

@@ -12,9 +12,10 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, and_, bindparam, delete, exists, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
+
+from servers.common.db import InsertOrNothing
 
 from .models import MessageRow
 
@@ -23,14 +24,8 @@ Position = tuple[datetime, int]  # (created_at, seq): a place in an inbox, oldes
 _table = cast(Table, MessageRow.__table__)
 _c = _table.c
 _COLUMNS = tuple(c.key for c in _table.columns if c.key != "seq")
-# One INSERT ... ON CONFLICT DO NOTHING RETURNING seq per dialect, not the ORM's flush in a
-# savepoint: a twin's message_id makes it return no row and write nothing.
-_INSERT = {
-    name: dialect.insert(_table)
-    .on_conflict_do_nothing(index_elements=["message_id"])
-    .returning(_c.seq)
-    for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))
-}
+# A twin's message_id makes the insert write nothing and return no seq.
+_INSERT = InsertOrNothing(_table, conflict=["message_id"], returning=_c.seq)
 _GET = select(MessageRow).where(MessageRow.message_id == bindparam("m_id"))
 _HELD = select(func.count()).select_from(
     select(_c.seq)
@@ -68,10 +63,7 @@ class MessageStore:
     async def add(self, row: MessageRow) -> bool:
         """Inserts the message and sets its ``seq``; False when its message_id is taken (a
         concurrent twin won), in which case nothing was written."""
-        connection = await self._s.connection()
-        values = {key: getattr(row, key) for key in _COLUMNS}
-        found = await self._s.execute(_INSERT[connection.dialect.name], values)
-        seq = found.scalar_one_or_none()
+        seq = await _INSERT(self._s, {key: getattr(row, key) for key in _COLUMNS})
         if seq is None:
             return False
         row.seq = seq

@@ -303,10 +303,9 @@ class CallbackWorker:
             self.acked += len(ids)
 
     async def _one(self, client: httpx.AsyncClient, entry: Entry, *, retry: bool) -> bool:
-        """Handles one entry; True when it is done with (acknowledge it)."""
+        """Handles one entry that may call back (_calls_back); True when it is done with
+        (acknowledge it)."""
         event_type = entry.fields.get("type", "")
-        if not _calls_back(entry):
-            return True
         task_id = entry.fields.get("subject", "")
         where = {"event_id": entry.id, "task_id": task_id}
         # A new entry is always tried once; a retried one only within max_age of publication.

@@ -7,9 +7,9 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, func, inspect, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from servers.common.db import InsertOrNothing
 from servers.common.outbox import write_event
 
 from .models import OutboxRow, TaskRow
@@ -19,12 +19,9 @@ _tasks = cast(Table, TaskRow.__table__)
 _TASK_COLUMNS = tuple(
     (attribute.key, attribute.columns[0]) for attribute in inspect(TaskRow).column_attrs
 )
-_INSERT_TASK = {
-    name: dialect.insert(_tasks)
-    .on_conflict_do_nothing(index_elements=["owner_id", "idempotency_key"])
-    .returning(_tasks.c.task_id)
-    for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))
-}
+_INSERT_TASK = InsertOrNothing(
+    _tasks, conflict=["owner_id", "idempotency_key"], returning=_tasks.c.task_id
+)
 
 
 class TaskStore:
@@ -36,15 +33,13 @@ class TaskStore:
         idempotency key is taken (a concurrent twin won), in which case nothing was
         written. One INSERT ... ON CONFLICT DO NOTHING, not the ORM's flush in a savepoint:
         every create takes this path."""
-        connection = await self._s.connection()
         state = inspect(task)
         values = {
             column.key: state.dict[attribute]
             for attribute, column in _TASK_COLUMNS
             if attribute in state.dict
         }
-        found = await self._s.execute(_INSERT_TASK[connection.dialect.name], values)
-        return found.scalar_one_or_none() is not None
+        return await _INSERT_TASK(self._s, values) is not None
 
     async def get(self, task_id: str) -> TaskRow | None:
         return await self._s.get(TaskRow, task_id)
