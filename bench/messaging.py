@@ -129,11 +129,19 @@ async def _cases(mesh: MeshProcess, seconds: float) -> list[CaseResult]:
     token, key_a = _developer(mesh)
     key_b = _key(mesh, token, "bench-b")
     edge = mesh.url.removeprefix("http://")
-    async with grpc.aio.insecure_channel(edge, options=CHANNEL_OPTIONS) as channel:
-        agent_a, call_a = await _connect(channel, key_a, "bench-a")
-        agent_b, call_b = await _connect(channel, key_b, "bench-b")
-        answering = asyncio.create_task(_answer(channel, key_b, agent_b))
-        messages = messaging_pb2_grpc.MessagingServiceStub(channel)
+    # Each agent on its own connection, as two worker processes would be: on one connection
+    # their calls together pass the edge's flood guard (500 requests/s per connection) once
+    # a round trip takes under 4 ms, and B's refused answers would read as lost responses.
+    # (A local subchannel pool each: channels to one address share a connection else.)
+    own_connection = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+    async with (
+        grpc.aio.insecure_channel(edge, options=own_connection) as channel_a,
+        grpc.aio.insecure_channel(edge, options=own_connection) as channel_b,
+    ):
+        agent_a, call_a = await _connect(channel_a, key_a, "bench-a")
+        agent_b, call_b = await _connect(channel_b, key_b, "bench-b")
+        answering = asyncio.create_task(_answer(channel_b, key_b, agent_b))
+        messages = messaging_pb2_grpc.MessagingServiceStub(channel_a)
         meta_a = (("x-api-key", key_a),)
 
         async def request() -> None:
@@ -150,10 +158,7 @@ async def _cases(mesh: MeshProcess, seconds: float) -> list[CaseResult]:
                 raise RuntimeError("a response to another request")
 
         floor_channels = [
-            # A local subchannel pool each: channels to one address share a connection else.
-            grpc.aio.insecure_channel(
-                edge, options=[*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
-            )
+            grpc.aio.insecure_channel(edge, options=own_connection)
             for _ in range(FLOOR_CONNECTIONS)
         ]
         floor_stubs = itertools.cycle(auth_pb2_grpc.AuthServiceStub(c) for c in floor_channels)
