@@ -43,6 +43,8 @@ class EdgeConfig:
     jwks_file: Path
     issuer: str
     audience: str
+    # The flood guard: requests per second on one downstream connection.
+    rate_per_connection: int = 500
 
     def render(self) -> str:
         values = {
@@ -54,6 +56,7 @@ class EdgeConfig:
             "JWKS_FILE": str(self.jwks_file),
             "JWT_ISSUER": self.issuer,
             "JWT_AUDIENCE": self.audience,
+            "RATE_PER_CONNECTION": str(self.rate_per_connection),
             **{f"{name.upper()}_PORT": str(port) for name, port in self.service_ports.items()},
         }
         return Template(TEMPLATE.read_text()).substitute(values)

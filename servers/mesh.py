@@ -500,6 +500,7 @@ class Mesh:
             jwks_file=s.data_dir / "jwks.json",
             issuer=s.jwt_issuer,
             audience=s.jwt_audience,
+            rate_per_connection=s.edge_rate_limit,
         )
         self.envoy = EnvoyProcess(
             config=edge.write(self.run_dir / "envoy.yaml"),

@@ -56,6 +56,9 @@ class Settings:
       AGENTMESH_EVENT_STREAMS_PER_USER  event streams a user may hold open (default 20)
       AGENTMESH_MESSAGE_RATE_LIMIT  messages an agent may send per second (default 50)
       AGENTMESH_INBOX_MAX_UNACKED   unacknowledged messages an inbox holds (default 10000)
+      AGENTMESH_EDGE_RATE_LIMIT     requests per second Envoy takes on one client connection,
+                                    its flood guard (default 500); gRPC multiplexes a client's
+                                    calls on one connection, so raise it for busy services
       AGENTMESH_CALLBACK_ALLOW_PRIVATE  1: task callbacks may call private and loopback
                                         addresses (default: refused)
       AGENTMESH_CALLBACK_SECRET     the key callbacks are signed with (default: created once in
@@ -85,6 +88,7 @@ class Settings:
     event_streams_per_user: int = 20
     message_rate_limit: int = 50
     inbox_max_unacked: int = 10_000
+    edge_rate_limit: int = 500
     callback_allow_private: bool = False
     version: str = "0.1.0"
 
@@ -114,6 +118,7 @@ class Settings:
             event_streams_per_user=_positive(env, "AGENTMESH_EVENT_STREAMS_PER_USER", 20),
             message_rate_limit=_positive(env, "AGENTMESH_MESSAGE_RATE_LIMIT", 50),
             inbox_max_unacked=_positive(env, "AGENTMESH_INBOX_MAX_UNACKED", 10_000),
+            edge_rate_limit=_positive(env, "AGENTMESH_EDGE_RATE_LIMIT", 500),
             callback_allow_private=env.get("AGENTMESH_CALLBACK_ALLOW_PRIVATE") == "1",
         )
 

@@ -1,15 +1,17 @@
 """The edge's promises over REST: health shapes, the error envelope for every kind of error,
-x-request-id on every response, UNIMPLEMENTED as 501."""
+x-request-id on every response, UNIMPLEMENTED as 501, the per-connection flood guard."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import jwt
 from cryptography.hazmat.primitives import serialization
 
+from agentmesh.v1 import health_pb2, health_pb2_grpc
 from servers.launcher import MeshProcess
 from tests.helpers import assert_envelope, new_user
 
@@ -130,3 +132,34 @@ def test_oversized_body_is_413(mesh: MeshProcess) -> None:
     assert_envelope(
         httpx.post(mesh.url + "/api/v1/auth/register", json=big), 413, "VALIDATION_ERROR"
     )
+
+
+def test_flood_guard_limits_each_connection(tmp_path: Path) -> None:
+    """AGENTMESH_EDGE_RATE_LIMIT caps the requests of one client connection per second: REST
+    gets 429 in the envelope with Retry-After, gRPC RESOURCE_EXHAUSTED (not UNAVAILABLE, which
+    clients retry at once); another connection is not held back."""
+    limit = 5
+    with MeshProcess(data_dir=tmp_path, env={"AGENTMESH_EDGE_RATE_LIMIT": str(limit)}) as mesh:
+        with httpx.Client(base_url=mesh.url) as client:  # one keep-alive connection
+            statuses = [client.get("/health/live") for _ in range(limit * 3)]
+        assert [r.status_code for r in statuses[:limit]] == [200] * limit
+        refused = [r for r in statuses if r.status_code != 200]
+        assert refused, "the flood guard let every request through"
+        error = assert_envelope(refused[0], 429, "RATE_LIMIT_EXCEEDED")
+        assert error["details"] == {"retry_after": "1"}
+        assert refused[0].headers["retry-after"] == "1"
+        # A new connection has a bucket of its own.
+        assert httpx.get(mesh.url + "/health/live").status_code == 200
+
+        with grpc.insecure_channel(mesh.url.removeprefix("http://")) as channel:
+            stub = health_pb2_grpc.HealthServiceStub(channel)
+            codes = []
+            for _ in range(limit * 3):
+                try:
+                    stub.GetLiveness(health_pb2.GetLivenessRequest(), timeout=10)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+        assert codes[:limit] == [grpc.StatusCode.OK] * limit
+        assert set(codes[limit:]) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
