@@ -213,9 +213,11 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                         if exc.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.NOT_FOUND):
                             session.send(_cancellation(frame.progress.task_id, "LEASE_LOST"))
                 elif kind == "result":
-                    ack = await self._result(session, frame.result)
+                    ack, following = await self._result(session, frame.result)
                     if ack is not None:
                         session.send(agents_pb2.ConnectResponse(result_ack=ack))
+                    if following is not None:
+                        await self._hand_out(session, following)
                 elif kind == "hello":
                     session.send(_error("VALIDATION_ERROR", "Hello may only come first"))
                     return
@@ -322,9 +324,10 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
 
     async def _result(
         self, session: Session, result: agents_pb2.TaskResult, timeout: float = CALL_TIMEOUT
-    ) -> agents_pb2.TaskResultAck | None:
-        """Forwards an outcome: the ack, accepted or refused; None when it was neither
-        recorded nor refused (the tasks service is away), so the agent sends it again."""
+    ) -> tuple[agents_pb2.TaskResultAck | None, tasks_pb2.Assignment | None]:
+        """Forwards an outcome. Returns the ack, accepted or refused, or None when it was
+        neither recorded nor refused (the tasks service is away), so the agent sends it again;
+        and the agent's next assignment, leased with the outcome, for ``_hand_out``."""
         request = tasks_pb2.TasksInternalServiceCompleteTaskRequest(
             task_id=result.task_id, agent_id=session.agent_id, attempt_token=result.attempt_token
         )
@@ -332,10 +335,25 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             request.error.CopyFrom(result.error)
         else:
             request.result.CopyFrom(result.result)
+        # The slot this outcome frees is refilled in the same transaction. Only a slot this
+        # session counts: the dispatcher claims for the others, and while this call runs it
+        # sees the slot as taken, so the two never claim it both.
+        refill = (
+            bool(result.attempt_token)
+            and session.held.get(result.task_id) in ("", result.attempt_token)
+            and self._may_claim(session)
+        )
+        if refill:
+            request.claim_next.agent_id = session.agent_id
+            request.claim_next.capabilities.extend(sorted(session.capabilities))
+            request.claim_next.free_capacity = 1
         ack = agents_pb2.TaskResultAck(task_id=result.task_id, attempt_token=result.attempt_token)
+        following: tasks_pb2.Assignment | None = None
         try:
             reply = await self._tasks.CompleteTask(request, **self._channel.call_options(timeout))
             ack.accepted, ack.status = True, reply.task.status
+            if reply.HasField("next"):
+                following = reply.next
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 ack.reason = "TASK_NOT_FOUND"
@@ -343,11 +361,15 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                 ack.reason = "CONFLICT"
             else:
                 log.warning("could not record a result: %s", exc.code().name)
-                return None
+                return None, None
         if result.attempt_token:
             session.drop(result.task_id, result.attempt_token)
+        if following is not None:
+            # Held in the freed slot at once, before anything else runs: the dispatcher must
+            # not see the slot free and claim it a second time.
+            session.hold(following)
         session.wake.set()
-        return ack
+        return ack, following
 
     async def _dispatch(self, session: Session) -> None:
         """Claims work while the agent has room; sleeps until woken, or a short poll."""
@@ -362,11 +384,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             session.wake.clear()
             # A frozen or cut-off agent still has a session until the writer notices; it must
             # not be handed the work whose lease it just lost. Nor a replaced session.
-            while (
-                session.free() > 0
-                and not self._registry.quiet(session)
-                and self._registry.get(session.agent_id) is session
-            ):
+            while session.free() > 0 and self._may_claim(session):
                 session.claiming = True
                 try:
                     reply = await self._tasks.ClaimTask(
@@ -384,18 +402,31 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                     session.claiming = False
                 if not reply.HasField("assignment"):
                     break
-                session.last_claimed = time.monotonic()
-                session.hold(reply.assignment)
-                if not session.send(agents_pb2.ConnectResponse(assignment=reply.assignment)):
+                if not await self._hand_out(session, reply.assignment):
                     return  # the agent is not reading; its lease will run out
-                if session.free() == 0 and session.overload_armed:
-                    try:
-                        await self._directory.overloaded(session)
-                    except SQLAlchemyError as exc:
-                        log.warning("could not record agent.overloaded: %s", exc)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(POLL_SECONDS):
                     await session.wake.wait()
+
+    def _may_claim(self, session: Session) -> bool:
+        """Whether work may be claimed for the session: a frozen or cut-off agent still has
+        one until the writer notices, and must not be handed the work whose lease it just
+        lost; nor may a replaced session."""
+        return not self._registry.quiet(session) and self._registry.get(session.agent_id) is session
+
+    async def _hand_out(self, session: Session, assignment: tasks_pb2.Assignment) -> bool:
+        """Gives the agent a task leased to it; False when the agent does not keep up (its
+        lease will run out)."""
+        session.last_claimed = time.monotonic()
+        session.hold(assignment)
+        if not session.send(agents_pb2.ConnectResponse(assignment=assignment)):
+            return False
+        if session.free() == 0 and session.overload_armed:
+            try:
+                await self._directory.overloaded(session)
+            except SQLAlchemyError as exc:
+                log.warning("could not record agent.overloaded: %s", exc)
+        return True
 
     async def _next(self, session: Session) -> agents_pb2.ConnectResponse | None:
         """The next frame for the agent: a queued one; a Ping after an interval of quiet; a
@@ -489,7 +520,9 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             result.error.CopyFrom(request.error)
         else:
             result.result.CopyFrom(request.result)
-        ack = await self._result(session, result, _timeout(context))
+        ack, following = await self._result(session, result, _timeout(context))
+        if following is not None:
+            await self._hand_out(session, following)
         details = {"task_id": request.task_id}
         if ack is None:
             raise Unavailable("the tasks service is unavailable; retry", details=details)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -51,6 +51,7 @@ class Outcome:
     status: str
     reason: str = ""
     task: TaskRow | None = None  # as recorded, when accepted
+    next: TaskRow | None = None  # leased to the agent with it, when asked (complete's claim)
 
 
 @dataclass(frozen=True)
@@ -88,22 +89,28 @@ class Dispatch:
             seen = await self._choose(s, caps, lock=False)
         if seen is None:
             return None
-        at = now()
         async with self._db.write() as s, s.begin():
-            task = await self._queued(s, seen)
-            if task is None:
-                chosen = await self._choose(s, caps)
-                task = None if chosen is None else await self._queued(s, chosen)
-            if task is None:
-                return None
-            task.status = "assigned"
-            task.assigned_agent = agent_id
-            task.attempt += 1
-            task.attempt_token = str(uuid.uuid4())
-            task.lease_expires_at = at + self.lease
-            task.updated_at = at
-            Outbox(s).add("task.assigned", task, at, agent_id=agent_id, attempt=task.attempt)
-            return task
+            return await self._lease_next(s, agent_id, caps, now(), seen=seen)
+
+    async def _lease_next(
+        self, s: Any, agent_id: str, caps: frozenset[str], at: datetime, *, seen: str = ""
+    ) -> TaskRow | None:
+        """Inside a write transaction: leases the first queued task these capabilities cover
+        (``seen``, read before the lock, if it is still queued) to the agent."""
+        task = await self._queued(s, seen) if seen else None
+        if task is None:
+            chosen = await self._choose(s, caps)
+            task = None if chosen is None else await self._queued(s, chosen)
+        if task is None:
+            return None
+        task.status = "assigned"
+        task.assigned_agent = agent_id
+        task.attempt += 1
+        task.attempt_token = str(uuid.uuid4())
+        task.lease_expires_at = at + self.lease
+        task.updated_at = at
+        Outbox(s).add("task.assigned", task, at, agent_id=agent_id, attempt=task.attempt)
+        return task
 
     async def _queued(self, s: Any, task_id: str) -> TaskRow | None:
         """The task, locked (PostgreSQL) for this transaction, if it is still queued."""
@@ -189,40 +196,57 @@ class Dispatch:
         *,
         result: dict[str, Any] | None,
         error: tuple[str, str, bool] | None,
+        claim_next: Sequence[str] | None = None,
     ) -> Outcome:
         """Records an attempt's outcome. A repeat of the recorded outcome is accepted again; an
-        outcome of an attempt that is no longer current is refused."""
+        outcome of an attempt that is no longer current is refused. ``claim_next``: the agent's
+        capabilities, to lease it its next task in the same transaction once the outcome is
+        accepted (``Outcome.next``)."""
         at = now()
         async with self._db.write() as s, s.begin():
-            task = await s.get(TaskRow, task_id)
-            if task is None:
-                return Outcome(False, "", "TASK_NOT_FOUND")
-            if task.attempt_token == token and task.status in ("completed", "failed"):
-                return Outcome(True, task.status, task=task)
-            if await self._held(s, task_id, agent_id, token) is None:
-                return Outcome(False, task.status, "CONFLICT")
-            task.lease_expires_at = None
-            task.updated_at = at
-            if error is None:
-                task.status = "completed"
-                task.result = result or {}
-                task.progress = 100
-                task.completed_at = at
-                task.started_at = task.started_at or at
-                Outbox(s).add("task.completed", task, at, agent_id=agent_id, attempt=task.attempt)
-                return Outcome(True, task.status, task=task)
-            code, message, retryable = error
-            task.error, task.error_code = message[:2000], code[:64]
-            if retryable and task.attempt < task.max_attempts:
-                self._requeue(task)
-                Outbox(s).add("task.requeued", task, at, reason=code, attempt=task.attempt)
-            else:
-                task.status = "failed"
-                task.completed_at = at
-                Outbox(s).add(
-                    "task.failed", task, at, error_code=task.error_code, attempt=task.attempt
-                )
+            outcome = await self._record(s, task_id, agent_id, token, at, result, error)
+            if outcome.accepted and claim_next:
+                following = await self._lease_next(s, agent_id, frozenset(claim_next), at)
+                outcome = replace(outcome, next=following)
+            return outcome
+
+    async def _record(
+        self,
+        s: Any,
+        task_id: str,
+        agent_id: str,
+        token: str,
+        at: datetime,
+        result: dict[str, Any] | None,
+        error: tuple[str, str, bool] | None,
+    ) -> Outcome:
+        task = await s.get(TaskRow, task_id)
+        if task is None:
+            return Outcome(False, "", "TASK_NOT_FOUND")
+        if task.attempt_token == token and task.status in ("completed", "failed"):
             return Outcome(True, task.status, task=task)
+        if await self._held(s, task_id, agent_id, token) is None:
+            return Outcome(False, task.status, "CONFLICT")
+        task.lease_expires_at = None
+        task.updated_at = at
+        if error is None:
+            task.status = "completed"
+            task.result = result or {}
+            task.progress = 100
+            task.completed_at = at
+            task.started_at = task.started_at or at
+            Outbox(s).add("task.completed", task, at, agent_id=agent_id, attempt=task.attempt)
+            return Outcome(True, task.status, task=task)
+        code, message, retryable = error
+        task.error, task.error_code = message[:2000], code[:64]
+        if retryable and task.attempt < task.max_attempts:
+            self._requeue(task)
+            Outbox(s).add("task.requeued", task, at, reason=code, attempt=task.attempt)
+        else:
+            task.status = "failed"
+            task.completed_at = at
+            Outbox(s).add("task.failed", task, at, error_code=task.error_code, attempt=task.attempt)
+        return Outcome(True, task.status, task=task)
 
     @staticmethod
     def _requeue(task: TaskRow) -> None:

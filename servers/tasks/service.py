@@ -281,14 +281,25 @@ class TasksInternalService(tasks_pb2_grpc.TasksInternalServiceServicer):
         if request.HasField("error"):
             e = request.error
             error = (e.code or "INTERNAL_ERROR", e.message, e.retryable)
+        agent_id = _agent_id(request.agent_id)
+        claim_next = None
+        if request.HasField("claim_next"):
+            if request.claim_next.agent_id != agent_id:
+                raise ValidationError(
+                    "claim_next is for the agent that reports the outcome",
+                    details={"field": "claim_next.agent_id"},
+                )
+            if request.claim_next.free_capacity >= 1:
+                claim_next = list(request.claim_next.capabilities)
         outcome = await self._dispatch.complete(
             request.task_id,
-            _agent_id(request.agent_id),
+            agent_id,
             request.attempt_token,
             result=json_format.MessageToDict(request.result)
             if request.HasField("result")
             else None,
             error=error,
+            claim_next=claim_next,
         )
         if not outcome.accepted:
             if outcome.reason == "TASK_NOT_FOUND":
@@ -304,7 +315,10 @@ class TasksInternalService(tasks_pb2_grpc.TasksInternalServiceServicer):
         task = outcome.task or await self._dispatch.get(request.task_id)
         if task.status == "queued":
             self._agents.tasks_available(task)
-        return tasks_pb2.TasksInternalServiceCompleteTaskResponse(task=task_proto(task))
+        reply = tasks_pb2.TasksInternalServiceCompleteTaskResponse(task=task_proto(task))
+        if outcome.next is not None:
+            reply.next.CopyFrom(_assignment(outcome.next))
+        return reply
 
     async def ReleaseAgentTasks(
         self, request: tasks_pb2.ReleaseAgentTasksRequest, context: grpc.aio.ServicerContext

@@ -1,4 +1,4 @@
-"""Leases and fencing in the tasks domain, on each database."""
+"""Leases and fencing in the tasks domain, on each database; and the claim an outcome carries."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ from dataclasses import replace
 
 import pytest
 
+from agentmesh.v1 import tasks_pb2
 from servers.common.db import Database
+from servers.common.errors import ValidationError
+from servers.common.internal import InternalChannel
 from servers.tasks.dispatch import CLAIM_PAGE, Dispatch
 from servers.tasks.domain import Tasks
+from servers.tasks.service import Agents, TasksInternalService
 from tests.tasks.test_domain import ALICE, NEW, _db
 
 
@@ -163,3 +167,83 @@ async def test_a_cancelled_task_refuses_its_result(db: Database) -> None:
     assert not late.accepted
     renewed, lost = await dispatch.renew("agent-1", [task.task_id])
     assert renewed == [] and lost == [task.task_id]
+
+
+async def test_an_outcome_leases_the_agents_next_task_with_it(db: Database) -> None:
+    """complete(claim_next=...) records the outcome and leases the agent's next task in one
+    transaction, in queue order and by capability; a refused outcome claims nothing."""
+    tasks, dispatch = Tasks(db=db), Dispatch(db=db, lease_seconds=30)
+    first, _ = await tasks.create(ALICE, NEW)
+    await tasks.create(ALICE, replace(NEW, type="code_review", priority=9))  # not for echo
+    low, _ = await tasks.create(ALICE, replace(NEW, priority=2))
+    high, _ = await tasks.create(ALICE, replace(NEW, priority=8))
+    held = await dispatch.claim("agent-1", ["echo"])
+    assert held is not None and held.task_id == high.task_id
+
+    done = await dispatch.complete(
+        high.task_id,
+        "agent-1",
+        held.attempt_token or "",
+        result={},
+        error=None,
+        claim_next=["echo"],
+    )
+    assert done.accepted and done.status == "completed"
+    assert done.next is not None and done.next.task_id == first.task_id
+    assert done.next.status == "assigned" and done.next.assigned_agent == "agent-1"
+    assert done.next.attempt == 1 and done.next.attempt_token
+    stored = await dispatch.get(first.task_id)
+    assert stored.status == "assigned" and stored.attempt_token == done.next.attempt_token
+
+    # A late outcome of an attempt no longer current: refused, and the queue is untouched.
+    late = await dispatch.complete(
+        high.task_id, "agent-2", "not-the-token", result={}, error=None, claim_next=["echo"]
+    )
+    assert not late.accepted and late.next is None
+    assert (await dispatch.get(low.task_id)).status == "queued"
+
+    # Without claim_next nothing more is leased; with it and nothing left, next is None.
+    plain = await dispatch.complete(
+        first.task_id, "agent-1", done.next.attempt_token or "", result={}, error=None
+    )
+    assert plain.accepted and plain.next is None
+    assert (await dispatch.get(low.task_id)).status == "queued"
+    last = await dispatch.claim("agent-1", ["echo"])
+    assert last is not None and last.task_id == low.task_id
+    empty = await dispatch.complete(
+        low.task_id, "agent-1", last.attempt_token or "", result={}, error=None, claim_next=["echo"]
+    )
+    assert empty.accepted and empty.next is None
+
+
+async def test_claim_next_must_be_for_the_reporting_agent(db: Database) -> None:
+    """TasksInternalService.CompleteTask refuses a claim_next naming another agent, before it
+    records anything: one agent's outcome must not lease work to another."""
+    tasks, dispatch = Tasks(db=db), Dispatch(db=db, lease_seconds=30)
+    service = TasksInternalService(
+        dispatch=dispatch,
+        agents=Agents(InternalChannel(address=lambda: "127.0.0.1:1", internal_token="unused")),
+    )
+    task, _ = await tasks.create(ALICE, NEW)
+    await tasks.create(ALICE, NEW)
+    held = await dispatch.claim("agent-1", ["echo"])
+    assert held is not None
+    request = tasks_pb2.TasksInternalServiceCompleteTaskRequest(
+        task_id=task.task_id,
+        agent_id="agent-1",
+        attempt_token=held.attempt_token or "",
+        claim_next=tasks_pb2.ClaimTaskRequest(
+            agent_id="agent-2", capabilities=["echo"], free_capacity=1
+        ),
+    )
+    request.result.update({"ok": True})
+    with pytest.raises(ValidationError) as refused:
+        await service.CompleteTask(request, None)
+    assert refused.value.details == {"field": "claim_next.agent_id"}
+    assert (await dispatch.get(task.task_id)).status == "assigned"
+
+    request.claim_next.agent_id = "agent-1"
+    reply = await service.CompleteTask(request, None)
+    assert reply.task.status == "completed"
+    assert reply.next.task.task_id != task.task_id and reply.next.attempt_token
+    assert (await dispatch.get(reply.next.task.task_id)).assigned_agent == "agent-1"

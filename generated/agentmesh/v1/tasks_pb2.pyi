@@ -287,24 +287,28 @@ class TasksInternalServiceReportProgressResponse(_message.Message):
     def __init__(self, lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class TasksInternalServiceCompleteTaskRequest(_message.Message):
-    __slots__ = ("task_id", "agent_id", "attempt_token", "result", "error")
+    __slots__ = ("task_id", "agent_id", "attempt_token", "result", "error", "claim_next")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    CLAIM_NEXT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     agent_id: str
     attempt_token: str
     result: _struct_pb2.Struct
     error: TaskError
-    def __init__(self, task_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., attempt_token: _Optional[str] = ..., result: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[_Union[TaskError, _Mapping]] = ...) -> None: ...
+    claim_next: ClaimTaskRequest
+    def __init__(self, task_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., attempt_token: _Optional[str] = ..., result: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[_Union[TaskError, _Mapping]] = ..., claim_next: _Optional[_Union[ClaimTaskRequest, _Mapping]] = ...) -> None: ...
 
 class TasksInternalServiceCompleteTaskResponse(_message.Message):
-    __slots__ = ("task",)
+    __slots__ = ("task", "next")
     TASK_FIELD_NUMBER: _ClassVar[int]
+    NEXT_FIELD_NUMBER: _ClassVar[int]
     task: Task
-    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ...) -> None: ...
+    next: Assignment
+    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., next: _Optional[_Union[Assignment, _Mapping]] = ...) -> None: ...
 
 class ReleaseAgentTasksRequest(_message.Message):
     __slots__ = ("agent_id", "reason")

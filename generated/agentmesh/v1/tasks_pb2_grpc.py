@@ -553,7 +553,8 @@ class TasksInternalServiceServicer:
         again when the error is retryable and attempts remain. Repeating the same call with the same
         token answers the same (safe to retry after a cut connection). NOT_FOUND TASK_NOT_FOUND;
         ABORTED CONFLICT when the attempt token is not the current attempt's: the late outcome is
-        refused.
+        refused. With `claim_next` it also leases the agent's next task, as ClaimTask would
+        (INVALID_ARGUMENT VALIDATION_ERROR when it names another agent).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
