@@ -7,13 +7,15 @@ that lost its lease never overwrites the current attempt.
 
 from __future__ import annotations
 
+import json
+import typing
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, bindparam, cast, or_, select
+from sqlalchemy import Table, Text, bindparam, cast, func, or_, select, update
 
 from servers.common.clock import aware, now
 from servers.common.db import Database
@@ -27,22 +29,70 @@ CLAIM_PAGE = 20
 NO_REQUIREMENTS = "[]"  # required_capabilities, as stored, of a task that requires none
 
 
-# Built once, with bound parameters: every claim runs them.
+# Built once, with bound parameters, on the table (not the mapped class): every claim runs them,
+# and plain Core statements skip the ORM's compiling and loading.
+_t = typing.cast(Table, TaskRow.__table__)
+# The queue in claim order. Requirements come as stored JSON text: most tasks have none, and
+# parsing a page of them for each claim costs more than the query.
 _QUEUE = (
-    select(TaskRow.task_id, TaskRow.type, TaskRow.required_capabilities)
+    select(_t.c.task_id, _t.c.type, cast(_t.c.required_capabilities, Text))
     .where(
-        TaskRow.status == "queued",
+        _t.c.status == "queued",
         or_(
-            TaskRow.type.in_(bindparam("types", expanding=True)),
-            cast(TaskRow.required_capabilities, Text) != NO_REQUIREMENTS,
+            _t.c.type.in_(bindparam("types", expanding=True)),
+            cast(_t.c.required_capabilities, Text) != NO_REQUIREMENTS,
         ),
     )
-    .order_by(TaskRow.priority.desc(), TaskRow.created_at, TaskRow.task_id)
+    .order_by(_t.c.priority.desc(), _t.c.created_at, _t.c.task_id)
     .limit(CLAIM_PAGE)
     .offset(bindparam("offset"))
 )
 _QUEUE_LOCKED = _QUEUE.with_for_update(skip_locked=True)
-_BY_ID = select(TaskRow).where(TaskRow.task_id == bindparam("task_id"))
+# Leasing is one statement: the task changes only if it is still queued (on PostgreSQL the
+# UPDATE locks the row, and a concurrent claim's commit makes the condition false), and the
+# row comes back whole for the assignment and its event.
+_FIELDS = tuple((prop.key, prop.columns[0]) for prop in TaskRow.__mapper__.column_attrs)
+_LEASE = (
+    update(_t)
+    .where(_t.c.task_id == bindparam("lease_task"), _t.c.status == "queued")
+    .values(
+        status="assigned",
+        assigned_agent=bindparam("lease_agent"),
+        attempt=_t.c.attempt + 1,
+        attempt_token=bindparam("lease_token"),
+        lease_expires_at=bindparam("lease_until"),
+        updated_at=bindparam("lease_at"),
+    )
+    .returning(*(column for _, column in _FIELDS))
+)
+
+# A result of the attempt holding the task, the usual outcome, is one statement too; anything
+# else (an error, a repeat, a refusal) goes through the mapped row (``_record``).
+_AT = bindparam("done_at", type_=_t.c.updated_at.type)
+_COMPLETE = (
+    update(_t)
+    .where(
+        _t.c.task_id == bindparam("done_task"),
+        _t.c.assigned_agent == bindparam("done_agent"),
+        _t.c.attempt_token == bindparam("done_token"),
+        _t.c.status.in_(HELD),
+    )
+    .values(
+        status="completed",
+        result=bindparam("done_result", type_=_t.c.result.type),
+        progress=100,
+        completed_at=_AT,
+        started_at=func.coalesce(_t.c.started_at, _AT),
+        lease_expires_at=None,
+        updated_at=_AT,
+    )
+    .returning(*(column for _, column in _FIELDS))
+)
+
+
+def _detached(row: Any) -> TaskRow:
+    """A task from a row of _FIELDS, outside any session (its statement already wrote it)."""
+    return TaskRow(**{key: value for (key, _), value in zip(_FIELDS, row, strict=True)})
 
 
 @dataclass(frozen=True)
@@ -96,27 +146,30 @@ class Dispatch:
         self, s: Any, agent_id: str, caps: frozenset[str], at: datetime, *, seen: str = ""
     ) -> TaskRow | None:
         """Inside a write transaction: leases the first queued task these capabilities cover
-        (``seen``, read before the lock, if it is still queued) to the agent."""
-        task = await self._queued(s, seen) if seen else None
+        (``seen``, read before the lock, if it is still queued) to the agent. The task comes
+        back detached from the session: the UPDATE already wrote it."""
+        task = await self._lease(s, seen, agent_id, at) if seen else None
         if task is None:
             chosen = await self._choose(s, caps)
-            task = None if chosen is None else await self._queued(s, chosen)
-        if task is None:
-            return None
-        task.status = "assigned"
-        task.assigned_agent = agent_id
-        task.attempt += 1
-        task.attempt_token = str(uuid.uuid4())
-        task.lease_expires_at = at + self.lease
-        task.updated_at = at
-        Outbox(s).add("task.assigned", task, at, agent_id=agent_id, attempt=task.attempt)
+            task = None if chosen is None else await self._lease(s, chosen, agent_id, at)
+        if task is not None:
+            Outbox(s).add("task.assigned", task, at, agent_id=agent_id, attempt=task.attempt)
         return task
 
-    async def _queued(self, s: Any, task_id: str) -> TaskRow | None:
-        """The task, locked (PostgreSQL) for this transaction, if it is still queued."""
-        query = _BY_ID if self._db.is_sqlite else _BY_ID.with_for_update()
-        task = (await s.execute(query, {"task_id": task_id})).scalars().first()
-        return task if task is not None and task.status == "queued" else None
+    async def _lease(self, s: Any, task_id: str, agent_id: str, at: datetime) -> TaskRow | None:
+        """Leases the task to the agent if it is still queued."""
+        found = await s.execute(
+            _LEASE,
+            {
+                "lease_task": task_id,
+                "lease_agent": agent_id,
+                "lease_token": str(uuid.uuid4()),
+                "lease_until": at + self.lease,
+                "lease_at": at,
+            },
+        )
+        row = found.first()
+        return None if row is None else _detached(row)
 
     async def _choose(self, s: Any, caps: frozenset[str], *, lock: bool = True) -> str | None:
         """The id of the first queued task, in queue order, that these capabilities cover.
@@ -134,7 +187,10 @@ class Dispatch:
         for offset in range(0, CLAIM_SCAN, CLAIM_PAGE):
             rows = (await s.execute(query, {"types": types, "offset": offset})).all()
             for task_id, task_type, required in rows:
-                if set(required) <= caps if required else task_type in caps:
+                if required == NO_REQUIREMENTS:
+                    if task_type in caps:
+                        return str(task_id)
+                elif set(json.loads(required)) <= caps:
                     return str(task_id)
             if len(rows) < CLAIM_PAGE:
                 break
@@ -204,11 +260,43 @@ class Dispatch:
         accepted (``Outcome.next``)."""
         at = now()
         async with self._db.write() as s, s.begin():
-            outcome = await self._record(s, task_id, agent_id, token, at, result, error)
+            done = (
+                None
+                if error is not None
+                else await self._complete(s, task_id, agent_id, token, at, result)
+            )
+            if done is not None:
+                Outbox(s).add("task.completed", done, at, agent_id=agent_id, attempt=done.attempt)
+                outcome = Outcome(True, done.status, task=done)
+            else:
+                outcome = await self._record(s, task_id, agent_id, token, at, result, error)
             if outcome.accepted and claim_next:
                 following = await self._lease_next(s, agent_id, frozenset(claim_next), at)
                 outcome = replace(outcome, next=following)
             return outcome
+
+    async def _complete(
+        self,
+        s: Any,
+        task_id: str,
+        agent_id: str,
+        token: str,
+        at: datetime,
+        result: dict[str, Any] | None,
+    ) -> TaskRow | None:
+        """Completes the task if this attempt holds it; the task, detached, or None."""
+        found = await s.execute(
+            _COMPLETE,
+            {
+                "done_task": task_id,
+                "done_agent": agent_id,
+                "done_token": token,
+                "done_result": result or {},
+                "done_at": at,
+            },
+        )
+        row = found.first()
+        return None if row is None else _detached(row)
 
     async def _record(
         self,

@@ -247,3 +247,27 @@ async def test_claim_next_must_be_for_the_reporting_agent(db: Database) -> None:
     assert reply.task.status == "completed"
     assert reply.next.task.task_id != task.task_id and reply.next.attempt_token
     assert (await dispatch.get(reply.next.task.task_id)).assigned_agent == "agent-1"
+
+
+async def test_a_stale_attempt_of_the_same_agent_is_refused(db: Database) -> None:
+    """The fencing token, not the agent, decides: an agent that lost its lease and was given
+    the task again cannot complete the new attempt with the old attempt's token."""
+    tasks, dispatch = Tasks(db=db), Dispatch(db=db, lease_seconds=0.2)
+    task, _ = await tasks.create(ALICE, NEW)
+    first = await dispatch.claim("agent-1", ["echo"])
+    assert first is not None
+    await asyncio.sleep(0.3)
+    await dispatch.expire_leases()
+    second = await dispatch.claim("agent-1", ["echo"])
+    assert second is not None and second.attempt == 2
+    for outcome in ({"result": {"late": True}, "error": None}, {"result": None, "error": None}):
+        late = await dispatch.complete(
+            task.task_id, "agent-1", first.attempt_token or "", **outcome
+        )
+        assert not late.accepted and late.reason == "CONFLICT"
+    current = await dispatch.get(task.task_id)
+    assert current.status == "assigned" and current.attempt_token == second.attempt_token
+    done = await dispatch.complete(
+        task.task_id, "agent-1", second.attempt_token or "", result={"ok": 1}, error=None
+    )
+    assert done.accepted and done.task is not None and done.task.result == {"ok": 1}
