@@ -308,6 +308,9 @@ class Dispatch:
         result: dict[str, Any] | None,
         error: tuple[str, str, bool] | None,
     ) -> Outcome:
+        """An outcome through the mapped row: errors (a retry or a failure), repeats of the
+        recorded outcome, refusals. A result reaches the completing branch only if the row
+        changed between ``_complete``'s statement and this read, and is judged afresh."""
         task = await s.get(TaskRow, task_id)
         if task is None:
             return Outcome(False, "", "TASK_NOT_FOUND")
