@@ -90,6 +90,11 @@ _COMPLETE = (
 )
 
 
+def _holds(task: TaskRow, agent_id: str, token: str) -> bool:
+    """Whether this attempt (agent and fencing token) holds the task."""
+    return task.status in HELD and task.assigned_agent == agent_id and task.attempt_token == token
+
+
 def _detached(row: Any) -> TaskRow:
     """A task from a row of _FIELDS, outside any session (its statement already wrote it)."""
     return TaskRow(**{key: value for (key, _), value in zip(_FIELDS, row, strict=True)})
@@ -197,15 +202,9 @@ class Dispatch:
         return None
 
     async def _held(self, s: Any, task_id: str, agent_id: str, token: str) -> TaskRow | None:
-        task = await s.get(TaskRow, task_id)
-        if (
-            task is None
-            or task.status not in HELD
-            or task.assigned_agent != agent_id
-            or task.attempt_token != token
-        ):
-            return None
-        return task
+        """The task, locked for this transaction, if this attempt holds it."""
+        task = await s.get(TaskRow, task_id, with_for_update=True)
+        return task if task is not None and _holds(task, agent_id, token) else None
 
     async def renew(self, agent_id: str, task_ids: Sequence[str]) -> tuple[list[str], list[str]]:
         """Extends the leases the agent still holds; returns (renewed, lost) task ids."""
@@ -214,11 +213,13 @@ class Dispatch:
         async with self._db.write() as s, s.begin():
             if task_ids:
                 rows = await s.execute(
-                    select(TaskRow).where(
+                    select(TaskRow)
+                    .where(
                         TaskRow.task_id.in_(list(task_ids)),
                         TaskRow.assigned_agent == agent_id,
                         TaskRow.status.in_(HELD),
                     )
+                    .with_for_update()
                 )
                 for task in rows.scalars():
                     task.lease_expires_at = at + self.lease
@@ -311,12 +312,12 @@ class Dispatch:
         """An outcome through the mapped row: errors (a retry or a failure), repeats of the
         recorded outcome, refusals. A result reaches the completing branch only if the row
         changed between ``_complete``'s statement and this read, and is judged afresh."""
-        task = await s.get(TaskRow, task_id)
+        task = await s.get(TaskRow, task_id, with_for_update=True)
         if task is None:
             return Outcome(False, "", "TASK_NOT_FOUND")
         if task.attempt_token == token and task.status in ("completed", "failed"):
             return Outcome(True, task.status, task=task)
-        if await self._held(s, task_id, agent_id, token) is None:
+        if not _holds(task, agent_id, token):
             return Outcome(False, task.status, "CONFLICT")
         task.lease_expires_at = None
         task.updated_at = at
@@ -354,6 +355,10 @@ class Dispatch:
                 select(TaskRow)
                 .where(TaskRow.status.in_(HELD), TaskRow.lease_expires_at < at)
                 .limit(500)
+                # PostgreSQL: a task whose result or progress is being recorded right now is
+                # left to that transaction (and to the next sweep if it still expired); rows
+                # read without the lock would be overwritten, outcome and all.
+                .with_for_update(skip_locked=True)
             )
             expired = [
                 t
@@ -368,7 +373,9 @@ class Dispatch:
         at = now()
         async with self._db.write() as s, s.begin():
             rows = await s.execute(
-                select(TaskRow).where(TaskRow.status.in_(HELD), TaskRow.assigned_agent == agent_id)
+                select(TaskRow)
+                .where(TaskRow.status.in_(HELD), TaskRow.assigned_agent == agent_id)
+                .with_for_update()
             )
             return [self._give_up(s, t, at, reason, "agent stopped") for t in rows.scalars()]
 

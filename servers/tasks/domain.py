@@ -233,7 +233,7 @@ class Tasks:
         """Ends an unfinished task as `stopped` or `cancelled`; repeating it changes nothing."""
         at = now()
         async with self._db.write() as s, s.begin():
-            task = await TaskStore(s).get(task_id)
+            task = await TaskStore(s).get(task_id, lock=True)
             if task is None or not _may_see(who, task):
                 raise _not_found(task_id)
             if task.status == status:
@@ -261,7 +261,7 @@ class Tasks:
         """Queues a `created` task; one already on its way is left as it is."""
         at = now()
         async with self._db.write() as s, s.begin():
-            task = await TaskStore(s).get(task_id)
+            task = await TaskStore(s).get(task_id, lock=True)
             if task is None or not _may_see(who, task):
                 raise _not_found(task_id)
             if task.status in TERMINAL:

@@ -41,8 +41,10 @@ class TaskStore:
         }
         return await _INSERT_TASK(self._s, values) is not None
 
-    async def get(self, task_id: str) -> TaskRow | None:
-        return await self._s.get(TaskRow, task_id)
+    async def get(self, task_id: str, *, lock: bool = False) -> TaskRow | None:
+        """The task; ``lock``: locked for this transaction (PostgreSQL; SQLite's writers
+        take turns anyway), for a read that the transaction then changes."""
+        return await self._s.get(TaskRow, task_id, with_for_update=True if lock else None)
 
     async def by_idempotency_key(self, owner_id: str, key: str) -> TaskRow | None:
         found = await self._s.execute(

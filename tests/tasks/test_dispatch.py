@@ -15,6 +15,7 @@ from servers.common.internal import InternalChannel
 from servers.tasks.dispatch import CLAIM_PAGE, Dispatch
 from servers.tasks.domain import Tasks
 from servers.tasks.service import Agents, TasksInternalService
+from servers.tasks.store import TaskStore
 from tests.tasks.test_domain import ALICE, NEW, _db
 
 
@@ -271,3 +272,24 @@ async def test_a_stale_attempt_of_the_same_agent_is_refused(db: Database) -> Non
         task.task_id, "agent-1", second.attempt_token or "", result={"ok": 1}, error=None
     )
     assert done.accepted and done.task is not None and done.task.result == {"ok": 1}
+
+
+async def test_a_lease_sweep_leaves_a_task_being_completed_alone(db: Database) -> None:
+    """The lease runs out while the holder's result is being written: the sweep must not
+    requeue the task over the completion. (On PostgreSQL a sweep reading without row locks
+    overwrote it once the completing transaction committed.)"""
+    tasks, dispatch = Tasks(db=db), Dispatch(db=db, lease_seconds=0.1)
+    task, _ = await tasks.create(ALICE, NEW)
+    held = await dispatch.claim("agent-1", ["echo"])
+    assert held is not None
+    await asyncio.sleep(0.2)  # the lease has run out; no sweep yet
+    async with db.write() as s, s.begin():
+        completing = await TaskStore(s).get(task.task_id, lock=True)
+        assert completing is not None and completing.status == "assigned"
+        completing.status, completing.result = "completed", {"ok": True}
+        sweep = asyncio.create_task(dispatch.expire_leases())
+        await asyncio.sleep(0.3)  # the sweep runs while the completion is uncommitted
+    lost = await sweep
+    assert lost == []
+    final = await dispatch.get(task.task_id)
+    assert final.status == "completed" and final.result == {"ok": True} and final.attempt == 1
