@@ -38,6 +38,11 @@ from .db import Database
 
 log = logging.getLogger("agentmesh.outbox")
 
+# While events flow (the last read found some), the relay waits LINGER seconds before the next
+# read, so that one read covers the commits of that moment instead of one read per commit. An
+# event after a quiet spell goes at once.
+LINGER = 0.002
+
 # The topic every service's events are published to.
 EVENTS_TOPIC = "events"
 
@@ -178,8 +183,10 @@ class Relay:
         poll: float = 1.0,
         keep_published: timedelta = timedelta(hours=1),
         mark_delay: float = 0.2,
+        linger: float = LINGER,
     ) -> None:
         self._db = db
+        self._linger = linger
         self._model = model
         self._bus = bus
         self._topic = topic
@@ -244,6 +251,10 @@ class Relay:
                 if time.monotonic() - last_cleanup > 60:
                     last_cleanup = time.monotonic()
                     await self.forget_published()
+                if count and self._linger:
+                    await asyncio.sleep(self._linger)
+                    if self._wake.is_set():
+                        continue
                 wait = self._poll
                 if self._unmarked:
                     wait = min(wait, max(0.0, self._mark_due - time.monotonic()))
