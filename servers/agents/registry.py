@@ -72,6 +72,10 @@ class Session:
     dispatching: bool = False
     claiming: bool = False
     last_claimed: float = 0.0
+    # Tasks whose outcome is being recorded with a claim of the next task (the agents
+    # service's _result): each keeps its slot taken until the answer is in, even if a heartbeat
+    # drops the task meanwhile, so that the dispatcher cannot fill the slot too.
+    refilling: set[str] = field(default_factory=set)
 
     def seen(self) -> None:
         self.last_seen, self.last_seen_at = time.monotonic(), time.time()
@@ -91,7 +95,7 @@ class Session:
         return True
 
     def free(self) -> int:
-        return self.capacity - len(self.held)
+        return self.capacity - len(self.refilling.union(self.held))
 
     def silent_for(self) -> float:
         """Seconds since the agent was last heard from."""

@@ -335,18 +335,22 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             request.error.CopyFrom(result.error)
         else:
             request.result.CopyFrom(result.result)
-        # The slot this outcome frees is refilled in the same transaction. Only a slot this
-        # session counts: the dispatcher claims for the others, and while this call runs it
-        # sees the slot as taken, so the two never claim it both.
+        # The slot this outcome frees is refilled in the same transaction: only a slot this
+        # session counts, while a stream is open to hand the next task to, and once per task
+        # (an HTTP agent may send the same outcome twice at once). The slot stays reserved
+        # until the answer is in, so the dispatcher never claims it too.
         refill = (
             bool(result.attempt_token)
             and session.held.get(result.task_id) in ("", result.attempt_token)
+            and result.task_id not in session.refilling
+            and session.dispatching
             and self._may_claim(session)
         )
         if refill:
             request.claim_next.agent_id = session.agent_id
             request.claim_next.capabilities.extend(sorted(session.capabilities))
             request.claim_next.free_capacity = 1
+            session.refilling.add(result.task_id)
         ack = agents_pb2.TaskResultAck(task_id=result.task_id, attempt_token=result.attempt_token)
         following: tasks_pb2.Assignment | None = None
         try:
@@ -362,6 +366,9 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             else:
                 log.warning("could not record a result: %s", exc.code().name)
                 return None, None
+        finally:
+            if refill:
+                session.refilling.discard(result.task_id)
         if result.attempt_token:
             session.drop(result.task_id, result.attempt_token)
         if following is not None:

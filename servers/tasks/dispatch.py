@@ -107,6 +107,7 @@ class Outcome:
     reason: str = ""
     task: TaskRow | None = None  # as recorded, when accepted
     next: TaskRow | None = None  # leased to the agent with it, when asked (complete's claim)
+    fresh: bool = False  # this call recorded it (not a repeat of the recorded outcome)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class Lost:
     task_id: str
     agent_id: str
     requeued: bool
+    attempt_token: str = ""  # the attempt that ended
 
 
 class Dispatch:
@@ -219,6 +221,9 @@ class Dispatch:
                         TaskRow.assigned_agent == agent_id,
                         TaskRow.status.in_(HELD),
                     )
+                    # Rows locked in one order everywhere, so that two such transactions
+                    # (a heartbeat and a release of the same agent) wait, never deadlock.
+                    .order_by(TaskRow.task_id)
                     .with_for_update()
                 )
                 for task in rows.scalars():
@@ -268,10 +273,13 @@ class Dispatch:
             )
             if done is not None:
                 Outbox(s).add("task.completed", done, at, agent_id=agent_id, attempt=done.attempt)
-                outcome = Outcome(True, done.status, task=done)
+                outcome = Outcome(True, done.status, task=done, fresh=True)
             else:
                 outcome = await self._record(s, task_id, agent_id, token, at, result, error)
-            if outcome.accepted and claim_next:
+            # Only an attempt ended by this call frees a slot: a repeat's slot was refilled by
+            # the first call, and a task queued again for a retryable error is not handed
+            # straight back to the agent that failed it (which may be stopping).
+            if claim_next and outcome.fresh and outcome.status in ("completed", "failed"):
                 following = await self._lease_next(s, agent_id, frozenset(claim_next), at)
                 outcome = replace(outcome, next=following)
             return outcome
@@ -311,7 +319,9 @@ class Dispatch:
     ) -> Outcome:
         """An outcome through the mapped row: errors (a retry or a failure), repeats of the
         recorded outcome, refusals. A result reaches the completing branch only if the row
-        changed between ``_complete``'s statement and this read, and is judged afresh."""
+        changed between ``_complete``'s statement and this read, and is judged afresh. A task
+        the mesh failed (its last lease ran out, its agent stopped) has no attempt token left,
+        so a late result of that attempt is refused, not taken for a repeat."""
         task = await s.get(TaskRow, task_id, with_for_update=True)
         if task is None:
             return Outcome(False, "", "TASK_NOT_FOUND")
@@ -328,7 +338,7 @@ class Dispatch:
             task.completed_at = at
             task.started_at = task.started_at or at
             Outbox(s).add("task.completed", task, at, agent_id=agent_id, attempt=task.attempt)
-            return Outcome(True, task.status, task=task)
+            return Outcome(True, task.status, task=task, fresh=True)
         code, message, retryable = error
         task.error, task.error_code = message[:2000], code[:64]
         if retryable and task.attempt < task.max_attempts:
@@ -338,7 +348,7 @@ class Dispatch:
             task.status = "failed"
             task.completed_at = at
             Outbox(s).add("task.failed", task, at, error_code=task.error_code, attempt=task.attempt)
-        return Outcome(True, task.status, task=task)
+        return Outcome(True, task.status, task=task, fresh=True)
 
     @staticmethod
     def _requeue(task: TaskRow) -> None:
@@ -375,13 +385,14 @@ class Dispatch:
             rows = await s.execute(
                 select(TaskRow)
                 .where(TaskRow.status.in_(HELD), TaskRow.assigned_agent == agent_id)
+                .order_by(TaskRow.task_id)
                 .with_for_update()
             )
             return [self._give_up(s, t, at, reason, "agent stopped") for t in rows.scalars()]
 
     def _give_up(self, s: Any, task: TaskRow, at: datetime, code: str, why: str) -> Lost:
         """Ends an attempt that its agent will not finish: another one, or the task fails."""
-        holder = task.assigned_agent
+        holder, token = task.assigned_agent, task.attempt_token or ""
         task.updated_at = at
         task.error = f"{why} on attempt {task.attempt} (agent {holder})"
         task.error_code = code
@@ -392,5 +403,7 @@ class Dispatch:
             task.status = "failed"
             task.lease_expires_at = None
             task.completed_at = at
+            # No attempt holds it any more: a late result is refused, not taken for a repeat.
+            task.attempt_token = None
             Outbox(s).add("task.failed", task, at, error_code=code, attempt=task.attempt)
-        return Lost(task.task_id, holder, task.status == "queued")
+        return Lost(task.task_id, holder, task.status == "queued", token)

@@ -336,9 +336,9 @@ class TasksInternalService(tasks_pb2_grpc.TasksInternalServiceServicer):
             task = await self._dispatch.get(gone.task_id)
             if notify_holder:
                 if task.status in ("queued", "failed"):
-                    # Not claimed again yet: the row still holds the lost attempt's token.
+                    # Not claimed again yet: stop the attempt that lost its lease.
                     self._agents.cancel(
-                        gone.agent_id, gone.task_id, "LEASE_LOST", task.attempt_token or ""
+                        gone.agent_id, gone.task_id, "LEASE_LOST", gone.attempt_token
                     )
                 elif task.assigned_agent != gone.agent_id:
                     # Claimed by another agent: the old holder stops whatever it runs of it.

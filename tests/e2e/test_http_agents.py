@@ -291,6 +291,40 @@ async def test_a_second_stream_replaces_the_first_and_repeats_the_held_work(
         assert reply.json()["status"] == "completed", reply.text
 
 
+async def test_an_outcome_refills_its_slot_once_and_only_while_a_stream_is_open(
+    mesh: MeshProcess,
+) -> None:
+    """Completing a task hands the agent its next one in the same step, oldest first. The
+    same outcome sent again (a retry after a lost answer) hands out nothing more, and with no
+    stream open nothing is handed out at all: the agent would never see it."""
+    dev = Developer(mesh)
+    kind = capability()
+    async with http_agent(mesh.url, dev.key) as agent:
+        await agent.register("refiller", [kind], max_capacity=1)
+        stream = await agent.stream()
+        first = dev.create(type=kind, description="one")
+        held = await stream.next("assignment")
+        assert held["task"]["task_id"] == first["task_id"]
+        second = dev.create(type=kind, description="two")
+        third = dev.create(type=kind, description="three")
+
+        done = await agent.complete(held, result={"n": 1})
+        assert done.json() == {"task_id": first["task_id"], "status": "completed"}, done.text
+        following = await stream.next("assignment")
+        assert following["task"]["task_id"] == second["task_id"]
+        again = await agent.complete(held, result={"n": 1})
+        assert again.json() == done.json()
+        assert dev.task(third["task_id"])["status"] == "queued"
+
+        await stream.close()
+        await asyncio.sleep(1)  # Envoy and the mesh see the stream go
+        last = await agent.complete(following, result={"n": 2})
+        assert last.json()["status"] == "completed", last.text
+        await asyncio.sleep(0.5)
+        assert dev.task(third["task_id"])["status"] == "queued"
+        assert dev.agent(agent.agent_id)["status"] == "idle"
+
+
 async def test_cancellations_and_configuration_reach_the_stream(mesh: MeshProcess) -> None:
     dev = Developer(mesh)
     kind = capability()

@@ -293,3 +293,78 @@ async def test_a_lease_sweep_leaves_a_task_being_completed_alone(db: Database) -
     assert lost == []
     final = await dispatch.get(task.task_id)
     assert final.status == "completed" and final.result == {"ok": True} and final.attempt == 1
+
+
+async def test_only_an_attempt_ended_by_the_call_leases_the_next_task(db: Database) -> None:
+    """claim_next is acted on when this call ended the attempt with a completion or a
+    failure. Not for a repeat of the recorded outcome (its slot was refilled by the first
+    call), and not when a retryable error queues the task again: that task must not go
+    straight back to the agent that failed it, nor may another be leased to an agent that
+    may be stopping."""
+    tasks, dispatch = Tasks(db=db), Dispatch(db=db, lease_seconds=30)
+    for n in range(4):
+        await tasks.create(ALICE, replace(NEW, description=f"task {n}", max_attempts=3))
+    held = await dispatch.claim("agent-1", ["echo"])
+    assert held is not None
+    token = held.attempt_token or ""
+
+    retry = await dispatch.complete(
+        held.task_id,
+        "agent-1",
+        token,
+        result=None,
+        error=("BUSY", "later", True),
+        claim_next=["echo"],
+    )
+    assert retry.accepted and retry.status == "queued" and retry.next is None
+
+    again = await dispatch.claim("agent-1", ["echo"])
+    assert again is not None  # the retried task, still first in line: first in, first out
+    done = await dispatch.complete(
+        again.task_id,
+        "agent-1",
+        again.attempt_token or "",
+        result={},
+        error=None,
+        claim_next=["echo"],
+    )
+    assert done.next is not None
+    repeat = await dispatch.complete(
+        again.task_id,
+        "agent-1",
+        again.attempt_token or "",
+        result={},
+        error=None,
+        claim_next=["echo"],
+    )
+    assert repeat.accepted and repeat.status == "completed" and repeat.next is None
+
+    failed = await dispatch.complete(
+        done.next.task_id,
+        "agent-1",
+        done.next.attempt_token or "",
+        result=None,
+        error=("VALIDATION_ERROR", "cannot", False),
+        claim_next=["echo"],
+    )
+    assert failed.status == "failed" and failed.next is not None  # the agent is free again
+
+
+async def test_a_late_result_after_the_last_lease_ran_out_is_refused(db: Database) -> None:
+    """A task failed by the mesh (its last lease ran out) keeps no attempt token: the late
+    result of that attempt is refused, not taken for a repeat of a recorded outcome."""
+    tasks, dispatch = Tasks(db=db), Dispatch(db=db, lease_seconds=0.1)
+    task, _ = await tasks.create(ALICE, replace(NEW, max_attempts=1))
+    held = await dispatch.claim("agent-1", ["echo"])
+    assert held is not None
+    await asyncio.sleep(0.2)
+    lost = await dispatch.expire_leases()
+    assert [(x.task_id, x.requeued, x.attempt_token) for x in lost] == [
+        (task.task_id, False, held.attempt_token)
+    ]
+    late = await dispatch.complete(
+        task.task_id, "agent-1", held.attempt_token or "", result={"late": 1}, error=None
+    )
+    assert not late.accepted and late.reason == "CONFLICT"
+    final = await dispatch.get(task.task_id)
+    assert final.status == "failed" and final.error_code == "LEASE_EXPIRED" and final.result is None
