@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -218,18 +219,46 @@ def connector(path: str, *, busy_seconds: float) -> Callable[[], Any]:
 
 class Checkpointer:
     """Copies the WAL back into the database file every second, from a thread (PASSIVE: it
-    never waits for readers or writers), so that no commit on the event loop does it."""
+    never waits for readers or writers), so that no commit on the event loop does it.
+
+    Its connection is used by one thread at a time, under a lock: cancelling the loop's task
+    does not stop a checkpoint already running in its thread, and the last checkpoint and the
+    close on stop must wait for it (two threads on one sqlite3 connection, or a close under a
+    running statement, crash the process)."""
 
     def __init__(self, path: str, interval: float = CHECKPOINT_SECONDS) -> None:
         self._path = path
         self._interval = interval
         self._conn: sqlite3.Connection | None = None
+        self._closed = False
+        self._lock = threading.Lock()
         self._task: asyncio.Task[None] | None = None
 
     def _checkpoint(self) -> None:
-        if self._conn is None:
-            self._conn = sqlite3.connect(self._path, timeout=1, check_same_thread=False)
-        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        with self._lock:
+            if self._closed:
+                return
+            if self._conn is None:
+                self._conn = sqlite3.connect(self._path, timeout=1, check_same_thread=False)
+            self._copy(self._conn)
+
+    @staticmethod
+    def _copy(conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def _close(self) -> None:
+        """The last checkpoint, then the connection closes; after a running one ends."""
+        with self._lock:
+            self._closed = True
+            if self._conn is None:
+                return
+            try:
+                self._copy(self._conn)
+            except sqlite3.Error as exc:
+                log.warning("last WAL checkpoint failed: %s", exc)
+            finally:
+                self._conn.close()
+                self._conn = None
 
     async def _run(self) -> None:
         while True:
@@ -249,11 +278,7 @@ class Checkpointer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if self._conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                await asyncio.to_thread(self._checkpoint)
-            self._conn.close()
-            self._conn = None
+        await asyncio.to_thread(self._close)
 
 
 # --- Sessions without greenlets ---

@@ -101,3 +101,37 @@ async def test_commits_reach_the_database_file_while_connections_stay_open(
     while path.stat().st_size <= before + 100_000 and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     assert path.stat().st_size > before + 100_000
+
+
+async def test_stopping_waits_for_a_checkpoint_running_in_its_thread(tmp_path: Path) -> None:
+    """Cancelling the checkpointer's task leaves a checkpoint already in its thread running;
+    stop() must not run the last checkpoint or close the connection alongside it (two threads
+    on one sqlite3 connection crashed a CI run with a segmentation fault). The checkpoint here
+    is slowed down so that stop() surely comes while it runs."""
+    path = str(tmp_path / "wal.db")
+    setup = sqlite3.connect(path)
+    setup.execute("PRAGMA journal_mode=WAL")
+    setup.execute("CREATE TABLE t (x)")
+    setup.commit()
+    setup.close()
+    inside: list[int] = []
+    overlapped = False
+
+    class Slow(sqlite_inline.Checkpointer):
+        @staticmethod
+        def _copy(conn: sqlite3.Connection) -> None:
+            nonlocal overlapped
+            overlapped = overlapped or bool(inside)
+            inside.append(1)
+            time.sleep(0.3)
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            inside.pop()
+
+    checkpointer = Slow(path, interval=0.01)
+    checkpointer.start()
+    await asyncio.sleep(0.1)  # the first checkpoint is running in its thread
+    assert inside, "no checkpoint was running"
+    await checkpointer.stop()
+    assert not overlapped and not inside
+    await asyncio.sleep(0.4)  # a cancelled task's thread is not revived
+    assert not inside
