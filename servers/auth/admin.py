@@ -102,7 +102,7 @@ class UserAdmin:
         at = now()
         async with self._db.write() as s, s.begin():
             users = UserStore(s)
-            user = await users.get(user_id)
+            user = await users.get(user_id, lock=True)
             if user is None:
                 raise NotFound("no such user", details={"user_id": user_id[:64]})
             # Sending back the flag unchanged (a record read, edited, written) is no change.
@@ -144,7 +144,7 @@ class UserAdmin:
         if who.subject == user_id and "admin" not in wanted:
             raise Conflict("admins cannot take their own admin role away")
         async with self._db.write() as s, s.begin():
-            user = await UserStore(s).get(user_id)
+            user = await UserStore(s).get(user_id, lock=True)
             if user is None:
                 raise NotFound("no such user", details={"user_id": user_id[:64]})
             user.roles = wanted
@@ -160,7 +160,7 @@ async def grant_role(db: Database, login: str, role: str) -> UserRow:
     """Adds a role to an account (the operator's way to make the first admin)."""
     (role,) = check_roles([role])
     async with db.write() as s, s.begin():
-        user = await UserStore(s).find_login(login)
+        user = await UserStore(s).find_login(login, lock=True)
         if user is None:
             raise NotFound("no such user", details={"login": login[:64]})
         user.roles = sorted({*user.roles, role})

@@ -22,7 +22,7 @@ from servers.common.rbac import AGENT_PERMISSION, allows, permissions_of
 from .domain import check_name, sha256
 from .models import ApiKeyRow, UserRow
 from .profiles import AccountCache
-from .store import ApiKeyStore, security_event
+from .store import ApiKeyStore, UserStore, security_event
 
 PREFIX = "amk_"
 SCOPES = ("read", "write", "execute", "agent")
@@ -70,6 +70,9 @@ class ApiKeys:
         secret = PREFIX + secrets.token_urlsafe(32)
         async with self._db.write() as s, s.begin():
             keys = ApiKeyStore(s)
+            # The owner's row, locked, makes its creates take turns: two at the cap cannot
+            # both count one free place.
+            await UserStore(s).get(who.subject, lock=True)
             if await keys.count_active(who.subject) >= MAX_KEYS_PER_USER:
                 raise ValidationError(
                     f"at most {MAX_KEYS_PER_USER} active keys per user",
@@ -98,7 +101,7 @@ class ApiKeys:
 
     async def revoke(self, who: Principal, key_id: str) -> ApiKeyRow:
         async with self._db.write() as s, s.begin():
-            key = await ApiKeyStore(s).owned(who.subject, key_id)
+            key = await ApiKeyStore(s).owned(who.subject, key_id, lock=True)
             if key is None:
                 raise NotFound("no such API key", details={"key_id": key_id[:64]})
             if key.revoked_at is None:

@@ -207,8 +207,10 @@ class Accounts:
             raise InvalidCredentials("invalid username, email or password")
         at = now()
         async with self._db.write() as s, s.begin():
-            fresh = await UserStore(s).get(user.id)
-            if fresh is None or fresh.disabled:
+            # Locked and read again: a password change or a disable that committed while the
+            # password was being checked wins over this sign-in.
+            fresh = await UserStore(s).get(user.id, lock=True)
+            if fresh is None or fresh.disabled or fresh.password_hash != user.password_hash:
                 raise InvalidCredentials("invalid username, email or password")
             fresh.last_login = at
             issued = await self._issue(s, fresh, at, family_id=str(uuid.uuid4()))
@@ -225,6 +227,13 @@ class Accounts:
         async with self._db.write() as s, s.begin():
             tokens = RefreshTokenStore(s)
             row = await tokens.get(token_hash)
+            if row is None:
+                raise AuthRequired("invalid refresh token")
+            # The account first, then the token again, both locked (users before tokens, as
+            # every writer of them): a password change, a disable or a sign-out that commits
+            # meanwhile is seen here, and a concurrent one waits, then revokes what this issues.
+            user = await UserStore(s).get(row.user_id, lock=True)
+            row = await tokens.get(token_hash, lock=True)
             if row is None or row.revoked_at is not None or aware(row.expires_at) <= at:
                 raise AuthRequired("invalid refresh token")
             if not await tokens.spend(token_hash, at):
@@ -232,11 +241,10 @@ class Accounts:
                 await tokens.revoke_family(row.family_id, at)
                 security_event(s, "security.refresh_token_reuse", row.user_id, at)
                 replayed = True
+            elif user is not None and not user.disabled:
+                # Claims are read afresh: a role change shows in this token.
+                return await self._issue(s, user, at, family_id=row.family_id)
             else:
-                user = await UserStore(s).get(row.user_id)
-                if user is not None and not user.disabled:
-                    # Claims are read afresh: a role change shows in this token.
-                    return await self._issue(s, user, at, family_id=row.family_id)
                 await tokens.revoke_family(row.family_id, at)
         if replayed:
             raise AuthRequired("refresh token was already used", details={"revoked": "family"})
@@ -293,9 +301,13 @@ class Accounts:
         new_hash = await hash_password(new)
         at = now()
         async with self._db.write() as s, s.begin():
-            fresh = await UserStore(s).get(who.subject)
-            if fresh is None:
+            fresh = await UserStore(s).get(who.subject, lock=True)
+            if fresh is None or fresh.disabled:
                 raise AuthRequired("account no longer active")
+            if fresh.password_hash != user.password_hash:
+                # Changed meanwhile (another request, another replica): `current` was checked
+                # against a password that no longer is.
+                raise InvalidCredentials("current password is wrong")
             fresh.password_hash = new_hash
             fresh.updated_at = at
             # Every session signed in with the old password ends at its next refresh.

@@ -32,15 +32,24 @@ class UserStore:
             # The unique indexes decide races between two writers of one name.
             raise UserExists("a user with that username or email exists") from None
 
-    async def get(self, user_id: str) -> UserRow | None:
-        return await self._s.get(UserRow, user_id)
+    async def get(self, user_id: str, *, lock: bool = False) -> UserRow | None:
+        """The account; ``lock``: locked for this transaction (PostgreSQL; SQLite's writers
+        take turns anyway), read afresh even if the session holds it already.
 
-    async def find_login(self, login: str) -> UserRow | None:
-        """The account whose username or email is ``login`` (case-insensitive)."""
+        A transaction that decides from an account's state, or changes its sessions or keys,
+        locks the account row first: users before tokens and keys, always in that order. A
+        refresh and a password change then take turns, and the change revokes the tokens the
+        refresh issued."""
+        if not lock:
+            return await self._s.get(UserRow, user_id)
+        return await self._s.get(UserRow, user_id, with_for_update=True, populate_existing=True)
+
+    async def find_login(self, login: str, *, lock: bool = False) -> UserRow | None:
+        """The account whose username or email is ``login`` (case-insensitive); ``lock``: as
+        for ``get``."""
         login = login.lower()
-        found = await self._s.execute(
-            select(UserRow).where(or_(UserRow.username == login, UserRow.email == login))
-        )
+        query = select(UserRow).where(or_(UserRow.username == login, UserRow.email == login))
+        found = await self._s.execute(query.with_for_update() if lock else query)
         return found.scalars().first()
 
     async def exists(self, *, username: str, email: str) -> bool:
@@ -87,8 +96,13 @@ class RefreshTokenStore:
         )
         await self._s.flush()
 
-    async def get(self, token_hash: str) -> RefreshTokenRow | None:
-        return await self._s.get(RefreshTokenRow, token_hash)
+    async def get(self, token_hash: str, *, lock: bool = False) -> RefreshTokenRow | None:
+        """The token; ``lock``: locked, and read afresh (see UserStore.get)."""
+        if not lock:
+            return await self._s.get(RefreshTokenRow, token_hash)
+        return await self._s.get(
+            RefreshTokenRow, token_hash, with_for_update=True, populate_existing=True
+        )
 
     async def spend(self, token_hash: str, now: datetime) -> bool:
         """Marks the token used, if nobody did before; the database decides between racers."""
@@ -140,8 +154,9 @@ class ApiKeyStore:
         row = found.first()
         return (row[0], row[1]) if row is not None else None
 
-    async def owned(self, user_id: str, key_id: str) -> ApiKeyRow | None:
-        key = await self._s.get(ApiKeyRow, key_id)
+    async def owned(self, user_id: str, key_id: str, *, lock: bool = False) -> ApiKeyRow | None:
+        """The key if ``user_id`` owns it; ``lock``: locked for this transaction."""
+        key = await self._s.get(ApiKeyRow, key_id, with_for_update=True if lock else None)
         return key if key is not None and key.user_id == user_id else None
 
     async def count_active(self, user_id: str) -> int:
