@@ -340,6 +340,10 @@ class Messages:
             if row is None or row.to_agent not in agents or expired(row, at):
                 raise _not_found(message_id)
             acked_now = row.acked_at is None and await store.ack(message_id, at)
+            if row.acked_at is None and not acked_now:
+                # Another ack committed between the read and the UPDATE (PostgreSQL): answer
+                # the time it recorded, not "unacknowledged".
+                row = await store.get(message_id, fresh=True) or row
         if acked_now:
             row.acked_at = at  # after the commit, on the detached row: no second UPDATE
         return row

@@ -69,8 +69,10 @@ class MessageStore:
         row.seq = seq
         return True
 
-    async def get(self, message_id: str) -> MessageRow | None:
-        found = await self._s.execute(_GET, {"m_id": message_id})
+    async def get(self, message_id: str, *, fresh: bool = False) -> MessageRow | None:
+        """The message; ``fresh``: read again even if this session holds it already."""
+        query = _GET.execution_options(populate_existing=True) if fresh else _GET
+        found = await self._s.execute(query, {"m_id": message_id})
         return found.scalars().first()
 
     async def unacked_count(self, agent_id: str, at: datetime, *, cap: int) -> int:

@@ -222,6 +222,30 @@ async def test_ack_and_listing(messages: Messages) -> None:
     assert len(sent) == 5
 
 
+async def test_two_acks_at_once_both_answer_the_recorded_time(
+    messages: Messages, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second ack commits between the first's read and its UPDATE (PostgreSQL): the first
+    must still answer the message acknowledged, at the time the second recorded."""
+    await messages.send(ALICE, BOB, to(BOB, message_id="m-1"))
+    original, paused = MessageStore.get, asyncio.Event()
+
+    async def slow_get(self: MessageStore, message_id: str, **kw: bool) -> MessageRow | None:
+        row = await original(self, message_id, **kw)
+        if not paused.is_set():
+            paused.set()
+            await asyncio.sleep(0.3)
+        return row
+
+    monkeypatch.setattr(MessageStore, "get", slow_get)
+    first = asyncio.ensure_future(messages.ack({BOB.agent_id}, "m-1"))
+    await paused.wait()
+    second = await messages.ack({BOB.agent_id}, "m-1")
+    answered = await first
+    assert second.acked_at is not None and answered.acked_at is not None
+    assert aware(answered.acked_at) == aware(second.acked_at)
+
+
 async def test_a_stream_sends_the_backlog_then_new_messages_then_redelivers(
     messages: Messages,
 ) -> None:
