@@ -68,6 +68,9 @@ class Settings:
     seconds: float
     concurrency: int
     warmup: int
+    # The mesh's database in the dispatch benchmark ("sqlite" or "postgres"); the others keep
+    # the embedded default.
+    database: str = "sqlite"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -67,6 +68,8 @@ CALL_TIMEOUT = 10.0
 STARTUP_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 POLL_SECONDS = 0.1
+# --database postgres: the server to create the mesh's database on (as tests/conftest.py's)
+PG_ADMIN_DSN = os.environ.get("AGENTMESH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_HOST, REDIS_PORT, REDIS_DB = "127.0.0.1", 6379, 15  # db 15 is flushed before and after
 REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
 CELERY_TASK = "bench.noop"
@@ -140,9 +143,10 @@ def _p50_p99(values: list[float]) -> str:
     return "-" if p50 is None or p99 is None else f"{p50:.2f}/{p99:.2f} ms"
 
 
-def _epoch(text: str) -> float:
-    """A stored timestamp (SQLite keeps UTC without an offset; Celery writes one) as epoch s."""
-    moment = datetime.fromisoformat(text)
+def _epoch(stored: str | datetime) -> float:
+    """A stored timestamp as epoch s: SQLite's text keeps UTC without an offset, Celery's has
+    one, PostgreSQL's comes as an aware datetime."""
+    moment = stored if isinstance(stored, datetime) else datetime.fromisoformat(stored)
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
@@ -211,7 +215,7 @@ def _expect(reply: httpx.Response, status: int, what: str) -> dict[str, Any]:
     return dict(reply.json())
 
 
-def _developer(mesh: MeshProcess) -> tuple[str, str]:
+def _developer(mesh: MeshProcess, env: Mapping[str, str] = MESH_ENV) -> tuple[str, str]:
     """Registers a user, makes it a developer (the operator's grant-role) and logs in; returns
     its access token and an API key of the `agent` scope."""
     user = {"username": "bench-dispatch", "email": "bench-dispatch@example.com"}
@@ -223,7 +227,7 @@ def _developer(mesh: MeshProcess) -> tuple[str, str]:
         subprocess.run(
             [sys.executable, "-m", "servers.cli", "grant-role", user["username"], "developer"],
             cwd=REPO,
-            env={**os.environ, **MESH_ENV, "AGENTMESH_DATA_DIR": str(mesh.data_dir)},
+            env={**os.environ, **env, "AGENTMESH_DATA_DIR": str(mesh.data_dir)},
             check=True,
             capture_output=True,
             timeout=60,
@@ -276,7 +280,7 @@ def _serial_count(number: int, ends: float, tally: _Tally) -> bool:
 
 
 async def _serial(
-    create: Create, finished: Callable[[str], bool], seconds: float, tally: _Tally
+    create: Create, finished: Callable[[str], Awaitable[bool]], seconds: float, tally: _Tally
 ) -> None:
     """One task in flight: create it, wait until it has finished, pause, again. Each task finds
     the workers idle, so its dispatch latency is the system's own, without queueing."""
@@ -287,43 +291,65 @@ async def _serial(
         if task_id is None:
             continue
         deadline = time.monotonic() + TASK_TIMEOUT
-        while not finished(task_id):
+        while not await finished(task_id):
             if time.monotonic() >= deadline:
                 return  # the collection reports it
             await asyncio.sleep(SERIAL_POLL)
         await asyncio.sleep(SERIAL_PAUSE)
 
 
-def _connect_ro(path: Path) -> sqlite3.Connection:
-    # Read-only: WAL lets it read beside the mesh's writers without holding them up.
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+class _Records:
+    """What the mesh recorded, read beside it: its SQLite file, read-only (WAL keeps the mesh's
+    writers going), or its PostgreSQL database. Queries use ``?`` placeholders."""
+
+    def __init__(self, *, sqlite: Path | None = None, postgres: Any = None) -> None:
+        self._sqlite = (
+            None
+            if sqlite is None
+            else sqlite3.connect(
+                f"file:{sqlite}?mode=ro", uri=True, timeout=10, check_same_thread=False
+            )
+        )
+        self._postgres = postgres  # an asyncpg connection
+
+    async def fetch(self, query: str, *args: object, inline: bool = False) -> list[tuple[Any, ...]]:
+        """The rows; ``inline``: a primary-key read on SQLite, run on the loop's thread (it
+        takes microseconds) rather than sent to a thread."""
+        if self._sqlite is not None:
+            run = self._sqlite.execute
+            if inline:
+                return list(run(query, args).fetchall())
+            return await asyncio.to_thread(lambda: list(run(query, args).fetchall()))
+        numbers = iter(range(1, len(args) + 1))
+        numbered = re.sub(r"\?", lambda _: f"${next(numbers)}", query)
+        return [tuple(row) for row in await self._postgres.fetch(numbered, *args)]
+
+    async def close(self) -> None:
+        if self._sqlite is not None:
+            self._sqlite.close()
+        if self._postgres is not None:
+            await self._postgres.close()
 
 
-def _read_db(path: Path, query: str, args: Sequence[object]) -> list[tuple[Any, ...]]:
-    with contextlib.closing(_connect_ro(path)) as db:
-        return list(db.execute(query, args).fetchall())
+async def _outbox_mark(records: _Records) -> int:
+    return int((await records.fetch("SELECT coalesce(max(id), 0) FROM tasks_outbox"))[0][0])
 
 
-def _outbox_mark(path: Path) -> int:
-    return int(_read_db(path, "SELECT coalesce(max(id), 0) FROM tasks_outbox", ())[0][0])
-
-
-def _collect_agentmesh(path: Path, mark: int, tally: _Tally) -> None:
+async def _collect_agentmesh(records: _Records, mark: int, tally: _Tally) -> None:
     """Every sent task's assignment and completion from the outbox, its start from its result."""
     assigned: dict[str, list[float]] = {}
     completed: dict[str, list[float]] = {}
-    events = _read_db(
-        path,
+    events = await records.fetch(
         "SELECT subject_id, event_type, created_at FROM tasks_outbox"
         " WHERE id > ? AND event_type IN ('task.assigned', 'task.completed') ORDER BY id",
-        (mark,),
+        mark,
     )
     for task_id, event, at in events:
         (assigned if event == "task.assigned" else completed).setdefault(task_id, []).append(
-            _epoch(str(at))
+            _epoch(at)
         )
-    rows = _read_db(
-        path, "SELECT task_id, status, result FROM tasks_tasks WHERE type = ?", (TASK_TYPE,)
+    rows = await records.fetch(
+        "SELECT task_id, status, result FROM tasks_tasks WHERE type = ?", TASK_TYPE
     )
     results = {task_id: (status, result) for task_id, status, result in rows}
     for task_id in tally.sent:
@@ -346,10 +372,10 @@ def _collect_agentmesh(path: Path, mark: int, tally: _Tally) -> None:
 Fill = Callable[[Create, _Tally], Awaitable[None]]
 
 
-async def _agentmesh_phase(stub: Any, token: str, db: Path, fill: Fill) -> _Tally:
+async def _agentmesh_phase(stub: Any, token: str, records: _Records, fill: Fill) -> _Tally:
     """Creates tasks with `fill`, waits until as many have completed, and reads the outcome."""
     tally = _Tally()
-    mark = await asyncio.to_thread(_outbox_mark, db)
+    mark = await _outbox_mark(records)
     auth = (("authorization", f"Bearer {token}"),)
     request = tasks_pb2.CreateTaskRequest(type=TASK_TYPE, description="bench no-op")
     first_sent = 0.0
@@ -372,69 +398,101 @@ async def _agentmesh_phase(stub: Any, token: str, db: Path, fill: Fill) -> _Tall
 
     await fill(create, tally)
     deadline = time.monotonic() + _phase_timeout(len(tally.sent))
-    query = (
-        "SELECT count(*) FROM tasks_outbox WHERE id > ? AND event_type = 'task.completed'",
-        (mark,),
-    )
+    query = "SELECT count(*) FROM tasks_outbox WHERE id > ? AND event_type = 'task.completed'"
     while time.monotonic() < deadline:
-        (count,) = (await asyncio.to_thread(_read_db, db, *query))[0]
+        (count,) = (await records.fetch(query, mark))[0]
         if int(count) >= len(tally.sent):
             break
         await asyncio.sleep(POLL_SECONDS)
-    await asyncio.to_thread(_collect_agentmesh, db, mark, tally)
+    await _collect_agentmesh(records, mark, tally)
     return tally
 
 
 async def _drive_agentmesh(
-    mesh: MeshProcess, token: str, settings: Settings, tasks: int
+    mesh: MeshProcess, token: str, settings: Settings, tasks: int, postgres: str
 ) -> dict[str, _Tally]:
-    db = mesh.data_dir / "agentmesh.db"
+    if postgres:
+        import asyncpg
+
+        records = _Records(postgres=await asyncpg.connect(postgres, timeout=CALL_TIMEOUT))
+    else:
+        records = _Records(sqlite=mesh.data_dir / "agentmesh.db")
     address = _loopback(mesh.services["tasks"])
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        stub = tasks_pb2_grpc.TasksServiceStub(channel)
+    try:
+        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+            stub = tasks_pb2_grpc.TasksServiceStub(channel)
 
-        async def burst_of(count: int) -> _Tally:
-            return await _agentmesh_phase(
-                stub, token, db, lambda c, t: _burst(c, count, settings.concurrency, t)
-            )
+            async def burst_of(count: int) -> _Tally:
+                return await _agentmesh_phase(
+                    stub, token, records, lambda c, t: _burst(c, count, settings.concurrency, t)
+                )
 
-        warm = await burst_of(settings.warmup) if settings.warmup else _Tally()
-        burst = await burst_of(tasks)
-        with contextlib.closing(_connect_ro(db)) as reader:
+            async def finished(task_id: str) -> bool:
+                rows = await records.fetch(
+                    "SELECT status FROM tasks_tasks WHERE task_id = ?", task_id, inline=True
+                )
+                return bool(rows) and rows[0][0] in FINISHED
 
-            def finished(task_id: str) -> bool:
-                # One primary-key read, on the loop's thread: it takes microseconds.
-                row = reader.execute(
-                    "SELECT status FROM tasks_tasks WHERE task_id = ?", (task_id,)
-                ).fetchone()
-                return row is not None and row[0] in FINISHED
-
+            warm = await burst_of(settings.warmup) if settings.warmup else _Tally()
+            burst = await burst_of(tasks)
             serial = await _agentmesh_phase(
-                stub, token, db, lambda c, t: _serial(c, finished, settings.seconds, t)
+                stub, token, records, lambda c, t: _serial(c, finished, settings.seconds, t)
             )
+    finally:
+        await records.close()
     return {"warmup": warm, "burst": burst, "serial": serial}
 
 
-def _run_agentmesh(settings: Settings, agents: int, tasks: int, tmp: Path) -> dict[str, _Tally]:
-    mesh = MeshProcess(data_dir=tmp / "mesh", env=MESH_ENV)
-    mesh.start()
+@contextlib.contextmanager
+def _database(kind: str) -> Iterator[str]:
+    """The mesh's DATABASE_URL: "" for the embedded SQLite; for "postgres", a fresh database on
+    the machine's server (PG_ADMIN_DSN), dropped afterwards."""
+    if kind != "postgres":
+        yield ""
+        return
+    import asyncpg
+
+    name = f"agentmesh_bench_{os.getpid()}_{int(time.time())}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=CALL_TIMEOUT)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
     try:
-        token, key = _developer(mesh)
-        target = _loopback(mesh.url).removeprefix("http://")
-        ready, logs = tmp / "agents-ready", tmp / "agents-logs"
-        ready.mkdir()
-        commands = [
-            _this_module("--agent-worker", f"bench-{n}", "--target", target, "--ready", str(ready))
-            for n in range(agents)
-        ]
-        # The agents read their key only from the environment, never from argv.
-        with _processes(commands, logs, {"AGENTMESH_API_KEY": key}) as procs:
-            _wait_ready(ready, agents, procs, logs)
-            tallies = asyncio.run(_drive_agentmesh(mesh, token, settings, tasks))
-            _check_alive(procs, logs, "agent")
-            return tallies
+        yield f"{PG_ADMIN_DSN.rsplit('/', 1)[0]}/{name}"
     finally:
-        mesh.stop()
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def _run_agentmesh(settings: Settings, agents: int, tasks: int, tmp: Path) -> dict[str, _Tally]:
+    with _database(settings.database) as postgres:
+        url = postgres.replace("postgresql://", "postgresql+asyncpg://", 1)
+        env = {**MESH_ENV, "DATABASE_URL": url}
+        mesh = MeshProcess(data_dir=tmp / "mesh", env=env)
+        mesh.start()
+        try:
+            token, key = _developer(mesh, env)
+            target = _loopback(mesh.url).removeprefix("http://")
+            ready, logs = tmp / "agents-ready", tmp / "agents-logs"
+            ready.mkdir()
+            commands = [
+                _this_module(
+                    "--agent-worker", f"bench-{n}", "--target", target, "--ready", str(ready)
+                )
+                for n in range(agents)
+            ]
+            # The agents read their key only from the environment, never from argv.
+            with _processes(commands, logs, {"AGENTMESH_API_KEY": key}) as procs:
+                _wait_ready(ready, agents, procs, logs)
+                tallies = asyncio.run(_drive_agentmesh(mesh, token, settings, tasks, postgres))
+                _check_alive(procs, logs, "agent")
+                return tallies
+        finally:
+            mesh.stop()
 
 
 # --- Celery ---
@@ -641,7 +699,7 @@ def _report(
         " queueing",
         f"serial: one task in flight for {settings.seconds:g} s (--seconds; {SERIAL_MIN} tasks at"
         f" least), {SERIAL_PAUSE * 1000:g} ms pause after each; completion polled every"
-        f" {SERIAL_POLL * 1000:g} ms (agentmesh: the SQLite file, read-only; Celery: the"
+        f" {SERIAL_POLL * 1000:g} ms (agentmesh: the task's row in its database; Celery: the"
         " result key)",
         "dispatch = the client's send of the create -> agentmesh task.assigned (outbox) / Celery"
         " task start (it has no assigned state)",
@@ -649,7 +707,8 @@ def _report(
         f" {to_start(agentmesh['burst'])}, serial {to_start(agentmesh['serial'])}",
         f"creating the burst took {agentmesh['burst'].create_seconds:.2f} s (agentmesh)"
         + (f", {celery['burst'].create_seconds:.2f} s (Celery)" if celery else ""),
-        "mesh: SQLite, in-process bus; four services in one process, Envoy its child",
+        f"mesh: {'PostgreSQL' if settings.database == 'postgres' else 'SQLite'}, in-process"
+        " bus; four services in one process, Envoy its child (--database)",
     ]
     reassigned = sum(t.reassigned for t in agentmesh.values())
     if reassigned:

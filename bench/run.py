@@ -58,6 +58,13 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--warmup", type=_at_least(int, 0), default=200, help="unmeasured requests per case (200)"
     )
+    parser.add_argument(
+        "--database",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="the mesh's database in the dispatch benchmark (sqlite; postgres: a fresh database"
+        " on the machine's server, dropped afterwards)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers here")
     args = parser.parse_args(argv)
     unknown = [name for name in args.benchmarks if name not in BENCHMARKS]
@@ -132,7 +139,10 @@ def _shout_errors(report: Report) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     settings = Settings(
-        seconds=float(args.seconds), concurrency=int(args.concurrency), warmup=int(args.warmup)
+        seconds=float(args.seconds),
+        concurrency=int(args.concurrency),
+        warmup=int(args.warmup),
+        database=str(args.database),
     )
     machine = _machine()
     print("machine: " + ", ".join(f"{key} {value}" for key, value in machine.items()))
