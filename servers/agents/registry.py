@@ -76,6 +76,10 @@ class Session:
     # service's _result): each keeps its slot taken until the answer is in, even if a heartbeat
     # drops the task meanwhile, so that the dispatcher cannot fill the slot too.
     refilling: set[str] = field(default_factory=set)
+    # The outcome being recorded for a Connect stream (AgentsService._on_result), which goes
+    # on if the stream ends meanwhile: the stream's end waits for it before handing back what
+    # was never delivered.
+    recording: asyncio.Future[None] | None = None
 
     def seen(self) -> None:
         self.last_seen, self.last_seen_at = time.monotonic(), time.time()
@@ -119,16 +123,24 @@ class Session:
         """The assignments handed out that the agent still holds, oldest first."""
         return [a for t, a in self.assignments.items() if self.held.get(t) == a.attempt_token]
 
-    def unqueue_assignments(self) -> None:
-        """Drops the assignment frames still waiting in the queue (a stream broke before
-        writing them): the next stream repeats the held ones first anyway."""
-        kept = []
+    def unsent_assignments(self) -> list[tasks_pb2.Assignment]:
+        """Takes the assignment frames still waiting in the queue (a stream ended before
+        writing them) out of it; the other frames stay."""
+        unsent, kept = [], []
         while not self.outbox.empty():
             frame = self.outbox.get_nowait()
-            if frame is None or not frame.HasField("assignment"):
+            if frame is not None and frame.HasField("assignment"):
+                unsent.append(frame.assignment)
+            else:
                 kept.append(frame)
         for frame in kept:
             self.outbox.put_nowait(frame)
+        return unsent
+
+    def unqueue_assignments(self) -> None:
+        """Drops the assignment frames still waiting in the queue (a stream broke before
+        writing them): the next stream repeats the held ones first anyway."""
+        self.unsent_assignments()
 
     def adopt(self, old: Session) -> None:
         """Takes over the work of the session this one replaces (the same HTTP agent)."""

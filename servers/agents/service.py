@@ -190,6 +190,11 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(reader, dispatcher, closer, return_exceptions=True)
             self._registry.remove(session)
+            # An outcome being recorded goes on (it may lease the next task); then what this
+            # stream never wrote goes back to the queue rather than waiting out its lease.
+            if session.recording is not None:
+                await asyncio.wait({session.recording}, timeout=CALL_TIMEOUT)
+            await self._give_back(session, session.unsent_assignments())
             await self._directory.disconnect(session, reason)
             log.info("agent disconnected", extra={"agent_id": session.agent_id})
 
@@ -213,11 +218,12 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                         if exc.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.NOT_FOUND):
                             session.send(_cancellation(frame.progress.task_id, "LEASE_LOST"))
                 elif kind == "result":
-                    ack, following = await self._result(session, frame.result)
-                    if ack is not None:
-                        session.send(agents_pb2.ConnectResponse(result_ack=ack))
-                    if following is not None:
-                        await self._hand_out(session, following)
+                    # Shielded: once the outcome is sent, its answer and the next task leased
+                    # with it are seen to even if the stream ends meanwhile.
+                    session.recording = asyncio.ensure_future(
+                        self._on_result(session, frame.result)
+                    )
+                    await asyncio.shield(session.recording)
                 elif kind == "hello":
                     session.send(_error("VALIDATION_ERROR", "Hello may only come first"))
                     return
@@ -226,6 +232,13 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             pass  # the agent's side broke; the writer ends the stream
         finally:
             session.send(None)
+
+    async def _on_result(self, session: Session, result: agents_pb2.TaskResult) -> None:
+        ack, following = await self._result(session, result)
+        if ack is not None:
+            session.send(agents_pb2.ConnectResponse(result_ack=ack))
+        if following is not None:
+            await self._hand_out(session, following)
 
     async def _renew_streamed(self, session: Session, task_ids: list[str]) -> None:
         try:
@@ -410,7 +423,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                 if not reply.HasField("assignment"):
                     break
                 if not await self._hand_out(session, reply.assignment):
-                    return  # the agent is not reading; its lease will run out
+                    return  # replaced, ended, or not reading: the task went back
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(POLL_SECONDS):
                     await session.wake.wait()
@@ -422,11 +435,16 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         return not self._registry.quiet(session) and self._registry.get(session.agent_id) is session
 
     async def _hand_out(self, session: Session, assignment: tasks_pb2.Assignment) -> bool:
-        """Gives the agent a task leased to it; False when the agent does not keep up (its
-        lease will run out)."""
+        """Gives the agent a task leased to it. False when the session can take no more: it
+        ended or was replaced while the task was being leased, or the agent does not keep up
+        with its stream; the task is then handed back."""
         session.last_claimed = time.monotonic()
+        if self._registry.get(session.agent_id) is not session:
+            await self._give_back(session, [assignment])
+            return False
         session.hold(assignment)
         if not session.send(agents_pb2.ConnectResponse(assignment=assignment)):
+            await self._give_back(session, [assignment])
             return False
         if session.free() == 0 and session.overload_armed:
             try:
@@ -434,6 +452,25 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             except SQLAlchemyError as exc:
                 log.warning("could not record agent.overloaded: %s", exc)
         return True
+
+    async def _give_back(self, session: Session, assignments: list[tasks_pb2.Assignment]) -> None:
+        """Hands back leases whose assignments never reached the agent: their tasks are queued
+        again at once, the attempts not counted, instead of waiting out their leases."""
+        for assignment in assignments:
+            task_id, token = assignment.task.task_id, assignment.attempt_token
+            session.drop(task_id, token)
+            try:
+                await self._tasks.ReturnTask(
+                    tasks_pb2.ReturnTaskRequest(
+                        task_id=task_id, agent_id=session.agent_id, attempt_token=token
+                    ),
+                    **self._channel.call_options(),
+                )
+            except grpc.aio.AioRpcError as exc:
+                log.warning(
+                    "could not hand back an undelivered task (its lease will run out): %s",
+                    exc.code().name,
+                )
 
     async def _next(self, session: Session) -> agents_pb2.ConnectResponse | None:
         """The next frame for the agent: a queued one; a Ping after an interval of quiet; a

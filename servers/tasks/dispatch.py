@@ -390,6 +390,23 @@ class Dispatch:
             )
             return [self._give_up(s, t, at, reason, "agent stopped") for t in rows.scalars()]
 
+    async def give_back(self, task_id: str, agent_id: str, token: str) -> TaskRow | None:
+        """Queues a task again whose assignment never reached its agent, as if this attempt
+        had not been made: the attempt count goes back and the token is dropped (a report
+        carrying it is refused). Only while that attempt holds the task and the agent has not
+        reported on it; the task, or None when nothing changed."""
+        at = now()
+        async with self._db.write() as s, s.begin():
+            task = await self._held(s, task_id, agent_id, token)
+            if task is None or task.status != "assigned":
+                return None
+            self._requeue(task)
+            task.attempt = max(0, task.attempt - 1)
+            task.attempt_token = None
+            task.updated_at = at
+            Outbox(s).add("task.requeued", task, at, reason="NOT_DELIVERED", attempt=task.attempt)
+            return task
+
     def _give_up(self, s: Any, task: TaskRow, at: datetime, code: str, why: str) -> Lost:
         """Ends an attempt that its agent will not finish: another one, or the task fails."""
         holder, token = task.assigned_agent, task.attempt_token or ""

@@ -331,6 +331,21 @@ class TasksInternalService(tasks_pb2_grpc.TasksInternalServiceServicer):
             failed_task_ids=[x.task_id for x in lost if not x.requeued],
         )
 
+    async def ReturnTask(
+        self, request: tasks_pb2.ReturnTaskRequest, context: grpc.aio.ServicerContext
+    ) -> tasks_pb2.ReturnTaskResponse:
+        task_id = request.task_id
+        if not task_id or len(task_id) > 64:
+            raise ValidationError(
+                "task_id is required (at most 64 characters)", details={"field": "task_id"}
+            )
+        task = await self._dispatch.give_back(
+            task_id, _agent_id(request.agent_id), request.attempt_token[:64]
+        )
+        if task is not None:
+            self._agents.tasks_available(task)
+        return tasks_pb2.ReturnTaskResponse(returned=task is not None)
+
     async def _after_loss(self, lost: list[Lost], *, notify_holder: bool) -> None:
         for gone in lost:
             task = await self._dispatch.get(gone.task_id)

@@ -5,6 +5,7 @@ agent: connected agents, agents gone offline, and overrides that outlive a mesh 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import sqlite3
@@ -27,7 +28,12 @@ class StreamAgent:
     """An agent that only says Hello and records what the server sends it."""
 
     def __init__(
-        self, mesh: MeshProcess, key: str, name: str, capability: str = "registry_probe"
+        self,
+        mesh: MeshProcess,
+        key: str,
+        name: str,
+        capability: str = "registry_probe",
+        capacity: int = 2,
     ) -> None:
         self._queue: asyncio.Queue[agents_pb2.ConnectRequest | None] = asyncio.Queue()
         self._channel = grpc.aio.insecure_channel(mesh.url.removeprefix("http://"))
@@ -38,7 +44,7 @@ class StreamAgent:
             name=name,
             type="specialist",
             capabilities=[capability],
-            max_capacity=2,
+            max_capacity=capacity,
             version="test",
         )
         hello.configuration.update({"model": "small", "temperature": 0.7})
@@ -58,6 +64,9 @@ class StreamAgent:
                 pong = agents_pb2.Pong(nonce=frame.ping.nonce)
                 self._queue.put_nowait(agents_pb2.ConnectRequest(pong=pong))
             await self.frames.put(frame)
+
+    def send(self, request: agents_pb2.ConnectRequest) -> None:
+        self._queue.put_nowait(request)
 
     async def next(self, kind: str) -> agents_pb2.ConnectResponse:
         while True:
@@ -262,6 +271,54 @@ async def test_a_cancellation_names_the_attempt(mesh: MeshProcess) -> None:
         assert cancellation.attempt_token == assignment.attempt_token
     finally:
         await agent.close()
+
+
+async def test_a_result_sent_as_the_stream_ends_counts_and_its_next_task_goes_back(
+    mesh: MeshProcess,
+) -> None:
+    """The agent sends its result and its stream ends while the mesh is still recording it (the
+    database is busy). The result counts; the task leased to the agent with it, which the
+    stream can no longer deliver, is queued again at once with the attempt not counted, not
+    left to wait out a lease nobody will renew."""
+    owner = Owner(mesh)
+    capability = f"probe_{secrets.token_hex(4)}"
+    agent = StreamAgent(mesh, owner.key, "ender", capability, capacity=1)
+    closed = False
+    try:
+        await agent.next("welcome")
+        first = owner.create(type=capability, description="first")
+        held = (await agent.next("assignment")).assignment
+        assert held.task.task_id == first["task_id"]
+        second = owner.create(type=capability, description="second")  # no room: it waits
+        db = mesh.data_dir / "agentmesh.db"
+        with contextlib.closing(sqlite3.connect(db, timeout=10, isolation_level=None)) as lock:
+            lock.execute("BEGIN IMMEDIATE")  # the mesh's writes wait behind this
+            result = agents_pb2.TaskResult(
+                task_id=held.task.task_id, attempt_token=held.attempt_token
+            )
+            result.result.update({"ok": True})
+            agent.send(agents_pb2.ConnectRequest(result=result))
+            await asyncio.sleep(0.5)  # the result waits for the database...
+            await agent.close()  # ...when the stream ends
+            closed = True
+            await asyncio.sleep(0.5)
+            lock.execute("ROLLBACK")
+
+        async def completed() -> bool:
+            return owner.task(first["task_id"])["status"] == "completed"
+
+        await until(completed, "the result sent before the stream ended", timeout=8)
+        await asyncio.sleep(0.5)  # the next task's hand-back follows the result's commit
+        after = owner.task(second["task_id"])
+        assert (after["status"], after.get("attempt", 0), after.get("error_code", "")) == (
+            "queued",
+            0,
+            "",
+        )
+        assert owner.task(first["task_id"])["attempt"] == 1
+    finally:
+        if not closed:
+            await agent.close()
 
 
 async def test_overrides_and_identity_survive_a_mesh_restart(tmp_path: Path) -> None:

@@ -368,3 +368,53 @@ async def test_a_late_result_after_the_last_lease_ran_out_is_refused(db: Databas
     assert not late.accepted and late.reason == "CONFLICT"
     final = await dispatch.get(task.task_id)
     assert final.status == "failed" and final.error_code == "LEASE_EXPIRED" and final.result is None
+
+
+async def test_a_lease_never_delivered_goes_back_without_counting_the_attempt(
+    db: Database,
+) -> None:
+    """The agents service hands back a lease whose assignment never reached its agent: the
+    task is queued again as if the attempt had not been made, and that attempt's token is
+    refused from then on. An attempt that is no longer held, or that the agent has reported
+    on, stays as it is."""
+    tasks, dispatch = Tasks(db=db), Dispatch(db=db, lease_seconds=30)
+    task, _ = await tasks.create(ALICE, NEW)
+    held = await dispatch.claim("agent-1", ["echo"])
+    assert held is not None and held.attempt == 1
+    token = held.attempt_token or ""
+
+    assert await dispatch.give_back(task.task_id, "agent-1", "another-token") is None
+    assert await dispatch.give_back(task.task_id, "agent-2", token) is None
+    back = await dispatch.give_back(task.task_id, "agent-1", token)
+    assert back is not None and (back.status, back.attempt, back.assigned_agent) == (
+        "queued",
+        0,
+        "",
+    )
+    assert await dispatch.give_back(task.task_id, "agent-1", token) is None  # once
+    late = await dispatch.complete(task.task_id, "agent-1", token, result={}, error=None)
+    assert not late.accepted and late.reason == "CONFLICT"
+
+    again = await dispatch.claim("agent-1", ["echo"])
+    assert again is not None and again.task_id == task.task_id and again.attempt == 1
+    assert again.attempt_token != token
+    await dispatch.progress(task.task_id, "agent-1", again.attempt_token or "", 10, "begun")
+    assert await dispatch.give_back(task.task_id, "agent-1", again.attempt_token or "") is None
+    assert (await dispatch.get(task.task_id)).status == "running"
+
+
+async def test_return_task_checks_its_ids(db: Database) -> None:
+    service = TasksInternalService(
+        dispatch=Dispatch(db=db, lease_seconds=30),
+        agents=Agents(InternalChannel(address=lambda: "127.0.0.1:1", internal_token="unused")),
+    )
+    for request, field in (
+        (tasks_pb2.ReturnTaskRequest(agent_id="agent-1", attempt_token="t"), "task_id"),
+        (tasks_pb2.ReturnTaskRequest(task_id="x" * 65, agent_id="agent-1"), "task_id"),
+        (tasks_pb2.ReturnTaskRequest(task_id="some-task", attempt_token="t"), "agent_id"),
+    ):
+        with pytest.raises(ValidationError) as refused:
+            await service.ReturnTask(request, None)
+        assert refused.value.details == {"field": field}
+    unknown = tasks_pb2.ReturnTaskRequest(task_id="unknown", agent_id="agent-1", attempt_token="t")
+    assert not (await service.ReturnTask(unknown, None)).returned

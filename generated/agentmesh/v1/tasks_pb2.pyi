@@ -325,3 +325,19 @@ class ReleaseAgentTasksResponse(_message.Message):
     requeued_task_ids: _containers.RepeatedScalarFieldContainer[str]
     failed_task_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, requeued_task_ids: _Optional[_Iterable[str]] = ..., failed_task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReturnTaskRequest(_message.Message):
+    __slots__ = ("task_id", "agent_id", "attempt_token")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    agent_id: str
+    attempt_token: str
+    def __init__(self, task_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., attempt_token: _Optional[str] = ...) -> None: ...
+
+class ReturnTaskResponse(_message.Message):
+    __slots__ = ("returned",)
+    RETURNED_FIELD_NUMBER: _ClassVar[int]
+    returned: bool
+    def __init__(self, returned: _Optional[bool] = ...) -> None: ...

@@ -507,6 +507,11 @@ class TasksInternalServiceStub:
                 request_serializer=agentmesh_dot_v1_dot_tasks__pb2.ReleaseAgentTasksRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_v1_dot_tasks__pb2.ReleaseAgentTasksResponse.FromString,
                 _registered_method=True)
+        self.ReturnTask = channel.unary_unary(
+                '/agentmesh.v1.TasksInternalService/ReturnTask',
+                request_serializer=agentmesh_dot_v1_dot_tasks__pb2.ReturnTaskRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_tasks__pb2.ReturnTaskResponse.FromString,
+                _registered_method=True)
 
 
 class TasksInternalServiceServicer:
@@ -568,6 +573,18 @@ class TasksInternalServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReturnTask(self, request, context):
+        """Hands back a lease whose assignment never reached the agent: its stream ended, or another
+        stream of the same agent replaced it, while the task was being leased or before the
+        assignment was written to it. The task is queued again at once, and the attempt does not
+        count. Only while that attempt still holds the task and the agent has not reported on it
+        (status `assigned`); otherwise nothing changes and `returned` is false. INVALID_ARGUMENT
+        VALIDATION_ERROR for a missing or oversized id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TasksInternalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -595,6 +612,11 @@ def add_TasksInternalServiceServicer_to_server(servicer, server):
                     servicer.ReleaseAgentTasks,
                     request_deserializer=agentmesh_dot_v1_dot_tasks__pb2.ReleaseAgentTasksRequest.FromString,
                     response_serializer=agentmesh_dot_v1_dot_tasks__pb2.ReleaseAgentTasksResponse.SerializeToString,
+            ),
+            'ReturnTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReturnTask,
+                    request_deserializer=agentmesh_dot_v1_dot_tasks__pb2.ReturnTaskRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_tasks__pb2.ReturnTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -742,6 +764,33 @@ class TasksInternalService:
             '/agentmesh.v1.TasksInternalService/ReleaseAgentTasks',
             agentmesh_dot_v1_dot_tasks__pb2.ReleaseAgentTasksRequest.SerializeToString,
             agentmesh_dot_v1_dot_tasks__pb2.ReleaseAgentTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReturnTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.v1.TasksInternalService/ReturnTask',
+            agentmesh_dot_v1_dot_tasks__pb2.ReturnTaskRequest.SerializeToString,
+            agentmesh_dot_v1_dot_tasks__pb2.ReturnTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,
