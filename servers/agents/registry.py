@@ -72,8 +72,8 @@ class Session:
     dispatching: bool = False
     claiming: bool = False
     last_claimed: float = 0.0
-    # Tasks whose outcome is being recorded with a claim of the next task (the agents
-    # service's _result): each keeps its slot taken until the answer is in, even if a heartbeat
+    # Tasks whose outcome is being recorded with a claim of the next task (work.py's
+    # AgentWork.record): each keeps its slot taken until the answer is in, even if a heartbeat
     # drops the task meanwhile, so that the dispatcher cannot fill the slot too.
     refilling: set[str] = field(default_factory=set)
     # The outcome being recorded for a Connect stream (AgentsService._on_result), which goes

@@ -7,13 +7,10 @@ Every agent that ever connected or registered has a row in agents_agents (domain
 counts as online, and how an agent whose server died is set offline); reads merge the row with
 the live session when the agent is connected here.
 
-Both kinds of agent run on the same pieces: a Session in the registry, a dispatcher that claims
-tasks while the agent has free capacity (and is heard from) and sleeps until woken
-(NotifyTasksAvailable) or a short poll, a writer that sends the queued frames and pings the agent
-when it is quiet, and one way each of renewing leases and forwarding progress and results to
-the tasks service. A Connect stream is its session: the reader of the agent's frames feeds those.
-An HTTP agent's session outlives its SSE streams (registry.py): the unary calls feed the same
-pieces, and the dispatcher runs while a stream is open.
+Both kinds of agent run on the same pieces (work.py). A Connect stream is its session: the
+reader of the agent's frames feeds those. An HTTP agent's session outlives its SSE streams
+(registry.py): the unary calls feed the same pieces, and the dispatcher runs while a stream is
+open.
 """
 
 from __future__ import annotations
@@ -23,7 +20,6 @@ import contextlib
 import itertools
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -31,13 +27,7 @@ from google.api import httpbody_pb2
 from google.protobuf import json_format
 from sqlalchemy.exc import SQLAlchemyError
 
-from agentmesh.v1 import (
-    agents_pb2,
-    agents_pb2_grpc,
-    common_pb2,
-    tasks_pb2,
-    tasks_pb2_grpc,
-)
+from agentmesh.v1 import agents_pb2, agents_pb2_grpc
 from servers.common import sse
 from servers.common.clock import timestamp
 from servers.common.context import Principal, require_principal, set_http_status
@@ -47,60 +37,21 @@ from servers.common.pagination import page
 from servers.common.protos import struct
 
 from . import http
-from .domain import AgentDirectory, View, config_too_large
+from .domain import AgentDirectory, View
 from .registry import Session
+from .work import (
+    SILENT_INTERVALS,
+    AgentWork,
+    agent_id_of,
+    cancellation_frame,
+    error_frame,
+    hello_problem,
+    last_frame,
+)
 
 log = logging.getLogger("agentmesh.agents")
 
 HELLO_TIMEOUT = 10.0
-POLL_SECONDS = 2.0
-MAX_CAPACITY = 1000
-AGENT_IDS = uuid.UUID("6f1d3c2e-8a4b-4c55-9d0e-2b7f4a1c9e10")
-# The agent is silent (no frame, no REST call) for this many heartbeat intervals: no new work
-# for it; for three, its stream ends (HEARTBEAT_TIMEOUT) and an HTTP agent's session expires.
-SILENT_INTERVALS = 3
-
-
-def agent_id_of(owner_id: str, name: str) -> str:
-    """Stable per owner and name, so an agent keeps its id across reconnections."""
-    return str(uuid.uuid5(AGENT_IDS, f"{owner_id}/{name}"))
-
-
-def _error(code: str, message: str) -> agents_pb2.ConnectResponse:
-    return agents_pb2.ConnectResponse(error=common_pb2.StreamError(code=code, message=message))
-
-
-def _end(reason: str) -> agents_pb2.ConnectResponse:
-    return agents_pb2.ConnectResponse(end=common_pb2.StreamEnd(reason=reason))
-
-
-def _last(frame: agents_pb2.ConnectResponse) -> bool:
-    return frame.HasField("error") or frame.HasField("end")
-
-
-def _cancellation(task_id: str, reason: str, attempt_token: str = "") -> agents_pb2.ConnectResponse:
-    return agents_pb2.ConnectResponse(
-        cancellation=agents_pb2.Cancellation(
-            task_id=task_id, reason=reason, attempt_token=attempt_token
-        )
-    )
-
-
-def hello_problem(hello: agents_pb2.Hello) -> tuple[str, str] | None:
-    """What is wrong with a Hello (or a registration): (field, message), or None."""
-    if not 1 <= len(hello.name) <= 64:
-        return "name", "name must be 1-64 characters"
-    if not hello.capabilities or len(hello.capabilities) > 32:
-        return "capabilities", "capabilities: 1 to 32"
-    if any(not 1 <= len(c) <= 64 for c in hello.capabilities):
-        return "capabilities", "each capability must be 1-64 characters"
-    if not 0 <= hello.max_capacity <= MAX_CAPACITY:
-        return "max_capacity", f"max_capacity must be 1 to {MAX_CAPACITY}"
-    if len(hello.type) > 64 or len(hello.version) > 64:
-        return "type", "type and version: at most 64 characters each"
-    if config_too_large(json_format.MessageToDict(hello.configuration)):
-        return "configuration", "configuration is larger than 64 KiB"
-    return None
 
 
 def _timeout(context: grpc.aio.ServicerContext) -> float:
@@ -121,18 +72,20 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
     ) -> None:
         self._directory = directory
         self._registry = directory.registry
-        self._channel = tasks
         self._heartbeat = heartbeat_seconds
         self._lease = lease_seconds
-        # Set when the server starts to stop: open streams end with StreamEnd SERVER_SHUTDOWN.
-        self._closing = closing or asyncio.Event()
+        # `closing` is set when the server starts to stop: open streams end with StreamEnd
+        # SERVER_SHUTDOWN.
+        self._work = AgentWork(
+            directory=directory,
+            tasks=tasks,
+            heartbeat_seconds=heartbeat_seconds,
+            lease_seconds=lease_seconds,
+            closing=closing or asyncio.Event(),
+        )
         # New HTTP sessions (registration, a rebuilt session, a new stream) one at a time, so
         # that two calls at once make one session. They are rare: once per start or stream.
         self._attaching = asyncio.Lock()
-
-    @property
-    def _tasks(self) -> tasks_pb2_grpc.TasksInternalServiceStub:
-        return self._channel.stub(tasks_pb2_grpc.TasksInternalServiceStub)
 
     # -- Connect ----------------------------------------------------------------------------
 
@@ -146,24 +99,24 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         try:
             first = await asyncio.wait_for(anext(frames), HELLO_TIMEOUT)
         except (StopAsyncIteration, TimeoutError):
-            yield _error("VALIDATION_ERROR", "the first frame must be a Hello")
+            yield error_frame("VALIDATION_ERROR", "the first frame must be a Hello")
             return
         problem = (
             hello_problem(first.hello) if first.HasField("hello") else ("", "first frame: Hello")
         )
         if problem:
-            yield _error("VALIDATION_ERROR", problem[1])
+            yield error_frame("VALIDATION_ERROR", problem[1])
             return
         try:
-            session = await self._open(who, first.hello)
+            session = await self._work.open_session(who, first.hello)
         except SQLAlchemyError as exc:
             log.warning("could not record an agent's connection: %s", exc)
-            yield _error("SERVICE_UNAVAILABLE", "the agent registry is unavailable; reconnect")
+            yield error_frame("SERVICE_UNAVAILABLE", "the agent registry is unavailable; reconnect")
             return
         reason = "DISCONNECTED"
         reader = asyncio.create_task(self._read(session, frames))
-        dispatcher = asyncio.create_task(self._dispatch(session))
-        closer = asyncio.create_task(self._end_on_close(session))
+        dispatcher = asyncio.create_task(self._work.dispatch(session))
+        closer = asyncio.create_task(self._work.end_on_close(session))
         try:
             yield agents_pb2.ConnectResponse(
                 welcome=agents_pb2.Welcome(
@@ -174,14 +127,14 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                 )
             )
             while True:
-                frame = await self._next(session)
+                frame = await self._work.next_frame(session)
                 if frame is None:  # the reader ended: the agent closed its side, or it broke
                     if session.closed_by_agent:
                         reason = "AGENT_STOPPED"
-                        await self._release(session)
+                        await self._work.release(session)
                     return
                 yield frame
-                if _last(frame):
+                if last_frame(frame):
                     reason = frame.error.code if frame.HasField("error") else frame.end.reason
                     return
         finally:
@@ -194,7 +147,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             # stream never wrote goes back to the queue rather than waiting out its lease.
             if session.recording is not None:
                 await asyncio.wait({session.recording}, timeout=CALL_TIMEOUT)
-            await self._give_back(session, session.unsent_assignments())
+            await self._work.give_back(session, session.unsent_assignments())
             await self._directory.disconnect(session, reason)
             log.info("agent disconnected", extra={"agent_id": session.agent_id})
 
@@ -213,10 +166,10 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                     )
                 elif kind == "progress":
                     try:
-                        await self._progress(session, frame.progress)
+                        await self._work.report_progress(session, frame.progress)
                     except grpc.aio.AioRpcError as exc:
                         if exc.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.NOT_FOUND):
-                            session.send(_cancellation(frame.progress.task_id, "LEASE_LOST"))
+                            session.send(cancellation_frame(frame.progress.task_id, "LEASE_LOST"))
                 elif kind == "result":
                     # Shielded: once the outcome is sent, its answer and the next task leased
                     # with it are seen to even if the stream ends meanwhile.
@@ -225,7 +178,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                     )
                     await asyncio.shield(session.recording)
                 elif kind == "hello":
-                    session.send(_error("VALIDATION_ERROR", "Hello may only come first"))
+                    session.send(error_frame("VALIDATION_ERROR", "Hello may only come first"))
                     return
             session.closed_by_agent = True
         except grpc.aio.AioRpcError:
@@ -234,261 +187,20 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             session.send(None)
 
     async def _on_result(self, session: Session, result: agents_pb2.TaskResult) -> None:
-        ack, following = await self._result(session, result)
+        ack, following = await self._work.record(session, result)
         if ack is not None:
             session.send(agents_pb2.ConnectResponse(result_ack=ack))
         if following is not None:
-            await self._hand_out(session, following)
+            await self._work.hand_out(session, following)
 
     async def _renew_streamed(self, session: Session, task_ids: list[str]) -> None:
         try:
-            reply = await self._renew(session, task_ids)
+            reply = await self._work.renew(session, task_ids)
         except grpc.aio.AioRpcError as exc:
             log.warning("lease renewal failed: %s", exc.code().name)
             return
         for task_id in reply.lost_task_ids:
-            session.send(_cancellation(task_id, "LEASE_LOST"))
-
-    async def _release(self, session: Session) -> None:
-        try:
-            await self._tasks.ReleaseAgentTasks(
-                tasks_pb2.ReleaseAgentTasksRequest(
-                    agent_id=session.agent_id, reason="AGENT_STOPPED"
-                ),
-                **self._channel.call_options(),
-            )
-        except grpc.aio.AioRpcError as exc:
-            log.warning("could not release a stopped agent's tasks: %s", exc.code().name)
-
-    # -- what Connect and HTTP agents share -------------------------------------------------
-
-    async def _open(
-        self, who: Principal, hello: agents_pb2.Hello, *, over_http: bool = False
-    ) -> Session:
-        """A Hello or a registration: the agent's session, recorded online."""
-        configuration = json_format.MessageToDict(hello.configuration)
-        session = Session(
-            agent_id=agent_id_of(who.subject, hello.name),
-            owner_id=who.subject,
-            key_id=who.token_id,
-            name=hello.name,
-            type=hello.type,
-            capabilities=frozenset(hello.capabilities),
-            capacity=hello.max_capacity or 1,
-            configuration=configuration,
-            version=hello.version,
-            defaults=configuration,
-            http=over_http,
-        )
-        await self._take_over(session)
-        log.info("agent connected", extra={"agent_id": session.agent_id, "agent_name": hello.name})
-        return session
-
-    async def _take_over(self, session: Session) -> None:
-        """Records the session online with its effective configuration and puts it in the
-        registry. The session it replaces here ends with REPLACED; an HTTP session takes over
-        the work of the one it replaces, to repeat it to its stream."""
-        replaced = await self._directory.connect(session, session.defaults)
-        if replaced is not None:
-            if session.http:
-                session.adopt(replaced)
-            replaced.send(_end("REPLACED"))
-
-    async def _renew(
-        self, session: Session, task_ids: list[str], timeout: float = CALL_TIMEOUT
-    ) -> tasks_pb2.RenewLeasesResponse:
-        """Renews the leases of these tasks. Renewed ones count as held (also those assigned
-        before a reconnection, whose token this session never knew); lost ones no longer."""
-        if not task_ids:
-            return tasks_pb2.RenewLeasesResponse()
-        reply = await self._tasks.RenewLeases(
-            tasks_pb2.RenewLeasesRequest(agent_id=session.agent_id, task_ids=task_ids),
-            **self._channel.call_options(timeout),
-        )
-        for task_id in reply.renewed_task_ids:
-            session.held.setdefault(task_id, "")
-        for task_id in reply.lost_task_ids:
-            session.drop(task_id)
-        if reply.lost_task_ids:
-            session.wake.set()
-        return reply
-
-    async def _progress(
-        self, session: Session, progress: agents_pb2.TaskProgress, timeout: float = CALL_TIMEOUT
-    ) -> tasks_pb2.TasksInternalServiceReportProgressResponse:
-        """Forwards progress (which renews the lease). When the attempt is no longer current
-        the task stops counting as held, and the tasks service's error is raised."""
-        try:
-            return await self._tasks.ReportProgress(
-                tasks_pb2.TasksInternalServiceReportProgressRequest(
-                    task_id=progress.task_id,
-                    agent_id=session.agent_id,
-                    attempt_token=progress.attempt_token,
-                    progress=progress.progress,
-                    message=progress.message,
-                ),
-                **self._channel.call_options(timeout),
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.NOT_FOUND):
-                session.drop(progress.task_id, progress.attempt_token)
-                session.wake.set()
-            raise
-
-    async def _result(
-        self, session: Session, result: agents_pb2.TaskResult, timeout: float = CALL_TIMEOUT
-    ) -> tuple[agents_pb2.TaskResultAck | None, tasks_pb2.Assignment | None]:
-        """Forwards an outcome. Returns the ack, accepted or refused, or None when it was
-        neither recorded nor refused (the tasks service is away), so the agent sends it again;
-        and the agent's next assignment, leased with the outcome, for ``_hand_out``."""
-        request = tasks_pb2.TasksInternalServiceCompleteTaskRequest(
-            task_id=result.task_id, agent_id=session.agent_id, attempt_token=result.attempt_token
-        )
-        if result.HasField("error"):
-            request.error.CopyFrom(result.error)
-        else:
-            request.result.CopyFrom(result.result)
-        # The slot this outcome frees is refilled in the same transaction: only a slot this
-        # session counts, while a stream is open to hand the next task to, and once per task
-        # (an HTTP agent may send the same outcome twice at once). The slot stays reserved
-        # until the answer is in, so the dispatcher never claims it too.
-        refill = (
-            bool(result.attempt_token)
-            and session.held.get(result.task_id) in ("", result.attempt_token)
-            and result.task_id not in session.refilling
-            and session.dispatching
-            and self._may_claim(session)
-        )
-        if refill:
-            request.claim_next.agent_id = session.agent_id
-            request.claim_next.capabilities.extend(sorted(session.capabilities))
-            request.claim_next.free_capacity = 1
-            session.refilling.add(result.task_id)
-        ack = agents_pb2.TaskResultAck(task_id=result.task_id, attempt_token=result.attempt_token)
-        following: tasks_pb2.Assignment | None = None
-        try:
-            reply = await self._tasks.CompleteTask(request, **self._channel.call_options(timeout))
-            ack.accepted, ack.status = True, reply.task.status
-            if reply.HasField("next"):
-                following = reply.next
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                ack.reason = "TASK_NOT_FOUND"
-            elif exc.code() == grpc.StatusCode.ABORTED:
-                ack.reason = "CONFLICT"
-            else:
-                log.warning("could not record a result: %s", exc.code().name)
-                return None, None
-        finally:
-            if refill:
-                session.refilling.discard(result.task_id)
-        if result.attempt_token:
-            session.drop(result.task_id, result.attempt_token)
-        if following is not None:
-            # Held in the freed slot at once, before anything else runs: the dispatcher must
-            # not see the slot free and claim it a second time.
-            session.hold(following)
-        session.wake.set()
-        return ack, following
-
-    async def _dispatch(self, session: Session) -> None:
-        """Claims work while the agent has room; sleeps until woken, or a short poll."""
-        session.dispatching = True
-        try:
-            await self._claim_while_room(session)
-        finally:
-            session.dispatching = session.claiming = False
-
-    async def _claim_while_room(self, session: Session) -> None:
-        while True:
-            session.wake.clear()
-            # A frozen or cut-off agent still has a session until the writer notices; it must
-            # not be handed the work whose lease it just lost. Nor a replaced session.
-            while session.free() > 0 and self._may_claim(session):
-                session.claiming = True
-                try:
-                    reply = await self._tasks.ClaimTask(
-                        tasks_pb2.ClaimTaskRequest(
-                            agent_id=session.agent_id,
-                            capabilities=sorted(session.capabilities),
-                            free_capacity=session.free(),
-                        ),
-                        **self._channel.call_options(),
-                    )
-                except grpc.aio.AioRpcError as exc:
-                    log.warning("claim failed: %s", exc.code().name)
-                    break
-                finally:
-                    session.claiming = False
-                if not reply.HasField("assignment"):
-                    break
-                if not await self._hand_out(session, reply.assignment):
-                    return  # replaced, ended, or not reading: the task went back
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(POLL_SECONDS):
-                    await session.wake.wait()
-
-    def _may_claim(self, session: Session) -> bool:
-        """Whether work may be claimed for the session: a frozen or cut-off agent still has
-        one until the writer notices, and must not be handed the work whose lease it just
-        lost; nor may a replaced session."""
-        return not self._registry.quiet(session) and self._registry.get(session.agent_id) is session
-
-    async def _hand_out(self, session: Session, assignment: tasks_pb2.Assignment) -> bool:
-        """Gives the agent a task leased to it. False when the session can take no more: it
-        ended or was replaced while the task was being leased, or the agent does not keep up
-        with its stream; the task is then handed back."""
-        session.last_claimed = time.monotonic()
-        if self._registry.get(session.agent_id) is not session:
-            await self._give_back(session, [assignment])
-            return False
-        session.hold(assignment)
-        if not session.send(agents_pb2.ConnectResponse(assignment=assignment)):
-            await self._give_back(session, [assignment])
-            return False
-        if session.free() == 0 and session.overload_armed:
-            try:
-                await self._directory.overloaded(session)
-            except SQLAlchemyError as exc:
-                log.warning("could not record agent.overloaded: %s", exc)
-        return True
-
-    async def _give_back(self, session: Session, assignments: list[tasks_pb2.Assignment]) -> None:
-        """Hands back leases whose assignments never reached the agent: their tasks are queued
-        again at once, the attempts not counted, instead of waiting out their leases."""
-        for assignment in assignments:
-            task_id, token = assignment.task.task_id, assignment.attempt_token
-            session.drop(task_id, token)
-            try:
-                await self._tasks.ReturnTask(
-                    tasks_pb2.ReturnTaskRequest(
-                        task_id=task_id, agent_id=session.agent_id, attempt_token=token
-                    ),
-                    **self._channel.call_options(),
-                )
-            except grpc.aio.AioRpcError as exc:
-                log.warning(
-                    "could not hand back an undelivered task (its lease will run out): %s",
-                    exc.code().name,
-                )
-
-    async def _next(self, session: Session) -> agents_pb2.ConnectResponse | None:
-        """The next frame for the agent: a queued one; a Ping after an interval of quiet; a
-        HEARTBEAT_TIMEOUT error once the agent has been silent for three. None: Connect's
-        reader ended."""
-        try:
-            async with asyncio.timeout(self._heartbeat):
-                return await session.outbox.get()
-        except TimeoutError:
-            if session.silent_for() > SILENT_INTERVALS * self._heartbeat:
-                return _error("HEARTBEAT_TIMEOUT", "nothing heard from the agent in time")
-            ping = agents_pb2.Ping(nonce=uuid.uuid4().hex)
-            ping.time.GetCurrentTime()
-            return agents_pb2.ConnectResponse(ping=ping)
-
-    async def _end_on_close(self, session: Session) -> None:
-        await self._closing.wait()
-        session.send(_end("SERVER_SHUTDOWN"))
+            session.send(cancellation_frame(task_id, "LEASE_LOST"))
 
     # -- agents that speak only HTTP --------------------------------------------------------
 
@@ -510,7 +222,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         with http.registry_errors():
             known = await self._directory.known(agent_id_of(who.subject, hello.name))
             async with self._attaching:
-                session = await self._open(who, hello, over_http=True)
+                session = await self._work.open_session(who, hello, over_http=True)
             view = await self._directory.get(who, session.agent_id)
         await set_http_status(context, 200 if known else 201)
         return agents_pb2.RegisterAgentResponse(
@@ -525,7 +237,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         http.check_heartbeat(request)
         session = await self._agent(require_principal(), request.agent_id)
         try:
-            reply = await self._renew(
+            reply = await self._work.renew(
                 session, list(dict.fromkeys(request.task_ids)), _timeout(context)
             )
         except grpc.aio.AioRpcError as exc:
@@ -549,7 +261,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             message=request.message,
         )
         try:
-            reply = await self._progress(session, progress, _timeout(context))
+            reply = await self._work.report_progress(session, progress, _timeout(context))
         except grpc.aio.AioRpcError as exc:
             raise http.tasks_error(exc, request.task_id) from None
         return agents_pb2.ReportProgressResponse(lease_expires_at=reply.lease_expires_at)
@@ -564,9 +276,9 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             result.error.CopyFrom(request.error)
         else:
             result.result.CopyFrom(request.result)
-        ack, following = await self._result(session, result, _timeout(context))
+        ack, following = await self._work.record(session, result, _timeout(context))
         if following is not None:
-            await self._hand_out(session, following)
+            await self._work.hand_out(session, following)
         details = {"task_id": request.task_id}
         if ack is None:
             raise Unavailable("the tasks service is unavailable; retry", details=details)
@@ -581,8 +293,8 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
         session = await self._agent(require_principal(), request.agent_id)
         session = await self._attach(session)
-        dispatcher = asyncio.create_task(self._dispatch(session))
-        closer = asyncio.create_task(self._end_on_close(session))
+        dispatcher = asyncio.create_task(self._work.dispatch(session))
+        closer = asyncio.create_task(self._work.end_on_close(session))
         ids = itertools.count(1)
         log.info("assignment stream opened", extra={"agent_id": session.agent_id})
         try:
@@ -601,13 +313,13 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                 + "".join(http.sse_event(f, str(next(ids))) for f in opening)
             )
             while True:
-                frame = await self._next(session)
+                frame = await self._work.next_frame(session)
                 if frame is None:
                     return
                 text = http.sse_event(frame, str(next(ids)))
                 if text:
                     yield sse.body(text)
-                if _last(frame):
+                if last_frame(frame):
                     return
         finally:
             dispatcher.cancel()
@@ -642,7 +354,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             raise NotFound("no such agent", details={"agent_id": agent_id[: http.ID_MAX]})
         session = http.session_of(mine[0])
         with http.registry_errors():
-            await self._take_over(session)
+            await self._work.take_over(session)
         return session
 
     async def _attach(self, session: Session) -> Session:
@@ -657,7 +369,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             successor = http.successor_of(current)
             successor.streaming = True
             with http.registry_errors():
-                await self._take_over(successor)
+                await self._work.take_over(successor)
             return successor
 
     async def expire_http_agents(self) -> None:
@@ -766,7 +478,7 @@ class AgentsInternalService(agents_pb2_grpc.AgentsInternalServiceServicer):
         # A token names one attempt: a newer attempt of the task that this agent holds now
         # keeps its place.
         session.drop(request.task_id, token)
-        session.send(_cancellation(request.task_id, request.reason or "CANCELLED", token))
+        session.send(cancellation_frame(request.task_id, request.reason or "CANCELLED", token))
         session.wake.set()
         return agents_pb2.DeliverCancellationResponse()
 
