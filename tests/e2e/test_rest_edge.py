@@ -58,6 +58,16 @@ def test_unknown_path_is_not_found(mesh: MeshProcess) -> None:
     assert_envelope(httpx.delete(mesh.url + "/api/v1/auth/login"), 404, "NOT_FOUND")
 
 
+def test_a_path_refused_before_routing_says_why(mesh: MeshProcess) -> None:
+    """Envoy refuses an encoded slash or NUL in the path before any route or request id: the
+    envelope still comes, with a message (not the empty body Envoy gives such a reply)."""
+    for path in ("/api/v1/tasks/a%2Fb", "/api/v1/tasks/..%2f..%2fetc", "/api/v1/tasks/%00"):
+        reply = httpx.get(mesh.url + path)
+        assert reply.status_code == 400, reply.text
+        error = reply.json()["error"]
+        assert error["code"] == "VALIDATION_ERROR" and "path" in error["message"], error
+
+
 def test_unknown_query_parameter_is_rejected(mesh: MeshProcess) -> None:
     assert_envelope(
         httpx.get(mesh.url + "/health", params={"verbose": "1"}), 400, "VALIDATION_ERROR"
