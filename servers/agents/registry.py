@@ -76,9 +76,8 @@ class Session:
     # AgentWork.record): each keeps its slot taken until the answer is in, even if a heartbeat
     # drops the task meanwhile, so that the dispatcher cannot fill the slot too.
     refilling: set[str] = field(default_factory=set)
-    # The outcome being recorded for a Connect stream (AgentsService._on_result), which goes
-    # on if the stream ends meanwhile: the stream's end waits for it before handing back what
-    # was never delivered.
+    # Done when the outcome a Connect stream's reader is recording has been (service.py):
+    # the stream's end waits for it before it stops the reader.
     recording: asyncio.Future[None] | None = None
 
     def seen(self) -> None:

@@ -138,15 +138,16 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                     reason = frame.error.code if frame.HasField("error") else frame.end.reason
                     return
         finally:
+            # An outcome the reader is recording is let finish (it may lease the next task);
+            # cancelled, it would be lost, and with it the task leased with it.
+            if session.recording is not None and not session.recording.done():
+                await asyncio.wait({session.recording}, timeout=CALL_TIMEOUT)
             for job in (reader, dispatcher, closer):
                 job.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(reader, dispatcher, closer, return_exceptions=True)
             self._registry.remove(session)
-            # An outcome being recorded goes on (it may lease the next task); then what this
-            # stream never wrote goes back to the queue rather than waiting out its lease.
-            if session.recording is not None:
-                await asyncio.wait({session.recording}, timeout=CALL_TIMEOUT)
+            # What this stream never wrote goes back to the queue at once.
             await self._work.give_back(session, session.unsent_assignments())
             await self._directory.disconnect(session, reason)
             log.info("agent disconnected", extra={"agent_id": session.agent_id})
@@ -171,12 +172,13 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                         if exc.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.NOT_FOUND):
                             session.send(cancellation_frame(frame.progress.task_id, "LEASE_LOST"))
                 elif kind == "result":
-                    # Shielded: once the outcome is sent, its answer and the next task leased
-                    # with it are seen to even if the stream ends meanwhile.
-                    session.recording = asyncio.ensure_future(
-                        self._on_result(session, frame.result)
-                    )
-                    await asyncio.shield(session.recording)
+                    # Marked, so that the stream's end lets it finish before stopping the
+                    # reader (no task of its own: that would cost a loop turn per outcome).
+                    recording = session.recording = asyncio.get_running_loop().create_future()
+                    try:
+                        await self._on_result(session, frame.result)
+                    finally:
+                        recording.set_result(None)
                 elif kind == "hello":
                     session.send(error_frame("VALIDATION_ERROR", "Hello may only come first"))
                     return
