@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from servers.agents.service import agent_id_of
+from servers.agents.work import agent_id_of
 from servers.launcher import MeshProcess
 from tests.e2e.test_agents import FAST
 from tests.helpers import assert_envelope, grant_role, new_user
@@ -323,6 +324,36 @@ async def test_an_outcome_refills_its_slot_once_and_only_while_a_stream_is_open(
         await asyncio.sleep(0.5)
         assert dev.task(third["task_id"])["status"] == "queued"
         assert dev.agent(agent.agent_id)["status"] == "idle"
+
+
+async def test_the_same_outcome_twice_at_once_refills_the_slot_once(mesh: MeshProcess) -> None:
+    """An HTTP agent sends its outcome again before the first call has answered (a client
+    retry): both are in the mesh at once, the database being busy. Both answer the outcome,
+    one next task is handed out, the other stays queued, and the agent never holds more than
+    its capacity."""
+    dev = Developer(mesh)
+    kind = capability()
+    async with http_agent(mesh.url, dev.key) as agent:
+        await agent.register("retrier", [kind], max_capacity=1)
+        stream = await agent.stream()
+        first = dev.create(type=kind, description="one")
+        held = await stream.next("assignment")
+        second = dev.create(type=kind, description="two")
+        third = dev.create(type=kind, description="three")
+        db = mesh.data_dir / "agentmesh.db"
+        with contextlib.closing(sqlite3.connect(db, timeout=10, isolation_level=None)) as lock:
+            lock.execute("BEGIN IMMEDIATE")  # the mesh's writes wait behind this
+            calls = [asyncio.ensure_future(agent.complete(held, result={"n": 1})) for _ in "ab"]
+            await asyncio.sleep(0.5)  # both calls are in the mesh, waiting
+            lock.execute("ROLLBACK")
+        replies = await asyncio.gather(*calls)
+        expected = {"task_id": first["task_id"], "status": "completed"}
+        assert [r.json() for r in replies] == [expected, expected], [r.text for r in replies]
+        following = await stream.next("assignment")
+        assert following["task"]["task_id"] == second["task_id"]
+        await asyncio.sleep(0.5)
+        assert dev.task(third["task_id"])["status"] == "queued"
+        assert dev.agent(agent.agent_id)["current_load"] == 1
 
 
 async def test_cancellations_and_configuration_reach_the_stream(mesh: MeshProcess) -> None:
