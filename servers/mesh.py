@@ -57,7 +57,7 @@ from .common.interceptors import default_interceptors
 from .common.internal import InternalChannel
 from .common.outbox import OutboxMixin, Relay
 from .common.ratelimit import SlidingWindowLimiter
-from .common.server import PortInUse, ServiceServer
+from .common.server import PortInUse, ServiceServer, stop_jobs
 from .messaging.domain import RATE_WINDOW as MESSAGE_RATE_WINDOW
 from .messaging.domain import Messages
 from .messaging.events import EventHub, EventsService
@@ -207,9 +207,7 @@ class Runtime:
 
     async def close(self) -> None:
         self.stopping()
-        for job in self._jobs:
-            job.cancel()
-        await asyncio.gather(*self._jobs, return_exceptions=True)
+        await stop_jobs(self._jobs, patience=self.settings.grace_seconds)
         self._jobs.clear()
         for close in self._closers:
             await close()

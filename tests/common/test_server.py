@@ -4,7 +4,9 @@ and the ports it binds."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import time
 
 import grpc
 import pytest
@@ -109,3 +111,59 @@ async def test_a_picked_port_is_never_one_to_avoid(monkeypatch: pytest.MonkeyPat
         monkeypatch.undo()
         await server.stop(grace=0)
     assert port != public and port != 0
+
+
+async def _swallows_its_first_cancellation(stopped: asyncio.Event) -> None:
+    """A job whose first cancellation is caught below it and its loop goes on, as SQLAlchemy's
+    asyncpg adapter does when the cancellation lands while it closes a connection."""
+    swallowed = False
+    try:
+        while True:
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed = True
+    finally:
+        stopped.set()
+
+
+async def _stubborn(released: asyncio.Event) -> None:
+    """Swallows every cancellation until released."""
+    while not released.is_set():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0.05)
+
+
+async def test_stopping_does_not_hang_on_a_job_that_outlives_its_cancellation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stopped = asyncio.Event()
+    server = ServiceServer(
+        "jobs",
+        host="127.0.0.1",
+        port=0,
+        avoid=frozenset(),
+        interceptors=[],
+        registrations=[],
+        services=[],
+        background=[lambda: _swallows_its_first_cancellation(stopped)],
+    )
+    await server.start()
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    await asyncio.wait_for(server.stop(grace=5), 3)
+    assert stopped.is_set() and time.monotonic() - started < 2
+    assert "cancelled again" in caplog.text
+
+    # One that does not stop is left behind once the patience is spent; stopping goes on.
+    released = asyncio.Event()
+    stubborn = asyncio.ensure_future(_stubborn(released))
+    await asyncio.sleep(0.1)  # running: a task cancelled before its first step just ends
+    started = time.monotonic()
+    await server_module.stop_jobs([stubborn], patience=1.0)
+    assert not stubborn.done() and 0.9 < time.monotonic() - started < 2
+    assert "left behind" in caplog.text
+    released.set()
+    await asyncio.wait_for(stubborn, 1)
