@@ -55,9 +55,10 @@ from .common.follower import Follower
 from .common.health import HealthService
 from .common.interceptors import default_interceptors
 from .common.internal import InternalChannel
+from .common.jobs import stop_jobs
 from .common.outbox import OutboxMixin, Relay
 from .common.ratelimit import SlidingWindowLimiter
-from .common.server import PortInUse, ServiceServer, stop_jobs
+from .common.server import PortInUse, ServiceServer
 from .messaging.domain import RATE_WINDOW as MESSAGE_RATE_WINDOW
 from .messaging.domain import Messages
 from .messaging.events import EventHub, EventsService

@@ -33,6 +33,7 @@ from servers.common.clock import timestamp
 from servers.common.context import Principal, require_principal, set_http_status
 from servers.common.errors import Conflict, NotFound, Unavailable, ValidationError
 from servers.common.internal import CALL_TIMEOUT, InternalChannel
+from servers.common.jobs import stop_jobs
 from servers.common.pagination import page
 from servers.common.protos import struct
 
@@ -142,10 +143,8 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             # cancelled, it would be lost, and with it the task leased with it.
             if session.recording is not None and not session.recording.done():
                 await asyncio.wait({session.recording}, timeout=CALL_TIMEOUT)
-            for job in (reader, dispatcher, closer):
-                job.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(reader, dispatcher, closer, return_exceptions=True)
+                await stop_jobs((reader, dispatcher, closer), patience=CALL_TIMEOUT)
             self._registry.remove(session)
             # What this stream never wrote goes back to the queue at once.
             await self._work.give_back(session, session.unsent_assignments())
@@ -324,10 +323,8 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                 if last_frame(frame):
                     return
         finally:
-            dispatcher.cancel()
-            closer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(dispatcher, closer, return_exceptions=True)
+                await stop_jobs((dispatcher, closer), patience=CALL_TIMEOUT)
             # The session stays: the agent is online while its calls keep coming. Its leases
             # are not released; they run out unless heartbeats renew them.
             session.streaming = False

@@ -6,11 +6,12 @@ import asyncio
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from .jobs import stop_jobs
 
 log = logging.getLogger("agentmesh.server")
 
@@ -128,36 +129,3 @@ class ServiceServer:
         await self.drain()
         await stop_jobs(self._running, patience=grace)
         await self._server.stop(grace)
-
-
-RECANCEL_SECONDS = 0.5
-
-
-def _names(jobs: Iterable[asyncio.Future[Any]]) -> list[str]:
-    coros = (getattr(job, "get_coro", lambda: None)() for job in jobs)
-    return sorted(getattr(coro, "__qualname__", "?") for coro in coros)
-
-
-async def stop_jobs(jobs: Collection[asyncio.Future[Any]], *, patience: float) -> None:
-    """Cancels background jobs and waits for them to end, for ``patience`` seconds at most.
-
-    A job still running half a second after its cancellation is cancelled again: a loop whose
-    cancellation was swallowed below it (seen with the Redis bus's consumers on PostgreSQL,
-    where stopping hung until the process was killed) then stops at its next await. What still
-    runs after ``patience`` is left behind with a warning: a shutdown never hangs on it."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + max(patience, RECANCEL_SECONDS)
-    pending = {job for job in jobs if not job.done()}
-    for job in pending:
-        job.cancel()
-    while pending and (left := deadline - loop.time()) > 0:
-        _, pending = await asyncio.wait(pending, timeout=min(RECANCEL_SECONDS, left))
-        if pending:
-            log.warning("jobs outlived their cancellation, cancelled again: %s", _names(pending))
-            for job in pending:
-                job.cancel()
-    for job in jobs:
-        if job.done() and not job.cancelled():
-            job.exception()  # retrieved: a job that failed has logged it itself
-    if pending:
-        log.warning("jobs still running after %.1f s, left behind: %s", patience, _names(pending))

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from servers.common.clock import aware, now
+from servers.common.jobs import stop_jobs
 
 from .domain import Messages
 from .models import MessageRow
@@ -43,6 +44,8 @@ PAGE = 100
 QUEUE_SIZE = 100
 # Ids of messages to read, named by the hub; past this many the next read is a full one.
 NAMED_MAX = 1000
+# How long a stream's end waits for its reader jobs (servers/common/jobs.py).
+STOP_PATIENCE = 5.0
 
 
 @dataclass(frozen=True)
@@ -161,9 +164,7 @@ class InboxStream:
                 if isinstance(frame, Failed):
                     return
         finally:
-            puller.cancel()
-            watcher.cancel()
-            await asyncio.gather(puller, watcher, return_exceptions=True)
+            await stop_jobs((puller, watcher), patience=STOP_PATIENCE)
             self._hub.unwatch(self.agent_id, self)
 
     async def _watch_closing(self) -> None:

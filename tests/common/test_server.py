@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2_grpc as grpc_health_pb2_grpc
 
 from agentmesh.v1 import health_pb2, health_pb2_grpc
 from servers.common import server as server_module
+from servers.common.jobs import stop_jobs
 from servers.common.server import PortInUse, ServiceServer
 
 
@@ -162,7 +163,7 @@ async def test_stopping_does_not_hang_on_a_job_that_outlives_its_cancellation(
     stubborn = asyncio.ensure_future(_stubborn(released))
     await asyncio.sleep(0.1)  # running: a task cancelled before its first step just ends
     started = time.monotonic()
-    await server_module.stop_jobs([stubborn], patience=1.0)
+    await stop_jobs([stubborn], patience=1.0)
     assert not stubborn.done() and 0.9 < time.monotonic() - started < 2
     assert "left behind" in caplog.text
     released.set()
