@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import functools
 import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +25,21 @@ ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "envoy.yaml"
 DESCRIPTOR = ROOT / "generated" / "agentmesh.pb"
 LUA = Path(__file__).resolve().parent / "edge.lua"
+
+
+# Linux's prctl, looked up before any fork: Envoy asks to be sent SIGTERM when the mesh dies.
+PR_SET_PDEATHSIG = 1
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
+def _die_with(parent: int) -> None:
+    """Runs in Envoy's process before exec: when the mesh dies, however it dies (SIGKILL, a
+    crash), Envoy gets SIGTERM instead of living on with the public port; and if the mesh
+    died before this ran, Envoy does not start at all."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 class EnvoyFailed(RuntimeError):
@@ -142,6 +160,7 @@ class EnvoyProcess:
                 # Own process group: Ctrl-C in a terminal reaches the mesh, which stops Envoy
                 # in order, instead of killing Envoy mid-drain.
                 start_new_session=True,
+                preexec_fn=functools.partial(_die_with, os.getpid()),
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

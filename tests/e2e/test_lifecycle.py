@@ -43,6 +43,22 @@ def test_stops_cleanly_on_signal(tmp_path: Path, sig: int) -> None:
             sock.listen()
 
 
+def test_envoy_does_not_outlive_a_killed_mesh(tmp_path: Path) -> None:
+    """The mesh dies without stopping anything (SIGKILL, a crash, the OOM killer): its Envoy
+    goes too, and the public port is free for the next `agentmesh up`."""
+    port = free_port()
+    mesh = MeshProcess(data_dir=tmp_path, port=port).start()
+    assert _envoy_running(tmp_path)
+    mesh.signal(signal.SIGKILL)
+    mesh.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while _envoy_running(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _envoy_running(tmp_path)
+    with MeshProcess(data_dir=tmp_path, port=port) as again:
+        assert httpx.get(f"{again.url}/health/live").status_code == 200
+
+
 def test_taken_port_is_reported_clearly(tmp_path: Path) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
