@@ -142,7 +142,7 @@ class Database:
 
         def upgrade(conn: Connection) -> None:
             if conn.dialect.name == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": service})
+                conn.execute(_TURN, {"k": service})
             cfg = Config()
             cfg.set_main_option("script_location", str(script_location))
             cfg.attributes["connection"] = conn
@@ -168,6 +168,21 @@ class Database:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+# A PostgreSQL lock held until the transaction ends, named by a text key (two keys that hash
+# alike only take turns needlessly).
+_TURN = text("SELECT pg_advisory_xact_lock(hashtext(:k))")
+
+
+async def take_turn(session: AsyncSession, key: str) -> None:
+    """Inside a write transaction: the transactions that take a turn on the same key run one
+    after another from here to their end. For a decision a row lock cannot guard, such as a
+    count that an INSERT must not push past its cap. On PostgreSQL, an advisory transaction
+    lock; SQLite's writers take turns on the whole database already."""
+    connection = await session.connection()
+    if connection.dialect.name == "postgresql":
+        await session.execute(_TURN, {"k": key})
 
 
 class InsertOrNothing:

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from servers.common.clock import aware, now
-from servers.common.db import Database
+from servers.common.db import Database, take_turn
 from servers.common.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -186,6 +186,9 @@ class Messages:
             # write lock), so that a row commits soon after its created_at: inbox streams
             # rely on that (stream.py, LOOKBACK).
             await s.connection()
+            # Senders to the same inbox take turns from here: each one's count must see the
+            # messages of those before it, or concurrent senders could all pass the cap.
+            await take_turn(s, f"inbox:{recipient.agent_id}")
             at = now()
             store = MessageStore(s)
             if new.message_id:

@@ -202,6 +202,32 @@ async def test_rate_limit_and_full_inbox(db: Database) -> None:
     await bus.close()
 
 
+async def test_concurrent_senders_cannot_pass_a_full_inbox(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each send pauses between its count of the inbox and its INSERT: without turns taken
+    (PostgreSQL), every sender would count the same empty inbox and all would get in."""
+    original = MessageStore.unacked_count
+
+    async def slow_count(self: MessageStore, *args: object, **kw: int) -> int:
+        held = await original(self, *args, **kw)  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        return held
+
+    monkeypatch.setattr(MessageStore, "unacked_count", slow_count)
+    bus = MemoryBus()
+    senders = [AgentRef(f"agent-{n}", "user-1") for n in range(6)]
+    async with process(db, bus, max_unacked=2) as messages:
+        sent = await asyncio.gather(
+            *(messages.send(sender, BOB, to(BOB)) for sender in senders), return_exceptions=True
+        )
+        rows, total = await messages.inbox(BOB.agent_id, unacked=True, page=page(10, 0))
+    await bus.close()
+    refused = [r for r in sent if isinstance(r, RateLimited)]
+    assert len(sent) - len(refused) == 2 and total == len(rows) == 2
+    assert {r.reason for r in refused} == {"INBOX_FULL"}
+
+
 async def test_ack_and_listing(messages: Messages) -> None:
     sent = [(await messages.send(ALICE, BOB, to(BOB, message_id=f"m-{i}")))[0] for i in range(5)]
     acked = await messages.ack({BOB.agent_id}, "m-1")
