@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from servers.common.clock import aware, now
 from servers.common.context import Principal
-from servers.common.db import Database
+from servers.common.db import Database, take_turn
 from servers.common.errors import (
     AuthRequired,
     InvalidCredentials,
@@ -165,10 +165,13 @@ class Accounts:
         at = now()
         async with self._db.write() as s, s.begin():
             users = UserStore(s)
-            if not username:
-                username = _username_from_email(email)
-                if await users.exists(username=username, email=""):
-                    username = f"{username[:27]}-{secrets.token_hex(2)}"
+            derived = not username
+            username = username or _username_from_email(email)
+            # Registrations of one username take turns: one whose name comes from its e-mail
+            # address then sees a twin's name that committed first, and takes another.
+            await take_turn(s, f"username:{username}")
+            if derived and await users.exists(username=username, email=""):
+                username = f"{username[:27]}-{secrets.token_hex(2)}"
             user = await users.add(
                 UserRow(
                     id=str(uuid.uuid4()),

@@ -233,3 +233,19 @@ async def test_concurrent_key_creates_keep_to_the_cap(
             select(func.count()).select_from(ApiKeyRow).where(ApiKeyRow.user_id == who.subject)
         )
     assert active.scalar_one() == 3
+
+
+async def test_two_sign_ups_whose_addresses_give_one_username_both_succeed(
+    auth: Auth, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both derive "ada" from their e-mail address at once: the second must take another name,
+    not fail on the first's "ada" as if its own account existed."""
+    _slowed(monkeypatch, UserStore, "exists")
+    first = await _inside(
+        auth.accounts.register(email="ada@one.example", password=PASSWORD),
+        lambda: auth.accounts.register(email="ada@two.example", password=PASSWORD),
+    )
+    async with auth.db.session() as s:
+        names = {u.email: u.username for u in (await UserStore(s).page(limit=10, offset=0))[0]}
+    assert names["ada@one.example"] == first.user.username
+    assert len(set(names.values())) == 2 and "ada" in names.values()
