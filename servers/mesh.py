@@ -30,6 +30,7 @@ from agentmesh.v1 import (
     events_pb2_grpc,
     health_pb2_grpc,
     messaging_pb2_grpc,
+    metrics_pb2_grpc,
     tasks_pb2_grpc,
     users_pb2_grpc,
 )
@@ -56,6 +57,7 @@ from .common.health import HealthService
 from .common.interceptors import default_interceptors
 from .common.internal import InternalChannel
 from .common.jobs import stop_jobs
+from .common.metrics import Host, Metrics
 from .common.outbox import OutboxMixin, Relay
 from .common.ratelimit import SlidingWindowLimiter
 from .common.server import PortInUse, ServiceServer
@@ -69,6 +71,7 @@ from .messaging.resolver import AgentResolver
 from .tasks.callbacks import CallbackWorker
 from .tasks.dispatch import Dispatch
 from .tasks.domain import Tasks
+from .tasks.metrics import MetricsService
 from .tasks.models import OutboxRow as TasksOutboxRow
 from .tasks.service import Agents, TasksInternalService, TasksService
 
@@ -104,6 +107,8 @@ class Runtime:
     # The internal servicers of this process by service name: a call to one of them through
     # internal_channel() is made in place (servers/common/internal.py).
     local_servicers: dict[str, object] = field(default_factory=dict)
+    # The process's Prometheus metrics: every server's calls, and what the services set.
+    metrics: Metrics = field(default_factory=Metrics)
     # Set when the process starts to stop: open streams end with StreamEnd("SERVER_SHUTDOWN").
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     _stop_hooks: list[Callable[[], None]] = field(default_factory=list)
@@ -296,8 +301,11 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
         agents = Agents(rt.internal_channel("agents"))
         rt.on_close(agents.close)
         internal = TasksInternalService(
-            dispatch=Dispatch(db=rt.db, lease_seconds=s.lease_seconds), agents=agents
+            dispatch=Dispatch(db=rt.db, lease_seconds=s.lease_seconds),
+            agents=agents,
+            metrics=rt.metrics,
         )
+        tasks = Tasks(db=rt.db)
         callbacks = CallbackWorker(
             db=rt.db,
             bus=rt.bus,
@@ -316,8 +324,15 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
             [
                 (
                     tasks_pb2_grpc.add_TasksServiceServicer_to_server,
-                    TasksService(tasks=Tasks(db=rt.db), agents=agents),
+                    TasksService(tasks=tasks, agents=agents),
                     "agentmesh.v1.TasksService",
+                ),
+                (
+                    metrics_pb2_grpc.add_MetricsServiceServicer_to_server,
+                    MetricsService(
+                        tasks=tasks, agents=agents, metrics=rt.metrics, host=Host(s.data_dir)
+                    ),
+                    "agentmesh.v1.MetricsService",
                 ),
                 (
                     tasks_pb2_grpc.add_TasksInternalServiceServicer_to_server,
@@ -431,7 +446,7 @@ def build_server(name: str, rt: Runtime, health: HealthService) -> ServiceServer
         # A port picked for the server is never the public or admin port, which Envoy binds
         # only later (the kernel soon hands out a port just released, e.g. one a test chose).
         avoid={s.public_port, s.admin_port} - {0},
-        interceptors=default_interceptors(authenticator),
+        interceptors=default_interceptors(authenticator, rt.metrics),
         registrations=[register],
         background=background,
         services=[full for _, _, full in entries] + ["agentmesh.v1.HealthService"],

@@ -372,6 +372,11 @@ class AgentDirectory:
             online=sum(1 for v in views if v.online),
         )
 
+    async def counts(self) -> tuple[int, int]:
+        """(registered, online), mesh-wide, by the rule of ``view``."""
+        async with self._db.session() as s:
+            return await AgentStore(s).counts(now() - self._window)
+
     async def get(self, who: Principal, agent_id: str) -> View:
         async with self._db.session() as s:
             row = await AgentStore(s).get(agent_id)

@@ -487,6 +487,12 @@ class AgentsInternalService(agents_pb2_grpc.AgentsInternalServiceServicer):
         self._registry.wake(set(request.capabilities))
         return agents_pb2.NotifyTasksAvailableResponse()
 
+    async def CountAgents(
+        self, request: agents_pb2.CountAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> agents_pb2.CountAgentsResponse:
+        registered, online = await self._directory.counts()
+        return agents_pb2.CountAgentsResponse(registered=registered, online=online)
+
     async def ResolveAgents(
         self, request: agents_pb2.ResolveAgentsRequest, context: grpc.aio.ServicerContext
     ) -> agents_pb2.ResolveAgentsResponse:

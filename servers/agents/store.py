@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import and_, bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -43,6 +43,14 @@ class AgentStore:
         if owner_id is not None:
             query = query.where(AgentRow.owner_id == owner_id)
         return (await self._s.execute(query)).scalars().all()
+
+    async def counts(self, heard_since: datetime) -> tuple[int, int]:
+        """(registered, online): every agent, and those marked online that were heard from
+        since ``heard_since``."""
+        online = and_(AgentRow.online.is_(True), AgentRow.last_seen_at >= heard_since)
+        found = await self._s.execute(select(func.count(), func.count().filter(online)))
+        registered, fresh = found.one()
+        return int(registered), int(fresh)
 
     async def resolve(self, agent_ids: Sequence[str], key_id: str) -> Sequence[AgentRow]:
         query = select(AgentRow)

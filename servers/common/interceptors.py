@@ -1,5 +1,5 @@
-"""Server interceptors, outermost first: request id, access log, error mapping, authentication,
-installed as one ChainInterceptor.
+"""Server interceptors, outermost first: request id, access log, call metrics, error mapping,
+authentication, installed as one ChainInterceptor.
 
 Each is a grpc.aio.ServerInterceptor that wraps the handler's behaviour in an async context
 manager, so one implementation serves unary and streaming RPCs alike. They share the call's
@@ -8,6 +8,7 @@ state through a context variable (see context.py).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import logging
@@ -24,6 +25,7 @@ from google.rpc import error_details_pb2, status_pb2
 from . import context as callctx
 from .auth import Authenticator
 from .errors import DOMAIN, AgentmeshError, InternalError, NotImplementedYet
+from .metrics import Metrics
 
 log = logging.getLogger("agentmesh.access")
 errlog = logging.getLogger("agentmesh.errors")
@@ -158,6 +160,29 @@ class AccessLogInterceptor(_ScopeInterceptor):
                 )
 
 
+class MetricsInterceptor(_ScopeInterceptor):
+    """Counts every call, by RPC and status code, with its duration (servers/common/metrics.py).
+    A call that ends cancelled (its caller left, or the server stops) counts as CANCELLED."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    @contextlib.asynccontextmanager
+    async def scope(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        started = time.perf_counter()
+        code = ""
+        try:
+            yield
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            call = callctx.current_call()
+            code = code or (call.status.name if call is not None else "OK")
+            self._metrics.observe(method, code, time.perf_counter() - started)
+
+
 def status_for(error: AgentmeshError) -> status_pb2.Status:
     """The google.rpc.Status (with its ErrorInfo) that stands for an error on the wire."""
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.details)
@@ -238,12 +263,17 @@ class ChainInterceptor(_ScopeInterceptor):
             yield
 
 
-def default_interceptors(authenticator: Authenticator) -> list[grpc.aio.ServerInterceptor]:
+def default_interceptors(
+    authenticator: Authenticator, metrics: Metrics | None = None
+) -> list[grpc.aio.ServerInterceptor]:
+    """The chain every server runs, outermost first; ``metrics``: count the calls there."""
+    counting = [MetricsInterceptor(metrics)] if metrics is not None else []
     return [
         ChainInterceptor(
             [
                 RequestIdInterceptor(),
                 AccessLogInterceptor(),
+                *counting,
                 ErrorInterceptor(),
                 AuthInterceptor(authenticator),
             ]

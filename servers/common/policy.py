@@ -99,6 +99,10 @@ POLICY: dict[str, Rule] = {
     f"{_P}AgentsInternalService/DeliverCancellation": INTERNAL,
     f"{_P}AgentsInternalService/NotifyTasksAvailable": INTERNAL,
     f"{_P}AgentsInternalService/ResolveAgents": INTERNAL,
+    f"{_P}AgentsInternalService/CountAgents": INTERNAL,
+    # Monitoring: seed 004's "metrics" resource (viewer and admin read it).
+    f"{_P}MetricsService/GetMetrics": needs("read", "metrics"),
+    f"{_P}MetricsService/GetPrometheusMetrics": needs("read", "metrics"),
     # Inter-agent messages: agents only; from_agent is always the authenticated agent.
     f"{_P}MessagingService/SendMessage": AGENT,
     f"{_P}MessagingService/SendRequest": AGENT,

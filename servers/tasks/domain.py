@@ -9,10 +9,12 @@ work of the tasks-and-agents issue; in this slice tasks wait `queued`.
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -55,12 +57,27 @@ METADATA_MAX_BYTES = 64 * 1024
 MAX_CAPABILITIES = 32
 
 
+# The metrics' performance figures cover the tasks that ended in this window; durations are
+# taken from the latest FIGURES_SAMPLE completed ones.
+FIGURES_WINDOW = timedelta(hours=24)
+FIGURES_SAMPLE = 10_000
+
+
 def priority_label(priority: int) -> str:
     if priority <= 3:
         return "low"
     if priority <= 6:
         return "medium"
     return "high" if priority <= 8 else "critical"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Figures:
+    by_status: dict[str, int]  # every status, mesh-wide
+    completed_today: int  # since midnight UTC
+    average_seconds: float  # run times (start to completion) over FIGURES_WINDOW
+    p95_seconds: float
+    error_rate: float  # failed / (completed + failed) over FIGURES_WINDOW
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -289,3 +306,35 @@ class Tasks:
             average_completion_time=sum(durations) / len(durations) if durations else 0.0,
             success_rate=completed / (completed + failed) if completed + failed else 0.0,
         )
+
+    async def by_status(self) -> dict[str, int]:
+        """How many tasks have each status, mesh-wide (every status, zeros included)."""
+        async with self._db.session() as s:
+            counts = await TaskStore(s).count_by_status(None)
+        return {status: counts.get(status, 0) for status in STATUSES}
+
+    async def figures(self) -> Figures:
+        """The mesh-wide task figures of the metrics."""
+        at = now()
+        midnight = at.replace(hour=0, minute=0, second=0, microsecond=0)
+        async with self._db.session() as s:
+            store = TaskStore(s)
+            counts = await store.count_by_status(None)
+            today = await store.ended_since(midnight)
+            window = await store.ended_since(at - FIGURES_WINDOW)
+            seconds = sorted(await store.run_seconds(at - FIGURES_WINDOW, limit=FIGURES_SAMPLE))
+        completed, failed = window.get("completed", 0), window.get("failed", 0)
+        return Figures(
+            by_status={status: counts.get(status, 0) for status in STATUSES},
+            completed_today=today.get("completed", 0),
+            average_seconds=sum(seconds) / len(seconds) if seconds else 0.0,
+            p95_seconds=_nearest_rank(seconds, 0.95),
+            error_rate=failed / (completed + failed) if completed + failed else 0.0,
+        )
+
+
+def _nearest_rank(ordered: Sequence[float], fraction: float) -> float:
+    """The value below which ``fraction`` of the sorted values lie (nearest rank); 0 for none."""
+    if not ordered:
+        return 0.0
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]

@@ -24,6 +24,8 @@ class TaskRow(Base):
         # One task per (owner, idempotency key); NULL keys never collide.
         Index("ux_tasks_tasks_idempotency", "owner_id", "idempotency_key", unique=True),
         Index("ix_tasks_tasks_lease", "status", "lease_expires_at"),
+        # Tasks that ended since a moment, for the metrics.
+        Index("ix_tasks_tasks_ended", "status", "completed_at"),
     )
 
     task_id: Mapped[str] = mapped_column(String(36), primary_key=True)

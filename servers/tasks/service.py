@@ -18,8 +18,9 @@ from google.protobuf import json_format
 from agentmesh.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from servers.common.clock import now, timestamp
 from servers.common.context import require_principal, set_http_status
-from servers.common.errors import Conflict, NotFound, ValidationError
+from servers.common.errors import Conflict, NotFound, Unavailable, ValidationError
 from servers.common.internal import InternalChannel
+from servers.common.metrics import Metrics
 from servers.common.pagination import page
 from servers.common.protos import struct
 
@@ -105,6 +106,20 @@ class Agents:
                 **self._channel.call_options(),
             )
         )
+
+    async def count(self) -> tuple[int, int]:
+        """(registered, online) agents, mesh-wide; Unavailable when the agents service does
+        not answer."""
+        stub = self._channel.stub(agents_pb2_grpc.AgentsInternalServiceStub)
+        try:
+            counted = await stub.CountAgents(
+                agents_pb2.CountAgentsRequest(), **self._channel.call_options()
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(
+                "the agents service did not answer", details={"code": exc.code().name}
+            ) from None
+        return counted.registered, counted.online
 
     async def close(self) -> None:
         for task in list(self._pending):
@@ -228,9 +243,10 @@ def _agent_id(value: str) -> str:
 class TasksInternalService(tasks_pb2_grpc.TasksInternalServiceServicer):
     """Called by the agents service on behalf of connected agents."""
 
-    def __init__(self, *, dispatch: Dispatch, agents: Agents) -> None:
+    def __init__(self, *, dispatch: Dispatch, agents: Agents, metrics: Metrics | None = None):
         self._dispatch = dispatch
         self._agents = agents
+        self._metrics = metrics
 
     async def ClaimTask(
         self, request: tasks_pb2.ClaimTaskRequest, context: grpc.aio.ServicerContext
@@ -371,4 +387,8 @@ class TasksInternalService(tasks_pb2_grpc.TasksInternalServiceServicer):
             except Exception:  # a database hiccup must not end the sweeper
                 log.exception("lease sweep failed")
                 continue
+            if self._metrics is not None:
+                for loss in lost:
+                    outcome = "requeued" if loss.requeued else "failed"
+                    self._metrics.leases_expired.labels(outcome).inc()
             await self._after_loss(lost, notify_holder=True)

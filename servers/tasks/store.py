@@ -15,6 +15,7 @@ from servers.common.outbox import write_event
 from .models import OutboxRow, TaskRow
 
 _tasks = cast(Table, TaskRow.__table__)
+ENDED = ("completed", "failed")  # the statuses whose tasks have an end time and a verdict
 # (attribute, column) of every mapped column: the attribute of "metadata" is task_metadata.
 _TASK_COLUMNS = tuple(
     (attribute.key, attribute.columns[0]) for attribute in inspect(TaskRow).column_attrs
@@ -92,6 +93,25 @@ class TaskStore:
                 TaskRow.started_at.is_not(None),
                 TaskRow.completed_at.is_not(None),
             )
+        )
+        return [(end - start).total_seconds() for start, end in rows.all() if start and end]
+
+    async def ended_since(self, since: datetime) -> dict[str, int]:
+        """How many tasks completed and how many failed since ``since``."""
+        rows = await self._s.execute(
+            select(TaskRow.status, func.count())
+            .where(TaskRow.status.in_(ENDED), TaskRow.completed_at >= since)
+            .group_by(TaskRow.status)
+        )
+        return {status: int(count) for status, count in rows.all()}
+
+    async def run_seconds(self, since: datetime, *, limit: int) -> list[float]:
+        """How long each of the latest ``limit`` tasks completed since ``since`` ran."""
+        rows = await self._s.execute(
+            select(TaskRow.started_at, TaskRow.completed_at)
+            .where(TaskRow.status == "completed", TaskRow.completed_at >= since)
+            .order_by(TaskRow.completed_at.desc())
+            .limit(limit)
         )
         return [(end - start).total_seconds() for start, end in rows.all() if start and end]
 

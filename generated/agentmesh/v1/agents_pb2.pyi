@@ -420,6 +420,18 @@ class ResolveAgentsResponse(_message.Message):
     agents: _containers.RepeatedCompositeFieldContainer[AgentIdentity]
     def __init__(self, agents: _Optional[_Iterable[_Union[AgentIdentity, _Mapping]]] = ...) -> None: ...
 
+class CountAgentsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CountAgentsResponse(_message.Message):
+    __slots__ = ("registered", "online")
+    REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_FIELD_NUMBER: _ClassVar[int]
+    registered: int
+    online: int
+    def __init__(self, registered: _Optional[int] = ..., online: _Optional[int] = ...) -> None: ...
+
 class AgentIdentity(_message.Message):
     __slots__ = ("agent_id", "owner_id", "key_id", "name", "online")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]

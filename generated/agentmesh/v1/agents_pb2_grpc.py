@@ -571,6 +571,11 @@ class AgentsInternalServiceStub:
                 request_serializer=agentmesh_dot_v1_dot_agents__pb2.ResolveAgentsRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_v1_dot_agents__pb2.ResolveAgentsResponse.FromString,
                 _registered_method=True)
+        self.CountAgents = channel.unary_unary(
+                '/agentmesh.v1.AgentsInternalService/CountAgents',
+                request_serializer=agentmesh_dot_v1_dot_agents__pb2.CountAgentsRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_agents__pb2.CountAgentsResponse.FromString,
+                _registered_method=True)
 
 
 class AgentsInternalServiceServicer:
@@ -607,6 +612,14 @@ class AgentsInternalServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountAgents(self, request, context):
+        """How many agents are registered and how many are online, mesh-wide: the agents figures of
+        MetricsService.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentsInternalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -624,6 +637,11 @@ def add_AgentsInternalServiceServicer_to_server(servicer, server):
                     servicer.ResolveAgents,
                     request_deserializer=agentmesh_dot_v1_dot_agents__pb2.ResolveAgentsRequest.FromString,
                     response_serializer=agentmesh_dot_v1_dot_agents__pb2.ResolveAgentsResponse.SerializeToString,
+            ),
+            'CountAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountAgents,
+                    request_deserializer=agentmesh_dot_v1_dot_agents__pb2.CountAgentsRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_agents__pb2.CountAgentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -711,6 +729,33 @@ class AgentsInternalService:
             '/agentmesh.v1.AgentsInternalService/ResolveAgents',
             agentmesh_dot_v1_dot_agents__pb2.ResolveAgentsRequest.SerializeToString,
             agentmesh_dot_v1_dot_agents__pb2.ResolveAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.v1.AgentsInternalService/CountAgents',
+            agentmesh_dot_v1_dot_agents__pb2.CountAgentsRequest.SerializeToString,
+            agentmesh_dot_v1_dot_agents__pb2.CountAgentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

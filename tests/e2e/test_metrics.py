@@ -1,0 +1,176 @@
+"""Monitoring through Envoy: seed 004's GET /api/v1/metrics and the Prometheus text at /metrics,
+on a mesh of their own (the figures are mesh-wide), with a real reference agent doing work."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from servers.launcher import MeshProcess
+from tests.e2e.test_agents import FAST, Owner, wait_until
+from tests.e2e.test_agents import agents as agents  # the fixture
+from tests.helpers import assert_envelope, grant_role, new_user
+
+Json = dict[str, Any]
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[MeshProcess]:
+    with MeshProcess(data_dir=tmp_path / "mesh", env=FAST) as proc:
+        yield proc
+
+
+def _signed_in(mesh: MeshProcess, role: str = "") -> dict[str, str]:
+    """A new user, with ``role`` added to its own, signed in: its Authorization header."""
+    user = new_user()
+    assert httpx.post(mesh.url + "/api/v1/auth/register", json=user).status_code == 201
+    if role:
+        grant_role(mesh, user["username"], role)
+    reply = httpx.post(
+        mesh.url + "/api/v1/auth/login",
+        json={"username": user["username"], "password": user["password"]},
+    )
+    assert reply.status_code == 200, reply.text
+    return {"Authorization": f"Bearer {reply.json()['access_token']}"}
+
+
+def _key(mesh: MeshProcess, headers: dict[str, str], *scopes: str) -> str:
+    reply = httpx.post(
+        mesh.url + "/api/v1/auth/api-keys",
+        json={"name": "scraper", "scopes": list(scopes)},
+        headers=headers,
+    )
+    assert reply.status_code == 201, reply.text
+    return str(reply.json()["key"])
+
+
+def _metrics(mesh: MeshProcess, headers: dict[str, str]) -> Json:
+    reply = httpx.get(mesh.url + "/api/v1/metrics", headers=headers)
+    assert reply.status_code == 200, reply.text
+    return dict(reply.json())
+
+
+def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a Prometheus text exposition, parsed (which also checks its syntax)."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _handled(samples: dict[Any, float], method: str, code: str) -> float:
+    labels = {
+        ("grpc_service", "agentmesh.v1.TasksService"),
+        ("grpc_method", method),
+        ("grpc_code", code),
+    }
+    return samples.get(("agentmesh_grpc_server_handled_total", frozenset(labels)), 0.0)
+
+
+def test_seed_004_metrics_show_the_agents_and_the_work(
+    mesh: MeshProcess, agents: Callable[..., Any]
+) -> None:
+    owner = Owner(mesh)
+    viewer = _signed_in(mesh, "viewer")
+    # Seed 004: metrics are for viewers and admins; nobody else, and not anonymously.
+    assert_envelope(httpx.get(mesh.url + "/api/v1/metrics"), 401, "AUTH_REQUIRED")
+    for other in (_signed_in(mesh), owner.headers):
+        refused = httpx.get(mesh.url + "/api/v1/metrics", headers=other)
+        assert_envelope(refused, 403, "INSUFFICIENT_PERMISSIONS")
+
+    empty = _metrics(mesh, viewer)
+    assert empty["agents"] == {
+        "total": 0,
+        "active": 0,
+        "tasks_queued": 0,
+        "tasks_processing": 0,
+        "tasks_completed_today": 0,
+    }
+
+    agents(mesh, owner.key, "worker", "echo", "sleep")
+    done = [owner.create(type="echo", description=f"echo {n}") for n in range(2)]
+    running = owner.create(type="sleep", description="hold", metadata={"seconds": 60})
+    owner.create(type="translate", description="no agent can do this")
+    wait_until(
+        lambda: (
+            all(owner.task(t["task_id"])["status"] == "completed" for t in done)
+            and owner.task(running["task_id"])["status"] == "running"
+        ),
+        30,
+        "two tasks done and one running",
+    )
+
+    figures = _metrics(mesh, viewer)
+    assert figures["agents"] == {
+        "total": 1,
+        "active": 1,
+        "tasks_queued": 1,
+        "tasks_processing": 1,
+        "tasks_completed_today": 2,
+    }
+    performance = figures["performance"]
+    assert performance["error_rate"] == 0
+    assert 0 <= performance["average_task_duration"] <= performance["p95_task_duration"] < 30
+    system = figures["system"]
+    assert 0 <= system["cpu_usage"] <= 100 and 0 < system["disk_usage"] <= 100
+    assert 0 < system["memory_usage"] < system["memory_total"]
+    # Seed 004 prints these as JSON numbers.
+    assert all(isinstance(v, int | float) for block in figures.values() for v in block.values())
+
+
+def test_prometheus_text_for_a_scrapers_key(mesh: MeshProcess) -> None:
+    owner = Owner(mesh)
+    viewer = _signed_in(mesh, "viewer")
+    scraper = {"X-API-Key": _key(mesh, viewer, "read")}
+    for n in range(3):
+        owner.create(type="echo", description=f"queued {n}")
+    refused = httpx.post(mesh.url + "/api/v1/tasks", json={"type": "echo"}, headers=owner.headers)
+    assert_envelope(refused, 400, "VALIDATION_ERROR")
+
+    reply = httpx.get(mesh.url + "/metrics", headers=scraper)
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = _samples(reply.text)
+    assert _handled(samples, "CreateTask", "OK") == 3
+    assert _handled(samples, "CreateTask", "INVALID_ARGUMENT") == 1
+    assert samples[("agentmesh_tasks", frozenset({("status", "queued")}))] == 3
+    assert samples[("agentmesh_tasks", frozenset({("status", "completed")}))] == 0
+    assert samples[("agentmesh_agents", frozenset({("state", "registered")}))] == 0
+    assert samples[("process_cpu_seconds_total", frozenset())] > 0
+    duration = (
+        "agentmesh_grpc_server_handling_seconds_count",
+        frozenset({("grpc_service", "agentmesh.v1.TasksService"), ("grpc_method", "CreateTask")}),
+    )
+    assert samples[duration] == 4
+    # The same key as a bearer token works too; an agent's key may not read metrics.
+    bearer = {"Authorization": f"Bearer {scraper['X-API-Key']}"}
+    assert httpx.get(mesh.url + "/metrics", headers=bearer).status_code == 200
+    agent_key = {"X-API-Key": owner.key}
+    assert_envelope(
+        httpx.get(mesh.url + "/metrics", headers=agent_key), 403, "INSUFFICIENT_PERMISSIONS"
+    )
+
+
+def test_a_lease_that_runs_out_is_counted(mesh: MeshProcess, agents: Callable[..., Any]) -> None:
+    owner = Owner(mesh)
+    admin = _signed_in(mesh, "admin")
+    frozen = agents(mesh, owner.key, "frozen", "sleep")
+    task = owner.create(type="sleep", description="nap", metadata={"seconds": 30}, max_attempts=1)
+    wait_until(lambda: owner.task(task["task_id"])["status"] == "running", 20, "the agent to start")
+    os.kill(frozen.pid, signal.SIGSTOP)
+    wait_until(lambda: owner.task(task["task_id"])["status"] == "failed", 20, "the lease to end")
+
+    samples = _samples(httpx.get(mesh.url + "/metrics", headers=admin).text)
+    expired = "agentmesh_task_leases_expired_total"
+    assert samples[(expired, frozenset({("outcome", "failed")}))] == 1
+    assert (expired, frozenset({("outcome", "requeued")})) not in samples
+    assert samples[("agentmesh_tasks", frozenset({("status", "failed")}))] == 1
+    assert _metrics(mesh, admin)["performance"]["error_rate"] == 1
