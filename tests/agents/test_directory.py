@@ -202,10 +202,12 @@ async def test_touch_keeps_a_connected_agent_online_and_reap_takes_the_rest_offl
     seen = await elsewhere.get(ALICE, live.agent_id)
     assert (seen.status, seen.current_load) == ("active", 1)
     assert (await elsewhere.resolve([live.agent_id], ""))[0].online
+    assert await elsewhere.counts() == (1, 1)  # (registered, online), for the metrics
 
     await asyncio.sleep(0.7)
     # Untouched: offline for every reader but the server holding it ...
     assert (await elsewhere.get(ALICE, live.agent_id)).status == "offline"
+    assert await elsewhere.counts() == (1, 0)
     assert not (await elsewhere.resolve([live.agent_id], ""))[0].online
     assert (await here.get(ALICE, live.agent_id)).status == "active"
     # ... which never reaps its own, and brings it back with its next touch.

@@ -10,6 +10,7 @@ from sqlalchemy import ColumnElement, func, select
 from servers.common.context import Principal
 from servers.common.db import Database
 from servers.mesh import MIGRATIONS
+from servers.tasks.dispatch import Dispatch
 from servers.tasks.domain import NewTask, Tasks
 from servers.tasks.models import OutboxRow, TaskRow
 
@@ -81,5 +82,35 @@ async def test_every_change_writes_its_event(database_url: str) -> None:
             ).all()
         assert [e for e, _ in events] == ["task.created", "task.queued", "task.cancelled"]
         assert [d["status"] for _, d in events] == ["created", "queued", "cancelled"]
+    finally:
+        await db.close()
+
+
+async def test_figures_of_the_metrics(database_url: str) -> None:
+    """Tasks by status, completed today, run times and the error rate, on each database."""
+    db = await _db(database_url)
+    try:
+        tasks, dispatch = Tasks(db=db), Dispatch(db=db, lease_seconds=30)
+        for _ in range(4):
+            await tasks.create(ALICE, NEW)
+        for outcome in ("done", "done", "failed"):
+            held = await dispatch.claim("agent-1", ["echo"])
+            assert held is not None and held.attempt_token
+            await dispatch.complete(
+                held.task_id,
+                "agent-1",
+                held.attempt_token,
+                result={"ok": True} if outcome == "done" else None,
+                error=None if outcome == "done" else ("BROKEN", "it broke", False),
+            )
+        figures = await tasks.figures()
+        assert {k: v for k, v in figures.by_status.items() if v} == {
+            "queued": 1,
+            "completed": 2,
+            "failed": 1,
+        }
+        assert figures.completed_today == 2
+        assert figures.error_rate == 1 / 3
+        assert 0 <= figures.average_seconds <= figures.p95_seconds < 5
     finally:
         await db.close()
