@@ -99,14 +99,20 @@ class HostUsage:
     disk_percent: float
 
 
+# CPU ticks (1/100 s each, summed over the CPUs) that a sample must span to replace the last.
+MIN_CPU_TICKS = 100
+
+
 class Host:
     """The host's resources, from /proc (Linux; elsewhere CPU and memory read 0). CPU is the
-    busy share of all CPUs between two samples: the previous ``usage()`` and this one."""
+    busy share of all CPUs between two samples: the previous ``usage()`` and this one (or, when
+    that was less than MIN_CPU_TICKS ago, the one before)."""
 
     def __init__(self, data_dir: Path, proc: Path = Path("/proc")) -> None:
         self._data_dir = data_dir
         self._proc = proc
         self._last = (0, 0)  # (busy, total) jiffies at the previous sample; zero: since boot
+        self._percent = 0.0  # the CPU share that sample gave
 
     def _cpu_times(self) -> tuple[int, int] | None:
         try:
@@ -123,8 +129,13 @@ class Host:
         if now is None:
             return 0.0
         busy, total = now[0] - self._last[0], now[1] - self._last[1]
+        if total < MIN_CPU_TICKS:
+            # Too soon after the previous sample (two dashboards polling together): a share
+            # of a few ticks would be noise; the previous figure stands.
+            return self._percent
         self._last = now
-        return round(100.0 * busy / total, 1) if total > 0 else 0.0
+        self._percent = round(100.0 * busy / total, 1)
+        return self._percent
 
     def _memory_mib(self) -> tuple[int, int]:
         fields: dict[str, int] = {}

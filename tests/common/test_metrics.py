@@ -27,8 +27,11 @@ def test_cpu_is_the_busy_share_between_two_samples(tmp_path: Path) -> None:
     # 300 more ticks: 60 busy, 200 idle, 40 waiting on I/O (which is not busy).
     _stat(proc, user=160, idle=500, iowait=40)
     assert host.usage().cpu_percent == 20.0
-    # No time passed: nothing to divide, not a division by zero.
-    assert host.usage().cpu_percent == 0.0
+    # Hardly any time passed (a second dashboard asking at once): the last figure stands.
+    _stat(proc, user=161, idle=510, iowait=40)
+    assert host.usage().cpu_percent == 20.0
+    _stat(proc, user=260, idle=600, iowait=40)  # 200 ticks on from the last sample taken
+    assert host.usage().cpu_percent == 50.0
 
 
 def test_a_host_without_proc_reads_zero_rather_than_failing(tmp_path: Path) -> None:
