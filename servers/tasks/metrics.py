@@ -49,9 +49,10 @@ class MetricsService(metrics_pb2_grpc.MetricsServiceServicer):
                 tasks_completed_today=figures.completed_today,
             ),
             performance=metrics_pb2.PerformanceMetrics(
-                average_task_duration=round(figures.average_seconds, 3),
-                p95_task_duration=round(figures.p95_seconds, 3),
-                error_rate=round(figures.error_rate, 4),
+                # Unrounded, as the stats are: a no-op task runs for well under a millisecond.
+                average_task_duration=figures.average_seconds,
+                p95_task_duration=figures.p95_seconds,
+                error_rate=figures.error_rate,
             ),
         )
 
