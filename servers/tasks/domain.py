@@ -322,7 +322,11 @@ class Tasks:
             counts = await store.count_by_status(None)
             today = await store.ended_since(midnight)
             window = await store.ended_since(at - FIGURES_WINDOW)
-            seconds = sorted(await store.run_seconds(at - FIGURES_WINDOW, limit=FIGURES_SAMPLE))
+            seconds = sorted(
+                await store.completion_seconds(
+                    None, since=at - FIGURES_WINDOW, limit=FIGURES_SAMPLE
+                )
+            )
         completed, failed = window.get("completed", 0), window.get("failed", 0)
         return Figures(
             by_status={status: counts.get(status, 0) for status in STATUSES},

@@ -85,15 +85,21 @@ class TaskStore:
         )
         return {status: int(count) for status, count in rows.all()}
 
-    async def completion_seconds(self, owner_id: str | None) -> list[float]:
-        """How long each completed task ran, from start to end (for the stats)."""
-        rows = await self._s.execute(
-            select(TaskRow.started_at, TaskRow.completed_at).where(
-                *self._visible(owner_id, ("completed",)),
-                TaskRow.started_at.is_not(None),
-                TaskRow.completed_at.is_not(None),
-            )
+    async def completion_seconds(
+        self, owner_id: str | None, *, since: datetime | None = None, limit: int | None = None
+    ) -> list[float]:
+        """How long each completed task ran, from start to end: of every one (the stats), or
+        of the latest ``limit`` completed since ``since`` (the metrics)."""
+        query = select(TaskRow.started_at, TaskRow.completed_at).where(
+            *self._visible(owner_id, ("completed",)),
+            TaskRow.started_at.is_not(None),
+            TaskRow.completed_at.is_not(None),
         )
+        if since is not None:
+            query = query.where(TaskRow.completed_at >= since)
+        if limit is not None:
+            query = query.order_by(TaskRow.completed_at.desc()).limit(limit)
+        rows = await self._s.execute(query)
         return [(end - start).total_seconds() for start, end in rows.all() if start and end]
 
     async def ended_since(self, since: datetime) -> dict[str, int]:
@@ -104,16 +110,6 @@ class TaskStore:
             .group_by(TaskRow.status)
         )
         return {status: int(count) for status, count in rows.all()}
-
-    async def run_seconds(self, since: datetime, *, limit: int) -> list[float]:
-        """How long each of the latest ``limit`` tasks completed since ``since`` ran."""
-        rows = await self._s.execute(
-            select(TaskRow.started_at, TaskRow.completed_at)
-            .where(TaskRow.status == "completed", TaskRow.completed_at >= since)
-            .order_by(TaskRow.completed_at.desc())
-            .limit(limit)
-        )
-        return [(end - start).total_seconds() for start, end in rows.all() if start and end]
 
 
 class Outbox:
