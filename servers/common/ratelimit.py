@@ -1,8 +1,17 @@
-"""Sliding-window limits, kept in Redis when configured, in memory otherwise or while Redis fails.
+"""Rate limits, kept in Redis when configured, in memory otherwise or while Redis fails.
+
+Two algorithms (DESIGN.md, Limits), with one interface (``hit(key) -> Verdict``):
+
+- ``SlidingWindowLimiter``: at most ``limit`` hits in any ``window`` seconds, exactly; it keeps
+  every hit of the window, so it suits small limits (the login limits).
+- ``TokenBucketLimiter``: a bucket of ``limit`` tokens that refills at ``limit / window`` a
+  second (the generic cell rate algorithm: one stored moment per key, whatever the limit). It
+  lets a burst of ``limit`` through, then one call per ``window / limit`` seconds; it suits
+  large limits (the request quotas), whose sliding windows would keep thousands of hits a key.
 
 With Redis, replicas share one count (an atomic server-side script per hit). When Redis does not
-answer, the limiter falls back to its own memory at once and tries Redis again after a pause, so a
-Redis outage neither blocks logins nor lifts the limits.
+answer, a limiter falls back to its own memory at once and tries Redis again after a pause, so a
+Redis outage neither blocks callers nor lifts the limits.
 """
 
 from __future__ import annotations
@@ -13,11 +22,15 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as redis
 
 log = logging.getLogger("agentmesh.ratelimit")
 
+REDIS_RETRY_SECONDS = 5.0
+
+# Reply numbers go back as strings: Redis turns a Lua number into an integer.
 _SLIDING_WINDOW = """
 local key, now, window, limit = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
@@ -25,13 +38,26 @@ local count = redis.call('ZCARD', key)
 if count < limit then
   redis.call('ZADD', key, now, ARGV[4])
   redis.call('PEXPIRE', key, math.ceil(window * 1000))
-  return {1, limit - count - 1, '0'}
 end
 local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-return {0, 0, tostring(tonumber(oldest[2]) + window - now)}
+local frees = tostring(tonumber(oldest[2]) + window)
+if count < limit then
+  return {1, limit - count - 1, '0', frees}
+end
+return {0, 0, tostring(tonumber(oldest[2]) + window - now), frees}
 """
 
-REDIS_RETRY_SECONDS = 5.0
+# The key holds the bucket's "theoretical arrival time": the moment it will be full again.
+_TOKEN_BUCKET = """
+local key, now, window, limit = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local full = math.max(tonumber(redis.call('GET', key) or '0'), now)
+local after = full + window / limit
+if after - window > now then
+  return {0, tostring(full)}
+end
+redis.call('SET', key, tostring(after), 'PX', math.ceil((after - now) * 1000))
+return {1, tostring(after)}
+"""
 
 
 @dataclass(frozen=True)
@@ -40,10 +66,15 @@ class Verdict:
     limit: int
     remaining: int
     retry_after: int  # whole seconds until a hit would be allowed again (0 when allowed)
+    # Epoch seconds when the limit gives a hit back, seed 000's X-RateLimit-Reset: a sliding
+    # window's oldest hit leaves it; a token bucket is full again.
+    reset: float = 0.0
 
 
-class SlidingWindowLimiter:
-    """At most ``limit`` hits per ``window`` seconds for each key."""
+class _Limiter:
+    """A limit's Redis script, its memory fallback and the switch between the two."""
+
+    _script_text = ""
 
     def __init__(
         self,
@@ -54,17 +85,19 @@ class SlidingWindowLimiter:
         redis_url: str | None = None,
         max_keys: int = 100_000,
     ) -> None:
+        if limit < 1 or window <= 0:
+            raise ValueError(f"a limit of {limit} per {window} s")
         self.name = name
         self.limit = limit
         self.window = window
         self._max_keys = max_keys
-        self._memory: OrderedDict[str, deque[float]] = OrderedDict()
+        self._memory: OrderedDict[str, Any] = OrderedDict()
         self._redis = (
             redis.from_url(redis_url, socket_connect_timeout=0.25, socket_timeout=0.25)
             if redis_url
             else None
         )
-        self._script = self._redis.register_script(_SLIDING_WINDOW) if self._redis else None
+        self._script = self._redis.register_script(self._script_text) if self._redis else None
         self._redis_down_until = 0.0
 
     async def hit(self, key: str) -> Verdict:
@@ -72,36 +105,82 @@ class SlidingWindowLimiter:
         now = time.time()
         if self._script is not None and now >= self._redis_down_until:
             try:
-                allowed, remaining, retry = await self._script(
+                reply = await self._script(
                     keys=[f"agentmesh:rl:{self.name}:{key}"],
                     args=[now, self.window, self.limit, uuid.uuid4().hex],
                 )
-                return Verdict(bool(allowed), self.limit, int(remaining), _ceil(float(retry)))
+                return self._from_redis(reply, now)
             except (redis.RedisError, OSError) as exc:
                 self._redis_down_until = now + REDIS_RETRY_SECONDS
                 log.warning("rate limit store unreachable, counting in memory: %s", exc)
-        return self._hit_memory(key, now)
-
-    def _hit_memory(self, key: str, now: float) -> Verdict:
-        hits = self._memory.get(key)
-        if hits is None:
-            hits = self._memory[key] = deque()
-            if len(self._memory) > self._max_keys:
+        state = self._memory.get(key)
+        if state is None:
+            if len(self._memory) >= self._max_keys:
                 self._memory.popitem(last=False)  # bounded: the least recently used key goes
         else:
             self._memory.move_to_end(key)
-        while hits and hits[0] <= now - self.window:
-            hits.popleft()
-        if len(hits) < self.limit:
-            hits.append(now)
-            return Verdict(True, self.limit, self.limit - len(hits), 0)
-        return Verdict(False, self.limit, 0, _ceil(hits[0] + self.window - now))
+        verdict, self._memory[key] = self._in_memory(state, now)
+        return verdict
+
+    def _from_redis(self, reply: Any, now: float) -> Verdict:
+        raise NotImplementedError
+
+    def _in_memory(self, state: Any, now: float) -> tuple[Verdict, Any]:
+        """The verdict on one more hit, and the key's state after it."""
+        raise NotImplementedError
 
     async def close(self) -> None:
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
             self._script = None
+
+
+class SlidingWindowLimiter(_Limiter):
+    """At most ``limit`` hits per ``window`` seconds for each key."""
+
+    _script_text = _SLIDING_WINDOW
+
+    def _from_redis(self, reply: Any, now: float) -> Verdict:
+        allowed, remaining, retry, frees = reply
+        return Verdict(bool(allowed), self.limit, int(remaining), _ceil(float(retry)), float(frees))
+
+    def _in_memory(self, state: deque[float] | None, now: float) -> tuple[Verdict, deque[float]]:
+        hits: deque[float] = deque() if state is None else state
+        while hits and hits[0] <= now - self.window:
+            hits.popleft()
+        if len(hits) < self.limit:
+            hits.append(now)
+            return Verdict(True, self.limit, self.limit - len(hits), 0, hits[0] + self.window), hits
+        frees = hits[0] + self.window
+        return Verdict(False, self.limit, 0, _ceil(frees - now), frees), hits
+
+
+class TokenBucketLimiter(_Limiter):
+    """A burst of ``limit`` hits, refilled at ``limit`` per ``window`` seconds, for each key."""
+
+    _script_text = _TOKEN_BUCKET
+
+    def _from_redis(self, reply: Any, now: float) -> Verdict:
+        allowed, full = reply
+        return self._verdict(bool(allowed), float(full), now)
+
+    def _in_memory(self, state: float | None, now: float) -> tuple[Verdict, float]:
+        full = max(state or 0.0, now)
+        after = full + self.window / self.limit
+        if after - self.window > now:
+            return self._verdict(False, full, now), full
+        return self._verdict(True, after, now), after
+
+    def _verdict(self, allowed: bool, full: float, now: float) -> Verdict:
+        """A verdict from the moment the bucket is full again (after this hit, if allowed)."""
+        interval = self.window / self.limit
+        if not allowed:
+            return Verdict(False, self.limit, 0, _ceil(full + interval - self.window - now), full)
+        # Tokens left: the empty part of the window ahead, in intervals (rounding errors of a
+        # whole number of intervals must not cost a token).
+        remaining = math.floor((self.window - (full - now)) / interval + 1e-9)
+        return Verdict(True, self.limit, max(0, min(self.limit, remaining)), 0, full)
 
 
 def _ceil(seconds: float) -> int:
