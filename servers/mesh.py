@@ -59,6 +59,7 @@ from .common.internal import InternalChannel
 from .common.jobs import stop_jobs
 from .common.metrics import Host, Metrics
 from .common.outbox import OutboxMixin, Relay
+from .common.quotas import Quotas
 from .common.ratelimit import SlidingWindowLimiter
 from .common.server import PortInUse, ServiceServer
 from .messaging.domain import RATE_WINDOW as MESSAGE_RATE_WINDOW
@@ -98,6 +99,8 @@ class Runtime:
     internal_token: str
     limits: LoginLimits
     bus: Bus
+    # Every server's request quotas: one count per principal across the process's servers.
+    quotas: Quotas
     peers: dict[str, str] = field(default_factory=dict)
     # The auth service's own API-key check, when the auth service runs in this process: the
     # other services' servers use it as the auth server does, rather than asking it over a
@@ -154,6 +157,7 @@ class Runtime:
             internal_token=internal_token(settings.data_dir),
             limits=limits,
             bus=open_bus(settings.redis_url, prefix=settings.bus_prefix),
+            quotas=Quotas(settings.quotas, redis_url=settings.redis_url),
         )
 
     def authenticator(self, api_keys: ApiKeyResolver | None = None) -> Authenticator:
@@ -220,6 +224,7 @@ class Runtime:
         self._closers.clear()
         await self.bus.close()
         await self.limits.close()
+        await self.quotas.close()
         await self.db.close()
 
 
@@ -446,7 +451,7 @@ def build_server(name: str, rt: Runtime, health: HealthService) -> ServiceServer
         # A port picked for the server is never the public or admin port, which Envoy binds
         # only later (the kernel soon hands out a port just released, e.g. one a test chose).
         avoid={s.public_port, s.admin_port} - {0},
-        interceptors=default_interceptors(authenticator, rt.metrics),
+        interceptors=default_interceptors(authenticator, rt.metrics, rt.quotas),
         registrations=[register],
         background=background,
         services=[full for _, _, full in entries] + ["agentmesh.v1.HealthService"],

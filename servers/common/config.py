@@ -7,6 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .quotas import DEFAULTS as quota_defaults
+from .quotas import Quota
+from .quotas import parse as parse_quotas
+
 SERVICES = ("auth", "tasks", "agents", "messaging")
 
 
@@ -21,6 +25,13 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     if not 0 <= value <= 65535 and name.endswith("PORT"):
         raise SystemExit(f"agentmesh: {name} must be a port number (0-65535), got {value}")
     return value
+
+
+def _quotas(raw: str) -> dict[str, Quota]:
+    try:
+        return parse_quotas(raw)
+    except ValueError as exc:
+        raise SystemExit(f"agentmesh: AGENTMESH_QUOTAS: {exc}") from None
 
 
 def _positive(env: Mapping[str, str], name: str, default: int) -> int:
@@ -56,6 +67,10 @@ class Settings:
       AGENTMESH_EVENT_STREAMS_PER_USER  event streams a user may hold open (default 20)
       AGENTMESH_MESSAGE_RATE_LIMIT  messages an agent may send per second (default 50)
       AGENTMESH_INBOX_MAX_UNACKED   unacknowledged messages an inbox holds (default 10000)
+      AGENTMESH_QUOTAS              request quotas per principal, CLASS=LIMIT/SECONDS by commas
+                                    over the defaults "general=1000/60, monitoring=500/3600,
+                                    management=100/3600, agent=6000/60"; CLASS=0: no limit
+                                    (servers/common/quotas.py)
       AGENTMESH_EDGE_RATE_LIMIT     requests per second Envoy takes on one client connection,
                                     its flood guard (default 500); gRPC multiplexes a client's
                                     calls on one connection, so raise it for busy services
@@ -89,6 +104,7 @@ class Settings:
     message_rate_limit: int = 50
     inbox_max_unacked: int = 10_000
     edge_rate_limit: int = 500
+    quotas: Mapping[str, Quota] = field(default_factory=lambda: dict(quota_defaults))
     callback_allow_private: bool = False
     version: str = "0.1.0"
 
@@ -119,6 +135,7 @@ class Settings:
             message_rate_limit=_positive(env, "AGENTMESH_MESSAGE_RATE_LIMIT", 50),
             inbox_max_unacked=_positive(env, "AGENTMESH_INBOX_MAX_UNACKED", 10_000),
             edge_rate_limit=_positive(env, "AGENTMESH_EDGE_RATE_LIMIT", 500),
+            quotas=_quotas(env.get("AGENTMESH_QUOTAS") or ""),
             callback_allow_private=env.get("AGENTMESH_CALLBACK_ALLOW_PRIVATE") == "1",
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -34,6 +35,10 @@ class CallState:
     principal: Principal | None = None
     status: grpc.StatusCode = grpc.StatusCode.OK
     reason: str = ""
+    # Response headers (initial metadata) to send with the response: with the first message,
+    # or as trailers when the call fails before one (send_headers, interceptors.abort_with).
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    headers_sent: bool = False
 
 
 _call: contextvars.ContextVar[CallState | None] = contextvars.ContextVar("call", default=None)
@@ -81,12 +86,18 @@ def request_id() -> str:
 
 def add_trailer(context: grpc.aio.ServicerContext, key: str, value: str) -> None:
     """Adds trailing metadata without dropping what other layers set before."""
+    add_trailers(context, ((key, value),))
+
+
+def add_trailers(context: grpc.aio.ServicerContext, pairs: Sequence[tuple[str, str]]) -> None:
+    """Adds (or replaces) trailing metadata keys, keeping the others."""
     call = _call.get()
     if call is None:
-        context.set_trailing_metadata(((key, value),))
+        context.set_trailing_metadata(tuple(pairs))
         return
-    call.trailers = [(k, v) for k, v in call.trailers if k != key]
-    call.trailers.append((key, value))
+    keys = {key for key, _ in pairs}
+    call.trailers = [(k, v) for k, v in call.trailers if k not in keys]
+    call.trailers.extend(pairs)
     context.set_trailing_metadata(tuple(call.trailers))
 
 
@@ -101,6 +112,21 @@ async def set_http_status(context: grpc.aio.ServicerContext, status: int) -> Non
     sending initial metadata early is one more operation on the call.
     """
     call = _call.get()
-    if call is not None and not call.via_gateway:
+    if call is None:
+        await context.send_initial_metadata((("x-http-status", str(status)),))
         return
-    await context.send_initial_metadata((("x-http-status", str(status)),))
+    if not call.via_gateway:
+        return
+    call.headers.append(("x-http-status", str(status)))
+    await send_headers(context)
+
+
+async def send_headers(context: grpc.aio.ServicerContext) -> None:
+    """Sends the call's response headers (CallState.headers), once, if there are any: right
+    before the first response message, so that an error raised earlier still ends the call
+    with its own status (trailers only), which Envoy turns into the HTTP status."""
+    call = _call.get()
+    if call is None or call.headers_sent or not call.headers:
+        return
+    call.headers_sent = True
+    await context.send_initial_metadata(tuple(call.headers))

@@ -1,5 +1,5 @@
 """Server interceptors, outermost first: request id, access log, call metrics, error mapping,
-authentication, installed as one ChainInterceptor.
+authentication, request quotas, installed as one ChainInterceptor.
 
 Each is a grpc.aio.ServerInterceptor that wraps the handler's behaviour in an async context
 manager, so one implementation serves unary and streaming RPCs alike. They share the call's
@@ -23,9 +23,11 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from . import context as callctx
+from . import policy
 from .auth import Authenticator
 from .errors import DOMAIN, AgentmeshError, InternalError, NotImplementedYet
 from .metrics import Metrics
+from .quotas import QuotaExceeded, Quotas
 
 log = logging.getLogger("agentmesh.access")
 errlog = logging.getLogger("agentmesh.errors")
@@ -92,7 +94,9 @@ class _ScopeInterceptor(grpc.aio.ServerInterceptor):
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with self.scope(method, context):
                 result = behavior(request, context)
-                return await result if inspect.isawaitable(result) else result
+                response = await result if inspect.isawaitable(result) else result
+                await callctx.send_headers(context)
+                return response
 
         return unary
 
@@ -102,6 +106,7 @@ class _ScopeInterceptor(grpc.aio.ServerInterceptor):
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     async for item in result:
+                        await callctx.send_headers(context)
                         yield item
                 elif inspect.isawaitable(result):
                     await result  # a handler that writes with context.write()
@@ -196,7 +201,11 @@ async def abort_with(context: grpc.aio.ServicerContext, error: AgentmeshError) -
     call = callctx.current_call()
     if call is not None:
         call.status, call.reason = error.status, error.reason
-    trailers = [(k, v) for k, v in (call.trailers if call else []) if k != "x-http-status"]
+    trailers = list(call.trailers) if call else []
+    if call is not None and not call.headers_sent:
+        # Headers not sent yet go with the status (a trailers-only answer, which Envoy turns
+        # into the response's headers); a success status of set_http_status does not.
+        trailers += [(k, v) for k, v in call.headers if k != "x-http-status"]
     trailers.append(("grpc-status-details-bin", status_for(error).SerializeToString()))
     await context.abort(error.status, error.message, trailing_metadata=tuple(trailers))
 
@@ -244,6 +253,37 @@ class AuthInterceptor(_ScopeInterceptor):
         yield
 
 
+class QuotaInterceptor(_ScopeInterceptor):
+    """Counts every signed-in call against its principal's quota (quotas.py), after
+    authentication, and sets the rate-limit headers of the answer."""
+
+    def __init__(self, quotas: Quotas) -> None:
+        super().__init__()
+        self._quotas = quotas
+
+    @contextlib.asynccontextmanager
+    async def scope(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        call = callctx.current_call()
+        who = call.principal if call is not None else None
+        quota = policy.rule_for(method).quota
+        if call is not None and who is not None and quota:
+            refused: QuotaExceeded | None = None
+            try:
+                pairs = await self._quotas.charge(quota, who)
+            except QuotaExceeded as exc:
+                pairs, refused = exc.headers, exc
+            # REST: headers, which Envoy takes only from initial metadata (or from the trailers
+            # of an error). gRPC callers read them from the trailers, which go out with the
+            # status: initial metadata of their own would cost one more operation per call.
+            if call.via_gateway:
+                call.headers += pairs
+            else:
+                callctx.add_trailers(context, pairs)
+            if refused is not None:
+                raise refused
+        yield
+
+
 class ChainInterceptor(_ScopeInterceptor):
     """Several interceptors' scopes, outermost first, around one wrapper of the handler.
 
@@ -264,10 +304,12 @@ class ChainInterceptor(_ScopeInterceptor):
 
 
 def default_interceptors(
-    authenticator: Authenticator, metrics: Metrics | None = None
+    authenticator: Authenticator, metrics: Metrics | None = None, quotas: Quotas | None = None
 ) -> list[grpc.aio.ServerInterceptor]:
-    """The chain every server runs, outermost first; ``metrics``: count the calls there."""
+    """The chain every server runs, outermost first; ``metrics``: count the calls there;
+    ``quotas``: hold signed-in callers to them."""
     counting = [MetricsInterceptor(metrics)] if metrics is not None else []
+    limiting = [QuotaInterceptor(quotas)] if quotas is not None else []
     return [
         ChainInterceptor(
             [
@@ -276,6 +318,7 @@ def default_interceptors(
                 *counting,
                 ErrorInterceptor(),
                 AuthInterceptor(authenticator),
+                *limiting,
             ]
         )
     ]

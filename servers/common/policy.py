@@ -22,22 +22,24 @@ class Rule:
     agent: bool = False
     user_only: bool = False
     permission: Permission | None = None
+    # The request quota the call counts against (quotas.py); "": not counted.
+    quota: str = "general"
 
 
-PUBLIC = Rule(public=True)
+PUBLIC = Rule(public=True, quota="")
 # Any principal: a user's access token or an API key.
 SIGNED_IN = Rule()
 # A user's access token only: account, session and key management are not for API keys.
 USER_SESSION = Rule(user_only=True)
-INTERNAL = Rule(internal=True)
+INTERNAL = Rule(internal=True, quota="")
 # An API key with the `agent` scope.
-AGENT = Rule(agent=True)
+AGENT = Rule(agent=True, quota="agent")
 # Seed 004's admin ("*" on "*"); no other role and no API key scope has the "admin" action.
-ADMIN = Rule(user_only=True, permission=Permission("admin", "users"))
+ADMIN = Rule(user_only=True, permission=Permission("admin", "users"), quota="management")
 
 
-def needs(action: str, resource: str) -> Rule:
-    return Rule(permission=Permission(action, resource))
+def needs(action: str, resource: str, *, quota: str = "general") -> Rule:
+    return Rule(permission=Permission(action, resource), quota=quota)
 
 
 _P = "/agentmesh.v1."
@@ -79,7 +81,7 @@ POLICY: dict[str, Rule] = {
     f"{_P}TasksService/CancelTask": needs("execute", "tasks"),
     f"{_P}TasksService/StartTask": needs("execute", "tasks"),
     f"{_P}TasksService/StopTask": needs("execute", "tasks"),
-    f"{_P}TasksService/GetStats": needs("read", "tasks"),
+    f"{_P}TasksService/GetStats": needs("read", "tasks", quota="monitoring"),
     f"{_P}TasksInternalService/ClaimTask": INTERNAL,
     f"{_P}TasksInternalService/RenewLeases": INTERNAL,
     f"{_P}TasksInternalService/ReportProgress": INTERNAL,
@@ -101,8 +103,8 @@ POLICY: dict[str, Rule] = {
     f"{_P}AgentsInternalService/ResolveAgents": INTERNAL,
     f"{_P}AgentsInternalService/CountAgents": INTERNAL,
     # Monitoring: seed 004's "metrics" resource (viewer and admin read it).
-    f"{_P}MetricsService/GetMetrics": needs("read", "metrics"),
-    f"{_P}MetricsService/GetPrometheusMetrics": needs("read", "metrics"),
+    f"{_P}MetricsService/GetMetrics": needs("read", "metrics", quota="monitoring"),
+    f"{_P}MetricsService/GetPrometheusMetrics": needs("read", "metrics", quota="monitoring"),
     # Inter-agent messages: agents only; from_agent is always the authenticated agent.
     f"{_P}MessagingService/SendMessage": AGENT,
     f"{_P}MessagingService/SendRequest": AGENT,

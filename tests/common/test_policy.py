@@ -144,12 +144,15 @@ async def _matrix() -> str:
         "user sees only its own resources, and another's answer 404. Internal RPCs need the",
         "mesh's internal credential, which no caller here has. Generated and checked by",
         "`tests/common/test_policy.py` (`AGENTMESH_WRITE_POLICY_DOC=1` rewrites it).",
+        "The last column is the request quota a call counts against (`servers/common/quotas.py`;",
+        "`-`: not counted).",
         "",
-        "| RPC | " + " | ".join(CALLERS) + " |",
-        "| --- |" + " --- |" * len(CALLERS),
+        "| RPC | " + " | ".join(CALLERS) + " | quota |",
+        "| --- |" + " --- |" * (len(CALLERS) + 1),
     ]
     for method in sorted(POLICY):
         row = [await _verdict(auth, method, caller) for caller in CALLERS]
+        row.append(POLICY[method].quota or "-")
         lines.append(f"| `{method.removeprefix('/agentmesh.v1.')}` | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,130 @@
+"""Request quotas per principal (DESIGN.md, Limits): every signed-in call takes a token from
+its caller's bucket for its endpoint class, kept in Redis when the mesh has one (replicas share
+the count) and in memory otherwise or while Redis fails (ratelimit.TokenBucketLimiter: one stored
+moment per caller, whatever the quota). A quota of LIMIT calls per SECONDS lets a burst of LIMIT
+calls through, then one every SECONDS / LIMIT.
+
+The classes and their defaults come from the seeds:
+
+  general     1,000 calls a minute   seed 002: "1000 requests per minute per API key"
+  monitoring    500 calls an hour    seed 001's "Monitoring" class: stats and metrics
+  management    100 calls an hour    seed 001's "Endpoint Management": user administration
+  agent       6,000 calls a minute   the worker side of an agent-scoped key (register,
+                                     heartbeat, progress, results, messages); no seed has it
+
+A user's calls count together whether they come with a token or with any of the user's API keys,
+so more keys buy no more calls; an agent's calls count per key, so each agent has its own budget.
+Public RPCs (health, sign-up, login: login has its own limit) and the mesh's internal calls are
+not counted. A stream counts once, when it opens.
+
+The verdict goes back as seed 001's headers: X-RateLimit-Limit, -Remaining, -Reset (epoch
+seconds when the bucket is full again) and -Window (seconds); a refused call is
+429 RATE_LIMIT_EXCEEDED with Retry-After. gRPC callers get the same keys, lower-case, as trailing
+metadata (interceptors.QuotaInterceptor).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .context import Principal
+from .errors import RateLimited
+from .ratelimit import TokenBucketLimiter, Verdict
+
+CLASSES = ("general", "monitoring", "management", "agent")
+
+
+@dataclass(frozen=True)
+class Quota:
+    limit: int  # calls per window; 0: not limited
+    window: int  # seconds
+
+
+DEFAULTS: Mapping[str, Quota] = {
+    "general": Quota(1000, 60),
+    "monitoring": Quota(500, 3600),
+    "management": Quota(100, 3600),
+    "agent": Quota(6000, 60),
+}
+MAX_WINDOW = 86_400
+
+
+def parse(raw: str) -> dict[str, Quota]:
+    """The quotas of AGENTMESH_QUOTAS, ``class=limit/seconds`` separated by commas (a class
+    not named keeps its default; ``class=0``: not limited), over the defaults."""
+    quotas = dict(DEFAULTS)
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in CLASSES:
+            raise ValueError(f"{item!r}: expected CLASS=LIMIT/SECONDS, CLASS one of {CLASSES}")
+        limit_text, _, window_text = value.partition("/")
+        try:
+            limit = int(limit_text)
+            window = int(window_text) if window_text else quotas[name].window
+        except ValueError:
+            raise ValueError(f"{item!r}: LIMIT and SECONDS must be integers") from None
+        if limit < 0 or not 1 <= window <= MAX_WINDOW:
+            raise ValueError(f"{item!r}: LIMIT >= 0 and 1 <= SECONDS <= {MAX_WINDOW}")
+        quotas[name] = Quota(limit, window)
+    return quotas
+
+
+def headers(verdict: Verdict, window: int) -> list[tuple[str, str]]:
+    """Seed 001's rate-limit headers for a verdict, as gRPC metadata keys."""
+    return [
+        ("x-ratelimit-limit", str(verdict.limit)),
+        ("x-ratelimit-remaining", str(verdict.remaining)),
+        ("x-ratelimit-reset", str(math.ceil(verdict.reset))),
+        ("x-ratelimit-window", str(window)),
+    ]
+
+
+class Quotas:
+    """The limiters of every limited class; ``charge`` counts one call."""
+
+    def __init__(self, quotas: Mapping[str, Quota], *, redis_url: str | None = None) -> None:
+        self._windows = {name: q.window for name, q in quotas.items()}
+        self._limiters = {
+            name: TokenBucketLimiter(
+                name=f"quota-{name}", limit=q.limit, window=q.window, redis_url=redis_url
+            )
+            for name, q in quotas.items()
+            if q.limit > 0
+        }
+
+    async def charge(self, quota_class: str, who: Principal) -> list[tuple[str, str]]:
+        """Counts a call of ``who`` in its class; its rate-limit headers, or none for a class
+        without a limit. Raises QuotaExceeded, the headers in its ``headers``, when the
+        caller's bucket for the class is empty."""
+        limiter = self._limiters.get(quota_class)
+        if limiter is None:
+            return []
+        key = who.token_id if quota_class == "agent" else who.subject
+        verdict = await limiter.hit(key)
+        out = headers(verdict, self._windows[quota_class])
+        if not verdict.allowed:
+            raise QuotaExceeded(quota_class, verdict, self._windows[quota_class], out)
+        return out
+
+    async def close(self) -> None:
+        for limiter in self._limiters.values():
+            await limiter.close()
+
+
+class QuotaExceeded(RateLimited):
+    def __init__(
+        self, quota_class: str, verdict: Verdict, window: int, out: list[tuple[str, str]]
+    ) -> None:
+        super().__init__(
+            f"the {quota_class} quota of {verdict.limit} calls per {window} s is used up",
+            details={
+                "quota": quota_class,
+                "limit": verdict.limit,
+                "window": window,
+                "retry_after": verdict.retry_after,
+            },
+        )
+        self.headers = out

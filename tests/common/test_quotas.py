@@ -1,0 +1,118 @@
+"""Request quotas: AGENTMESH_QUOTAS, the classes of the policy table, and the token buckets'
+verdicts (with the moment a bucket is full again) in both stores, memory and Redis."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+
+import pytest
+import redis
+
+from servers.common import ratelimit
+from servers.common.config import Settings
+from servers.common.context import Principal
+from servers.common.policy import POLICY
+from servers.common.quotas import CLASSES, DEFAULTS, Quota, QuotaExceeded, Quotas, parse
+from tests.conftest import RedisServer
+
+
+def test_defaults_are_the_seeds_and_the_environment_overrides_them() -> None:
+    assert parse("") == DEFAULTS
+    assert DEFAULTS["general"] == Quota(1000, 60)  # seed 002: 1000 a minute per key
+    assert DEFAULTS["monitoring"] == Quota(500, 3600)  # seed 001's endpoint classes
+    assert DEFAULTS["management"] == Quota(100, 3600)
+    quotas = parse(" general=20/1, agent=0 ,monitoring=7")
+    assert quotas["general"] == Quota(20, 1)
+    assert quotas["agent"].limit == 0
+    assert quotas["monitoring"] == Quota(7, 3600)  # a class's window stays when not given
+    assert quotas["management"] == DEFAULTS["management"]
+
+
+@pytest.mark.parametrize(
+    "raw", ["general", "nosuch=1/60", "general=x/60", "general=-1/60", "general=5/0", "agent=1/1e9"]
+)
+def test_a_bad_setting_stops_the_mesh_with_its_reason(raw: str) -> None:
+    with pytest.raises(SystemExit, match="AGENTMESH_QUOTAS"):
+        Settings.from_env({"AGENTMESH_QUOTAS": raw})
+
+
+def test_every_rpc_a_principal_may_call_counts_in_a_known_class() -> None:
+    for method, rule in POLICY.items():
+        if rule.public or rule.internal:
+            assert rule.quota == "", method
+        elif rule.agent:
+            assert rule.quota == "agent", method
+        else:
+            assert rule.quota in CLASSES, method
+    assert POLICY["/agentmesh.v1.UsersService/DeleteUser"].quota == "management"
+    assert POLICY["/agentmesh.v1.MetricsService/GetPrometheusMetrics"].quota == "monitoring"
+
+
+def _user(subject: str = "") -> Principal:
+    return Principal(subject=subject or str(uuid.uuid4()), kind="user", token_id="t")
+
+
+async def _exhaust(quotas: Quotas, who: Principal, limit: int) -> list[dict[str, str]]:
+    return [dict(await quotas.charge("general", who)) for _ in range(limit)]
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_bucket_lets_a_burst_through_then_refills_at_its_rate(
+    store: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server: RedisServer | None = (
+        request.getfixturevalue("redis_server") if store == "redis" else None
+    )
+    url = server[0] if server else None
+    clock = [time.time()]
+    monkeypatch.setattr(ratelimit.time, "time", lambda: clock[0])
+    quotas = Quotas({"general": Quota(3, 60), "agent": Quota(0, 60)}, redis_url=url)
+    try:
+        who, other = _user(), _user()
+        start = clock[0]
+        answers = await _exhaust(quotas, who, 3)
+        assert [a["x-ratelimit-remaining"] for a in answers] == ["2", "1", "0"]
+        assert {a["x-ratelimit-limit"] for a in answers} == {"3"}
+        assert {a["x-ratelimit-window"] for a in answers} == {"60"}
+        # Each call takes one of 3 tokens; a token comes back every 20 s, so the bucket is full
+        # again 20 s after the first call, 40 after the second, 60 after the third.
+        resets = [int(a["x-ratelimit-reset"]) for a in answers]
+        assert resets == [math.ceil(start + 20 * n) for n in (1, 2, 3)]
+        with pytest.raises(QuotaExceeded) as refused:
+            await quotas.charge("general", who)
+        assert refused.value.details["retry_after"] == "20"
+        assert dict(refused.value.headers)["x-ratelimit-remaining"] == "0"
+        # Another caller has a bucket of its own.
+        assert (await quotas.charge("general", other))[1] == ("x-ratelimit-remaining", "2")
+        # 20 s on, one token is back: one call goes through, the next does not.
+        clock[0] += 20
+        assert dict(await quotas.charge("general", who))["x-ratelimit-remaining"] == "0"
+        with pytest.raises(QuotaExceeded):
+            await quotas.charge("general", who)
+        # A minute after that, the bucket is full.
+        clock[0] += 60
+        assert dict(await quotas.charge("general", who))["x-ratelimit-remaining"] == "2"
+        # A class without a limit counts nothing and says nothing.
+        assert await quotas.charge("agent", who) == []
+        if url:  # counted in Redis itself, not in the fallback
+            client = redis.Redis.from_url(url)
+            assert client.exists(f"agentmesh:rl:quota-general:{who.subject}")
+            client.close()
+    finally:
+        await quotas.close()
+
+
+async def test_agents_count_per_key_and_users_per_account() -> None:
+    quotas = Quotas({"general": Quota(1, 60), "agent": Quota(1, 60)})
+    owner = str(uuid.uuid4())
+    token = Principal(subject=owner, kind="user", token_id="jwt-1")
+    key = Principal(subject=owner, kind="api_key", token_id="key-1")
+    await quotas.charge("general", token)
+    with pytest.raises(QuotaExceeded):
+        await quotas.charge("general", key)  # the owner's key shares its quota
+    await quotas.charge("agent", key)
+    await quotas.charge("agent", Principal(subject=owner, kind="api_key", token_id="key-2"))
+    with pytest.raises(QuotaExceeded):
+        await quotas.charge("agent", key)
