@@ -48,16 +48,21 @@ return {0, 0, tostring(tonumber(oldest[2]) + window - now), frees}
 """
 
 # The key holds the bucket's "theoretical arrival time": the moment it will be full again.
+# ARGV[5] is SLACK (see below).
 _TOKEN_BUCKET = """
 local key, now, window, limit = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local full = math.max(tonumber(redis.call('GET', key) or '0'), now)
 local after = full + window / limit
-if after - window > now then
-  return {0, tostring(full)}
+if after - window > now + tonumber(ARGV[5]) then
+  return {0, string.format('%.17g', full)}
 end
-redis.call('SET', key, tostring(after), 'PX', math.ceil((after - now) * 1000))
-return {1, tostring(after)}
+local text = string.format('%.17g', after)
+redis.call('SET', key, text, 'PX', math.ceil((after - now) * 1000))
+return {1, text}
 """
+# Sums of intervals carry rounding errors: the last call of a burst could find the bucket
+# "empty" by a few microseconds. A call is refused only when it is early by more than this.
+SLACK = 0.001
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,7 @@ class _Limiter:
             try:
                 reply = await self._script(
                     keys=[f"agentmesh:rl:{self.name}:{key}"],
-                    args=[now, self.window, self.limit, uuid.uuid4().hex],
+                    args=[now, self.window, self.limit, uuid.uuid4().hex, SLACK],
                 )
                 return self._from_redis(reply, now)
             except (redis.RedisError, OSError) as exc:
@@ -168,7 +173,7 @@ class TokenBucketLimiter(_Limiter):
     def _in_memory(self, state: float | None, now: float) -> tuple[Verdict, float]:
         full = max(state or 0.0, now)
         after = full + self.window / self.limit
-        if after - self.window > now:
+        if after - self.window > now + SLACK:
             return self._verdict(False, full, now), full
         return self._verdict(True, after, now), after
 
@@ -177,9 +182,8 @@ class TokenBucketLimiter(_Limiter):
         interval = self.window / self.limit
         if not allowed:
             return Verdict(False, self.limit, 0, _ceil(full + interval - self.window - now), full)
-        # Tokens left: the empty part of the window ahead, in intervals (rounding errors of a
-        # whole number of intervals must not cost a token).
-        remaining = math.floor((self.window - (full - now)) / interval + 1e-9)
+        # Tokens left: the empty part of the window ahead, in intervals.
+        remaining = math.floor((self.window - (full - now) + SLACK) / interval)
         return Verdict(True, self.limit, max(0, min(self.limit, remaining)), 0, full)
 
 
