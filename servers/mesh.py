@@ -157,7 +157,12 @@ class Runtime:
             internal_token=internal_token(settings.data_dir),
             limits=limits,
             bus=open_bus(settings.redis_url, prefix=settings.bus_prefix),
-            quotas=Quotas(settings.quotas, redis_url=settings.redis_url),
+            quotas=Quotas(
+                settings.quotas,
+                tiers=settings.tiers,
+                default_tier=settings.default_tier,
+                redis_url=settings.redis_url,
+            ),
         )
 
     def authenticator(self, api_keys: ApiKeyResolver | None = None) -> Authenticator:

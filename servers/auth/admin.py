@@ -14,6 +14,7 @@ from servers.common.context import Principal
 from servers.common.db import Database
 from servers.common.errors import Conflict, NotFound, PermissionDenied, ValidationError
 from servers.common.pagination import Page
+from servers.common.quotas import TIERS
 from servers.common.rbac import DEFAULT_ROLES, ROLES
 
 from .domain import (
@@ -143,14 +144,33 @@ class UserAdmin:
         wanted = check_roles(roles)
         if who.subject == user_id and "admin" not in wanted:
             raise Conflict("admins cannot take their own admin role away")
+        return await self._set(who, user_id, "roles", wanted)
+
+    async def set_tier(self, who: Principal, user_id: str, tier: str) -> UserRow:
+        if tier and tier not in TIERS:
+            raise ValidationError(
+                f"tier must be one of {', '.join(TIERS)}, or empty for the default",
+                details={"field": "tier"},
+            )
+        return await self._set(who, user_id, "tier", tier)
+
+    async def _set(self, who: Principal, user_id: str, field: str, value: object) -> UserRow:
+        """Sets one of an account's access attributes (roles, tier), with its security event
+        (security.roles_changed, security.tier_changed). The account's API keys follow at
+        once; its tokens at the next sign-in or refresh."""
         async with self._db.write() as s, s.begin():
             user = await UserStore(s).get(user_id, lock=True)
             if user is None:
                 raise NotFound("no such user", details={"user_id": user_id[:64]})
-            user.roles = wanted
+            setattr(user, field, value)
             user.updated_at = now()
             security_event(
-                s, "security.roles_changed", user_id, user.updated_at, roles=wanted, by=who.subject
+                s,
+                f"security.{field}_changed",
+                user_id,
+                user.updated_at,
+                by=who.subject,
+                **{field: value},
             )
         self._cache.forget_user(user_id)
         return user

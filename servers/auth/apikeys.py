@@ -156,4 +156,5 @@ def principal_of(user: UserRow, key: ApiKeyRow) -> Principal:
         permissions=permissions_of(user.roles),
         scopes=tuple(key.scopes),
         token_id=key.key_id,
+        tier=user.tier,
     )

@@ -326,6 +326,7 @@ class Accounts:
             "username": user.username,
             "roles": list(user.roles),
             "permissions": list(permissions_of(user.roles)),
+            "tier": user.tier,
             "iat": int(at.timestamp()),
             "nbf": int(at.timestamp()),
             "exp": int(at.timestamp()) + self._access_ttl,

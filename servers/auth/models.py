@@ -28,6 +28,8 @@ class UserRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_login: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The quota tier (servers/common/quotas.py); "": the mesh's default.
+    tier: Mapped[str] = mapped_column(String(16), default="", server_default="")
 
 
 class RefreshTokenRow(Base):

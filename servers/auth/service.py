@@ -30,6 +30,7 @@ def user_proto(user: UserRow) -> auth_pb2.User:
         created_at=timestamp(user.created_at),
         last_login=timestamp(user.last_login),
         disabled=user.disabled,
+        tier=user.tier,
     )
 
 
@@ -234,6 +235,13 @@ class UsersService(users_pb2_grpc.UsersServiceServicer):
     ) -> auth_pb2.User:
         return user_proto(
             await self._admin.set_roles(require_principal(), request.user_id, list(request.roles))
+        )
+
+    async def SetUserTier(
+        self, request: users_pb2.SetUserTierRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.User:
+        return user_proto(
+            await self._admin.set_tier(require_principal(), request.user_id, request.tier)
         )
 
 

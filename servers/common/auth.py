@@ -115,6 +115,7 @@ class TokenVerifier:
             roles=tuple(claims.get("roles") or ()),
             permissions=tuple(claims.get("permissions") or ()),
             token_id=str(claims["jti"]),
+            tier=str(claims.get("tier") or ""),
         )
         # PyJWT allows no leeway by default; keep the cache exactly as strict.
         return who, float(claims.get("nbf", 0)), float(claims["exp"])
@@ -170,6 +171,7 @@ class ApiKeyClient:
             permissions=permissions_of(tuple(reply.user.roles)),
             scopes=tuple(reply.scopes),
             token_id=reply.key_id,
+            tier=reply.user.tier,
         )
 
     async def close(self) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .quotas import DEFAULTS as quota_defaults
-from .quotas import Quota
+from .quotas import TIER_DEFAULTS, TIERS, Quota
 from .quotas import parse as parse_quotas
 
 SERVICES = ("auth", "tasks", "agents", "messaging")
@@ -27,11 +27,19 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
-def _quotas(raw: str) -> dict[str, Quota]:
+def _quotas(
+    name: str, env: Mapping[str, str], defaults: Mapping[str, Quota], what: str
+) -> dict[str, Quota]:
     try:
-        return parse_quotas(raw)
+        return parse_quotas(env.get(name) or "", defaults, what=what)
     except ValueError as exc:
-        raise SystemExit(f"agentmesh: AGENTMESH_QUOTAS: {exc}") from None
+        raise SystemExit(f"agentmesh: {name}: {exc}") from None
+
+
+def _tier(raw: str) -> str:
+    if raw and raw not in TIERS:
+        raise SystemExit(f"agentmesh: AGENTMESH_DEFAULT_TIER must be one of {TIERS}")
+    return raw
 
 
 def _positive(env: Mapping[str, str], name: str, default: int) -> int:
@@ -71,6 +79,10 @@ class Settings:
                                     over the defaults "general=1000/60, monitoring=500/3600,
                                     management=100/3600, agent=6000/60"; CLASS=0: no limit
                                     (servers/common/quotas.py)
+      AGENTMESH_TIERS               seed 000's tiers the same way, over "free=100/3600,
+                                    pro=1000/3600, enterprise=0"
+      AGENTMESH_DEFAULT_TIER        the tier of accounts an admin put in none (default: none;
+                                    they have the general quota)
       AGENTMESH_EDGE_RATE_LIMIT     requests per second Envoy takes on one client connection,
                                     its flood guard (default 500); gRPC multiplexes a client's
                                     calls on one connection, so raise it for busy services
@@ -105,6 +117,8 @@ class Settings:
     inbox_max_unacked: int = 10_000
     edge_rate_limit: int = 500
     quotas: Mapping[str, Quota] = field(default_factory=lambda: dict(quota_defaults))
+    tiers: Mapping[str, Quota] = field(default_factory=lambda: dict(TIER_DEFAULTS))
+    default_tier: str = ""
     callback_allow_private: bool = False
     version: str = "0.1.0"
 
@@ -135,7 +149,9 @@ class Settings:
             message_rate_limit=_positive(env, "AGENTMESH_MESSAGE_RATE_LIMIT", 50),
             inbox_max_unacked=_positive(env, "AGENTMESH_INBOX_MAX_UNACKED", 10_000),
             edge_rate_limit=_positive(env, "AGENTMESH_EDGE_RATE_LIMIT", 500),
-            quotas=_quotas(env.get("AGENTMESH_QUOTAS") or ""),
+            quotas=_quotas("AGENTMESH_QUOTAS", env, quota_defaults, "CLASS"),
+            tiers=_quotas("AGENTMESH_TIERS", env, TIER_DEFAULTS, "TIER"),
+            default_tier=_tier(env.get("AGENTMESH_DEFAULT_TIER") or ""),
             callback_allow_private=env.get("AGENTMESH_CALLBACK_ALLOW_PRIVATE") == "1",
         )
 

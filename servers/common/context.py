@@ -20,6 +20,7 @@ class Principal:
     permissions: tuple[str, ...] = ()
     scopes: tuple[str, ...] = ()
     token_id: str = ""
+    tier: str = ""  # the account's quota tier; "": the mesh's default (quotas.py)
 
 
 @dataclass

@@ -71,6 +71,7 @@ POLICY: dict[str, Rule] = {
     f"{_P}UsersService/UpdateUser": USER_SESSION,
     f"{_P}UsersService/DeleteUser": ADMIN,
     f"{_P}UsersService/SetUserRoles": ADMIN,
+    f"{_P}UsersService/SetUserTier": ADMIN,
     # Tasks: seed 004's table; ownership is checked by the tasks service.
     f"{_P}TasksService/CreateTask": needs("execute", "tasks"),
     f"{_P}TasksService/ListTasks": needs("read", "tasks"),

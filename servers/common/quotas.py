@@ -14,6 +14,16 @@ The classes and their defaults come from the seeds:
 
 A user's calls count together whether they come with a token or with any of the user's API keys,
 so more keys buy no more calls; an agent's calls count per key, so each agent has its own budget.
+
+Seed 000's tiers replace the general quota of the accounts an admin puts in one (SetUserTier),
+or of every account without one when AGENTMESH_DEFAULT_TIER names one:
+
+  free          100 calls an hour
+  pro         1,000 calls an hour
+  enterprise  no limit
+
+AGENTMESH_TIERS overrides them as AGENTMESH_QUOTAS does the classes. A token carries the tier it
+was issued with; API keys follow a change at once.
 Public RPCs (health, sign-up, login: login has its own limit) and the mesh's internal calls are
 not counted. A stream counts once, when it opens.
 
@@ -48,18 +58,29 @@ DEFAULTS: Mapping[str, Quota] = {
     "management": Quota(100, 3600),
     "agent": Quota(6000, 60),
 }
+TIER_DEFAULTS: Mapping[str, Quota] = {
+    "free": Quota(100, 3600),
+    "pro": Quota(1000, 3600),
+    "enterprise": Quota(0, 3600),
+}
+TIERS = tuple(TIER_DEFAULTS)
 MAX_WINDOW = 86_400
 
 
-def parse(raw: str) -> dict[str, Quota]:
-    """The quotas of AGENTMESH_QUOTAS, ``class=limit/seconds`` separated by commas (a class
-    not named keeps its default; ``class=0``: not limited), over the defaults."""
-    quotas = dict(DEFAULTS)
+def parse(
+    raw: str, defaults: Mapping[str, Quota] = DEFAULTS, *, what: str = "CLASS"
+) -> dict[str, Quota]:
+    """The quotas of AGENTMESH_QUOTAS (or, with TIER_DEFAULTS, AGENTMESH_TIERS),
+    ``name=limit/seconds`` separated by commas (a name not given keeps its default;
+    ``name=0``: not limited), over the defaults."""
+    quotas = dict(defaults)
     for item in filter(None, (part.strip() for part in raw.split(","))):
         name, sep, value = item.partition("=")
         name = name.strip()
-        if not sep or name not in CLASSES:
-            raise ValueError(f"{item!r}: expected CLASS=LIMIT/SECONDS, CLASS one of {CLASSES}")
+        if not sep or name not in defaults:
+            raise ValueError(
+                f"{item!r}: expected {what}=LIMIT/SECONDS, {what} one of {tuple(defaults)}"
+            )
         limit_text, _, window_text = value.partition("/")
         try:
             limit = int(limit_text)
@@ -85,28 +106,48 @@ def headers(verdict: Verdict, window: int) -> list[tuple[str, str]]:
 class Quotas:
     """The limiters of every limited class; ``charge`` counts one call."""
 
-    def __init__(self, quotas: Mapping[str, Quota], *, redis_url: str | None = None) -> None:
-        self._windows = {name: q.window for name, q in quotas.items()}
+    def __init__(
+        self,
+        quotas: Mapping[str, Quota],
+        *,
+        tiers: Mapping[str, Quota] = TIER_DEFAULTS,
+        default_tier: str = "",
+        redis_url: str | None = None,
+    ) -> None:
+        self._default_tier = default_tier
+        # By class, and by tier as "tier:NAME"; None: not limited.
+        self._quotas = {
+            **quotas,
+            **{f"tier:{name}": quota for name, quota in tiers.items()},
+        }
         self._limiters = {
             name: TokenBucketLimiter(
-                name=f"quota-{name}", limit=q.limit, window=q.window, redis_url=redis_url
+                name=f"quota-{name.replace(':', '-')}",
+                limit=quota.limit,
+                window=quota.window,
+                redis_url=redis_url,
             )
-            for name, q in quotas.items()
-            if q.limit > 0
+            for name, quota in self._quotas.items()
+            if quota.limit > 0
         }
 
     async def charge(self, quota_class: str, who: Principal) -> list[tuple[str, str]]:
-        """Counts a call of ``who`` in its class; its rate-limit headers, or none for a class
-        without a limit. Raises QuotaExceeded, the headers in its ``headers``, when the
-        caller's bucket for the class is empty."""
-        limiter = self._limiters.get(quota_class)
+        """Counts a call of ``who`` in its class (the general class: in its tier, if it has
+        one); its rate-limit headers, or none without a limit. Raises QuotaExceeded, the
+        headers in its ``headers``, when the caller's bucket is empty."""
+        name = quota_class
+        tier = who.tier or self._default_tier
+        if quota_class == "general" and f"tier:{tier}" in self._quotas:
+            name = f"tier:{tier}"
+        limiter = self._limiters.get(name)
         if limiter is None:
             return []
         key = who.token_id if quota_class == "agent" else who.subject
         verdict = await limiter.hit(key)
-        out = headers(verdict, self._windows[quota_class])
+        window = self._quotas[name].window
+        out = headers(verdict, window)
         if not verdict.allowed:
-            raise QuotaExceeded(quota_class, verdict, self._windows[quota_class], out)
+            raise QuotaExceeded(name, verdict, window, out)
         return out
 
     async def close(self) -> None:
@@ -116,12 +157,14 @@ class Quotas:
 
 class QuotaExceeded(RateLimited):
     def __init__(
-        self, quota_class: str, verdict: Verdict, window: int, out: list[tuple[str, str]]
+        self, name: str, verdict: Verdict, window: int, out: list[tuple[str, str]]
     ) -> None:
+        quota, _, tier = name.partition(":")
         super().__init__(
-            f"the {quota_class} quota of {verdict.limit} calls per {window} s is used up",
+            f"the {tier or quota} quota of {verdict.limit} calls per {window} s is used up",
             details={
-                "quota": quota_class,
+                "quota": "general" if tier else quota,
+                **({"tier": tier} if tier else {}),
                 "limit": verdict.limit,
                 "window": window,
                 "retry_after": verdict.retry_after,

@@ -14,7 +14,15 @@ from servers.common import ratelimit
 from servers.common.config import Settings
 from servers.common.context import Principal
 from servers.common.policy import POLICY
-from servers.common.quotas import CLASSES, DEFAULTS, Quota, QuotaExceeded, Quotas, parse
+from servers.common.quotas import (
+    CLASSES,
+    DEFAULTS,
+    TIER_DEFAULTS,
+    Quota,
+    QuotaExceeded,
+    Quotas,
+    parse,
+)
 from tests.conftest import RedisServer
 
 
@@ -102,6 +110,40 @@ async def test_a_bucket_lets_a_burst_through_then_refills_at_its_rate(
             client.close()
     finally:
         await quotas.close()
+
+
+def test_tiers_are_seed_000s_and_the_environment_overrides_them() -> None:
+    settings = Settings.from_env({})
+    assert settings.tiers == TIER_DEFAULTS and settings.default_tier == ""
+    assert TIER_DEFAULTS == {
+        "free": Quota(100, 3600),
+        "pro": Quota(1000, 3600),
+        "enterprise": Quota(0, 3600),
+    }
+    settings = Settings.from_env({"AGENTMESH_TIERS": "pro=5000", "AGENTMESH_DEFAULT_TIER": "free"})
+    assert settings.tiers["pro"] == Quota(5000, 3600) and settings.default_tier == "free"
+    for bad in ({"AGENTMESH_TIERS": "gold=1/60"}, {"AGENTMESH_DEFAULT_TIER": "gold"}):
+        with pytest.raises(SystemExit, match="TIER"):
+            Settings.from_env(bad)
+
+
+async def test_a_tier_replaces_the_general_quota_only() -> None:
+    quotas = Quotas(
+        {**DEFAULTS, "general": Quota(5, 60), "monitoring": Quota(4, 60)},
+        tiers={"free": Quota(1, 3600), "pro": Quota(2, 3600), "enterprise": Quota(0, 3600)},
+        default_tier="pro",
+    )
+    free = Principal(subject=str(uuid.uuid4()), kind="user", tier="free")
+    assert dict(await quotas.charge("general", free))["x-ratelimit-window"] == "3600"
+    with pytest.raises(QuotaExceeded) as refused:
+        await quotas.charge("general", free)
+    assert refused.value.details["quota"] == "general" and refused.value.details["tier"] == "free"
+    # Other classes keep their own quota.
+    assert dict(await quotas.charge("monitoring", free))["x-ratelimit-limit"] == "4"
+    # An account without a tier has the default one; enterprise has no limit.
+    assert dict(await quotas.charge("general", _user()))["x-ratelimit-limit"] == "2"
+    rich = Principal(subject=str(uuid.uuid4()), kind="user", tier="enterprise")
+    assert [await quotas.charge("general", rich) for _ in range(10)] == [[]] * 10
 
 
 async def test_agents_count_per_key_and_users_per_account() -> None:

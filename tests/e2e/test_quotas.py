@@ -17,15 +17,16 @@ from agentmesh.v1 import tasks_pb2, tasks_pb2_grpc
 from servers.launcher import MeshProcess, free_port
 from tests.conftest import SHARED_MESH_ENV, RedisServer
 from tests.e2e.test_http_agents import Developer
-from tests.helpers import Account, assert_envelope, error_reason, register
+from tests.helpers import Account, assert_envelope, error_reason, grant_role, register, relogin
 
-GENERAL, MONITORING, AGENT, WINDOW = 6, 2, 3, 60
+GENERAL, MONITORING, AGENT, FREE, WINDOW = 6, 2, 3, 3, 60
 QUOTAS = f"general={GENERAL}/{WINDOW},monitoring={MONITORING}/3600,agent={AGENT}/{WINDOW}"
+TIERS = f"free={FREE}/3600"
 
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshProcess]:
-    env = {**SHARED_MESH_ENV, "AGENTMESH_QUOTAS": QUOTAS}
+    env = {**SHARED_MESH_ENV, "AGENTMESH_QUOTAS": QUOTAS, "AGENTMESH_TIERS": TIERS}
     with MeshProcess(data_dir=tmp_path_factory.mktemp("quotas"), env=env) as proc:
         yield proc
 
@@ -136,6 +137,39 @@ def test_a_stream_counts_once_when_it_opens(client: httpx.Client) -> None:
             if beats == 2:
                 break
     assert _remaining(client.get("/api/v1/auth/me", headers=ada.headers), GENERAL) == GENERAL - 2
+
+
+def test_an_admin_puts_an_account_in_a_tier(mesh: MeshProcess, client: httpx.Client) -> None:
+    admin, ada = register(client), register(client)
+    grant_role(mesh, admin.username, "admin")
+    admin = relogin(client, admin)
+    made = client.post(
+        "/api/v1/auth/api-keys", json={"name": "script", "scopes": ["read"]}, headers=ada.headers
+    )
+    assert made.status_code == 201, made.text
+    key = {"X-API-Key": made.json()["key"]}
+
+    def set_tier(tier: str, who: Account = admin) -> httpx.Response:
+        return client.put(f"/api/v1/users/{ada.id}/tier", json={"tier": tier}, headers=who.headers)
+
+    assert_envelope(set_tier("gold"), 400, "VALIDATION_ERROR")
+    assert_envelope(set_tier("enterprise", ada), 403, "INSUFFICIENT_PERMISSIONS")
+    put = set_tier("free")
+    assert put.status_code == 200 and put.json()["tier"] == "free", put.text
+    # The key follows at once: seed 000's free tier, FREE calls an hour, replaces the general
+    # quota. The token keeps the tier it was issued with until the next sign-in.
+    assert _remaining(client.get("/api/v1/tasks", headers=key), FREE, 3600) == FREE - 1
+    assert _remaining(client.get("/api/v1/auth/me", headers=ada.headers), GENERAL) == GENERAL - 2
+    ada = relogin(client, ada)
+    assert _remaining(client.get("/api/v1/auth/me", headers=ada.headers), FREE, 3600) == FREE - 2
+    assert _remaining(client.get("/api/v1/auth/me", headers=ada.headers), FREE, 3600) == 0
+    refused = client.get("/api/v1/tasks", headers=key)
+    _assert_refused(refused, "general", FREE)
+    assert refused.json()["error"]["details"]["tier"] == "free"
+    # Enterprise has no limit: nothing counted, nothing said.
+    assert set_tier("enterprise").json()["tier"] == "enterprise"
+    unlimited = client.get("/api/v1/tasks", headers=key)
+    assert unlimited.status_code == 200 and "x-ratelimit-limit" not in unlimited.headers
 
 
 def test_grpc_callers_get_the_headers_as_trailing_metadata(

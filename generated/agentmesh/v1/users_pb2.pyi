@@ -82,3 +82,11 @@ class SetUserRolesRequest(_message.Message):
     user_id: str
     roles: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, user_id: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetUserTierRequest(_message.Message):
+    __slots__ = ("user_id", "tier")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    tier: str
+    def __init__(self, user_id: _Optional[str] = ..., tier: _Optional[str] = ...) -> None: ...

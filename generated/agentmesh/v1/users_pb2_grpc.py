@@ -69,6 +69,11 @@ class UsersServiceStub:
                 request_serializer=agentmesh_dot_v1_dot_users__pb2.SetUserRolesRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_v1_dot_auth__pb2.User.FromString,
                 _registered_method=True)
+        self.SetUserTier = channel.unary_unary(
+                '/agentmesh.v1.UsersService/SetUserTier',
+                request_serializer=agentmesh_dot_v1_dot_users__pb2.SetUserTierRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_auth__pb2.User.FromString,
+                _registered_method=True)
 
 
 class UsersServiceServicer:
@@ -121,6 +126,15 @@ class UsersServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetUserTier(self, request, context):
+        """Sets a user's quota tier (seed 000's free, pro or enterprise; empty: the mesh's default).
+        Its API keys follow at once, its tokens at the next sign-in or refresh. 400
+        VALIDATION_ERROR for another tier.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UsersServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -152,6 +166,11 @@ def add_UsersServiceServicer_to_server(servicer, server):
             'SetUserRoles': grpc.unary_unary_rpc_method_handler(
                     servicer.SetUserRoles,
                     request_deserializer=agentmesh_dot_v1_dot_users__pb2.SetUserRolesRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_auth__pb2.User.SerializeToString,
+            ),
+            'SetUserTier': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetUserTier,
+                    request_deserializer=agentmesh_dot_v1_dot_users__pb2.SetUserTierRequest.FromString,
                     response_serializer=agentmesh_dot_v1_dot_auth__pb2.User.SerializeToString,
             ),
     }
@@ -320,6 +339,33 @@ class UsersService:
             target,
             '/agentmesh.v1.UsersService/SetUserRoles',
             agentmesh_dot_v1_dot_users__pb2.SetUserRolesRequest.SerializeToString,
+            agentmesh_dot_v1_dot_auth__pb2.User.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetUserTier(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.v1.UsersService/SetUserTier',
+            agentmesh_dot_v1_dot_users__pb2.SetUserTierRequest.SerializeToString,
             agentmesh_dot_v1_dot_auth__pb2.User.FromString,
             options,
             channel_credentials,
