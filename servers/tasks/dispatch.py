@@ -67,7 +67,9 @@ _LEASE = (
 )
 
 # A result of the attempt holding the task, the usual outcome, is one statement too; anything
-# else (an error, a repeat, a refusal) goes through the mapped row (``_record``).
+# else (an error, a repeat, a refusal) goes through the mapped row (``_record``). A task its
+# agent never reported running ran from its lease: while a task is `assigned`, its updated_at
+# is the moment it was leased (renewals move only lease_expires_at).
 _AT = bindparam("done_at", type_=_t.c.updated_at.type)
 _COMPLETE = (
     update(_t)
@@ -82,7 +84,7 @@ _COMPLETE = (
         result=bindparam("done_result", type_=_t.c.result.type),
         progress=100,
         completed_at=_AT,
-        started_at=func.coalesce(_t.c.started_at, _AT),
+        started_at=func.coalesce(_t.c.started_at, _t.c.updated_at),
         lease_expires_at=None,
         updated_at=_AT,
     )
@@ -329,6 +331,7 @@ class Dispatch:
             return Outcome(True, task.status, task=task)
         if not _holds(task, agent_id, token):
             return Outcome(False, task.status, "CONFLICT")
+        leased_at = task.updated_at  # see _COMPLETE
         task.lease_expires_at = None
         task.updated_at = at
         if error is None:
@@ -336,7 +339,7 @@ class Dispatch:
             task.result = result or {}
             task.progress = 100
             task.completed_at = at
-            task.started_at = task.started_at or at
+            task.started_at = task.started_at or leased_at
             Outbox(s).add("task.completed", task, at, agent_id=agent_id, attempt=task.attempt)
             return Outcome(True, task.status, task=task, fresh=True)
         code, message, retryable = error

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from agentmesh.v1 import tasks_pb2
+from servers.common.clock import aware
 from servers.common.db import Database
 from servers.common.errors import ValidationError
 from servers.common.internal import InternalChannel
@@ -115,6 +116,26 @@ async def test_a_stale_attempt_is_refused(db: Database) -> None:
     assert again.accepted
     final = await tasks.get(ALICE, task.task_id)
     assert final.result == {"ok": True} and final.attempt == 2
+
+
+async def test_a_task_never_reported_running_ran_from_its_lease(db: Database) -> None:
+    """An agent need not report progress: the run time of a task it only completed counts
+    from the moment it was leased, not zero (the stats' and the metrics' durations)."""
+    tasks, dispatch = Tasks(db=db), Dispatch(db=db, lease_seconds=30)
+    await tasks.create(ALICE, NEW)
+    leased = await dispatch.claim("agent-1", ["echo"])
+    assert leased is not None and leased.started_at is None
+    await dispatch.renew("agent-1", [leased.task_id])  # renewals do not move the start
+    await asyncio.sleep(0.2)
+    done = await dispatch.complete(
+        leased.task_id, "agent-1", leased.attempt_token or "", result={}, error=None
+    )
+    assert done.task is not None and done.task.started_at is not None
+    assert aware(done.task.started_at) == aware(leased.updated_at)
+    assert done.task.completed_at is not None
+    ran = (aware(done.task.completed_at) - aware(done.task.started_at)).total_seconds()
+    assert 0.2 <= ran < 5
+    assert (await tasks.stats(ALICE)).average_completion_time == pytest.approx(ran)
 
 
 async def test_the_last_attempt_fails_the_task(db: Database) -> None:
