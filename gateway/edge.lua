@@ -6,7 +6,12 @@
 --   * applies the x-http-status header a server sets for 201, 204 or 503 (servers/common/context.py);
 --   * adds Retry-After to 429 answers, from the error's details.retry_after;
 --   * drops gRPC-only headers;
---   * answers the deprecated unversioned /api/* paths with seed 000's deprecation headers.
+--   * answers the deprecated unversioned /api/* paths with seed 000's deprecation headers;
+--   * in its second place (EDGE_ROLE "body_fields"; after the buffer filter, whose 1 MiB
+--     limit its body() then has, not the 32 KiB per-connection one, and before the transcoder),
+--     refuses a JSON body with a top-level field its route's request does not have (400
+--     VALIDATION_ERROR), which the transcoder would drop without a word. gateway/proxy.py writes
+--     that copy of this script with BODY_FIELDS (gateway/fields.py) and EDGE_ROLE in front.
 -- Envoy's own errors are shaped by local_reply_config in envoy.yaml, not here.
 -- The Status JSON comes from protobuf's printer, so its field order is fixed: code, message,
 -- details; inside ErrorInfo: @type, reason, domain, metadata.
@@ -74,7 +79,97 @@ local function json_quote(s)
   end) .. '"'
 end
 
+-- Index just past the JSON value that starts at or after s[i] (nil when s ends first).
+local function value_end(s, i)
+  i = s:find("[^ \t\r\n]", i)
+  if not i then return nil end
+  local c = s:byte(i)
+  if c == 34 then
+    local close = string_end(s, i)
+    return close and close + 1
+  elseif c == 123 or c == 91 then    -- { or [: to the bracket that closes it
+    local depth, j = 0, i
+    while true do
+      j = s:find('[{}%[%]"]', j)
+      if not j then return nil end
+      local b = s:byte(j)
+      if b == 34 then
+        j = string_end(s, j)
+        if not j then return nil end
+      elseif b == 123 or b == 91 then
+        depth = depth + 1
+      else
+        depth = depth - 1
+        if depth == 0 then return j + 1 end
+      end
+      j = j + 1
+    end
+  end
+  local stop = s:find("[,}%]]", i)    -- a number, true, false or null
+  return stop
+end
+
+-- The first top-level key of the JSON object s that `known` lacks; nil when every key is
+-- known, or when s is not an object this scanner follows (the transcoder then says why).
+local function unknown_key(s, known)
+  local i = s:find("[^ \t\r\n]")
+  if not i or s:byte(i) ~= 123 then return nil end
+  i = i + 1
+  while true do
+    i = s:find("[^ \t\r\n]", i)
+    if not i then return nil end
+    local c = s:byte(i)
+    if c == 125 then return nil end           -- }
+    if c ~= 34 then return nil end
+    local close = string_end(s, i)
+    if not close then return nil end
+    local key = s:sub(i + 1, close - 1)
+    if not known[key] then return key end
+    i = s:find(":", close + 1, true)
+    if not i then return nil end
+    i = value_end(s, i + 1)
+    if not i then return nil end
+    i = s:find("[^ \t\r\n]", i)
+    if not i then return nil end
+    if s:byte(i) == 44 then i = i + 1 end     -- ,
+  end
+end
+
+local BODY_METHODS = {POST = true, PUT = true, PATCH = true}
+
+-- The fields a REST request's body may have (BODY_FIELDS), or nil when it is not checked.
+local function body_rule(method, path)
+  if not BODY_METHODS[method] or BODY_FIELDS == nil then return nil end
+  path = path:gsub("%?.*$", "")
+  for _, rule in ipairs(BODY_FIELDS) do
+    if rule[1] == method and path:match(rule[2]) then return rule[3] end
+  end
+  return nil
+end
+
+local function check_body(handle)
+  local headers = handle:headers()
+  local ctype = headers:get("content-type") or ""
+  if ctype:sub(1, 16) == "application/grpc" then return end
+  local known = body_rule(headers:get(":method") or "", headers:get(":path") or "")
+  if not known then return end
+  -- body() waits for the whole request (the buffer filter before has it, 1 MiB at most).
+  local body = handle:body()
+  if not body or body:length() == 0 then return end
+  local field = unknown_key(body:getBytes(0, body:length()), known)
+  if field then
+    -- A local reply: envoy.yaml's local_reply_config turns it into the error envelope.
+    handle:respond(
+      {[":status"] = "400", ["content-type"] = "text/plain"},
+      "unknown field " .. json_quote(field:sub(1, 64)) .. " in the request body"
+    )
+  end
+end
+
 function envoy_on_request(handle)
+  if EDGE_ROLE == "body_fields" then
+    return check_body(handle)
+  end
   local headers = handle:headers()
   local meta = handle:streamInfo():dynamicMetadata()
   local ctype = headers:get("content-type") or ""
@@ -88,6 +183,9 @@ function envoy_on_request(handle)
 end
 
 function envoy_on_response(handle)
+  if EDGE_ROLE == "body_fields" then
+    return
+  end
   local meta = handle:streamInfo():dynamicMetadata():get(NS)
   if not meta or not meta["rest"] then
     return

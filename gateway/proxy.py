@@ -19,6 +19,8 @@ from string import Template
 
 import envoy as envoy_wheel
 
+from .fields import lua_table
+
 log = logging.getLogger("agentmesh.envoy")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,13 +66,14 @@ class EdgeConfig:
     # The flood guard: requests per second on one downstream connection.
     rate_per_connection: int = 500
 
-    def render(self) -> str:
+    def render(self, fields_lua: Path) -> str:
         values = {
             "HOST": self.host,
             "PUBLIC_PORT": str(self.public_port),
             "ADMIN_PORT": str(self.admin_port),
             "DESCRIPTOR_FILE": str(DESCRIPTOR),
             "LUA_FILE": str(LUA),
+            "FIELDS_LUA_FILE": str(fields_lua),
             "JWKS_FILE": str(self.jwks_file),
             "JWT_ISSUER": self.issuer,
             "JWT_AUDIENCE": self.audience,
@@ -80,8 +83,12 @@ class EdgeConfig:
         return Template(TEMPLATE.read_text()).substitute(values)
 
     def write(self, path: Path) -> Path:
+        """Writes the configuration to ``path`` and, beside it, the edge script's copy for its
+        second role, with the contract's body fields (gateway/fields.py) in front."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.render())
+        fields = path.with_name("edge-body-fields.lua")
+        fields.write_text(lua_table(DESCRIPTOR) + 'EDGE_ROLE = "body_fields"\n\n' + LUA.read_text())
+        path.write_text(self.render(fields))
         return path
 
 

@@ -74,6 +74,40 @@ def test_unknown_query_parameter_is_rejected(mesh: MeshProcess) -> None:
     )
 
 
+def test_an_unknown_body_field_is_rejected_not_dropped(mesh: MeshProcess) -> None:
+    """The proto3 JSON mapping would drop a misspelt field: a task asked for with "prority"
+    would be made with the default priority, and answered 201."""
+    with httpx.Client(base_url=mesh.url) as client:
+        user = new_user()
+        token = client.post("/api/v1/auth/register", json=user).json()["access_token"]
+        auth = {"Authorization": f"Bearer {token}"}
+        for path in ("/api/v1/tasks", "/api/tasks"):
+            reply = client.post(path, json={"description": "x", "prority": 9}, headers=auth)
+            error = assert_envelope(reply, 400, "VALIDATION_ERROR")
+            assert error["message"] == 'unknown field "prority" in the request body'
+        # Both spellings of a field are the field; a Struct (metadata) holds any keys, at
+        # any depth, strings with braces and quotes included.
+        task = {
+            "description": "x",
+            "metadata": {"prority": [1, {"a": '}"]{'}], "n": None},
+            "requiredCapabilities": ["echo"],
+            "max_attempts": 2,
+            "priority": 9,
+        }
+        made = client.post("/api/v1/tasks", json=task, headers=auth)
+        assert made.status_code == 201, made.text
+        assert made.json()["priority"] == 9 and made.json()["max_attempts"] == 2
+        # Routes with path parameters are checked too; so are sign-up and login.
+        task_id = made.json()["task_id"]
+        stop = client.post(f"/api/v1/tasks/{task_id}/stop", json={"why": "x"}, headers=auth)
+        assert_envelope(stop, 400, "VALIDATION_ERROR")
+        login = client.post("/api/v1/auth/login", json={**user, "remember": True})
+        assert_envelope(login, 400, "VALIDATION_ERROR")
+        # A body that is not an object is left to the transcoder, which refuses it too.
+        listed = client.post("/api/v1/tasks", content=b"[1, 2]", headers=auth)
+        assert_envelope(listed, 400, "VALIDATION_ERROR")
+
+
 def test_missing_token_is_rejected_at_the_edge(mesh: MeshProcess) -> None:
     reply = httpx.post(mesh.url + "/api/v1/tasks", json={"type": "echo", "description": "x"})
     assert_envelope(reply, 401, "AUTH_REQUIRED")

@@ -1,0 +1,26 @@
+"""The table of body fields the edge's Lua filter checks (gateway/fields.py), against the
+contract itself."""
+
+from __future__ import annotations
+
+from gateway.fields import _pattern, body_fields
+from gateway.proxy import DESCRIPTOR
+
+
+def test_path_templates_become_anchored_lua_patterns() -> None:
+    assert _pattern("/api/v1/tasks") == "^/api/v1/tasks$"
+    assert _pattern("/api/v1/auth/change-password") == "^/api/v1/auth/change%-password$"
+    assert _pattern("/api/v1/agents/{agent_id}/tasks/{task_id}/complete") == (
+        "^/api/v1/agents/[^/]+/tasks/[^/]+/complete$"
+    )
+    assert _pattern("/v1/{name=**}:run") == "^/v1/.+:run$"
+
+
+def test_every_route_with_a_json_body_has_its_fields_in_both_spellings() -> None:
+    rows = {(verb, pattern): set(names) for verb, pattern, names in body_fields(DESCRIPTOR)}
+    create = rows[("POST", "^/api/v1/tasks$")]
+    assert {"description", "priority", "metadata", "idempotency_key", "idempotencyKey"} <= create
+    assert rows[("POST", "^/api/tasks$")] == create  # seed 001's alias, the same request
+    assert rows[("PUT", "^/api/v1/users/[^/]+/tier$")] == {"tier", "user_id", "userId"}
+    # The config PATCH binds one field (a Struct) as its body: nothing to check at the top.
+    assert not any("config" in pattern for _, pattern in rows)
