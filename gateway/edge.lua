@@ -10,7 +10,8 @@
 --   * in its second place (EDGE_ROLE "body_fields"; after the buffer filter, whose 1 MiB
 --     limit its body() then has, not the 32 KiB per-connection one, and before the transcoder),
 --     refuses a JSON body with a top-level field its route's request does not have (400
---     VALIDATION_ERROR), which the transcoder would drop without a word. gateway/proxy.py writes
+--     VALIDATION_ERROR), which the transcoder would drop without a word, or with a lone value
+--     for a list field, which it would take for a list of one. gateway/proxy.py writes
 --     that copy of this script with BODY_FIELDS (gateway/fields.py) and EDGE_ROLE in front.
 -- Envoy's own errors are shaped by local_reply_config in envoy.yaml, not here.
 -- The Status JSON comes from protobuf's printer, so its field order is fixed: code, message,
@@ -109,9 +110,11 @@ local function value_end(s, i)
   return stop
 end
 
--- The first top-level key of the JSON object s that `known` lacks; nil when every key is
--- known, or when s is not an object this scanner follows (the transcoder then says why).
-local function unknown_key(s, known)
+-- What is wrong with the top level of the JSON object s, as the message of a 400: a key that
+-- `known` lacks, or a list field (known[key] == "list") given something other than an array
+-- (protobuf's parser would take a lone value for a list of one). nil when nothing is, or when
+-- s is not an object this scanner follows (the transcoder then says why).
+local function body_problem(s, known)
   local i = s:find("[^ \t\r\n]")
   if not i or s:byte(i) ~= 123 then return nil end
   i = i + 1
@@ -124,10 +127,17 @@ local function unknown_key(s, known)
     local close = string_end(s, i)
     if not close then return nil end
     local key = s:sub(i + 1, close - 1)
-    if not known[key] then return key end
+    local kind = known[key]
+    local quoted = json_quote(key:sub(1, 64))
+    if not kind then return "unknown field " .. quoted .. " in the request body" end
     i = s:find(":", close + 1, true)
     if not i then return nil end
-    i = value_end(s, i + 1)
+    i = s:find("[^ \t\r\n]", i + 1)
+    if not i then return nil end
+    if kind == "list" and s:byte(i) ~= 91 and s:sub(i, i + 3) ~= "null" then
+      return quoted .. " must be a JSON array"
+    end
+    i = value_end(s, i)
     if not i then return nil end
     i = s:find("[^ \t\r\n]", i)
     if not i then return nil end
@@ -156,13 +166,10 @@ local function check_body(handle)
   -- body() waits for the whole request (the buffer filter before has it, 1 MiB at most).
   local body = handle:body()
   if not body or body:length() == 0 then return end
-  local field = unknown_key(body:getBytes(0, body:length()), known)
-  if field then
+  local problem = body_problem(body:getBytes(0, body:length()), known)
+  if problem then
     -- A local reply: envoy.yaml's local_reply_config turns it into the error envelope.
-    handle:respond(
-      {[":status"] = "400", ["content-type"] = "text/plain"},
-      "unknown field " .. json_quote(field:sub(1, 64)) .. " in the request body"
-    )
+    handle:respond({[":status"] = "400", ["content-type"] = "text/plain"}, problem)
   end
 end
 

@@ -103,6 +103,14 @@ def test_an_unknown_body_field_is_rejected_not_dropped(mesh: MeshProcess) -> Non
         assert_envelope(stop, 400, "VALIDATION_ERROR")
         login = client.post("/api/v1/auth/login", json={**user, "remember": True})
         assert_envelope(login, 400, "VALIDATION_ERROR")
+        # protobuf's parser would take a lone value for a list of one.
+        lone = client.post(
+            "/api/v1/tasks",
+            json={"description": "x", "required_capabilities": "echo"},
+            headers=auth,
+        )
+        error = assert_envelope(lone, 400, "VALIDATION_ERROR")
+        assert error["message"] == '"required_capabilities" must be a JSON array'
         # A body that is not an object is left to the transcoder, which refuses it too.
         listed = client.post("/api/v1/tasks", content=b"[1, 2]", headers=auth)
         assert_envelope(listed, 400, "VALIDATION_ERROR")

@@ -17,10 +17,19 @@ def test_path_templates_become_anchored_lua_patterns() -> None:
 
 
 def test_every_route_with_a_json_body_has_its_fields_in_both_spellings() -> None:
-    rows = {(verb, pattern): set(names) for verb, pattern, names in body_fields(DESCRIPTOR)}
+    rows = {(verb, pattern): names for verb, pattern, names in body_fields(DESCRIPTOR)}
     create = rows[("POST", "^/api/v1/tasks$")]
-    assert {"description", "priority", "metadata", "idempotency_key", "idempotencyKey"} <= create
+    assert {"description", "priority", "metadata", "idempotency_key", "idempotencyKey"} <= set(
+        create
+    )
+    # Lists are marked; a Struct (metadata) is a value, like a scalar.
+    assert create["required_capabilities"] == create["requiredCapabilities"] == "list"
+    assert create["metadata"] == create["priority"] == "value"
     assert rows[("POST", "^/api/tasks$")] == create  # seed 001's alias, the same request
-    assert rows[("PUT", "^/api/v1/users/[^/]+/tier$")] == {"tier", "user_id", "userId"}
+    assert rows[("PUT", "^/api/v1/users/[^/]+/tier$")] == {
+        "tier": "value",
+        "user_id": "value",
+        "userId": "value",
+    }
     # The config PATCH binds one field (a Struct) as its body: nothing to check at the top.
     assert not any("config" in pattern for _, pattern in rows)
