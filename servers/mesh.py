@@ -19,6 +19,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -330,6 +331,9 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
             await callbacks.started.wait()
             await relay.run()
 
+        async def retention() -> None:
+            await tasks.keep_for(timedelta(days=s.task_retention_days))
+
         return (
             [
                 (
@@ -351,7 +355,12 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
                 ),
             ],
             rt.authenticator(),
-            [internal.sweep, callbacks.run, relay_once_callbacks_listen],
+            [
+                internal.sweep,
+                callbacks.run,
+                relay_once_callbacks_listen,
+                *([retention] if s.task_retention_days > 0 else []),
+            ],
         )
     if name == "agents":
         directory = AgentDirectory(

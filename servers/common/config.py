@@ -42,6 +42,13 @@ def _tier(raw: str) -> str:
     return raw
 
 
+def _non_negative(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 0:
+        raise SystemExit(f"agentmesh: {name} must be 0 or more, got {value}")
+    return value
+
+
 def _positive(env: Mapping[str, str], name: str, default: int) -> int:
     value = _int(env, name, default)
     if value < 1:
@@ -68,6 +75,8 @@ class Settings:
       AGENTMESH_LOGIN_LIMIT  login attempts per client address and per account (default 10)
       AGENTMESH_LOGIN_WINDOW_SECONDS  the window of that limit (default 3600)
       AGENTMESH_LEASE_SECONDS      how long an agent holds a task without renewal (default 30)
+      AGENTMESH_TASK_RETENTION_DAYS  ended tasks are deleted this many days after they ended
+                                   (default 30; 0 keeps them for ever)
       AGENTMESH_HEARTBEAT_SECONDS  how often agents send heartbeats (default 10)
       AGENTMESH_EVENT_RETENTION_SECONDS  how long events stay replayable (default 86400)
       AGENTMESH_EVENT_RETENTION_MAX      at most this many events are kept (default 100000)
@@ -108,6 +117,7 @@ class Settings:
     login_limit: int = 10
     login_window: int = 3600
     lease_seconds: int = 30
+    task_retention_days: int = 30
     heartbeat_seconds: int = 10
     event_retention_seconds: int = 86400
     event_retention_max: int = 100_000
@@ -141,6 +151,7 @@ class Settings:
             login_limit=_int(env, "AGENTMESH_LOGIN_LIMIT", 10),
             login_window=_int(env, "AGENTMESH_LOGIN_WINDOW_SECONDS", 3600),
             lease_seconds=_int(env, "AGENTMESH_LEASE_SECONDS", 30),
+            task_retention_days=_non_negative(env, "AGENTMESH_TASK_RETENTION_DAYS", 30),
             heartbeat_seconds=_int(env, "AGENTMESH_HEARTBEAT_SECONDS", 10),
             event_retention_seconds=_positive(env, "AGENTMESH_EVENT_RETENTION_SECONDS", 86400),
             event_retention_max=_positive(env, "AGENTMESH_EVENT_RETENTION_MAX", 100_000),

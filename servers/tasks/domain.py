@@ -8,13 +8,15 @@ work of the tasks-and-agents issue; in this slice tasks wait `queued`.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import math
 import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,6 +28,8 @@ from servers.common.pagination import Page
 
 from .models import TaskRow
 from .store import Outbox, TaskStore
+
+log = logging.getLogger("agentmesh.tasks")
 
 STATUSES = (
     "created",
@@ -56,6 +60,10 @@ LIMITS = {
 METADATA_MAX_BYTES = 64 * 1024
 MAX_CAPABILITIES = 32
 
+
+# Ended tasks are deleted after the retention (AGENTMESH_TASK_RETENTION_DAYS), this many per
+# transaction, by a job that looks every PURGE_SECONDS.
+PURGE_BATCH, PURGE_SECONDS = 500, 300.0
 
 # The metrics' performance figures cover the tasks that ended in this window; durations are
 # taken from the latest FIGURES_SAMPLE completed ones.
@@ -306,6 +314,32 @@ class Tasks:
             average_completion_time=sum(durations) / len(durations) if durations else 0.0,
             success_rate=completed / (completed + failed) if completed + failed else 0.0,
         )
+
+    async def purge_ended(self, before: datetime, *, batch: int = PURGE_BATCH) -> int:
+        """Deletes the tasks that ended (completed, failed, stopped, cancelled) before
+        ``before``, a batch per transaction so that no write waits long; returns how many.
+        Their events stay as long as the event retention keeps them."""
+        deleted = 0
+        while True:
+            async with self._db.write() as s, s.begin():
+                store = TaskStore(s)
+                ids = await store.ended_before(TERMINAL, before, batch)
+                if ids:
+                    deleted += await store.delete(ids)
+            if len(ids) < batch:
+                return deleted
+
+    async def keep_for(self, retention: timedelta, *, every: float = PURGE_SECONDS) -> None:
+        """Runs for the life of the server: deletes ended tasks older than ``retention``."""
+        while True:
+            try:
+                gone = await self.purge_ended(now() - retention)
+            except Exception:  # a database hiccup must not end the job
+                log.exception("task purge failed")
+            else:
+                if gone:
+                    log.info("ended tasks past their retention deleted", extra={"count": gone})
+            await asyncio.sleep(every)
 
     async def by_status(self) -> dict[str, int]:
         """How many tasks have each status, mesh-wide (every status, zeros included)."""

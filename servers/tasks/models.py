@@ -26,6 +26,8 @@ class TaskRow(Base):
         Index("ix_tasks_tasks_lease", "status", "lease_expires_at"),
         # Tasks that ended since a moment, for the metrics.
         Index("ix_tasks_tasks_ended", "status", "completed_at"),
+        # Ended tasks past the retention (an ended task's updated_at is its end).
+        Index("ix_tasks_tasks_changed", "status", "updated_at"),
     )
 
     task_id: Mapped[str] = mapped_column(String(36), primary_key=True)

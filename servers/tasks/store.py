@@ -6,7 +6,7 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, func, inspect, select
+from sqlalchemy import Table, delete, func, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from servers.common.db import InsertOrNothing
@@ -101,6 +101,22 @@ class TaskStore:
             query = query.order_by(TaskRow.completed_at.desc()).limit(limit)
         rows = await self._s.execute(query)
         return [(end - start).total_seconds() for start, end in rows.all() if start and end]
+
+    async def ended_before(
+        self, statuses: Collection[str], before: datetime, limit: int
+    ) -> list[str]:
+        """Ids of up to ``limit`` tasks in these (ended) statuses last changed before
+        ``before``."""
+        rows = await self._s.execute(
+            select(TaskRow.task_id)
+            .where(TaskRow.status.in_(list(statuses)), TaskRow.updated_at < before)
+            .limit(limit)
+        )
+        return list(rows.scalars())
+
+    async def delete(self, task_ids: Collection[str]) -> int:
+        found = await self._s.execute(delete(TaskRow).where(TaskRow.task_id.in_(list(task_ids))))
+        return int(getattr(found, "rowcount", 0) or 0)
 
     async def ended_since(self, since: datetime) -> dict[str, int]:
         """How many tasks completed and how many failed since ``since``."""

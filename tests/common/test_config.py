@@ -59,3 +59,10 @@ _FIELDS = {
     "AGENTMESH_EVENT_RETENTION_MAX": "event_retention_max",
     "AGENTMESH_STREAM_HEARTBEAT_SECONDS": "stream_heartbeat_seconds",
 }
+
+
+def test_task_retention_is_thirty_days_and_zero_keeps_tasks() -> None:
+    assert Settings.from_env({}).task_retention_days == 30
+    assert Settings.from_env({"AGENTMESH_TASK_RETENTION_DAYS": "0"}).task_retention_days == 0
+    with pytest.raises(SystemExit, match="AGENTMESH_TASK_RETENTION_DAYS"):
+        Settings.from_env({"AGENTMESH_TASK_RETENTION_DAYS": "-1"})

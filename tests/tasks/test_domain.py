@@ -1,14 +1,18 @@
-"""The tasks domain on each database: concurrent idempotent creates, and the outbox."""
+"""The tasks domain on each database: concurrent idempotent creates, the outbox, the metrics'
+figures and the retention of ended tasks."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from datetime import timedelta
 
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import ColumnElement, func, select, update
 
+from servers.common.clock import now
 from servers.common.context import Principal
 from servers.common.db import Database
+from servers.common.errors import NotFound
 from servers.mesh import MIGRATIONS
 from servers.tasks.dispatch import Dispatch
 from servers.tasks.domain import NewTask, Tasks
@@ -112,5 +116,70 @@ async def test_figures_of_the_metrics(database_url: str) -> None:
         assert figures.completed_today == 2
         assert figures.error_rate == 1 / 3
         assert 0 <= figures.average_seconds <= figures.p95_seconds < 5
+    finally:
+        await db.close()
+
+
+async def test_ended_tasks_past_the_retention_are_deleted(database_url: str) -> None:
+    """Every kind of ended task older than the retention goes, in batches; a task still on its
+    way or held, however old, and a recently ended one stay. On each database."""
+    db = await _db(database_url)
+    try:
+        tasks, dispatch = Tasks(db=db), Dispatch(db=db, lease_seconds=30)
+        old = {}
+        for name in ("completed", "failed", "cancelled", "stopped", "held", "queued", "recent"):
+            old[name], _ = await tasks.create(ALICE, replace(NEW, idempotency_key=name))
+        for name, error in (("completed", None), ("failed", ("BROKEN", "it broke", False))):
+            held = await dispatch.claim("agent-1", ["echo"])
+            assert held is not None and held.task_id == old[name].task_id
+            await dispatch.complete(
+                held.task_id, "agent-1", held.attempt_token or "", result={}, error=error
+            )
+        await tasks.cancel(ALICE, old["cancelled"].task_id)
+        await tasks.stop(ALICE, old["stopped"].task_id)
+        held = await dispatch.claim("agent-1", ["echo"])
+        assert held is not None and held.task_id == old["held"].task_id
+        await tasks.cancel(ALICE, old["recent"].task_id)
+        # Everything but "recent" last changed 40 days ago.
+        long_ago = now() - timedelta(days=40)
+        async with db.write() as s, s.begin():
+            await s.execute(
+                update(TaskRow)
+                .where(TaskRow.task_id != old["recent"].task_id)
+                .values(updated_at=long_ago)
+            )
+
+        assert await tasks.purge_ended(now() - timedelta(days=30), batch=3) == 4
+        kept = {name for name, task in old.items() if await _exists(tasks, task.task_id)}
+        assert kept == {"held", "queued", "recent"}
+        assert await tasks.purge_ended(now() - timedelta(days=30)) == 0
+        # The idempotency key of a deleted task is free again.
+        again, created = await tasks.create(ALICE, replace(NEW, idempotency_key="completed"))
+        assert created and again.task_id != old["completed"].task_id
+    finally:
+        await db.close()
+
+
+async def _exists(tasks: Tasks, task_id: str) -> bool:
+    try:
+        await tasks.get(ALICE, task_id)
+    except NotFound:
+        return False
+    return True
+
+
+async def test_the_retention_job_deletes_as_tasks_age(database_url: str) -> None:
+    db = await _db(database_url)
+    try:
+        tasks = Tasks(db=db)
+        task, _ = await tasks.create(ALICE, NEW)
+        await tasks.cancel(ALICE, task.task_id)
+        job = asyncio.create_task(tasks.keep_for(timedelta(seconds=0.2), every=0.05))
+        try:
+            async with asyncio.timeout(10):
+                while await _exists(tasks, task.task_id):
+                    await asyncio.sleep(0.05)
+        finally:
+            job.cancel()
     finally:
         await db.close()
