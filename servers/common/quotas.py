@@ -24,6 +24,7 @@ or of every account without one when AGENTMESH_DEFAULT_TIER names one:
 
 AGENTMESH_TIERS overrides them as AGENTMESH_QUOTAS does the classes. A token carries the tier it
 was issued with; API keys follow a change at once.
+
 Public RPCs (health, sign-up, login: login has its own limit) and the mesh's internal calls are
 not counted. A stream counts once, when it opens.
 
