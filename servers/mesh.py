@@ -63,6 +63,7 @@ from .common.outbox import OutboxMixin, Relay
 from .common.quotas import Quotas
 from .common.ratelimit import SlidingWindowLimiter
 from .common.server import PortInUse, ServiceServer
+from .common.tracing import Tracing
 from .messaging.domain import RATE_WINDOW as MESSAGE_RATE_WINDOW
 from .messaging.domain import Messages
 from .messaging.events import EventHub, EventsService
@@ -102,6 +103,8 @@ class Runtime:
     bus: Bus
     # Every server's request quotas: one count per principal across the process's servers.
     quotas: Quotas
+    # Spans of the process's RPCs and statements, when a collector is configured.
+    tracing: Tracing | None = None
     peers: dict[str, str] = field(default_factory=dict)
     # The auth service's own API-key check, when the auth service runs in this process: the
     # other services' servers use it as the auth server does, rather than asking it over a
@@ -164,6 +167,7 @@ class Runtime:
                 default_tier=settings.default_tier,
                 redis_url=settings.redis_url,
             ),
+            tracing=_tracing(settings, db),
         )
 
     def authenticator(self, api_keys: ApiKeyResolver | None = None) -> Authenticator:
@@ -231,7 +235,19 @@ class Runtime:
         await self.bus.close()
         await self.limits.close()
         await self.quotas.close()
+        if self.tracing is not None:
+            await self.tracing.close()
         await self.db.close()
+
+
+def _tracing(settings: Settings, db: Database) -> Tracing | None:
+    """Tracing with the database's statements instrumented, when a collector is configured."""
+    if not settings.tracing:
+        return None
+    tracing = Tracing(version=settings.version)
+    for engine in db.sync_engines():
+        tracing.instrument(engine)
+    return tracing
 
 
 def internal_token(data_dir: Path) -> str:
@@ -465,7 +481,7 @@ def build_server(name: str, rt: Runtime, health: HealthService) -> ServiceServer
         # A port picked for the server is never the public or admin port, which Envoy binds
         # only later (the kernel soon hands out a port just released, e.g. one a test chose).
         avoid={s.public_port, s.admin_port} - {0},
-        interceptors=default_interceptors(authenticator, rt.metrics, rt.quotas),
+        interceptors=default_interceptors(authenticator, rt.metrics, rt.quotas, rt.tracing),
         registrations=[register],
         background=background,
         services=[full for _, _, full in entries] + ["agentmesh.v1.HealthService"],

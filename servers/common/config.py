@@ -10,6 +10,7 @@ from pathlib import Path
 from .quotas import DEFAULTS as quota_defaults
 from .quotas import TIER_DEFAULTS, TIERS, Quota
 from .quotas import parse as parse_quotas
+from .tracing import wanted as tracing_wanted
 
 SERVICES = ("auth", "tasks", "agents", "messaging")
 
@@ -99,6 +100,9 @@ class Settings:
                                         addresses (default: refused)
       AGENTMESH_CALLBACK_SECRET     the key callbacks are signed with (default: created once in
                                     the data directory)
+      OTEL_EXPORTER_OTLP_ENDPOINT   an OTLP/HTTP collector: traces on (servers/common/tracing.py;
+                                    or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT; other OTEL_* variables
+                                    as the OpenTelemetry SDK reads them)
     """
 
     data_dir: Path
@@ -130,6 +134,7 @@ class Settings:
     tiers: Mapping[str, Quota] = field(default_factory=lambda: dict(TIER_DEFAULTS))
     default_tier: str = ""
     callback_allow_private: bool = False
+    tracing: bool = False  # an OTLP collector is configured
     version: str = "0.1.0"
 
     @classmethod
@@ -164,6 +169,7 @@ class Settings:
             tiers=_quotas("AGENTMESH_TIERS", env, TIER_DEFAULTS, "TIER"),
             default_tier=_tier(env.get("AGENTMESH_DEFAULT_TIER") or ""),
             callback_allow_private=env.get("AGENTMESH_CALLBACK_ALLOW_PRIVATE") == "1",
+            tracing=tracing_wanted(env),
         )
 
     def with_ports(self, **ports: int) -> Settings:

@@ -43,6 +43,8 @@ class CallState:
 
 
 _call: contextvars.ContextVar[CallState | None] = contextvars.ContextVar("call", default=None)
+# Set by the interceptors' wrapper of a streaming RPC, before any interceptor's scope.
+streaming: contextvars.ContextVar[bool] = contextvars.ContextVar("streaming", default=False)
 
 
 def current_call() -> CallState | None:

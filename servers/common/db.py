@@ -106,6 +106,13 @@ class Database:
             self._writes = async_sessionmaker(self.writer, expire_on_commit=False)
         self._closed = False
 
+    def sync_engines(self) -> list[Engine]:
+        """Every engine that runs this database's statements (for instrumentation)."""
+        engines = [self.engine.sync_engine, *self._sync_engines]
+        if self.writer is not self.engine:
+            engines.append(self.writer.sync_engine)
+        return engines
+
     def _started(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.start()

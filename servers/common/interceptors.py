@@ -1,5 +1,5 @@
-"""Server interceptors, outermost first: request id, access log, call metrics, error mapping,
-authentication, request quotas, installed as one ChainInterceptor.
+"""Server interceptors, outermost first: request id, tracing, access log, call metrics, error
+mapping, authentication, request quotas, installed as one ChainInterceptor.
 
 Each is a grpc.aio.ServerInterceptor that wraps the handler's behaviour in an async context
 manager, so one implementation serves unary and streaming RPCs alike. They share the call's
@@ -21,6 +21,9 @@ from typing import Any
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+from opentelemetry import context as otel_context
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from . import context as callctx
 from . import policy
@@ -28,12 +31,14 @@ from .auth import Authenticator
 from .errors import DOMAIN, AgentmeshError, InternalError, NotImplementedYet
 from .metrics import Metrics
 from .quotas import QuotaExceeded, Quotas
+from .tracing import Tracing
 
 log = logging.getLogger("agentmesh.access")
 errlog = logging.getLogger("agentmesh.errors")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _STREAM_KINDS = ("unary_stream", "stream_stream")
+_PROPAGATOR = TraceContextTextMapPropagator()
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
@@ -102,6 +107,7 @@ class _ScopeInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            callctx.streaming.set(True)  # the call's own context: no reset needed
             async with self.scope(method, context):
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
@@ -136,6 +142,46 @@ class RequestIdInterceptor(_ScopeInterceptor):
             yield
         finally:
             callctx.leave_call(token)
+
+
+class TracingInterceptor(_ScopeInterceptor):
+    """A span per unary RPC (servers/common/tracing.py): its parent is the caller's W3C
+    traceparent, if any; its status is the call's gRPC status. Streams are not traced."""
+
+    def __init__(self, tracing: Tracing) -> None:
+        super().__init__()
+        self._tracer = tracing.tracer
+
+    @contextlib.asynccontextmanager
+    async def scope(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        call = callctx.current_call()
+        if call is None or callctx.streaming.get():
+            yield
+            return
+        service, _, name = method.lstrip("/").rpartition("/")
+        token = otel_context.attach(_PROPAGATOR.extract(call.metadata))
+        try:
+            with self._tracer.start_as_current_span(
+                f"{service}/{name}",
+                kind=SpanKind.SERVER,
+                attributes={
+                    "rpc.system": "grpc",
+                    "rpc.service": service,
+                    "rpc.method": name,
+                    "agentmesh.request_id": call.request_id,
+                },
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span:
+                try:
+                    yield
+                finally:
+                    span.set_attribute("rpc.grpc.status_code", call.status.value[0])
+                    if call.status != grpc.StatusCode.OK:
+                        span.set_attribute("agentmesh.reason", call.reason)
+                        span.set_status(Status(StatusCode.ERROR, call.status.name))
+        finally:
+            otel_context.detach(token)
 
 
 class AccessLogInterceptor(_ScopeInterceptor):
@@ -304,16 +350,21 @@ class ChainInterceptor(_ScopeInterceptor):
 
 
 def default_interceptors(
-    authenticator: Authenticator, metrics: Metrics | None = None, quotas: Quotas | None = None
+    authenticator: Authenticator,
+    metrics: Metrics | None = None,
+    quotas: Quotas | None = None,
+    tracing: Tracing | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:
     """The chain every server runs, outermost first; ``metrics``: count the calls there;
-    ``quotas``: hold signed-in callers to them."""
+    ``quotas``: hold signed-in callers to them; ``tracing``: a span per unary call."""
     counting = [MetricsInterceptor(metrics)] if metrics is not None else []
     limiting = [QuotaInterceptor(quotas)] if quotas is not None else []
+    tracing_ = [TracingInterceptor(tracing)] if tracing is not None else []
     return [
         ChainInterceptor(
             [
                 RequestIdInterceptor(),
+                *tracing_,
                 AccessLogInterceptor(),
                 *counting,
                 ErrorInterceptor(),

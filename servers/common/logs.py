@@ -1,4 +1,5 @@
-"""JSON-lines logging with the request id of the call being served."""
+"""JSON-lines logging with the request id of the call being served (and its trace and span ids,
+when it is traced)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
+
+from opentelemetry import trace
 
 from .context import request_id
 
@@ -23,6 +26,10 @@ class JsonFormatter(logging.Formatter):
         rid = request_id()
         if rid:
             entry["request_id"] = rid
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            entry["trace_id"] = format(span.trace_id, "032x")
+            entry["span_id"] = format(span.span_id, "016x")
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value

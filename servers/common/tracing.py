@@ -1,0 +1,93 @@
+"""OpenTelemetry traces (DESIGN.md, Operations): a span for every unary RPC, joined to the
+caller's W3C `traceparent`, with a child span for every database statement it makes; exported
+over OTLP/HTTP.
+
+Tracing is on when the standard OTLP variables name a collector (OTEL_EXPORTER_OTLP_ENDPOINT or
+OTEL_EXPORTER_OTLP_TRACES_ENDPOINT); the SDK reads the rest of its settings (OTEL_TRACES_SAMPLER,
+OTEL_BSP_*, OTEL_EXPORTER_OTLP_HEADERS, ...) from the environment itself. Off, nothing of it
+runs: no interceptor, no statement hooks.
+
+What is not traced, and why:
+- Streams (the agent stream, event and inbox streams): one span would live for hours, and every
+  task the stream carries would land in its trace.
+- Statements outside an RPC span (background jobs, work an agent's stream triggers): they would
+  each be a trace of one span.
+- In-place calls between the services of one process (servers/common/internal.py): their
+  statements belong to the calling RPC's span.
+- Redis commands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+STATEMENT_CHARS = 2000  # db.query.text is cut to this
+_SPAN_KEY = "_agentmesh_span"
+
+
+def wanted(env: Mapping[str, str]) -> bool:
+    """Whether the environment names an OTLP collector."""
+    return any(env.get(name) for name in ENDPOINT_VARIABLES)
+
+
+class Tracing:
+    """The process's tracer provider, exporting to the configured collector in batches."""
+
+    def __init__(self, *, version: str) -> None:
+        self.provider = TracerProvider(
+            resource=Resource.create({"service.name": "agentmesh", "service.version": version})
+        )
+        self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        self.tracer = self.provider.get_tracer("agentmesh")
+
+    def instrument(self, engine: Engine) -> None:
+        """A child span for every statement the engine runs inside a traced RPC."""
+        system = engine.dialect.name
+        tracer = self.tracer
+
+        def before(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+            context = rest[-2]  # (parameters, context, executemany)
+            if context is None or not trace.get_current_span().is_recording():
+                return
+            operation = statement.lstrip()[:16].split(" ", 1)[0].upper()
+            span = tracer.start_span(
+                f"{operation} {system}",
+                kind=SpanKind.CLIENT,
+                attributes={
+                    "db.system.name": system,
+                    "db.operation.name": operation,
+                    "db.query.text": statement[:STATEMENT_CHARS],
+                },
+            )
+            setattr(context, _SPAN_KEY, span)
+
+        def after(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+            span = getattr(rest[-2], _SPAN_KEY, None) if rest[-2] is not None else None
+            if span is not None:
+                span.end()
+
+        def failed(exception_context: Any) -> None:
+            context = exception_context.execution_context
+            span = getattr(context, _SPAN_KEY, None) if context is not None else None
+            if span is not None:
+                error = type(exception_context.original_exception).__name__
+                span.set_status(Status(StatusCode.ERROR, error))
+                span.end()
+
+        event.listen(engine, "before_cursor_execute", before)
+        event.listen(engine, "after_cursor_execute", after)
+        event.listen(engine, "handle_error", failed)
+
+    async def close(self) -> None:
+        self.provider.shutdown()  # exports what the batch still holds
