@@ -3,6 +3,8 @@ x-request-id on every response, UNIMPLEMENTED as 501, the per-connection flood g
 
 from __future__ import annotations
 
+import json
+import random
 import time
 from pathlib import Path
 
@@ -114,6 +116,58 @@ def test_an_unknown_body_field_is_rejected_not_dropped(mesh: MeshProcess) -> Non
         # A body that is not an object is left to the transcoder, which refuses it too.
         listed = client.post("/api/v1/tasks", content=b"[1, 2]", headers=auth)
         assert_envelope(listed, 400, "VALIDATION_ERROR")
+
+
+def _random_string(rng: random.Random) -> str:
+    """The characters a scanner could trip on inside a JSON string."""
+    alphabet = ['"', "\\", "{", "}", "[", "]", ",", ":", " ", "a", "é", "\n"]
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+
+
+def _random_json(rng: random.Random, depth: int = 0) -> object:
+    """A JSON value of every kind, nested up to four deep."""
+    kind = rng.choice(["str", "num", "lit"] + (["obj", "arr"] if depth < 4 else []))
+    if kind == "str":
+        return _random_string(rng)
+    if kind == "num":
+        return rng.choice([0, -1, 3.5e-7, 12345678901, 1.0])
+    if kind == "lit":
+        return rng.choice([True, False, None])
+    if kind == "arr":
+        return [_random_json(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    return {
+        _random_string(rng) + str(i): _random_json(rng, depth + 1) for i in range(rng.randint(0, 3))
+    }
+
+
+def test_the_body_check_follows_any_json_value(mesh: MeshProcess) -> None:
+    """The edge's scanner skips every kind of value, nested and escaped, to find the next
+    top-level key: no valid body is refused, and a stray key is found wherever it stands."""
+    rng = random.Random(20261124)
+    with httpx.Client(base_url=mesh.url) as client:
+        token = client.post("/api/v1/auth/register", json=new_user()).json()["access_token"]
+        auth = {"Authorization": f"Bearer {token}", "content-type": "application/json"}
+        for round_ in range(40):
+            fields: list[tuple[str, object]] = [
+                ("metadata", {"v": _random_json(rng)}),
+                ("title", _random_string(rng)),
+                ("description", "scan " + str(round_)),
+            ]
+            rng.shuffle(fields)
+            spaces = rng.choice(["", " ", "\n\t "])
+            parts = [f"{spaces}{json.dumps(k)}{spaces}:{spaces}{json.dumps(v)}" for k, v in fields]
+            body = "{" + ",".join(parts) + spaces + "}"
+            made = client.post("/api/v1/tasks", content=body.encode(), headers=auth)
+            assert made.status_code == 201, (body, made.text)
+            stray = f"x{round_}"
+            parts.insert(
+                rng.randint(0, len(parts)), f"{json.dumps(stray)}:{json.dumps(_random_json(rng))}"
+            )
+            refused = client.post(
+                "/api/v1/tasks", content=("{" + ",".join(parts) + "}").encode(), headers=auth
+            )
+            error = assert_envelope(refused, 400, "VALIDATION_ERROR")
+            assert error["message"] == f'unknown field "{stray}" in the request body'
 
 
 def test_missing_token_is_rejected_at_the_edge(mesh: MeshProcess) -> None:
