@@ -8,6 +8,7 @@ import ctypes
 import functools
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,15 +30,19 @@ DESCRIPTOR = ROOT / "generated" / "agentmesh.pb"
 LUA = Path(__file__).resolve().parent / "edge.lua"
 
 
-# Linux's prctl, looked up before any fork: Envoy asks to be sent SIGTERM when the mesh dies.
+# When the mesh dies, however it dies (SIGKILL, a crash), Envoy must get SIGTERM instead of
+# living on with the public port: the kernel's parent-death signal. util-linux's setpriv sets it
+# and execs Envoy, so the fork needs no Python code in the child (a preexec_fn is not safe in a
+# process with threads, which the mesh has: gRPC's poller, the SQLite checkpointer). Without
+# setpriv, a preexec_fn calls Linux's prctl, looked up before any fork.
+SETPRIV = shutil.which("setpriv")
 PR_SET_PDEATHSIG = 1
 _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
 
 
 def _die_with(parent: int) -> None:
-    """Runs in Envoy's process before exec: when the mesh dies, however it dies (SIGKILL, a
-    crash), Envoy gets SIGTERM instead of living on with the public port; and if the mesh
-    died before this ran, Envoy does not start at all."""
+    """The fallback without setpriv, run in Envoy's process before exec: the parent-death
+    signal; and if the mesh died before this ran, Envoy does not start at all."""
     if _PRCTL is not None:
         _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:
@@ -145,8 +150,10 @@ class EnvoyProcess:
         address_file = self.run_dir / "envoy-admin-address"
         address_file.unlink(missing_ok=True)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        wrapper = [SETPRIV, "--pdeathsig", "TERM", "--"] if SETPRIV else []
         with self.log_file.open("ab") as out:
             self._proc = await asyncio.create_subprocess_exec(
+                *wrapper,
                 str(envoy_binary()),
                 "-c",
                 str(self.config),
@@ -167,7 +174,7 @@ class EnvoyProcess:
                 # Own process group: Ctrl-C in a terminal reaches the mesh, which stops Envoy
                 # in order, instead of killing Envoy mid-drain.
                 start_new_session=True,
-                preexec_fn=functools.partial(_die_with, os.getpid()),
+                preexec_fn=None if SETPRIV else functools.partial(_die_with, os.getpid()),
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
