@@ -26,6 +26,8 @@ from typing import Any
 
 import redis.asyncio as redis
 
+from .tracing import redis_span
+
 log = logging.getLogger("agentmesh.ratelimit")
 
 REDIS_RETRY_SECONDS = 5.0
@@ -110,10 +112,11 @@ class _Limiter:
         now = time.time()
         if self._script is not None and now >= self._redis_down_until:
             try:
-                reply = await self._script(
-                    keys=[f"agentmesh:rl:{self.name}:{key}"],
-                    args=[now, self.window, self.limit, uuid.uuid4().hex, SLACK],
-                )
+                with redis_span("EVALSHA"):
+                    reply = await self._script(
+                        keys=[f"agentmesh:rl:{self.name}:{key}"],
+                        args=[now, self.window, self.limit, uuid.uuid4().hex, SLACK],
+                    )
                 return self._from_redis(reply, now)
             except (redis.RedisError, OSError) as exc:
                 self._redis_down_until = now + REDIS_RETRY_SECONDS

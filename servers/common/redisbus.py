@@ -21,6 +21,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .bus import Bus, BusUnavailable, Entry, parse_id
+from .tracing import redis_span
 
 TIMEOUT = 1.0  # seconds to connect, and for any command that does not block
 BLOCK_MARGIN = 1.0  # seconds a blocking read may take beyond its block time
@@ -70,7 +71,8 @@ class RedisBus(Bus):
         if self._closed:
             raise BusUnavailable("the bus is closed")
         try:
-            return await call(*args, **kwargs)
+            with redis_span(getattr(call, "__name__", "EVALSHA").upper()):
+                return await call(*args, **kwargs)
         except _ERRORS as exc:
             raise BusUnavailable(f"redis: {exc!r}") from exc
 

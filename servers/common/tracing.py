@@ -1,6 +1,6 @@
 """OpenTelemetry traces (DESIGN.md, Operations): a span for every unary RPC, joined to the
-caller's W3C `traceparent`, with a child span for every database statement it makes; exported
-over OTLP/HTTP.
+caller's W3C `traceparent`, with a child span for every database statement and Redis command it
+makes; exported over OTLP/HTTP.
 
 Tracing is on when the standard OTLP variables name a collector (OTEL_EXPORTER_OTLP_ENDPOINT or
 OTEL_EXPORTER_OTLP_TRACES_ENDPOINT); the SDK reads the rest of its settings (OTEL_TRACES_SAMPLER,
@@ -14,12 +14,13 @@ What is not traced, and why:
   each be a trace of one span.
 - In-place calls between the services of one process (servers/common/internal.py): their
   statements belong to the calling RPC's span.
-- Redis commands.
+- Redis commands outside an RPC span: the bus's followers block on Redis all the time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from opentelemetry import trace
@@ -36,6 +37,25 @@ STATEMENT_CHARS = 2000  # db.query.text is cut to this
 _SPAN_KEY = "_agentmesh_span"
 
 
+# Redis commands are run by modules that know nothing of Tracing: their spans come from the
+# process's global provider, which Tracing sets (a no-op one until then).
+_REDIS = trace.get_tracer("agentmesh.redis")
+
+
+@contextlib.contextmanager
+def redis_span(command: str) -> Iterator[None]:
+    """A client span around a Redis command, under a traced RPC only."""
+    if not trace.get_current_span().is_recording():
+        yield
+        return
+    with _REDIS.start_as_current_span(
+        f"{command} redis",
+        kind=SpanKind.CLIENT,
+        attributes={"db.system.name": "redis", "db.operation.name": command},
+    ):
+        yield
+
+
 def wanted(env: Mapping[str, str]) -> bool:
     """Whether the environment names an OTLP collector."""
     return any(env.get(name) for name in ENDPOINT_VARIABLES)
@@ -50,6 +70,7 @@ class Tracing:
         )
         self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         self.tracer = self.provider.get_tracer("agentmesh")
+        trace.set_tracer_provider(self.provider)  # for redis_span; once per process
 
     def instrument(self, engine: Engine) -> None:
         """A child span for every statement the engine runs inside a traced RPC."""

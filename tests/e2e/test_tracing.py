@@ -19,7 +19,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from servers.common.config import Settings
 from servers.launcher import MeshProcess
-from tests.conftest import SHARED_MESH_ENV
+from tests.conftest import SHARED_MESH_ENV, RedisServer
 from tests.helpers import register
 
 
@@ -167,6 +167,34 @@ def test_a_failed_rpc_is_an_error_span_and_a_call_without_a_parent_starts_a_trac
     request_id = plain.headers["x-request-id"]
     (root,) = collector.wait_for(lambda s: _attributes(s).get("agentmesh.request_id") == request_id)
     assert root.parent_span_id == b"" and root.name == "agentmesh.v1.AuthService/GetMe"
+
+
+def test_redis_commands_are_spans_of_the_rpc(
+    collector: _Collector, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """With Redis, the quota's script for the call is a child span of the call's span."""
+    env = {
+        **SHARED_MESH_ENV,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "REDIS_URL": redis_server[0],
+    }
+    with (
+        MeshProcess(data_dir=tmp_path, env=env) as mesh,
+        httpx.Client(base_url=mesh.url, timeout=10) as client,
+    ):
+        ada = register(client)
+        trace_id, _, header = _traceparent()
+        listed = client.get("/api/v1/tasks", headers={**ada.headers, "traceparent": header})
+        assert listed.status_code == 200
+        (rpc,) = collector.wait_for(
+            lambda s: s.trace_id == trace_id and s.name.endswith("TasksService/ListTasks")
+        )
+        (script,) = collector.wait_for(
+            lambda s: s.trace_id == trace_id and s.name == "EVALSHA redis"
+        )
+    assert script.parent_span_id == rpc.span_id
+    assert _attributes(script)["db.system.name"] == "redis"
 
 
 def test_tracing_is_off_without_a_collector() -> None:
