@@ -19,7 +19,11 @@ What is not traced, and why:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -32,7 +36,10 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+log = logging.getLogger("agentmesh.tracing")
+
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+CLOSE_SECONDS = 2.0  # how long a stopping process waits for its last spans to be exported
 STATEMENT_CHARS = 2000  # db.query.text is cut to this
 _SPAN_KEY = "_agentmesh_span"
 
@@ -81,7 +88,7 @@ class Tracing:
             context = rest[-2]  # (parameters, context, executemany)
             if context is None or not trace.get_current_span().is_recording():
                 return
-            operation = statement.lstrip()[:16].split(" ", 1)[0].upper()
+            operation = statement.lstrip()[:16].split(None, 1)[0].upper()
             span = tracer.start_span(
                 f"{operation} {system}",
                 kind=SpanKind.CLIENT,
@@ -110,5 +117,21 @@ class Tracing:
         event.listen(engine, "after_cursor_execute", after)
         event.listen(engine, "handle_error", failed)
 
-    async def close(self) -> None:
-        self.provider.shutdown()  # exports what the batch still holds
+    async def close(self, *, patience: float = CLOSE_SECONDS) -> None:
+        """Exports what the batch still holds, for ``patience`` seconds at most. The SDK's
+        shutdown blocks, retrying an unreachable collector for tens of seconds: it runs on a
+        daemon thread, which a stopping process leaves behind."""
+        done = threading.Event()
+
+        def shutdown() -> None:
+            try:
+                self.provider.shutdown()
+            finally:
+                done.set()
+
+        threading.Thread(target=shutdown, name="otel-shutdown", daemon=True).start()
+        deadline = time.monotonic() + patience
+        while not done.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if not done.is_set():
+            log.warning("spans not exported in %.1f s at shutdown, left behind", patience)
