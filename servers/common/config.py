@@ -13,6 +13,7 @@ from .quotas import parse as parse_quotas
 from .tracing import wanted as tracing_wanted
 
 SERVICES = ("auth", "tasks", "agents", "messaging")
+MAX_RETENTION_DAYS = 36_500
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -48,6 +49,16 @@ def _non_negative(env: Mapping[str, str], name: str, default: int) -> int:
     if value < 0:
         raise SystemExit(f"agentmesh: {name} must be 0 or more, got {value}")
     return value
+
+
+def _retention_days(env: Mapping[str, str]) -> int:
+    days = _non_negative(env, "AGENTMESH_TASK_RETENTION_DAYS", 30)
+    if days > MAX_RETENTION_DAYS:  # a moment before year 1 does not exist
+        raise SystemExit(
+            f"agentmesh: AGENTMESH_TASK_RETENTION_DAYS must be at most {MAX_RETENTION_DAYS}"
+            " (0 keeps tasks for ever)"
+        )
+    return days
 
 
 def _positive(env: Mapping[str, str], name: str, default: int) -> int:
@@ -156,7 +167,7 @@ class Settings:
             login_limit=_int(env, "AGENTMESH_LOGIN_LIMIT", 10),
             login_window=_int(env, "AGENTMESH_LOGIN_WINDOW_SECONDS", 3600),
             lease_seconds=_int(env, "AGENTMESH_LEASE_SECONDS", 30),
-            task_retention_days=_non_negative(env, "AGENTMESH_TASK_RETENTION_DAYS", 30),
+            task_retention_days=_retention_days(env),
             heartbeat_seconds=_int(env, "AGENTMESH_HEARTBEAT_SECONDS", 10),
             event_retention_seconds=_positive(env, "AGENTMESH_EVENT_RETENTION_SECONDS", 86400),
             event_retention_max=_positive(env, "AGENTMESH_EVENT_RETENTION_MAX", 100_000),

@@ -64,5 +64,6 @@ _FIELDS = {
 def test_task_retention_is_thirty_days_and_zero_keeps_tasks() -> None:
     assert Settings.from_env({}).task_retention_days == 30
     assert Settings.from_env({"AGENTMESH_TASK_RETENTION_DAYS": "0"}).task_retention_days == 0
-    with pytest.raises(SystemExit, match="AGENTMESH_TASK_RETENTION_DAYS"):
-        Settings.from_env({"AGENTMESH_TASK_RETENTION_DAYS": "-1"})
+    for bad in ("-1", "1000000000"):
+        with pytest.raises(SystemExit, match="AGENTMESH_TASK_RETENTION_DAYS"):
+            Settings.from_env({"AGENTMESH_TASK_RETENTION_DAYS": bad})
