@@ -303,9 +303,10 @@ class QuotaInterceptor(_ScopeInterceptor):
     """Counts every signed-in call against its principal's quota (quotas.py), after
     authentication, and sets the rate-limit headers of the answer."""
 
-    def __init__(self, quotas: Quotas) -> None:
+    def __init__(self, quotas: Quotas, metrics: Metrics | None = None) -> None:
         super().__init__()
         self._quotas = quotas
+        self._metrics = metrics
 
     @contextlib.asynccontextmanager
     async def scope(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
@@ -326,6 +327,8 @@ class QuotaInterceptor(_ScopeInterceptor):
             else:
                 callctx.add_trailers(context, pairs)
             if refused is not None:
+                if self._metrics is not None:
+                    self._metrics.quota_refused.labels(refused.quota).inc()
                 raise refused
         yield
 
@@ -358,7 +361,7 @@ def default_interceptors(
     """The chain every server runs, outermost first; ``metrics``: count the calls there;
     ``quotas``: hold signed-in callers to them; ``tracing``: a span per unary call."""
     counting = [MetricsInterceptor(metrics)] if metrics is not None else []
-    limiting = [QuotaInterceptor(quotas)] if quotas is not None else []
+    limiting = [QuotaInterceptor(quotas, metrics)] if quotas is not None else []
     tracing_ = [TracingInterceptor(tracing)] if tracing is not None else []
     return [
         ChainInterceptor(

@@ -69,6 +69,13 @@ class Metrics:
             ("outcome",),
             registry=self.registry,
         )
+        self.quota_refused = Counter(
+            "agentmesh_quota_refused",
+            'Calls refused by a request quota, by quota: a class ("general", ...) or a tier'
+            ' ("tier:free", ...).',
+            ("quota",),
+            registry=self.registry,
+        )
         # The labelled children of each (method, code), found once: every call records.
         self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
 

@@ -161,6 +161,7 @@ class QuotaExceeded(RateLimited):
         self, name: str, verdict: Verdict, window: int, out: list[tuple[str, str]]
     ) -> None:
         quota, _, tier = name.partition(":")
+        self.quota = name  # the class, or "tier:NAME"
         super().__init__(
             f"the {tier or quota} quota of {verdict.limit} calls per {window} s is used up",
             details={

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from agentmesh.v1 import tasks_pb2, tasks_pb2_grpc
 from servers.launcher import MeshProcess, free_port
@@ -170,6 +171,30 @@ def test_an_admin_puts_an_account_in_a_tier(mesh: MeshProcess, client: httpx.Cli
     assert set_tier("enterprise").json()["tier"] == "enterprise"
     unlimited = client.get("/api/v1/tasks", headers=key)
     assert unlimited.status_code == 200 and "x-ratelimit-limit" not in unlimited.headers
+
+
+def test_refusals_are_counted_for_prometheus(mesh: MeshProcess, client: httpx.Client) -> None:
+    def refused(headers: dict[str, str]) -> float:
+        scrape = client.get("/metrics", headers=headers)
+        assert scrape.status_code == 200, scrape.text
+        samples = {
+            sample.labels.get("quota"): sample.value
+            for family in text_string_to_metric_families(scrape.text)
+            for sample in family.samples
+            if sample.name == "agentmesh_quota_refused_total"
+        }
+        return samples.get("general", 0.0)
+
+    viewer = register(client)
+    grant_role(mesh, viewer.username, "viewer")
+    viewer = relogin(client, viewer)
+    before = refused(viewer.headers)
+    ada = register(client)
+    for _ in range(GENERAL):
+        assert client.get("/api/v1/tasks", headers=ada.headers).status_code == 200
+    for _ in range(2):
+        _assert_refused(client.get("/api/v1/tasks", headers=ada.headers), "general", GENERAL)
+    assert refused(viewer.headers) == before + 2
 
 
 def test_grpc_callers_get_the_headers_as_trailing_metadata(
