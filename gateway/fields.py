@@ -32,8 +32,13 @@ def _pattern(template: str) -> str:
     """An anchored Lua pattern for a google.api.http path template."""
     out, at = [], 0
     for match in _VARIABLE.finditer(template):
+        bound = match.group(2) or "*"
+        if bound not in ("*", "**"):
+            # A variable bound to a sub-path (`{name=shelves/*}`): no route has one; a new one
+            # must be taught here rather than checked against the wrong pattern.
+            raise ValueError(f"path template {template!r}: {match.group(0)} is not supported")
         out.append(_LUA_MAGIC.sub(r"%\1", template[at : match.start()]))
-        out.append(".+" if (match.group(2) or "*") == "**" else "[^/]+")
+        out.append(".+" if bound == "**" else "[^/]+")
         at = match.end()
     out.append(_LUA_MAGIC.sub(r"%\1", template[at:]))
     return "^" + "".join(out) + "$"

@@ -250,8 +250,8 @@ async def abort_with(context: grpc.aio.ServicerContext, error: AgentmeshError) -
     trailers = list(call.trailers) if call else []
     if call is not None and not call.headers_sent:
         # Headers not sent yet go with the status (a trailers-only answer, which Envoy turns
-        # into the response's headers); a success status of set_http_status does not.
-        trailers += [(k, v) for k, v in call.headers if k != "x-http-status"]
+        # into the response's headers).
+        trailers += call.headers
     trailers.append(("grpc-status-details-bin", status_for(error).SerializeToString()))
     await context.abort(error.status, error.message, trailing_metadata=tuple(trailers))
 

@@ -39,10 +39,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .context import Principal
 from .errors import RateLimited
-from .ratelimit import TokenBucketLimiter, Verdict
+
+if TYPE_CHECKING:
+    from .context import Principal
+    from .ratelimit import Verdict
 
 CLASSES = ("general", "monitoring", "management", "agent")
 
@@ -115,6 +118,8 @@ class Quotas:
         default_tier: str = "",
         redis_url: str | None = None,
     ) -> None:
+        from .ratelimit import TokenBucketLimiter  # redis: not for the settings' import
+
         self._default_tier = default_tier
         # By class, and by tier as "tier:NAME"; None: not limited.
         self._quotas = {

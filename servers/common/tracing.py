@@ -25,16 +25,13 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from sqlalchemy import event
-from sqlalchemy.engine import Engine
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
 
 log = logging.getLogger("agentmesh.tracing")
 
@@ -72,6 +69,13 @@ class Tracing:
     """The process's tracer provider, exporting to the configured collector in batches."""
 
     def __init__(self, *, version: str) -> None:
+        # The SDK and its exporter (with requests) load only when tracing is on: the settings
+        # import this module, and every CLI command with them.
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
         self.provider = TracerProvider(
             resource=Resource.create({"service.name": "agentmesh", "service.version": version})
         )
@@ -81,11 +85,14 @@ class Tracing:
 
     def instrument(self, engine: Engine) -> None:
         """A child span for every statement the engine runs inside a traced RPC."""
+        from sqlalchemy import event
+
         system = engine.dialect.name
         tracer = self.tracer
 
-        def before(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
-            context = rest[-2]  # (parameters, context, executemany)
+        def before(
+            conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
+        ) -> None:
             if context is None or not trace.get_current_span().is_recording():
                 return
             operation = statement.lstrip()[:16].split(None, 1)[0].upper()
@@ -100,8 +107,10 @@ class Tracing:
             )
             setattr(context, _SPAN_KEY, span)
 
-        def after(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
-            span = getattr(rest[-2], _SPAN_KEY, None) if rest[-2] is not None else None
+        def after(
+            conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
+        ) -> None:
+            span = getattr(context, _SPAN_KEY, None) if context is not None else None
             if span is not None:
                 span.end()
 

@@ -3,6 +3,8 @@ contract itself."""
 
 from __future__ import annotations
 
+import pytest
+
 from gateway.fields import _pattern, body_fields
 from gateway.proxy import DESCRIPTOR
 
@@ -14,6 +16,8 @@ def test_path_templates_become_anchored_lua_patterns() -> None:
         "^/api/v1/agents/[^/]+/tasks/[^/]+/complete$"
     )
     assert _pattern("/v1/{name=**}:run") == "^/v1/.+:run$"
+    with pytest.raises(ValueError, match="not supported"):
+        _pattern("/v1/{name=shelves/*}")
 
 
 def test_every_route_with_a_json_body_has_its_fields_in_both_spellings() -> None:
