@@ -87,8 +87,8 @@ def check_progress(request: agents_pb2.ReportProgressRequest) -> None:
 
 
 def check_outcome(request: agents_pb2.CompleteTaskRequest) -> None:
-    """The attempt and exactly one outcome. The size of a result is bounded as on Connect: by
-    the gRPC message limit (4 MiB), and through Envoy by the 1 MiB body limit."""
+    """The attempt and exactly one outcome. A result is bounded through Envoy by the 1 MiB
+    body limit; past RESULT_MAX_BYTES the tasks service fails the task, as on Connect."""
     _check_id("task_id", request.task_id)
     _check_id("attempt_token", request.attempt_token)
     outcome = request.WhichOneof("outcome")

@@ -399,9 +399,12 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         found = await self._directory.listing(
             require_principal(), request.status, list(request.capabilities)
         )
+        agents, served = p.fit(
+            [agent_proto(v) for v in found.agents[p.offset : p.offset + p.limit]]
+        )
         return agents_pb2.ListAgentsResponse(
-            agents=[agent_proto(v) for v in found.agents[p.offset : p.offset + p.limit]],
-            **p.fields(len(found.agents)),
+            agents=agents,
+            **served.fields(len(found.agents)),
             active=found.online,
             idle=found.idle,
             busy=found.online - found.idle,

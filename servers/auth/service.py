@@ -159,10 +159,8 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
     ) -> auth_pb2.ListApiKeysResponse:
         p = page(request.limit, request.offset)
         rows, total = await self._api_keys.list(require_principal(), p)
-        return auth_pb2.ListApiKeysResponse(
-            api_keys=[key_proto(r) for r in rows],
-            **p.fields(total),
-        )
+        keys, served = p.fit([key_proto(r) for r in rows])
+        return auth_pb2.ListApiKeysResponse(api_keys=keys, **served.fields(total))
 
     async def RevokeApiKey(
         self, request: auth_pb2.RevokeApiKeyRequest, context: grpc.aio.ServicerContext
@@ -187,10 +185,8 @@ class UsersService(users_pb2_grpc.UsersServiceServicer):
     ) -> users_pb2.ListUsersResponse:
         p = page(request.limit, request.offset)
         rows, total = await self._admin.list(p)
-        return users_pb2.ListUsersResponse(
-            users=[user_proto(r) for r in rows],
-            **p.fields(total),
-        )
+        users, served = p.fit([user_proto(r) for r in rows])
+        return users_pb2.ListUsersResponse(users=users, **served.fields(total))
 
     async def CreateUser(
         self, request: users_pb2.CreateUserRequest, context: grpc.aio.ServicerContext

@@ -373,7 +373,8 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
                         total += 1
         except BusUnavailable:
             raise Unavailable("the event bus is unavailable; try again shortly") from None
-        return events_pb2.ListEventsResponse(events=[e.proto for e in found], **p.fields(total))
+        events, served = p.fit([e.proto for e in found])
+        return events_pb2.ListEventsResponse(events=events, **served.fields(total))
 
 
 def _drain(queue: deque[Parsed]) -> list[Parsed]:

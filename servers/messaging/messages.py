@@ -136,9 +136,8 @@ class MessagingService(messaging_pb2_grpc.MessagingServiceServicer):
             require_principal(), request.agent_id, timeout=_remaining(context)
         )
         rows, total = await self._messages.inbox(agent.agent_id, unacked=request.unacked, page=p)
-        return messaging_pb2.ListInboxResponse(
-            messages=[message_proto(r) for r in rows], **p.fields(total)
-        )
+        messages, served = p.fit([message_proto(r) for r in rows])
+        return messaging_pb2.ListInboxResponse(messages=messages, **served.fields(total))
 
     async def _open(self, agent_id: str, context: grpc.aio.ServicerContext) -> InboxStream:
         agent = await self._directory.own(

@@ -27,6 +27,10 @@ HELD = ("assigned", "running")
 CLAIM_SCAN = 200  # queued tasks a claim looks at, at most, for one its agent can do
 CLAIM_PAGE = 20
 NO_REQUIREMENTS = "[]"  # required_capabilities, as stored, of a task that requires none
+# The largest result kept, as compact JSON: what fits the 1 MiB body Envoy takes from a REST
+# agent. A larger one (a Connect stream takes 4 MiB frames) fails the task: it would make every
+# read of the task, its events and its callback that large.
+RESULT_MAX_BYTES = 1 << 20
 
 
 # Built once, with bound parameters, on the table (not the mapped class): every claim runs them,
@@ -120,6 +124,16 @@ class Lost:
     agent_id: str
     requeued: bool
     attempt_token: str = ""  # the attempt that ended
+
+
+def _oversized(result: dict[str, Any]) -> tuple[str, str, bool] | None:
+    """A result too large to keep, as the attempt's error. Not retryable: another attempt of
+    the same work would produce the same result."""
+    size = len(json.dumps(result, separators=(",", ":")).encode())
+    if size <= RESULT_MAX_BYTES:
+        return None
+    message = f"the result is {size} bytes of JSON; at most {RESULT_MAX_BYTES} are kept"
+    return "RESULT_TOO_LARGE", message, False
 
 
 class Dispatch:
@@ -266,6 +280,9 @@ class Dispatch:
         outcome of an attempt that is no longer current is refused. ``claim_next``: the agent's
         capabilities, to lease it its next task in the same transaction once the outcome is
         accepted (``Outcome.next``)."""
+        if result is not None and error is None:
+            error = _oversized(result)
+            result = None if error else result
         at = now()
         async with self._db.write() as s, s.begin():
             done = (

@@ -161,10 +161,8 @@ class TasksService(tasks_pb2_grpc.TasksServiceServicer):
     ) -> tasks_pb2.ListTasksResponse:
         p = page(request.limit, request.offset)
         rows, total = await self._tasks.list(require_principal(), request.status, p)
-        return tasks_pb2.ListTasksResponse(
-            tasks=[task_proto(r) for r in rows],
-            **p.fields(total),
-        )
+        tasks, served = p.fit([task_proto(r) for r in rows])
+        return tasks_pb2.ListTasksResponse(tasks=tasks, **served.fields(total))
 
     async def GetTask(
         self, request: tasks_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
