@@ -40,6 +40,8 @@ class CallState:
     # or as trailers when the call fails before one (send_headers, interceptors.abort_with).
     headers: list[tuple[str, str]] = field(default_factory=list)
     headers_sent: bool = False
+    # What the call cost beyond itself, in calls of its quota, counted once it ends (add_cost).
+    cost: int = 0
 
 
 _call: contextvars.ContextVar[CallState | None] = contextvars.ContextVar("call", default=None)
@@ -80,6 +82,14 @@ def require_principal() -> Principal:
     if who is None:
         raise AuthRequired("authentication required")
     return who
+
+
+def add_cost(calls: int) -> None:
+    """Counts the current call as ``calls`` more against its caller's quota: for a call whose
+    work grows with something the caller does not own (a scan of every retained event)."""
+    call = _call.get()
+    if call is not None and calls > 0:
+        call.cost += calls
 
 
 def request_id() -> str:

@@ -301,7 +301,8 @@ class AuthInterceptor(_ScopeInterceptor):
 
 class QuotaInterceptor(_ScopeInterceptor):
     """Counts every signed-in call against its principal's quota (quotas.py), after
-    authentication, and sets the rate-limit headers of the answer."""
+    authentication, and sets the rate-limit headers of the answer; once the call has ended,
+    counts what it cost beyond itself (callctx.add_cost)."""
 
     def __init__(self, quotas: Quotas, metrics: Metrics | None = None) -> None:
         super().__init__()
@@ -330,6 +331,12 @@ class QuotaInterceptor(_ScopeInterceptor):
                 if self._metrics is not None:
                     self._metrics.quota_refused.labels(refused.quota).inc()
                 raise refused
+            try:
+                yield
+            finally:
+                if call.cost:
+                    await self._quotas.spend(quota, who, call.cost)
+            return
         yield
 
 

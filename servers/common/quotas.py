@@ -137,24 +137,38 @@ class Quotas:
             if quota.limit > 0
         }
 
-    async def charge(self, quota_class: str, who: Principal) -> list[tuple[str, str]]:
-        """Counts a call of ``who`` in its class (the general class: in its tier, if it has
-        one); its rate-limit headers, or none without a limit. Raises QuotaExceeded, the
-        headers in its ``headers``, when the caller's bucket is empty."""
+    def _bucket(self, quota_class: str, who: Principal) -> tuple[str, str]:
+        """The quota that counts ``who``'s calls of the class (the general class: its tier's,
+        if it has one), and the key of its bucket there."""
         name = quota_class
         tier = who.tier or self._default_tier
         if quota_class == "general" and f"tier:{tier}" in self._quotas:
             name = f"tier:{tier}"
+        return name, who.token_id if quota_class == "agent" else who.subject
+
+    async def charge(self, quota_class: str, who: Principal) -> list[tuple[str, str]]:
+        """Counts a call of ``who`` in its class; its rate-limit headers, or none without a
+        limit. Raises QuotaExceeded, the headers in its ``headers``, when the caller's bucket
+        is empty."""
+        name, key = self._bucket(quota_class, who)
         limiter = self._limiters.get(name)
         if limiter is None:
             return []
-        key = who.token_id if quota_class == "agent" else who.subject
         verdict = await limiter.hit(key)
         window = self._quotas[name].window
         out = headers(verdict, window)
         if not verdict.allowed:
             raise QuotaExceeded(name, verdict, window, out)
         return out
+
+    async def spend(self, quota_class: str, who: Principal, calls: int) -> None:
+        """Counts ``calls`` more calls of ``who``, allowed or not: the cost of a call past its
+        own, known once it has run. A bucket taken below empty refuses the next calls until
+        it has refilled."""
+        name, key = self._bucket(quota_class, who)
+        limiter = self._limiters.get(name)
+        if limiter is not None:
+            await limiter.spend(key, calls)
 
     async def close(self) -> None:
         for limiter in self._limiters.values():

@@ -62,6 +62,16 @@ local text = string.format('%.17g', after)
 redis.call('SET', key, text, 'PX', math.ceil((after - now) * 1000))
 return {1, text}
 """
+# Takes ARGV[4] tokens whatever the bucket holds: a cost known only after the call (a scan's
+# length). The moment the bucket is full again moves past the window: the debt, which refuses
+# the key's next calls until it is paid back.
+_TOKEN_BUCKET_SPEND = """
+local key, now, window, limit = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local full = math.max(tonumber(redis.call('GET', key) or '0'), now)
+local after = full + tonumber(ARGV[4]) * window / limit
+redis.call('SET', key, string.format('%.17g', after), 'PX', math.ceil((after - now) * 1000))
+return 1
+"""
 # Sums of intervals carry rounding errors: the last call of a burst could find the bucket
 # "empty" by a few microseconds. A call is refused only when it is early by more than this.
 SLACK = 0.001
@@ -82,6 +92,7 @@ class _Limiter:
     """A limit's Redis script, its memory fallback and the switch between the two."""
 
     _script_text = ""
+    _spend_text = ""  # a script that takes tokens whatever the limit says, where there is one
 
     def __init__(
         self,
@@ -105,30 +116,45 @@ class _Limiter:
             else None
         )
         self._script = self._redis.register_script(self._script_text) if self._redis else None
+        self._spend_script = (
+            self._redis.register_script(self._spend_text)
+            if self._redis and self._spend_text
+            else None
+        )
         self._redis_down_until = 0.0
 
     async def hit(self, key: str) -> Verdict:
         """Counts one event for ``key`` if the limit allows it, and says whether it did."""
         now = time.time()
-        if self._script is not None and now >= self._redis_down_until:
-            try:
-                with redis_span("EVALSHA"):
-                    reply = await self._script(
-                        keys=[f"agentmesh:rl:{self.name}:{key}"],
-                        args=[now, self.window, self.limit, uuid.uuid4().hex, SLACK],
-                    )
-                return self._from_redis(reply, now)
-            except (redis.RedisError, OSError) as exc:
-                self._redis_down_until = now + REDIS_RETRY_SECONDS
-                log.warning("rate limit store unreachable, counting in memory: %s", exc)
+        reply = await self._in_redis(
+            self._script, key, [now, self.window, self.limit, uuid.uuid4().hex, SLACK]
+        )
+        if reply is not None:
+            return self._from_redis(reply, now)
+        verdict, self._memory[key] = self._in_memory(self._state(key), now)
+        return verdict
+
+    async def _in_redis(self, script: Any, key: str, args: list[Any]) -> Any:
+        """The script's reply, or None when Redis is not used (or failed just now)."""
+        if script is None or time.time() < self._redis_down_until:
+            return None
+        try:
+            with redis_span("EVALSHA"):
+                return await script(keys=[f"agentmesh:rl:{self.name}:{key}"], args=args)
+        except (redis.RedisError, OSError) as exc:
+            self._redis_down_until = time.time() + REDIS_RETRY_SECONDS
+            log.warning("rate limit store unreachable, counting in memory: %s", exc)
+            return None
+
+    def _state(self, key: str) -> Any:
+        """The key's state in memory (None: none yet), now its most recently used."""
         state = self._memory.get(key)
         if state is None:
             if len(self._memory) >= self._max_keys:
                 self._memory.popitem(last=False)  # bounded: the least recently used key goes
         else:
             self._memory.move_to_end(key)
-        verdict, self._memory[key] = self._in_memory(state, now)
-        return verdict
+        return state
 
     def _from_redis(self, reply: Any, now: float) -> Verdict:
         raise NotImplementedError
@@ -141,7 +167,7 @@ class _Limiter:
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
-            self._script = None
+            self._script = self._spend_script = None
 
 
 class SlidingWindowLimiter(_Limiter):
@@ -168,6 +194,7 @@ class TokenBucketLimiter(_Limiter):
     """A burst of ``limit`` hits, refilled at ``limit`` per ``window`` seconds, for each key."""
 
     _script_text = _TOKEN_BUCKET
+    _spend_text = _TOKEN_BUCKET_SPEND
 
     def _from_redis(self, reply: Any, now: float) -> Verdict:
         allowed, full = reply
@@ -179,6 +206,17 @@ class TokenBucketLimiter(_Limiter):
         if after - self.window > now + SLACK:
             return self._verdict(False, full, now), full
         return self._verdict(True, after, now), after
+
+    async def spend(self, key: str, tokens: int) -> None:
+        """Takes ``tokens`` from ``key``'s bucket, whatever it holds: a bucket taken below
+        empty refuses the key's calls until it has refilled past empty again."""
+        if tokens <= 0:
+            return
+        now = time.time()
+        args = [now, self.window, self.limit, tokens]
+        if await self._in_redis(self._spend_script, key, args) is None:
+            full = max(self._state(key) or 0.0, now)
+            self._memory[key] = full + tokens * self.window / self.limit
 
     def _verdict(self, allowed: bool, full: float, now: float) -> Verdict:
         """A verdict from the moment the bucket is full again (after this hit, if allowed)."""

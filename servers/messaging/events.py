@@ -31,7 +31,7 @@ from google.api import httpbody_pb2
 from agentmesh.v1 import common_pb2, events_pb2, events_pb2_grpc
 from servers.common import sse
 from servers.common.bus import Bus, BusUnavailable, Entry, parse_id
-from servers.common.context import Principal, current_call, require_principal
+from servers.common.context import Principal, add_cost, current_call, require_principal
 from servers.common.errors import RateLimited, Unavailable, ValidationError
 from servers.common.follower import Follower
 from servers.common.outbox import EVENTS_TOPIC
@@ -46,6 +46,11 @@ QUEUE_LIMIT = 10_000
 STREAMS_PER_USER = 20
 REPLAY_PAGE = 500
 LIST_SCAN_PAGE = 1000
+# A list or a replay reads every retained event after its start (100,000 by default), not only
+# the caller's: 1.5 ms of CPU per 1,000 on the in-process bus, 5.5 ms on Redis. Each SCAN_COST
+# read count as one more call against the caller's quota, so that no caller can keep a server
+# busy with full scans while within its quota.
+SCAN_COST = 1000
 # Bytes of SSE frames sent as one chunk when events come in a burst.
 SSE_CHUNK = 256 * 1024
 # A stream that sent within BUSY seconds waits LINGER seconds for more before the next write.
@@ -302,10 +307,13 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
         """The retained events after ``after`` that match, page by page, read from the bus.
         Runs until it has caught up with what the hub delivers live."""
         position = after
+        scanned = 0
         while True:
             entries = await self._bus.range(EVENTS_TOPIC, position, REPLAY_PAGE)
             if entries:
                 position = entries[-1].id
+                add_cost((scanned + len(entries)) // SCAN_COST - scanned // SCAN_COST)
+                scanned += len(entries)
                 batch = [e for e in map(Parsed.of, entries) if sub.matches(e)]
                 yield batch, parse_id(position)
                 continue
@@ -362,10 +370,11 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
         p = page(request.limit, request.offset)
         position = resume_point(request.after) or "0-0"
         found: list[Parsed] = []
-        total = 0
+        total = scanned = 0
         try:
             while entries := await self._bus.range(EVENTS_TOPIC, position, LIST_SCAN_PAGE):
                 position = entries[-1].id
+                scanned += len(entries)
                 for event in map(Parsed.of, entries):
                     if matches(event):
                         if p.offset <= total < p.offset + p.limit:
@@ -373,6 +382,8 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
                         total += 1
         except BusUnavailable:
             raise Unavailable("the event bus is unavailable; try again shortly") from None
+        finally:
+            add_cost(scanned // SCAN_COST)
         events, served = p.fit([e.proto for e in found])
         return events_pb2.ListEventsResponse(events=events, **served.fields(total))
 

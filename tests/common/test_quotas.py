@@ -112,6 +112,37 @@ async def test_a_bucket_lets_a_burst_through_then_refills_at_its_rate(
         await quotas.close()
 
 
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_cost_past_the_call_is_a_debt_that_refuses_until_paid(
+    store: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server: RedisServer | None = (
+        request.getfixturevalue("redis_server") if store == "redis" else None
+    )
+    clock = [time.time()]
+    monkeypatch.setattr(ratelimit.time, "time", lambda: clock[0])
+    quotas = Quotas({"general": Quota(3, 60)}, redis_url=server[0] if server else None)
+    try:
+        who, other = _user(), _user()
+        assert dict(await quotas.charge("general", who))["x-ratelimit-remaining"] == "2"
+        # The call turned out to cost 5 more: 6 of 3 tokens, 3 beyond empty. The next call
+        # waits for those 3 and its own, at one token per 20 s: 80 s.
+        await quotas.spend("general", who, 5)
+        with pytest.raises(QuotaExceeded) as refused:
+            await quotas.charge("general", who)
+        assert refused.value.details["retry_after"] == "80"
+        clock[0] += 79
+        with pytest.raises(QuotaExceeded):
+            await quotas.charge("general", who)
+        clock[0] += 1
+        assert dict(await quotas.charge("general", who))["x-ratelimit-remaining"] == "0"
+        # Nobody else pays for it; nothing spent is nothing.
+        await quotas.spend("general", other, 0)
+        assert dict(await quotas.charge("general", other))["x-ratelimit-remaining"] == "2"
+    finally:
+        await quotas.close()
+
+
 def test_tiers_are_seed_000s_and_the_environment_overrides_them() -> None:
     settings = Settings.from_env({})
     assert settings.tiers == TIER_DEFAULTS and settings.default_tier == ""

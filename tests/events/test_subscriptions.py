@@ -4,11 +4,15 @@ is not mistaken for a slow consumer, and patterns mean what events.proto says.
 
 The server is built in the test's own process (rather than `agentmesh up`) so the test can
 publish tens of thousands of events straight onto the bus.
+
+A scan of the retained events, by a list or a replay, counts against the caller's quota by its
+length.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,6 +30,7 @@ from servers.common.follower import Follower
 from servers.common.interceptors import default_interceptors
 from servers.common.membus import MemoryBus
 from servers.common.outbox import EVENTS_TOPIC
+from servers.common.quotas import Quota, Quotas
 from servers.messaging.events import EventHub, EventsService, Filter, Parsed
 
 RETENTION = {"retention_ms": 3_600_000, "max_len": 1_000_000}
@@ -77,6 +82,12 @@ async def _no_api_keys(secret: str) -> Principal:
 
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    async with _rig(tmp_path) as built:
+        yield built
+
+
+@contextlib.asynccontextmanager
+async def _rig(tmp_path: Path, quotas: Quotas | None = None) -> AsyncIterator[Rig]:
     bus = MemoryBus()
     follower = Follower(bus, EVENTS_TOPIC)
     following = asyncio.create_task(follower.run())
@@ -85,7 +96,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     key = SigningKey.load_or_create(tmp_path)
     verifier = TokenVerifier(jwks=key.jwks, issuer="agentmesh", audience="agentmesh")
     authenticator = Authenticator(verifier=verifier, internal_token="t", api_keys=_no_api_keys)
-    server = grpc.aio.server(interceptors=default_interceptors(authenticator))
+    server = grpc.aio.server(interceptors=default_interceptors(authenticator, quotas=quotas))
     events_pb2_grpc.add_EventsServiceServicer_to_server(
         EventsService(bus=bus, hub=hub, heartbeat_seconds=30, queue_limit=50), server
     )
@@ -210,3 +221,45 @@ def test_visibility_is_the_owner_or_an_admin() -> None:
     assert Filter.build(admin, [], "")(theirs)
     assert Filter.build(admin, [], "s")(theirs)
     assert not Filter.build(admin, [], "other")(theirs)
+
+
+def _remaining(call_trailers: grpc.aio.Metadata) -> int:
+    return int(dict(call_trailers)["x-ratelimit-remaining"])
+
+
+async def test_a_scan_of_the_retained_events_counts_by_its_length(tmp_path: Path) -> None:
+    """A list (and a replay) reads every retained event after its start, whoever's: 100,000 by
+    default, half a second of CPU on Redis. Within a quota of calls, one caller could keep the
+    server busy with nothing but full scans; each 1,000 events read count as one more call."""
+    quotas = Quotas({"general": Quota(20, 3600)})
+    async with _rig(tmp_path, quotas) as rig:
+        first = (await rig.publish(5_500, owner="someone-else"))[0]
+        await rig.publish(3)
+        listed = rig.stub.ListEvents(events_pb2.ListEventsRequest(), metadata=rig.metadata)
+        assert (await listed).total == 3
+        assert _remaining(await listed.trailing_metadata()) == 19  # the call itself
+        # ... and 5 more for its 5,503 events, counted once it ended.
+        listed = rig.stub.ListEvents(events_pb2.ListEventsRequest(), metadata=rig.metadata)
+        await listed
+        assert _remaining(await listed.trailing_metadata()) == 13
+
+        # A page that starts late reads less: from there on, 2,503 events.
+        later = (await rig.bus.range(EVENTS_TOPIC, first, 3_000))[-1].id
+        request = events_pb2.ListEventsRequest(after=later)
+        listed = rig.stub.ListEvents(request, metadata=rig.metadata)
+        assert (await listed).total == 3
+        assert _remaining(await listed.trailing_metadata()) == 7
+
+        # 5 left after its 2 more. A stream's replay reads the same way, counted when the
+        # stream ends: 1 to open it and 5 for the 5,502 events after `first`, one too many.
+        stream = rig.stub.Subscribe(events_pb2.SubscribeRequest(after=first), metadata=rig.metadata)
+        seen = 0
+        async for frame in stream:
+            seen += frame.HasField("event")
+            if seen == 3:
+                break
+        stream.cancel()
+        await asyncio.sleep(0.2)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await rig.stub.ListEvents(request, metadata=rig.metadata)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
