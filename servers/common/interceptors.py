@@ -31,6 +31,7 @@ from .auth import Authenticator
 from .errors import DOMAIN, AgentmeshError, InternalError, NotImplementedYet
 from .metrics import Metrics
 from .quotas import QuotaExceeded, Quotas
+from .server import MAX_MESSAGE_BYTES
 from .tracing import Tracing
 
 log = logging.getLogger("agentmesh.access")
@@ -100,6 +101,10 @@ class _ScopeInterceptor(grpc.aio.ServerInterceptor):
             async with self.scope(method, context):
                 result = behavior(request, context)
                 response = await result if inspect.isawaitable(result) else result
+                if response.ByteSize() > MAX_MESSAGE_BYTES:
+                    # grpc would fail it with RESOURCE_EXHAUSTED, which REST clients read as
+                    # 429 and retry for ever; it is a bug (an unbounded response): 500.
+                    raise RuntimeError(f"a {response.ByteSize()} byte response of {method}")
                 await callctx.send_headers(context)
                 return response
 

@@ -39,7 +39,11 @@ class WhoAmI(tasks_pb2_grpc.TasksServiceServicer):
     ) -> tasks_pb2.Task:
         who = principal()
         assert who is not None
-        return tasks_pb2.Task(task_id=request.task_id, owner_id=who.subject)
+        # "huge": a response past gRPC's 4 MiB message limit, as an unbounded list would be.
+        description = "d" * (5 << 20) if request.task_id == "huge" else ""
+        return tasks_pb2.Task(
+            task_id=request.task_id, owner_id=who.subject, description=description
+        )
 
 
 async def _no_keys(secret: str) -> Principal:
@@ -116,11 +120,23 @@ async def test_errors_become_statuses(
     assert trailers.get("x-request-id") == "client-req-1"
 
 
-async def _get_task(address: str, token: str | None) -> tasks_pb2.Task:
+async def _get_task(address: str, token: str | None, task_id: str = "t1") -> tasks_pb2.Task:
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     async with grpc.aio.insecure_channel(address) as channel:
         stub = tasks_pb2_grpc.TasksServiceStub(channel)
-        return await stub.GetTask(tasks_pb2.GetTaskRequest(task_id="t1"), metadata=metadata)
+        return await stub.GetTask(tasks_pb2.GetTaskRequest(task_id=task_id), metadata=metadata)
+
+
+async def test_a_response_past_the_message_limit_is_an_internal_error(
+    server: tuple[str, Failing], key: SigningKey
+) -> None:
+    """grpc fails such a response with RESOURCE_EXHAUSTED, which Envoy answers as 429
+    RATE_LIMIT_EXCEEDED: a REST client would back off and retry for ever. It is a bug."""
+    address, _ = server
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _get_task(address, sign(key.private_key, key.kid), task_id="huge")
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert error_reason(err.value) == "INTERNAL_ERROR"
 
 
 async def test_valid_token_sets_the_principal(server: tuple[str, Failing], key: SigningKey) -> None:
