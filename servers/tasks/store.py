@@ -6,13 +6,37 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, delete, func, inspect, select
+from sqlalchemy import Float, Table, delete, func, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 from servers.common.db import InsertOrNothing
 from servers.common.outbox import write_event
 
 from .models import OutboxRow, TaskRow
+
+
+class _Seconds(FunctionElement[float]):
+    """Seconds from the second timestamp to the first, as each database computes them."""
+
+    type = Float()
+    name = "seconds_between"
+    inherit_cache = True
+
+
+@compiles(_Seconds, "sqlite")
+def _seconds_sqlite(element: _Seconds, compiler: Any, **kw: Any) -> str:
+    # julianday() keeps milliseconds (SQLite's own clock resolution), in days.
+    end, start = (compiler.process(arg, **kw) for arg in element.clauses)
+    return f"((julianday({end}) - julianday({start})) * 86400.0)"
+
+
+@compiles(_Seconds, "postgresql")
+def _seconds_postgresql(element: _Seconds, compiler: Any, **kw: Any) -> str:
+    end, start = (compiler.process(arg, **kw) for arg in element.clauses)
+    return f"EXTRACT(EPOCH FROM ({end} - {start}))"
+
 
 _tasks = cast(Table, TaskRow.__table__)
 ENDED = ("completed", "failed")  # the statuses whose tasks have an end time and a verdict
@@ -85,20 +109,29 @@ class TaskStore:
         )
         return {status: int(count) for status, count in rows.all()}
 
-    async def completion_seconds(
-        self, owner_id: str | None, *, since: datetime | None = None, limit: int | None = None
-    ) -> list[float]:
-        """How long each completed task ran, from start to end: of every one (the stats), or
-        of the latest ``limit`` completed since ``since`` (the metrics)."""
-        query = select(TaskRow.started_at, TaskRow.completed_at).where(
+    def _ran(self, owner_id: str | None) -> list[Any]:
+        return [
             *self._visible(owner_id, ("completed",)),
             TaskRow.started_at.is_not(None),
             TaskRow.completed_at.is_not(None),
+        ]
+
+    async def average_seconds(self, owner_id: str | None) -> float:
+        """How long the completed tasks ran on average, from start to end (0 for none),
+        computed by the database: the stats cover every completed task the caller has."""
+        query = select(func.avg(_Seconds(TaskRow.completed_at, TaskRow.started_at)))
+        average = (await self._s.execute(query.where(*self._ran(owner_id)))).scalar_one()
+        return float(average or 0.0)
+
+    async def completion_seconds(self, *, since: datetime, limit: int) -> list[float]:
+        """How long each of the latest ``limit`` tasks completed since ``since`` ran, from
+        start to end (the metrics' sample, for a percentile)."""
+        query = (
+            select(TaskRow.started_at, TaskRow.completed_at)
+            .where(*self._ran(None), TaskRow.completed_at >= since)
+            .order_by(TaskRow.completed_at.desc())
+            .limit(limit)
         )
-        if since is not None:
-            query = query.where(TaskRow.completed_at >= since)
-        if limit is not None:
-            query = query.order_by(TaskRow.completed_at.desc()).limit(limit)
         rows = await self._s.execute(query)
         return [(end - start).total_seconds() for start, end in rows.all() if start and end]
 

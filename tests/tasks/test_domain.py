@@ -7,13 +7,15 @@ import asyncio
 from dataclasses import replace
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import ColumnElement, func, select, update
 
 from servers.common.clock import now
-from servers.common.context import Principal
+from servers.common.context import CallState, Principal, enter_call, leave_call
 from servers.common.db import Database
 from servers.common.errors import NotFound
 from servers.mesh import MIGRATIONS
+from servers.tasks import domain
 from servers.tasks.dispatch import Dispatch
 from servers.tasks.domain import NewTask, Tasks
 from servers.tasks.models import OutboxRow, TaskRow
@@ -156,6 +158,41 @@ async def test_ended_tasks_past_the_retention_are_deleted(database_url: str) -> 
         # The idempotency key of a deleted task is free again.
         again, created = await tasks.create(ALICE, replace(NEW, idempotency_key="completed"))
         assert created and again.task_id != old["completed"].task_id
+    finally:
+        await db.close()
+
+
+async def test_the_stats_count_against_the_quota_by_the_tasks_they_read(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stats read every task of the caller (everyone's for an admin): one more call per
+    STATS_COST of them, and the average run time from the database itself."""
+    monkeypatch.setattr(domain, "STATS_COST", 10)
+    db = await _db(database_url)
+    try:
+        tasks, dispatch = Tasks(db=db), Dispatch(db=db, lease_seconds=30)
+        for _ in range(25):
+            await tasks.create(ALICE, NEW)
+        for _ in range(5):
+            await tasks.create(BOB, NEW)
+        for _ in range(2):
+            held = await dispatch.claim("agent-1", ["echo"])
+            assert held is not None
+            await dispatch.complete(
+                held.task_id, "agent-1", held.attempt_token or "", result={}, error=None
+            )
+        admin = Principal(subject="root", kind="user", roles=("admin",))
+        for who, total, cost in ((ALICE, 25, 2), (BOB, 5, 0), (admin, 30, 3)):
+            call = CallState(
+                method="/agentmesh.v1.TasksService/GetStats", request_id="r", via_gateway=False
+            )
+            token = enter_call(call)
+            try:
+                stats = await tasks.stats(who)
+            finally:
+                leave_call(token)
+            assert (stats.total, call.cost) == (total, cost)
+        assert stats.completed == 2 and 0 <= stats.average_completion_time < 5
     finally:
         await db.close()
 
