@@ -383,7 +383,12 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
             db=rt.db,
             registry=Registry(quiet_after=QUIET_INTERVALS * s.heartbeat_seconds),
             heartbeat_seconds=s.heartbeat_seconds,
+            per_owner=s.agents_per_owner,
         )
+
+        async def forget_offline() -> None:
+            await directory.keep_for(timedelta(days=s.agent_retention_days))
+
         rt.on_close(directory.close)
         agents_service = AgentsService(
             directory=directory,
@@ -410,6 +415,7 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
                 directory.maintain,
                 agents_service.expire_http_agents,
                 rt.relay(AgentsOutboxRow).run,
+                *([forget_offline] if s.agent_retention_days > 0 else []),
             ],
         )
     if name == "messaging":

@@ -38,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from servers.common.clock import aware, now
 from servers.common.context import Principal
 from servers.common.db import Database
-from servers.common.errors import NotFound, ValidationError
+from servers.common.errors import NotFound, RateLimited, ValidationError
 
 from .models import AgentRow
 from .registry import Registry, Session
@@ -53,6 +53,13 @@ CONFIG_MAX_BYTES = 64 * 1024
 # An agent not touched for this many heartbeat intervals is offline.
 STALE_INTERVALS = 3
 RESOLVE_MAX_IDS = 100
+# Agents one user may have registered (AGENTMESH_AGENTS_PER_OWNER). Every listing reads them
+# all, configurations included (up to 64 KiB each); a worker's default name changes with its
+# pid, so without a bound, and without forgetting, they pile up.
+PER_OWNER = 1000
+# Agents offline for longer than AGENTMESH_AGENT_RETENTION_DAYS are deleted, this many per
+# transaction, by a job that looks every FORGET_SECONDS.
+FORGET_BATCH, FORGET_SECONDS = 500, 300.0
 
 
 def apply_config(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -122,10 +129,18 @@ class AgentDirectory:
     """Reads and writes of the registry table; ``close()`` waits for disconnect writes still
     running and is safe to call twice."""
 
-    def __init__(self, *, db: Database, registry: Registry, heartbeat_seconds: float) -> None:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        registry: Registry,
+        heartbeat_seconds: float,
+        per_owner: int = PER_OWNER,
+    ) -> None:
         self._db = db
         self.registry = registry
         self._heartbeat = heartbeat_seconds
+        self._per_owner = per_owner
         self._window = timedelta(seconds=STALE_INTERVALS * heartbeat_seconds)
         self._pending: set[asyncio.Task[None]] = set()
 
@@ -145,6 +160,13 @@ class AgentDirectory:
                 store = AgentStore(s)
                 row = await store.get(session.agent_id, lock=True)
                 if row is None:
+                    if await store.owned(session.owner_id) >= self._per_owner:
+                        raise RateLimited(
+                            f"you have {self._per_owner} agents registered, the most allowed"
+                            " (agents offline for some days are forgotten)",
+                            reason="AGENT_LIMIT_REACHED",
+                            details={"max_agents": self._per_owner},
+                        )
                     row = self._new_row(session, at)
                     if not await store.add(row):
                         # The same agent's first connection on another replica won the insert.
@@ -308,6 +330,28 @@ class AgentDirectory:
         if reaped:
             log.info("agents marked offline after missed heartbeats: %d", len(reaped))
         return reaped
+
+    async def forget(self, before: datetime, *, batch: int = FORGET_BATCH) -> int:
+        """Deletes the agents offline and unheard of since before ``before``, a batch per
+        transaction; returns how many. Their tasks keep the id in ``assigned_agent``."""
+        forgotten = 0
+        while True:
+            async with self._db.write() as s, s.begin():
+                ids = await AgentStore(s).forget(before, batch)
+            forgotten += len(ids)
+            if len(ids) < batch:
+                return forgotten
+
+    async def keep_for(self, retention: timedelta, every: float = FORGET_SECONDS) -> None:
+        """Runs for the life of the server: forgets agents offline for longer than
+        ``retention``, every ``every`` seconds."""
+        while True:
+            try:
+                if forgotten := await self.forget(now() - retention):
+                    log.info("agents offline for too long forgotten: %d", forgotten)
+            except Exception:  # a database hiccup must not end the job
+                log.exception("forgetting offline agents failed")
+            await asyncio.sleep(every)
 
     @staticmethod
     def _stale(row: AgentRow, before: datetime) -> bool:

@@ -31,7 +31,7 @@ from agentmesh.v1 import agents_pb2, agents_pb2_grpc
 from servers.common import sse
 from servers.common.clock import timestamp
 from servers.common.context import Principal, require_principal, set_http_status
-from servers.common.errors import Conflict, NotFound, Unavailable, ValidationError
+from servers.common.errors import Conflict, NotFound, RateLimited, Unavailable, ValidationError
 from servers.common.internal import CALL_TIMEOUT, InternalChannel
 from servers.common.jobs import stop_jobs
 from servers.common.pagination import page
@@ -110,6 +110,9 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             return
         try:
             session = await self._work.open_session(who, first.hello)
+        except RateLimited as exc:  # the owner has as many agents as allowed
+            yield error_frame(exc.reason, exc.message)
+            return
         except SQLAlchemyError as exc:
             log.warning("could not record an agent's connection: %s", exc)
             yield error_frame("SERVICE_UNAVAILABLE", "the agent registry is unavailable; reconnect")

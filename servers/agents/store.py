@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, select, update
+from sqlalchemy import and_, bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -86,6 +86,21 @@ class AgentStore:
                 for item in seen
             ],
         )
+
+    async def owned(self, owner_id: str) -> int:
+        """How many agents the owner has registered."""
+        query = select(func.count()).select_from(AgentRow).where(AgentRow.owner_id == owner_id)
+        return int((await self._s.execute(query)).scalar_one())
+
+    async def forget(self, before: datetime, limit: int) -> list[str]:
+        """Deletes up to ``limit`` agents offline and last heard from before ``before``; their
+        ids. One that connects again meanwhile is online, and stays."""
+        offline = (AgentRow.online.is_(False), AgentRow.last_seen_at < before)
+        found = await self._s.execute(select(AgentRow.agent_id).where(*offline).limit(limit))
+        ids = list(found.scalars().all())
+        if ids:
+            await self._s.execute(delete(AgentRow).where(AgentRow.agent_id.in_(ids), *offline))
+        return ids
 
     async def stale(self, before: datetime, *, lock: bool) -> Sequence[AgentRow]:
         """Rows still marked online that nobody touched since ``before``. ``lock`` takes them

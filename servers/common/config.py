@@ -51,12 +51,11 @@ def _non_negative(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
-def _retention_days(env: Mapping[str, str]) -> int:
-    days = _non_negative(env, "AGENTMESH_TASK_RETENTION_DAYS", 30)
+def _retention_days(env: Mapping[str, str], name: str, default: int, what: str) -> int:
+    days = _non_negative(env, name, default)
     if days > MAX_RETENTION_DAYS:  # a moment before year 1 does not exist
         raise SystemExit(
-            f"agentmesh: AGENTMESH_TASK_RETENTION_DAYS must be at most {MAX_RETENTION_DAYS}"
-            " (0 keeps tasks for ever)"
+            f"agentmesh: {name} must be at most {MAX_RETENTION_DAYS} (0 keeps {what} for ever)"
         )
     return days
 
@@ -90,6 +89,9 @@ class Settings:
       AGENTMESH_TASK_RETENTION_DAYS  ended tasks are deleted this many days after they ended
                                    (default 30; 0 keeps them for ever)
       AGENTMESH_HEARTBEAT_SECONDS  how often agents send heartbeats (default 10)
+      AGENTMESH_AGENT_RETENTION_DAYS  agents offline this many days are forgotten (default 7;
+                                   0 keeps them for ever)
+      AGENTMESH_AGENTS_PER_OWNER   agents one user may have registered (default 1000)
       AGENTMESH_EVENT_RETENTION_SECONDS  how long events stay replayable (default 86400)
       AGENTMESH_EVENT_RETENTION_MAX      at most this many events are kept (default 100000)
       AGENTMESH_STREAM_HEARTBEAT_SECONDS heartbeats on idle event and inbox streams (default 15)
@@ -133,6 +135,8 @@ class Settings:
     login_window: int = 3600
     lease_seconds: int = 30
     task_retention_days: int = 30
+    agent_retention_days: int = 7
+    agents_per_owner: int = 1000
     heartbeat_seconds: int = 10
     event_retention_seconds: int = 86400
     event_retention_max: int = 100_000
@@ -167,7 +171,11 @@ class Settings:
             login_limit=_int(env, "AGENTMESH_LOGIN_LIMIT", 10),
             login_window=_int(env, "AGENTMESH_LOGIN_WINDOW_SECONDS", 3600),
             lease_seconds=_int(env, "AGENTMESH_LEASE_SECONDS", 30),
-            task_retention_days=_retention_days(env),
+            task_retention_days=_retention_days(env, "AGENTMESH_TASK_RETENTION_DAYS", 30, "tasks"),
+            agent_retention_days=_retention_days(
+                env, "AGENTMESH_AGENT_RETENTION_DAYS", 7, "agents"
+            ),
+            agents_per_owner=_positive(env, "AGENTMESH_AGENTS_PER_OWNER", 1000),
             heartbeat_seconds=_int(env, "AGENTMESH_HEARTBEAT_SECONDS", 10),
             event_retention_seconds=_positive(env, "AGENTMESH_EVENT_RETENTION_SECONDS", 86400),
             event_retention_max=_positive(env, "AGENTMESH_EVENT_RETENTION_MAX", 100_000),

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from servers.agents.domain import AgentDirectory
 from servers.agents.models import AgentRow, OutboxRow
 from servers.agents.registry import Registry, Session
 from servers.agents.service import agent_id_of
+from servers.common.clock import now
 from servers.common.context import Principal
 from servers.common.db import Database
-from servers.common.errors import NotFound, ValidationError
+from servers.common.errors import NotFound, RateLimited, ValidationError
 from tests.tasks.test_domain import _db
 
 ALICE = Principal(subject="alice", kind="user", roles=("developer",))
@@ -269,3 +271,68 @@ async def test_resolve_by_ids_and_by_key(db: Database) -> None:
     with pytest.raises(ValidationError):
         await agents.resolve([], "")
     assert len(await agents.resolve([f"id-{i}" for i in range(100)], "")) == 0
+
+
+async def test_an_owner_registers_up_to_its_limit_of_agents(db: Database) -> None:
+    agents = AgentDirectory(db=db, registry=Registry(), heartbeat_seconds=10, per_owner=2)
+    first, second = session("one"), session("two")
+    await agents.connect(first, {})
+    await agents.connect(second, {})
+    with pytest.raises(RateLimited) as refused:
+        await agents.connect(session("three"), {})
+    assert refused.value.reason == "AGENT_LIMIT_REACHED"
+    assert refused.value.details == {"max_agents": "2"}  # ErrorInfo metadata: strings
+    # An agent already registered connects again; another owner has a limit of its own.
+    agents.registry.remove(first)
+    await agents.disconnect(first, "AGENT_STOPPED")
+    await agents.connect(session("one"), {})
+    await agents.connect(session("three", owner="bob"), {})
+    assert len((await agents.listing(ALICE, "", [])).agents) == 2
+
+
+async def test_agents_offline_past_the_retention_are_forgotten(db: Database) -> None:
+    """Their rows go, in batches; an agent still online, or offline since recently, stays, and
+    one forgotten that connects again is registered anew (its overrides are gone)."""
+    agents = directory(db)
+    live, recent = session("live"), session("recent")
+    gone = [session(f"gone-{n}") for n in range(5)]
+    for each in (live, recent, *gone):
+        await agents.connect(each, {})
+    await agents.configure(ALICE, gone[0].agent_id, {"model": "large"}, [])
+    for each in (recent, *gone):
+        agents.registry.remove(each)
+        await agents.disconnect(each, "AGENT_STOPPED")
+    long_ago = now() - timedelta(days=8)
+    async with db.write() as s, s.begin():
+        await s.execute(
+            update(AgentRow)
+            .where(AgentRow.agent_id != recent.agent_id)
+            .values(last_seen_at=long_ago)
+        )
+
+    assert await agents.forget(now() - timedelta(days=7), batch=2) == 5
+    left = {v.name for v in (await agents.listing(ALICE, "", [])).agents}
+    assert left == {"live", "recent"}
+    assert await agents.forget(now() - timedelta(days=7)) == 0
+    again = session("gone-0")
+    await agents.connect(again, {})
+    assert again.configuration == {}
+    assert (await row(db, again.agent_id)).overrides == {}
+
+
+async def test_the_forgetting_job_runs_until_cancelled(db: Database) -> None:
+    agents = directory(db)
+    old = session("old")
+    await agents.connect(old, {})
+    agents.registry.remove(old)
+    await agents.disconnect(old, "AGENT_STOPPED")
+    job = asyncio.create_task(agents.keep_for(timedelta(seconds=0), every=0.05))
+    try:
+        for _ in range(100):
+            if not await agents.known(old.agent_id):
+                break
+            await asyncio.sleep(0.05)
+        assert not await agents.known(old.agent_id)
+    finally:
+        job.cancel()
+        await asyncio.gather(job, return_exceptions=True)

@@ -61,6 +61,19 @@ _FIELDS = {
 }
 
 
+def test_agents_are_kept_seven_days_offline_and_a_thousand_an_owner() -> None:
+    settings = Settings.from_env({})
+    assert (settings.agent_retention_days, settings.agents_per_owner) == (7, 1000)
+    assert Settings.from_env({"AGENTMESH_AGENT_RETENTION_DAYS": "0"}).agent_retention_days == 0
+    for name, bad in (
+        ("AGENTMESH_AGENT_RETENTION_DAYS", "-1"),
+        ("AGENTMESH_AGENT_RETENTION_DAYS", "1000000000"),
+        ("AGENTMESH_AGENTS_PER_OWNER", "0"),
+    ):
+        with pytest.raises(SystemExit, match=name):
+            Settings.from_env({name: bad})
+
+
 def test_task_retention_is_thirty_days_and_zero_keeps_tasks() -> None:
     assert Settings.from_env({}).task_retention_days == 30
     assert Settings.from_env({"AGENTMESH_TASK_RETENTION_DAYS": "0"}).task_retention_days == 0

@@ -525,3 +525,30 @@ async def test_an_agent_that_stops_heartbeating_loses_its_task(fast_mesh: MeshPr
         assert reply.json()["status"] == "completed", reply.text
         done = dev.task(task["task_id"])
         assert done["result"] == {"on": "time"} and done["assigned_agent"] == healthy.agent_id
+
+
+async def test_an_owner_registers_at_most_its_limit_of_agents(tmp_path: Path) -> None:
+    """A worker's default name changes with its pid, and every listing reads all of an
+    owner's agents: the number one user may register is bounded, over REST and on Connect."""
+    from tests.e2e.test_agent_registry import StreamAgent
+
+    env = {**FAST, "AGENTMESH_AGENTS_PER_OWNER": "2"}
+    with MeshProcess(data_dir=tmp_path, env=env) as mesh:
+        dev = Developer(mesh)
+        async with http_agent(mesh.url, dev.key) as agent:
+            for name in ("first", "second", "first"):  # registering again is no new agent
+                await agent.register(name, ["x"])
+            reply = await agent.client.post(
+                "/api/v1/agents/register", json={"name": "third", "capabilities": ["x"]}
+            )
+            error = assert_envelope(reply, 429, "AGENT_LIMIT_REACHED")
+            assert error["details"] == {"max_agents": "2"}
+        stream = StreamAgent(mesh, dev.key, "third-on-a-stream")
+        try:
+            refused = (await stream.next("error")).error
+            assert refused.code == "AGENT_LIMIT_REACHED"
+        finally:
+            await stream.close()
+        # Another user has a limit of its own.
+        async with http_agent(mesh.url, Developer(mesh).key) as other:
+            await other.register("third", ["x"])
