@@ -29,7 +29,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -39,6 +39,7 @@ from servers.common.clock import aware, now
 from servers.common.context import Principal
 from servers.common.db import Database
 from servers.common.errors import NotFound, RateLimited, ValidationError
+from servers.common.pagination import Page
 
 from .models import AgentRow
 from .registry import Registry, Session
@@ -112,7 +113,8 @@ class View:
 
 @dataclass(frozen=True)
 class Listing:
-    agents: list[View]
+    agents: list[View]  # the page asked for (every match without one)
+    total: int  # matches in all
     idle: int
     online: int
 
@@ -359,7 +361,9 @@ class AgentDirectory:
 
     # -- reads ----------------------------------------------------------------------------
 
-    def view(self, row: AgentRow, at: datetime) -> View:
+    def view(self, row: AgentRow, at: datetime, *, configured: bool = True) -> View:
+        """``configured``: False for a row read without its configuration columns (its
+        view's configuration is then empty, unless its session is here)."""
         session = self.registry.get(row.agent_id)
         if session is not None:
             return View(
@@ -388,30 +392,45 @@ class AgentDirectory:
             capabilities=tuple(sorted(row.capabilities)),
             current_load=row.current_load if online else 0,
             max_capacity=row.max_capacity,
-            configuration=apply_config(row.configuration, row.overrides),
+            configuration=apply_config(row.configuration, row.overrides) if configured else {},
             version=row.version,
             connected_at=aware(row.connected_at) if online and row.connected_at else None,
             last_seen_at=aware(row.last_seen_at) if row.last_seen_at else None,
         )
 
-    async def listing(self, who: Principal, status: str, capabilities: Sequence[str]) -> Listing:
-        """The agents the caller may see that match the filters, by name."""
+    async def listing(
+        self, who: Principal, status: str, capabilities: Sequence[str], page: Page | None = None
+    ) -> Listing:
+        """The agents the caller may see that match the filters, by name: those of ``page``
+        (all without one), with the counts of all. Configurations (64 KiB each at most) are
+        read for the page only."""
         if status and status not in STATUS_WORDS:
             raise ValidationError(
                 f"status must be one of {', '.join(STATUS_WORDS)}", details={"field": "status"}
             )
         owner = None if "admin" in who.roles else who.subject
         async with self._db.session() as s:
-            rows = await AgentStore(s).visible(owner)
-        at = now()
-        wanted = set(capabilities)
-        views = [
-            v
-            for v in (self.view(row, at) for row in rows)
-            if wanted <= set(v.capabilities) and (not status or v.status == status)
-        ]
+            store = AgentStore(s)
+            rows = await store.visible(owner, configured=False)
+            at = now()
+            wanted = set(capabilities)
+            views = [
+                v
+                for v in (self.view(row, at, configured=False) for row in rows)
+                if wanted <= set(v.capabilities) and (not status or v.status == status)
+            ]
+            shown = views if page is None else views[page.offset : page.offset + page.limit]
+            stored = await store.configurations(
+                [v.agent_id for v in shown if self.registry.get(v.agent_id) is None]
+            )
         return Listing(
-            agents=views,
+            agents=[
+                replace(v, configuration=apply_config(*stored[v.agent_id]))
+                if v.agent_id in stored
+                else v
+                for v in shown
+            ],
+            total=len(views),
             idle=sum(1 for v in views if v.status == "idle"),
             online=sum(1 for v in views if v.online),
         )

@@ -400,14 +400,12 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
     ) -> agents_pb2.ListAgentsResponse:
         p = page(request.limit, request.offset)
         found = await self._directory.listing(
-            require_principal(), request.status, list(request.capabilities)
+            require_principal(), request.status, list(request.capabilities), p
         )
-        agents, served = p.fit(
-            [agent_proto(v) for v in found.agents[p.offset : p.offset + p.limit]]
-        )
+        agents, served = p.fit([agent_proto(v) for v in found.agents])
         return agents_pb2.ListAgentsResponse(
             agents=agents,
-            **served.fields(len(found.agents)),
+            **served.fields(found.total),
             active=found.online,
             idle=found.idle,
             busy=found.online - found.idle,

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import and_, bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import defer
 
 from servers.common.outbox import write_event
 
@@ -37,9 +38,12 @@ class AgentStore:
             return False
         return True
 
-    async def visible(self, owner_id: str | None) -> Sequence[AgentRow]:
-        """Every agent of an owner, or every agent (None: an admin asks)."""
+    async def visible(self, owner_id: str | None, *, configured: bool = True) -> Sequence[AgentRow]:
+        """Every agent of an owner, or every agent (None: an admin asks); ``configured``:
+        False leaves the configuration columns unread (touching them then fails)."""
         query = select(AgentRow).order_by(AgentRow.name, AgentRow.agent_id)
+        if not configured:
+            query = query.options(defer(AgentRow.configuration), defer(AgentRow.overrides))
         if owner_id is not None:
             query = query.where(AgentRow.owner_id == owner_id)
         return (await self._s.execute(query)).scalars().all()
@@ -86,6 +90,19 @@ class AgentStore:
                 for item in seen
             ],
         )
+
+    async def configurations(
+        self, agent_ids: Sequence[str]
+    ) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+        """The stored configuration and overrides of these agents, by id."""
+        if not agent_ids:
+            return {}
+        found = await self._s.execute(
+            select(AgentRow.agent_id, AgentRow.configuration, AgentRow.overrides).where(
+                AgentRow.agent_id.in_(list(agent_ids))
+            )
+        )
+        return {agent_id: (config, overrides) for agent_id, config, overrides in found.all()}
 
     async def owned(self, owner_id: str) -> int:
         """How many agents the owner has registered."""

@@ -19,6 +19,7 @@ from servers.common.clock import now
 from servers.common.context import Principal
 from servers.common.db import Database
 from servers.common.errors import NotFound, RateLimited, ValidationError
+from servers.common.pagination import Page
 from tests.tasks.test_domain import _db
 
 ALICE = Principal(subject="alice", kind="user", roles=("developer",))
@@ -90,6 +91,10 @@ async def test_a_disconnected_agent_is_listed_offline(db: Database) -> None:
     assert [v.agent_id for v in (await agents.listing(ALICE, "offline", [])).agents] == [
         live.agent_id
     ]
+    # A page's agents come with their stored configuration (read for the page only).
+    paged = await agents.listing(ALICE, "", [], Page(limit=1, offset=0))
+    assert [v.configuration for v in paged.agents] == [{"model": "small"}] and paged.total == 1
+    assert (await agents.listing(ALICE, "", [], Page(limit=1, offset=1))).agents == []
     assert (await agents.listing(ALICE, "idle", [])).agents == []
     offline = await agents.listing(ALICE, "", ["python"])
     assert (len(offline.agents), offline.online, offline.idle) == (1, 0, 0)
