@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from . import sqlite_inline
+from .observability import count_statement
 
 log = logging.getLogger("agentmesh.db")
 SQLITE_BUSY_SECONDS = 10.0  # how long a writer waits for another process's write lock
@@ -105,6 +106,8 @@ class Database:
             self._reads = async_sessionmaker(self.engine, expire_on_commit=False)
             self._writes = async_sessionmaker(self.writer, expire_on_commit=False)
         self._closed = False
+        for sync_engine in self.sync_engines():  # the observability endpoints' db spans
+            event.listen(sync_engine, "before_cursor_execute", count_statement)
 
     def sync_engines(self) -> list[Engine]:
         """Every engine that runs this database's statements (for instrumentation)."""

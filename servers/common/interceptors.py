@@ -30,6 +30,7 @@ from . import policy
 from .auth import Authenticator
 from .errors import DOMAIN, AgentmeshError, InternalError, NotImplementedYet
 from .metrics import Metrics
+from .observability import OBSERVED
 from .quotas import QuotaExceeded, Quotas
 from .server import MAX_MESSAGE_BYTES
 from .tracing import Tracing
@@ -216,6 +217,9 @@ class AccessLogInterceptor(_ScopeInterceptor):
                 )
 
 
+HEALTH_PROBES = "/grpc.health.v1.Health/"
+
+
 class MetricsInterceptor(_ScopeInterceptor):
     """Counts every call, by RPC and status code, with its duration (servers/common/metrics.py).
     A call that ends cancelled (its caller left, or the server stops) counts as CANCELLED."""
@@ -228,15 +232,24 @@ class MetricsInterceptor(_ScopeInterceptor):
     async def scope(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         started = time.perf_counter()
         code = ""
+        call = callctx.current_call()
+        # Envoy's health probes, every few seconds, would crowd out the calls worth seeing.
+        record = (
+            OBSERVED.begin(method, call.request_id, call.metadata.get("traceparent", ""))
+            if call is not None and not method.startswith(HEALTH_PROBES)
+            else None
+        )
         try:
             yield
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
         finally:
-            call = callctx.current_call()
             code = code or (call.status.name if call is not None else "OK")
             self._metrics.observe(method, code, time.perf_counter() - started)
+            if record is not None:
+                who = call.principal if call is not None else None
+                OBSERVED.end(record, code, who.subject if who is not None else "")
 
 
 def status_for(error: AgentmeshError) -> status_pb2.Status:

@@ -35,6 +35,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from .bus import Bus, BusUnavailable
 from .clock import aware, now
 from .db import Database
+from .observability import OBSERVED
 
 log = logging.getLogger("agentmesh.outbox")
 
@@ -301,6 +302,7 @@ class Relay:
                 max_len=self._max_len,
             )
             self.published += 1
+            OBSERVED.published(row.event_type)
 
     async def _mark(self, s: AsyncSession, ids: list[int]) -> None:
         model = self._model

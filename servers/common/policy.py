@@ -106,6 +106,8 @@ POLICY: dict[str, Rule] = {
     # Monitoring: seed 004's "metrics" resource (viewer and admin read it).
     f"{_P}MetricsService/GetMetrics": needs("read", "metrics", quota="monitoring"),
     f"{_P}MetricsService/GetPrometheusMetrics": needs("read", "metrics", quota="monitoring"),
+    f"{_P}MetricsService/GetObservabilityMetrics": needs("read", "metrics", quota="monitoring"),
+    f"{_P}MetricsService/ListActiveTraces": needs("read", "metrics", quota="monitoring"),
     # Inter-agent messages: agents only; from_agent is always the authenticated agent.
     f"{_P}MessagingService/SendMessage": AGENT,
     f"{_P}MessagingService/SendRequest": AGENT,

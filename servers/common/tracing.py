@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from .observability import OBSERVED
+
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
@@ -48,7 +50,9 @@ _REDIS = trace.get_tracer("agentmesh.redis")
 
 @contextlib.contextmanager
 def redis_span(command: str) -> Iterator[None]:
-    """A client span around a Redis command, under a traced RPC only."""
+    """A client span around a Redis command, under a traced RPC only (always counted for
+    the observability endpoints)."""
+    OBSERVED.external += 1
     if not trace.get_current_span().is_recording():
         yield
         return

@@ -47,6 +47,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from servers.common.bus import Bus, BusUnavailable, Entry, parse_id
 from servers.common.clock import aware
 from servers.common.db import Database
+from servers.common.observability import OBSERVED
 from servers.common.outbox import EVENTS_TOPIC
 
 from .models import TaskRow
@@ -351,6 +352,7 @@ class CallbackWorker:
             SIGNATURE_HEADER: sign(self._secret, body),
         }
         # Streamed, so that the response body is never read: only its status counts.
+        OBSERVED.external += 1
         async with client.stream("POST", url, content=body, headers=headers) as response:
             status = response.status_code
         if 200 <= status < 300:

@@ -177,3 +177,69 @@ def test_a_lease_that_runs_out_is_counted(mesh: MeshProcess, agents: Callable[..
     assert (expired, frozenset({("outcome", "requeued")})) not in samples
     assert samples[("agentmesh_tasks", frozenset({("status", "failed")}))] == 1
     assert _metrics(mesh, admin)["performance"]["error_rate"] == 1
+
+
+def test_seed_001_observability_endpoints(mesh: MeshProcess) -> None:
+    """What this mesh served and made, since it started (one process: all four services), and
+    its latest calls, as seed 001's observability endpoints show them."""
+    viewer = _signed_in(mesh, "viewer")
+    dev = _signed_in(mesh, "developer")
+    me = httpx.get(mesh.url + "/api/v1/auth/me", headers=dev).json()["user"]["id"]
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    traced = {**dev, "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+    for _ in range(2):
+        created = httpx.post(mesh.url + "/api/v1/tasks", json={"description": "x"}, headers=traced)
+        assert created.status_code == 201, created.text
+    missing = httpx.get(mesh.url + "/api/v1/tasks/not-a-task", headers=dev)
+    assert missing.status_code == 404
+
+    def figures() -> Json:
+        reply = httpx.get(mesh.url + "/api/v1/observability/metrics", headers=viewer)
+        assert reply.status_code == 200, reply.text
+        return dict(reply.json())
+
+    wait_until(lambda: figures()["events"]["task_events"] >= 2, 10, "the tasks' events")
+    seen = figures()
+    traces, spans, events = seen["traces"], seen["spans"], seen["events"]
+    assert traces["total"] >= 5 and 0 < traces["average_latency"] < 10_000
+    assert traces["error_rate"] == 0  # a 404 is the caller's, not the server's
+    assert spans["db_spans"] > 0 and spans["external_spans"] == 0  # no Redis, no callbacks
+    assert spans["total"] == traces["total"] + spans["db_spans"] + spans["external_spans"]
+    assert events["total"] >= events["task_events"] + events["agent_events"]
+
+    reply = httpx.get(
+        mesh.url + "/api/observability/traces/active", params={"limit": 5}, headers=viewer
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["content-type"] == "application/json"
+    assert reply.headers["x-api-deprecation-info"].startswith(
+        "use /api/v1/observability/traces/active"
+    )
+    latest = reply.json()
+    assert isinstance(latest, list) and len(latest) == 5
+    # The call asking is in flight; the ones before it ended, newest first.
+    assert latest[0]["operation_name"] == "list_active_traces"
+    assert latest[0]["tags"]["status"] == "IN_FLIGHT"
+    assert latest[0]["trace_id"] == latest[0]["tags"]["request_id"].replace("-", "")
+    assert latest[0]["trace_id"] == reply.headers["x-request-id"].replace("-", "")
+    ended = [t["start_time"] for t in latest[1:]]
+    assert ended == sorted(ended, reverse=True)
+    every = httpx.get(
+        mesh.url + "/api/v1/observability/traces/active", params={"limit": 100}, headers=viewer
+    ).json()
+    creates = [t for t in every if t["operation_name"] == "create_task"]
+    assert len(creates) == 2
+    assert {t["trace_id"] for t in creates} == {trace_id}  # the caller's traceparent
+    assert len({t["span_id"] for t in creates}) == 2
+    assert all(t["tags"]["user_id"] == me and t["tags"]["status"] == "OK" for t in creates)
+    assert all(t["duration"] > 0 for t in creates)
+    lookups = [t for t in every if t["operation_name"] == "get_task"]
+    assert [t["tags"]["status"] for t in lookups] == ["NOT_FOUND"]
+
+    for path in ("/api/v1/observability/metrics", "/api/v1/observability/traces/active"):
+        assert_envelope(httpx.get(mesh.url + path), 401, "AUTH_REQUIRED")
+        assert_envelope(httpx.get(mesh.url + path, headers=dev), 403, "INSUFFICIENT_PERMISSIONS")
+    too_many = httpx.get(
+        mesh.url + "/api/v1/observability/traces/active", params={"limit": 101}, headers=viewer
+    )
+    assert_envelope(too_many, 400, "VALIDATION_ERROR")

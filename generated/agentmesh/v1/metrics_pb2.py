@@ -25,9 +25,10 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61gentmesh/v1/metrics.proto\x12\x0c\x61gentmesh.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/httpbody.proto\"\x13\n\x11GetMetricsRequest\"\xb7\x01\n\x12GetMetricsResponse\x12\x31\n\x06system\x18\x01 \x01(\x0b\x32\x1b.agentmesh.v1.SystemMetricsB\x04\xe2\x41\x01\x03\x12\x31\n\x06\x61gents\x18\x02 \x01(\x0b\x32\x1b.agentmesh.v1.AgentsMetricsB\x04\xe2\x41\x01\x03\x12;\n\x0bperformance\x18\x03 \x01(\x0b\x32 .agentmesh.v1.PerformanceMetricsB\x04\xe2\x41\x01\x03\"z\n\rSystemMetrics\x12\x17\n\tcpu_usage\x18\x01 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0cmemory_usage\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0cmemory_total\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x18\n\ndisk_usage\x18\x04 \x01(\x01\x42\x04\xe2\x41\x01\x03\"\x9b\x01\n\rAgentsMetrics\x12\x13\n\x05total\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06\x61\x63tive\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0ctasks_queued\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x10tasks_processing\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12#\n\x15tasks_completed_today\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03\"t\n\x12PerformanceMetrics\x12#\n\x15\x61verage_task_duration\x18\x01 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x1f\n\x11p95_task_duration\x18\x02 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x18\n\nerror_rate\x18\x03 \x01(\x01\x42\x04\xe2\x41\x01\x03\"\x1d\n\x1bGetPrometheusMetricsRequest2\xe5\x01\n\x0eMetricsService\x12h\n\nGetMetrics\x12\x1f.agentmesh.v1.GetMetricsRequest\x1a .agentmesh.v1.GetMetricsResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/api/v1/metrics\x12i\n\x14GetPrometheusMetrics\x12).agentmesh.v1.GetPrometheusMetricsRequest\x1a\x14.google.api.HttpBody\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/metricsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61gentmesh/v1/metrics.proto\x12\x0c\x61gentmesh.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/httpbody.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x13\n\x11GetMetricsRequest\"\xb7\x01\n\x12GetMetricsResponse\x12\x31\n\x06system\x18\x01 \x01(\x0b\x32\x1b.agentmesh.v1.SystemMetricsB\x04\xe2\x41\x01\x03\x12\x31\n\x06\x61gents\x18\x02 \x01(\x0b\x32\x1b.agentmesh.v1.AgentsMetricsB\x04\xe2\x41\x01\x03\x12;\n\x0bperformance\x18\x03 \x01(\x0b\x32 .agentmesh.v1.PerformanceMetricsB\x04\xe2\x41\x01\x03\"z\n\rSystemMetrics\x12\x17\n\tcpu_usage\x18\x01 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0cmemory_usage\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0cmemory_total\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x18\n\ndisk_usage\x18\x04 \x01(\x01\x42\x04\xe2\x41\x01\x03\"\x9b\x01\n\rAgentsMetrics\x12\x13\n\x05total\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06\x61\x63tive\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0ctasks_queued\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x10tasks_processing\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12#\n\x15tasks_completed_today\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03\"t\n\x12PerformanceMetrics\x12#\n\x15\x61verage_task_duration\x18\x01 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x1f\n\x11p95_task_duration\x18\x02 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x18\n\nerror_rate\x18\x03 \x01(\x01\x42\x04\xe2\x41\x01\x03\"\x1d\n\x1bGetPrometheusMetricsRequest\" \n\x1eGetObservabilityMetricsRequest\"\xb5\x01\n\x1fGetObservabilityMetricsResponse\x12\x30\n\x06traces\x18\x01 \x01(\x0b\x32\x1a.agentmesh.v1.TraceFiguresB\x04\xe2\x41\x01\x03\x12.\n\x05spans\x18\x02 \x01(\x0b\x32\x19.agentmesh.v1.SpanFiguresB\x04\xe2\x41\x01\x03\x12\x30\n\x06\x65vents\x18\x03 \x01(\x0b\x32\x1a.agentmesh.v1.EventFiguresB\x04\xe2\x41\x01\x03\"\\\n\x0cTraceFigures\x12\x13\n\x05total\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x18\n\nerror_rate\x18\x02 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0f\x61verage_latency\x18\x03 \x01(\x01\x42\x04\xe2\x41\x01\x03\"X\n\x0bSpanFigures\x12\x13\n\x05total\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x16\n\x08\x64\x62_spans\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x65xternal_spans\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\"Z\n\x0c\x45ventFigures\x12\x13\n\x05total\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x61gent_events\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x19\n\x0btask_events\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\".\n\x17ListActiveTracesRequest\x12\x13\n\x05limit\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x01\"\x82\x02\n\x05Trace\x12\x16\n\x08trace_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07span_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1c\n\x0eoperation_name\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x34\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x64uration\x18\x05 \x01(\x01\x42\x04\xe2\x41\x01\x03\x12\x31\n\x04tags\x18\x06 \x03(\x0b\x32\x1d.agentmesh.v1.Trace.TagsEntryB\x04\xe2\x41\x01\x03\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xc6\x04\n\x0eMetricsService\x12h\n\nGetMetrics\x12\x1f.agentmesh.v1.GetMetricsRequest\x1a .agentmesh.v1.GetMetricsResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/api/v1/metrics\x12i\n\x14GetPrometheusMetrics\x12).agentmesh.v1.GetPrometheusMetricsRequest\x1a\x14.google.api.HttpBody\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/metrics\x12\xbb\x01\n\x17GetObservabilityMetrics\x12,.agentmesh.v1.GetObservabilityMetricsRequest\x1a-.agentmesh.v1.GetObservabilityMetricsResponse\"C\x82\xd3\xe4\x93\x02=\x12\x1d/api/v1/observability/metricsZ\x1c\x12\x1a/api/observability/metrics\x12\xa0\x01\n\x10ListActiveTraces\x12%.agentmesh.v1.ListActiveTracesRequest\x1a\x14.google.api.HttpBody\"O\x82\xd3\xe4\x93\x02I\x12#/api/v1/observability/traces/activeZ\"\x12 /api/observability/traces/activeb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -64,22 +65,82 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PERFORMANCEMETRICS'].fields_by_name['p95_task_duration']._serialized_options = b'\342A\001\003'
   _globals['_PERFORMANCEMETRICS'].fields_by_name['error_rate']._loaded_options = None
   _globals['_PERFORMANCEMETRICS'].fields_by_name['error_rate']._serialized_options = b'\342A\001\003'
+  _globals['_GETOBSERVABILITYMETRICSRESPONSE'].fields_by_name['traces']._loaded_options = None
+  _globals['_GETOBSERVABILITYMETRICSRESPONSE'].fields_by_name['traces']._serialized_options = b'\342A\001\003'
+  _globals['_GETOBSERVABILITYMETRICSRESPONSE'].fields_by_name['spans']._loaded_options = None
+  _globals['_GETOBSERVABILITYMETRICSRESPONSE'].fields_by_name['spans']._serialized_options = b'\342A\001\003'
+  _globals['_GETOBSERVABILITYMETRICSRESPONSE'].fields_by_name['events']._loaded_options = None
+  _globals['_GETOBSERVABILITYMETRICSRESPONSE'].fields_by_name['events']._serialized_options = b'\342A\001\003'
+  _globals['_TRACEFIGURES'].fields_by_name['total']._loaded_options = None
+  _globals['_TRACEFIGURES'].fields_by_name['total']._serialized_options = b'\342A\001\003'
+  _globals['_TRACEFIGURES'].fields_by_name['error_rate']._loaded_options = None
+  _globals['_TRACEFIGURES'].fields_by_name['error_rate']._serialized_options = b'\342A\001\003'
+  _globals['_TRACEFIGURES'].fields_by_name['average_latency']._loaded_options = None
+  _globals['_TRACEFIGURES'].fields_by_name['average_latency']._serialized_options = b'\342A\001\003'
+  _globals['_SPANFIGURES'].fields_by_name['total']._loaded_options = None
+  _globals['_SPANFIGURES'].fields_by_name['total']._serialized_options = b'\342A\001\003'
+  _globals['_SPANFIGURES'].fields_by_name['db_spans']._loaded_options = None
+  _globals['_SPANFIGURES'].fields_by_name['db_spans']._serialized_options = b'\342A\001\003'
+  _globals['_SPANFIGURES'].fields_by_name['external_spans']._loaded_options = None
+  _globals['_SPANFIGURES'].fields_by_name['external_spans']._serialized_options = b'\342A\001\003'
+  _globals['_EVENTFIGURES'].fields_by_name['total']._loaded_options = None
+  _globals['_EVENTFIGURES'].fields_by_name['total']._serialized_options = b'\342A\001\003'
+  _globals['_EVENTFIGURES'].fields_by_name['agent_events']._loaded_options = None
+  _globals['_EVENTFIGURES'].fields_by_name['agent_events']._serialized_options = b'\342A\001\003'
+  _globals['_EVENTFIGURES'].fields_by_name['task_events']._loaded_options = None
+  _globals['_EVENTFIGURES'].fields_by_name['task_events']._serialized_options = b'\342A\001\003'
+  _globals['_LISTACTIVETRACESREQUEST'].fields_by_name['limit']._loaded_options = None
+  _globals['_LISTACTIVETRACESREQUEST'].fields_by_name['limit']._serialized_options = b'\342A\001\001'
+  _globals['_TRACE_TAGSENTRY']._loaded_options = None
+  _globals['_TRACE_TAGSENTRY']._serialized_options = b'8\001'
+  _globals['_TRACE'].fields_by_name['trace_id']._loaded_options = None
+  _globals['_TRACE'].fields_by_name['trace_id']._serialized_options = b'\342A\001\003'
+  _globals['_TRACE'].fields_by_name['span_id']._loaded_options = None
+  _globals['_TRACE'].fields_by_name['span_id']._serialized_options = b'\342A\001\003'
+  _globals['_TRACE'].fields_by_name['operation_name']._loaded_options = None
+  _globals['_TRACE'].fields_by_name['operation_name']._serialized_options = b'\342A\001\003'
+  _globals['_TRACE'].fields_by_name['start_time']._loaded_options = None
+  _globals['_TRACE'].fields_by_name['start_time']._serialized_options = b'\342A\001\003'
+  _globals['_TRACE'].fields_by_name['duration']._loaded_options = None
+  _globals['_TRACE'].fields_by_name['duration']._serialized_options = b'\342A\001\003'
+  _globals['_TRACE'].fields_by_name['tags']._loaded_options = None
+  _globals['_TRACE'].fields_by_name['tags']._serialized_options = b'\342A\001\003'
   _globals['_METRICSSERVICE'].methods_by_name['GetMetrics']._loaded_options = None
   _globals['_METRICSSERVICE'].methods_by_name['GetMetrics']._serialized_options = b'\202\323\344\223\002\021\022\017/api/v1/metrics'
   _globals['_METRICSSERVICE'].methods_by_name['GetPrometheusMetrics']._loaded_options = None
   _globals['_METRICSSERVICE'].methods_by_name['GetPrometheusMetrics']._serialized_options = b'\202\323\344\223\002\n\022\010/metrics'
-  _globals['_GETMETRICSREQUEST']._serialized_start=134
-  _globals['_GETMETRICSREQUEST']._serialized_end=153
-  _globals['_GETMETRICSRESPONSE']._serialized_start=156
-  _globals['_GETMETRICSRESPONSE']._serialized_end=339
-  _globals['_SYSTEMMETRICS']._serialized_start=341
-  _globals['_SYSTEMMETRICS']._serialized_end=463
-  _globals['_AGENTSMETRICS']._serialized_start=466
-  _globals['_AGENTSMETRICS']._serialized_end=621
-  _globals['_PERFORMANCEMETRICS']._serialized_start=623
-  _globals['_PERFORMANCEMETRICS']._serialized_end=739
-  _globals['_GETPROMETHEUSMETRICSREQUEST']._serialized_start=741
-  _globals['_GETPROMETHEUSMETRICSREQUEST']._serialized_end=770
-  _globals['_METRICSSERVICE']._serialized_start=773
-  _globals['_METRICSSERVICE']._serialized_end=1002
+  _globals['_METRICSSERVICE'].methods_by_name['GetObservabilityMetrics']._loaded_options = None
+  _globals['_METRICSSERVICE'].methods_by_name['GetObservabilityMetrics']._serialized_options = b'\202\323\344\223\002=\022\035/api/v1/observability/metricsZ\034\022\032/api/observability/metrics'
+  _globals['_METRICSSERVICE'].methods_by_name['ListActiveTraces']._loaded_options = None
+  _globals['_METRICSSERVICE'].methods_by_name['ListActiveTraces']._serialized_options = b'\202\323\344\223\002I\022#/api/v1/observability/traces/activeZ\"\022 /api/observability/traces/active'
+  _globals['_GETMETRICSREQUEST']._serialized_start=167
+  _globals['_GETMETRICSREQUEST']._serialized_end=186
+  _globals['_GETMETRICSRESPONSE']._serialized_start=189
+  _globals['_GETMETRICSRESPONSE']._serialized_end=372
+  _globals['_SYSTEMMETRICS']._serialized_start=374
+  _globals['_SYSTEMMETRICS']._serialized_end=496
+  _globals['_AGENTSMETRICS']._serialized_start=499
+  _globals['_AGENTSMETRICS']._serialized_end=654
+  _globals['_PERFORMANCEMETRICS']._serialized_start=656
+  _globals['_PERFORMANCEMETRICS']._serialized_end=772
+  _globals['_GETPROMETHEUSMETRICSREQUEST']._serialized_start=774
+  _globals['_GETPROMETHEUSMETRICSREQUEST']._serialized_end=803
+  _globals['_GETOBSERVABILITYMETRICSREQUEST']._serialized_start=805
+  _globals['_GETOBSERVABILITYMETRICSREQUEST']._serialized_end=837
+  _globals['_GETOBSERVABILITYMETRICSRESPONSE']._serialized_start=840
+  _globals['_GETOBSERVABILITYMETRICSRESPONSE']._serialized_end=1021
+  _globals['_TRACEFIGURES']._serialized_start=1023
+  _globals['_TRACEFIGURES']._serialized_end=1115
+  _globals['_SPANFIGURES']._serialized_start=1117
+  _globals['_SPANFIGURES']._serialized_end=1205
+  _globals['_EVENTFIGURES']._serialized_start=1207
+  _globals['_EVENTFIGURES']._serialized_end=1297
+  _globals['_LISTACTIVETRACESREQUEST']._serialized_start=1299
+  _globals['_LISTACTIVETRACESREQUEST']._serialized_end=1345
+  _globals['_TRACE']._serialized_start=1348
+  _globals['_TRACE']._serialized_end=1606
+  _globals['_TRACE_TAGSENTRY']._serialized_start=1563
+  _globals['_TRACE_TAGSENTRY']._serialized_end=1606
+  _globals['_METRICSSERVICE']._serialized_start=1609
+  _globals['_METRICSSERVICE']._serialized_end=2191
 # @@protoc_insertion_point(module_scope)

@@ -51,6 +51,16 @@ class MetricsServiceStub:
                 request_serializer=agentmesh_dot_v1_dot_metrics__pb2.GetPrometheusMetricsRequest.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.GetObservabilityMetrics = channel.unary_unary(
+                '/agentmesh.v1.MetricsService/GetObservabilityMetrics',
+                request_serializer=agentmesh_dot_v1_dot_metrics__pb2.GetObservabilityMetricsRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_metrics__pb2.GetObservabilityMetricsResponse.FromString,
+                _registered_method=True)
+        self.ListActiveTraces = channel.unary_unary(
+                '/agentmesh.v1.MetricsService/ListActiveTraces',
+                request_serializer=agentmesh_dot_v1_dot_metrics__pb2.ListActiveTracesRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
 
 
 class MetricsServiceServicer:
@@ -81,6 +91,28 @@ class MetricsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetObservabilityMetrics(self, request, context):
+        """Seed 001's GET /api/observability/metrics (a deprecated alias of /api/v1/...): the calls
+        ("traces"), the database statements and outside calls made for them ("spans") and the
+        events published by the server process that answers, since it started. Health probes are
+        not counted. Requires `read` on `metrics`, like GetMetrics.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListActiveTraces(self, request, context):
+        """Seed 001's GET /api/observability/traces/active (a deprecated alias of /api/v1/...): the
+        calls in flight on the answering server process, longest running first, then the latest
+        that ended (it keeps 1,000), newest first. The body is a JSON array of `Trace` objects
+        (application/json), as seed 001 shows it: the transcoder cannot print a bare array of
+        messages, so gRPC callers get the same JSON in the HttpBody. `limit`: 1 to 100 (default
+        50), else 400 VALIDATION_ERROR. Requires `read` on `metrics`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MetricsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +124,16 @@ def add_MetricsServiceServicer_to_server(servicer, server):
             'GetPrometheusMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPrometheusMetrics,
                     request_deserializer=agentmesh_dot_v1_dot_metrics__pb2.GetPrometheusMetricsRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'GetObservabilityMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetObservabilityMetrics,
+                    request_deserializer=agentmesh_dot_v1_dot_metrics__pb2.GetObservabilityMetricsRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_metrics__pb2.GetObservabilityMetricsResponse.SerializeToString,
+            ),
+            'ListActiveTraces': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListActiveTraces,
+                    request_deserializer=agentmesh_dot_v1_dot_metrics__pb2.ListActiveTracesRequest.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
     }
@@ -154,6 +196,60 @@ class MetricsService:
             target,
             '/agentmesh.v1.MetricsService/GetPrometheusMetrics',
             agentmesh_dot_v1_dot_metrics__pb2.GetPrometheusMetricsRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetObservabilityMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.v1.MetricsService/GetObservabilityMetrics',
+            agentmesh_dot_v1_dot_metrics__pb2.GetObservabilityMetricsRequest.SerializeToString,
+            agentmesh_dot_v1_dot_metrics__pb2.GetObservabilityMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListActiveTraces(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.v1.MetricsService/ListActiveTraces',
+            agentmesh_dot_v1_dot_metrics__pb2.ListActiveTracesRequest.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
