@@ -13,8 +13,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 
@@ -70,6 +70,18 @@ class EdgeConfig:
     audience: str
     # The flood guard: requests per second on one downstream connection.
     rate_per_connection: int = 500
+    # Replicas (`agentmesh gateway`): a service's (IPv4, port) addresses, instead of its one
+    # port on ``host``.
+    upstreams: Mapping[str, Sequence[tuple[str, int]]] = field(default_factory=dict)
+
+    def endpoints(self, service: str) -> str:
+        """The service's cluster endpoints, as a YAML flow list."""
+        addresses = self.upstreams.get(service) or [(self.host, self.service_ports[service])]
+        items = (
+            f"{{endpoint: {{address: {{socket_address: {{address: {h}, port_value: {p}}}}}}}}}"
+            for h, p in addresses
+        )
+        return "[" + ", ".join(items) + "]"
 
     def render(self, fields_lua: Path) -> str:
         values = {
@@ -83,7 +95,7 @@ class EdgeConfig:
             "JWT_ISSUER": self.issuer,
             "JWT_AUDIENCE": self.audience,
             "RATE_PER_CONNECTION": str(self.rate_per_connection),
-            **{f"{name.upper()}_PORT": str(port) for name, port in self.service_ports.items()},
+            **{f"{name.upper()}_ENDPOINTS": self.endpoints(name) for name in self.service_ports},
         }
         return Template(TEMPLATE.read_text()).substitute(values)
 

@@ -12,21 +12,41 @@ from .common.config import Settings
 
 
 def _up(args: argparse.Namespace) -> int:
-    import os
-
     from .mesh import run_up
 
-    # Flags win over the environment; both end up in the one Settings object.
-    overrides = {
-        "AGENTMESH_PORT": args.port,
-        "AGENTMESH_DATA_DIR": args.data_dir,
-        "DATABASE_URL": args.database_url,
-        "REDIS_URL": args.redis_url,
-    }
+    settings = _settings(
+        {
+            "AGENTMESH_PORT": args.port,
+            "AGENTMESH_DATA_DIR": args.data_dir,
+            "DATABASE_URL": args.database_url,
+            "REDIS_URL": args.redis_url,
+        }
+    )
+    return asyncio.run(run_up(settings))
+
+
+def _settings(overrides: dict[str, object]) -> Settings:
+    """The environment, with the flags given on top (flags win; both end up in the one
+    Settings object), and the logs set up at its level."""
+    import os
+
     env = {**os.environ, **{k: str(v) for k, v in overrides.items() if v is not None}}
     settings = Settings.from_env(env)
     logs.setup(settings.log_level)
-    return asyncio.run(run_up(settings))
+    return settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .replica import run_serve
+
+    settings = _settings({f"AGENTMESH_{args.service.upper()}_PORT": args.port})
+    return asyncio.run(run_serve(settings, args.service))
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from .replica import run_gateway
+
+    return asyncio.run(run_gateway(_settings({"AGENTMESH_PORT": args.port})))
 
 
 def _envoy_config(args: argparse.Namespace) -> int:
@@ -158,6 +178,24 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--database-url", help="SQLAlchemy URL (DATABASE_URL, SQLite in data dir)")
     up.add_argument("--redis-url", help="Redis URL (REDIS_URL, none: in-process)")
     up.set_defaults(run=_up)
+    serve = sub.add_parser(
+        "serve",
+        help="run one service, a replica behind `agentmesh gateway` (PostgreSQL and Redis)",
+        description="Needs DATABASE_URL (PostgreSQL), REDIS_URL, the data directory the other "
+        "processes share, and AGENTMESH_<SERVICE>_UPSTREAMS of the services it calls. "
+        "See README.md, Replicas.",
+    )
+    serve.add_argument("service", choices=["auth", "tasks", "agents", "messaging"])
+    serve.add_argument("--port", type=int, help="its gRPC port (AGENTMESH_<SERVICE>_PORT)")
+    serve.set_defaults(run=_serve)
+    gateway = sub.add_parser(
+        "gateway",
+        help="run Envoy in front of replicas (AGENTMESH_<SERVICE>_UPSTREAMS)",
+        description="The REST and gRPC edge of `agentmesh up`, for services run with "
+        "`agentmesh serve`. See README.md, Replicas.",
+    )
+    gateway.add_argument("--port", type=int, help="public port (AGENTMESH_PORT, 8080)")
+    gateway.set_defaults(run=_gateway)
     grant = sub.add_parser(
         "grant-role",
         help="give an existing account a role, e.g. the first admin",

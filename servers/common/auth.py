@@ -22,6 +22,7 @@ from jwt.algorithms import ECAlgorithm
 from . import policy
 from .context import Principal
 from .errors import AuthRequired, PermissionDenied, TokenExpired, Unavailable
+from .peers import open_channel
 from .rbac import AGENT_PERMISSION, allows, permissions_of
 
 ALGORITHMS = ["ES256"]
@@ -151,7 +152,7 @@ class ApiKeyClient:
         from agentmesh.v1 import auth_pb2, auth_pb2_grpc
 
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self._address())
+            self._channel = open_channel(self._address())
         stub = auth_pb2_grpc.AuthInternalServiceStub(self._channel)
         try:
             reply = await stub.VerifyApiKey(

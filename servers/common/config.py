@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -60,6 +61,38 @@ def _retention_days(env: Mapping[str, str], name: str, default: int, what: str) 
     return days
 
 
+MAX_UPSTREAMS = 64
+
+
+def _upstreams(env: Mapping[str, str]) -> dict[str, tuple[tuple[str, int], ...]]:
+    """AGENTMESH_<SERVICE>_UPSTREAMS: where the replicas of each service listen, as
+    comma-separated IPv4:PORT (Envoy's static clusters take addresses, not names)."""
+    found: dict[str, tuple[tuple[str, int], ...]] = {}
+    for name in SERVICES:
+        variable = f"AGENTMESH_{name.upper()}_UPSTREAMS"
+        raw = (env.get(variable) or "").strip()
+        if not raw:
+            continue
+        items = [item.strip() for item in raw.split(",") if item.strip()]
+        addresses = []
+        for item in items:
+            host, _, port = item.rpartition(":")
+            try:
+                ipaddress.IPv4Address(host)
+                number = int(port)
+            except ValueError:
+                number = 0
+            if not 1 <= number <= 65535:
+                raise SystemExit(
+                    f"agentmesh: {variable}: {item!r} is not IPv4:PORT (e.g. 10.0.0.5:7001)"
+                )
+            addresses.append((host, number))
+        if len(addresses) > MAX_UPSTREAMS:
+            raise SystemExit(f"agentmesh: {variable}: at most {MAX_UPSTREAMS} addresses")
+        found[name] = tuple(addresses)
+    return found
+
+
 def _positive(env: Mapping[str, str], name: str, default: int) -> int:
     value = _int(env, name, default)
     if value < 1:
@@ -113,6 +146,8 @@ class Settings:
                                         addresses (default: refused)
       AGENTMESH_CALLBACK_SECRET     the key callbacks are signed with (default: created once in
                                     the data directory)
+      AGENTMESH_<SERVICE>_UPSTREAMS  replicas (`agentmesh serve`, `agentmesh gateway`): where
+                                    that service's processes listen, IPv4:PORT by commas
       OTEL_EXPORTER_OTLP_ENDPOINT   an OTLP/HTTP collector: traces on (servers/common/tracing.py;
                                     or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT; other OTEL_* variables
                                     as the OpenTelemetry SDK reads them)
@@ -150,6 +185,8 @@ class Settings:
     default_tier: str = ""
     callback_allow_private: bool = False
     tracing: bool = False  # an OTLP collector is configured
+    # Where other processes serve each service (`agentmesh serve`, `agentmesh gateway`).
+    upstreams: Mapping[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)
     version: str = "0.1.0"
 
     @classmethod
@@ -189,6 +226,7 @@ class Settings:
             default_tier=_tier(env.get("AGENTMESH_DEFAULT_TIER") or ""),
             callback_allow_private=env.get("AGENTMESH_CALLBACK_ALLOW_PRIVATE") == "1",
             tracing=tracing_wanted(env),
+            upstreams=_upstreams(env),
         )
 
     def with_ports(self, **ports: int) -> Settings:

@@ -15,6 +15,7 @@ from agentmesh.v1 import health_pb2, health_pb2_grpc
 
 from .context import set_http_status
 from .db import Database
+from .peers import open_channel
 
 CHECK_TIMEOUT = 1.0
 
@@ -41,7 +42,7 @@ class HealthService(health_pb2_grpc.HealthServiceServicer):
     def _stub(self, name: str) -> grpc_health_pb2_grpc.HealthStub:
         channel = self._channels.get(name)
         if channel is None:
-            channel = grpc.aio.insecure_channel(self._peers[name])
+            channel = open_channel(self._peers[name])
             self._channels[name] = channel
         return grpc_health_pb2_grpc.HealthStub(channel)
 

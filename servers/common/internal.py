@@ -21,6 +21,7 @@ import grpc
 from . import context as callctx
 from .auth import INTERNAL_HEADER
 from .errors import AgentmeshError, InternalError, NotImplementedYet
+from .peers import open_channel
 
 Stub = TypeVar("Stub")
 CALL_TIMEOUT = 5.0
@@ -54,7 +55,7 @@ class InternalChannel:
         if servicer is not None:
             return cast(Stub, LocalStub(servicer, service))
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self._address())
+            self._channel = open_channel(self._address())
         return factory(self._channel)
 
     def call_options(self, timeout: float = CALL_TIMEOUT) -> dict[str, Any]:

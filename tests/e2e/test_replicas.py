@@ -1,0 +1,249 @@
+"""Replicas (`agentmesh serve SERVICE` behind `agentmesh gateway`) on the machine's PostgreSQL
+and Redis: each service a process of its own, two of the tasks service, and Envoy in front.
+A user works through the gateway as through `agentmesh up`, an agent takes and finishes work,
+the events of one process reach the event list of another, and with one tasks replica killed
+the gateway sends every request to the other."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import cast
+
+import httpx
+import pytest
+import redis
+
+from agentmesh.v1 import agents_pb2
+from servers.common.config import SERVICES
+from servers.launcher import MeshProcess, free_port
+from tests.conftest import SHARED_MESH_ENV, _unavailable
+from tests.e2e.test_agent_registry import StreamAgent
+from tests.helpers import new_user
+
+REDIS_URL = os.environ.get("AGENTMESH_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+class Replicas:
+    """The processes of one mesh: a replica of each service, two of tasks, and the gateway."""
+
+    def __init__(self, data_dir: Path, database_url: str) -> None:
+        self.data_dir = data_dir
+        self.ports = {
+            "auth": [free_port()],
+            "tasks": [free_port(), free_port()],
+            "agents": [free_port()],
+            "messaging": [free_port()],
+        }
+        self.public = free_port()
+        self.url = f"http://127.0.0.1:{self.public}"
+        self.env = {
+            **os.environ,
+            **SHARED_MESH_ENV,
+            "AGENTMESH_DATA_DIR": str(data_dir),
+            "DATABASE_URL": database_url,
+            "REDIS_URL": REDIS_URL,
+            "AGENTMESH_BUS_PREFIX": f"replicas-{secrets.token_hex(4)}:",
+            "AGENTMESH_LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+            **{
+                f"AGENTMESH_{name.upper()}_UPSTREAMS": ",".join(f"127.0.0.1:{p}" for p in ports)
+                for name, ports in self.ports.items()
+            },
+        }
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        with (self.data_dir / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "servers.cli", *args],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.data_dir / f"{name}.log").read_text(errors="replace")
+
+    def _wait(self, name: str, ready: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while ready not in self.log(name):
+            assert self.procs[name].poll() is None, self.log(name)
+            assert time.monotonic() < deadline, f"{name} did not start:\n{self.log(name)}"
+            time.sleep(0.1)
+
+    def start(self) -> Replicas:
+        # The first replica migrates the database and writes the keys; then the others.
+        self._spawn("auth", "serve", "auth", "--port", str(self.ports["auth"][0]))
+        self._wait("auth", "listening on")
+        for name in ("tasks", "agents", "messaging"):
+            for n, port in enumerate(self.ports[name]):
+                self._spawn(f"{name}-{n}", "serve", name, "--port", str(port))
+        for name in self.procs:
+            self._wait(name, "listening on")
+        self._spawn("gateway", "gateway", "--port", str(self.public))
+        self._wait("gateway", "agentmesh gateway: http")
+        deadline = time.monotonic() + 20
+        while httpx.get(self.url + "/health/ready").status_code != 200:
+            assert time.monotonic() < deadline, self.log("gateway")
+            time.sleep(0.2)
+        return self
+
+    def stop(self) -> dict[str, int]:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        codes = {}
+        for name, proc in self.procs.items():
+            try:
+                codes[name] = proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes[name] = proc.wait()
+        return codes
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, postgres_url: str) -> Iterator[Replicas]:
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
+    except (redis.RedisError, OSError) as exc:
+        _unavailable("Redis on 127.0.0.1:6379", exc)
+    mesh = Replicas(tmp_path, postgres_url)
+    try:
+        yield mesh.start()
+    finally:
+        mesh.stop()
+
+
+def _developer(mesh: Replicas) -> dict[str, str]:
+    user = new_user()
+    assert httpx.post(mesh.url + "/api/v1/auth/register", json=user).status_code == 201
+    subprocess.run(
+        [sys.executable, "-m", "servers.cli", "grant-role", user["username"], "developer"],
+        env=mesh.env,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    login = httpx.post(
+        mesh.url + "/api/v1/auth/login",
+        json={"username": user["username"], "password": user["password"]},
+    )
+    assert login.status_code == 200, login.text
+    return {"Authorization": f"Bearer {login.json()['access_token']}"}
+
+
+def _creates(mesh: Replicas, headers: dict[str, str], count: int, **task: object) -> list[str]:
+    ids = []
+    with httpx.Client(base_url=mesh.url, timeout=10) as client:
+        for n in range(count):
+            body = {"description": f"task {n}", **task}
+            reply = client.post("/api/v1/tasks", json=body, headers=headers)
+            assert reply.status_code == 201, reply.text
+            ids.append(reply.json()["task_id"])
+    return ids
+
+
+async def test_replicas_behind_the_gateway_serve_the_whole_api(replicas: Replicas) -> None:
+    mesh = replicas
+    dev = _developer(mesh)
+    created = _creates(mesh, dev, 10)
+    # Envoy spread the creates over both tasks replicas.
+    for n in range(2):
+        assert "/agentmesh.v1.TasksService/CreateTask" in mesh.log(f"tasks-{n}")
+
+    # An agent on the agents replica, through the gateway, takes work both replicas took in.
+    key = httpx.post(
+        mesh.url + "/api/v1/auth/api-keys",
+        json={"name": "worker", "scopes": ["agent"]},
+        headers=dev,
+    )
+    assert key.status_code == 201, key.text
+    capability = f"replica_{secrets.token_hex(4)}"
+    gateway = cast(MeshProcess, mesh)  # StreamAgent needs its url only
+    agent = StreamAgent(gateway, key.json()["key"], "worker", capability, capacity=4)
+    try:
+        await agent.next("welcome")
+        work = _creates(mesh, dev, 4, type=capability)
+        # Room for all four: they come at once (StreamAgent.next skips other frames).
+        held = [(await agent.next("assignment")).assignment for _ in work]
+        assert {h.task.task_id for h in held} == set(work)
+        for assignment in held:
+            result = agents_pb2.TaskResult(
+                task_id=assignment.task.task_id, attempt_token=assignment.attempt_token
+            )
+            result.result.update({"ok": True})
+            agent.send(agents_pb2.ConnectRequest(result=result))
+        acks = [(await agent.next("result_ack")).result_ack for _ in work]
+        assert all(ack.accepted and ack.status == "completed" for ack in acks)
+    finally:
+        await agent.close()
+    for task_id in work:
+        task = httpx.get(f"{mesh.url}/api/v1/tasks/{task_id}", headers=dev).json()
+        assert (task["status"], task["result"]) == ("completed", {"ok": True})
+
+    # The tasks replicas' events, on Redis, reach the messaging replica's list.
+    deadline = time.monotonic() + 10
+    while True:
+        events = httpx.get(
+            mesh.url + "/api/v1/events",
+            params={"patterns": "task.completed", "limit": 100},
+            headers=dev,
+        ).json()
+        if {e["subject_id"] for e in events["events"]} >= set(work):
+            break
+        assert time.monotonic() < deadline, events
+        await asyncio.sleep(0.2)
+
+    # One tasks replica dies: every request goes to the other, none fails.
+    mesh.procs["tasks-0"].kill()
+    mesh.procs["tasks-0"].wait()
+    more = _creates(mesh, dev, 10)
+    listed = httpx.get(mesh.url + "/api/v1/tasks", params={"limit": 100}, headers=dev).json()
+    assert {t["task_id"] for t in listed["tasks"]} == set(created + work + more)
+
+    codes = mesh.stop()
+    assert codes.pop("tasks-0") == -signal.SIGKILL
+    assert codes == dict.fromkeys(codes, 0), {n: mesh.log(n)[-2000:] for n in codes}
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["serve", "tasks"], {"DATABASE_URL": ""}, "PostgreSQL"),
+        (["serve", "tasks"], {"REDIS_URL": ""}, "set REDIS_URL"),
+        (["serve", "tasks"], {"AGENTMESH_AGENTS_UPSTREAMS": ""}, "AGENTMESH_AGENTS_UPSTREAMS"),
+        (["gateway"], {"AGENTMESH_AUTH_UPSTREAMS": ""}, "AGENTMESH_AUTH_UPSTREAMS"),
+        (["gateway"], {}, "start them first"),
+        (["serve", "tasks"], {"AGENTMESH_AUTH_UPSTREAMS": "auth.local:1"}, "is not IPv4:PORT"),
+    ],
+)
+def test_what_replicas_need_is_said_before_they_start(
+    tmp_path: Path, args: list[str], env: dict[str, str], says: str
+) -> None:
+    base = {
+        **os.environ,
+        "AGENTMESH_DATA_DIR": str(tmp_path),
+        "DATABASE_URL": "postgresql+asyncpg://nobody@127.0.0.1:1/none",
+        "REDIS_URL": "redis://127.0.0.1:1/0",
+        **{f"AGENTMESH_{n.upper()}_UPSTREAMS": "127.0.0.1:1" for n in SERVICES},
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "servers.cli", *args],
+        env={k: v for k, v in {**base, **env}.items() if v},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode != 0 and says in done.stderr, done.stderr
