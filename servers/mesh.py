@@ -44,7 +44,7 @@ from .agents.service import AgentsInternalService, AgentsService
 from .auth.admin import UserAdmin
 from .auth.apikeys import ApiKeys
 from .auth.domain import Accounts, LoginLimits
-from .auth.keys import SigningKey
+from .auth.keys import SigningKey, write_once
 from .auth.models import OutboxRow as AuthOutboxRow
 from .auth.profiles import AccountCache
 from .auth.service import AuthInternalService, AuthService, UsersService
@@ -270,10 +270,8 @@ def _secret(data_dir: Path, name: str, variable: str) -> str:
         return value
     path = data_dir / "keys" / name
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with contextlib.suppress(FileExistsError):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32))
+    if not path.exists():
+        write_once(path, secrets.token_urlsafe(32).encode())
     return path.read_text().strip()
 
 

@@ -27,6 +27,22 @@ def _thumbprint(jwk: dict[str, str]) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
+def write_once(path: Path, data: bytes) -> None:
+    """Creates ``path`` (mode 0600) with ``data`` unless it exists. Written whole to a file of
+    this process's own, then linked into place: processes starting at once (replicas) must
+    not both write it, nor read it half written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+
+
 class SigningKey:
     """The current signing key with its `kid`."""
 
@@ -48,14 +64,7 @@ class SigningKey:
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             )
-            # O_EXCL: two processes starting at once must not both write a key.
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                pass
-            else:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(pem)
+            write_once(path, pem)
         loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(loaded, ec.EllipticCurvePrivateKey):
             raise SystemExit(f"agentmesh: {path} is not an EC private key")
@@ -65,7 +74,8 @@ class SigningKey:
         return {"keys": [dict(self._jwk)]}
 
     def write_jwks(self, path: Path) -> None:
-        """Publishes the JWKS atomically, for Envoy to read at start."""
-        tmp = path.with_suffix(".tmp")
+        """Publishes the JWKS atomically, for Envoy to read at start. The temporary file is the
+        process's own: replicas starting together each publish the same keys."""
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.jwks()))
         tmp.replace(path)
