@@ -145,12 +145,14 @@ class Runtime:
                 limit=settings.login_limit,
                 window=settings.login_window,
                 redis_url=settings.redis_url,
+                prefix=settings.bus_prefix,
             ),
             per_account=SlidingWindowLimiter(
                 name="login-account",
                 limit=settings.login_limit,
                 window=settings.login_window,
                 redis_url=settings.redis_url,
+                prefix=settings.bus_prefix,
             ),
         )
         return cls(
@@ -166,6 +168,7 @@ class Runtime:
                 tiers=settings.tiers,
                 default_tier=settings.default_tier,
                 redis_url=settings.redis_url,
+                prefix=settings.bus_prefix,
             ),
             tracing=_tracing(settings, db),
         )
@@ -424,6 +427,7 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
             limit=s.message_rate_limit,
             window=MESSAGE_RATE_WINDOW,
             redis_url=s.redis_url,
+            prefix=s.bus_prefix,
         )
         rt.on_close(message_limit.close)
         messages = Messages(

@@ -112,8 +112,9 @@ class Settings:
       AGENTMESH_<SERVICE>_PORT  gRPC port of auth/tasks/agents/messaging (default 0: free port)
       DATABASE_URL           SQLAlchemy URL (default: SQLite in the data directory)
       REDIS_URL              Redis for the bus and limits (default: none, in-process)
-      AGENTMESH_BUS_PREFIX   prefix of the bus's Redis keys (default "agentmesh:"); processes
-                             with the same prefix act as one mesh
+      AGENTMESH_BUS_PREFIX   prefix of the mesh's Redis keys: the bus, the quotas and the
+                             limits (default "agentmesh:"); processes with the same prefix act
+                             as one mesh
       AGENTMESH_GRACE_SECONDS  drain time on shutdown (default 5)
       AGENTMESH_LOG_LEVEL    DEBUG, INFO, WARNING (default INFO)
       AGENTMESH_LOGIN_LIMIT  login attempts per client address and per account (default 10)

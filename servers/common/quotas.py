@@ -117,6 +117,7 @@ class Quotas:
         tiers: Mapping[str, Quota] = TIER_DEFAULTS,
         default_tier: str = "",
         redis_url: str | None = None,
+        prefix: str = "agentmesh:",
     ) -> None:
         from .ratelimit import TokenBucketLimiter  # redis: not for the settings' import
 
@@ -132,6 +133,7 @@ class Quotas:
                 limit=quota.limit,
                 window=quota.window,
                 redis_url=redis_url,
+                prefix=prefix,
             )
             for name, quota in self._quotas.items()
             if quota.limit > 0

@@ -102,10 +102,14 @@ class _Limiter:
         window: float,
         redis_url: str | None = None,
         max_keys: int = 100_000,
+        prefix: str = "agentmesh:",
     ) -> None:
         if limit < 1 or window <= 0:
             raise ValueError(f"a limit of {limit} per {window} s")
         self.name = name
+        # The mesh's Redis keys' prefix (AGENTMESH_BUS_PREFIX): meshes sharing a Redis count
+        # apart.
+        self._key_prefix = f"{prefix}rl:{name}:"
         self.limit = limit
         self.window = window
         self._max_keys = max_keys
@@ -140,7 +144,7 @@ class _Limiter:
             return None
         try:
             with redis_span("EVALSHA"):
-                return await script(keys=[f"agentmesh:rl:{self.name}:{key}"], args=args)
+                return await script(keys=[self._key_prefix + key], args=args)
         except (redis.RedisError, OSError) as exc:
             self._redis_down_until = time.time() + REDIS_RETRY_SECONDS
             log.warning("rate limit store unreachable, counting in memory: %s", exc)

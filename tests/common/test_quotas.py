@@ -189,3 +189,24 @@ async def test_agents_count_per_key_and_users_per_account() -> None:
     await quotas.charge("agent", Principal(subject=owner, kind="api_key", token_id="key-2"))
     with pytest.raises(QuotaExceeded):
         await quotas.charge("agent", key)
+
+
+async def test_meshes_sharing_a_redis_count_apart(redis_server: RedisServer) -> None:
+    """AGENTMESH_BUS_PREFIX names a mesh's Redis keys, its quotas' and limits' too: a staging
+    mesh on production's Redis must not spend production's quotas."""
+    url = redis_server[0]
+    first = Quotas({"general": Quota(1, 60)}, redis_url=url, prefix="prod:")
+    second = Quotas({"general": Quota(1, 60)}, redis_url=url, prefix="staging:")
+    who = _user()
+    try:
+        await first.charge("general", who)
+        with pytest.raises(QuotaExceeded):
+            await first.charge("general", who)
+        await second.charge("general", who)  # its own bucket
+        client = redis.Redis.from_url(url)
+        assert client.exists(f"prod:rl:quota-general:{who.subject}")
+        assert client.exists(f"staging:rl:quota-general:{who.subject}")
+        client.close()
+    finally:
+        await first.close()
+        await second.close()
