@@ -106,8 +106,8 @@ class Database:
             self._reads = async_sessionmaker(self.engine, expire_on_commit=False)
             self._writes = async_sessionmaker(self.writer, expire_on_commit=False)
         self._closed = False
-        for sync_engine in self.sync_engines():  # the observability endpoints' db spans
-            event.listen(sync_engine, "before_cursor_execute", count_statement)
+        if not self.is_sqlite:  # the observability endpoints' db spans (SQLite: sqlite_inline)
+            event.listen(self.engine.sync_engine, "before_cursor_execute", count_statement)
 
     def sync_engines(self) -> list[Engine]:
         """Every engine that runs this database's statements (for instrumentation)."""

@@ -36,6 +36,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
+from .observability import count_sql
+
 log = logging.getLogger("agentmesh.db")
 
 BUSY_TIMEOUT_MS = 20  # the longest SQLite's busy handler may hold the loop
@@ -212,6 +214,7 @@ def connector(path: str, *, busy_seconds: float) -> Callable[[], Any]:
         conn.execute("PRAGMA synchronous=NORMAL")  # WAL: fsync at checkpoints, not commits
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA wal_autocheckpoint=0")  # the Checkpointer's work
+        conn.set_trace_callback(count_sql)
         return InlineConnection(conn, busy_seconds=busy_seconds)
 
     return connect
@@ -321,6 +324,7 @@ def engine(path: str, *, writer: bool) -> Engine:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.set_trace_callback(count_sql)
         return conn
 
     # Never more than pool_size idle connections, but never a wait for one either: a session

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from servers.common.observability import IN_FLIGHT, Observed, trace_id_of
+from sqlalchemy import text
+
+from servers.common.db import Database
+from servers.common.observability import IN_FLIGHT, OBSERVED, Observed, trace_id_of
 
 RID = "0b5e7c7e-2f4a-4c39-9a51-1d2e3f405162"
 
@@ -38,3 +41,12 @@ def test_calls_in_flight_come_first_then_the_latest_ended_within_the_bound() -> 
     seen.published("agent.online")
     seen.published("task.completed")
     assert seen.events == {"task": 2, "agent": 1}
+
+
+async def test_every_statement_counts_as_a_database_span(database_url: str) -> None:
+    async with Database(database_url) as db:
+        before = OBSERVED.statements
+        async with db.session() as s:
+            for _ in range(3):
+                await s.execute(text("SELECT 1"))
+        assert OBSERVED.statements - before >= 3
