@@ -24,7 +24,7 @@ from servers.common.clock import now
 from servers.common.context import Principal, add_cost
 from servers.common.db import Database
 from servers.common.errors import Conflict, NotFound, ValidationError
-from servers.common.pagination import Page
+from servers.common.pagination import PAGE_MAX_BYTES, Page
 
 from .models import TaskRow
 from .store import Outbox, TaskStore
@@ -240,7 +240,12 @@ class Tasks:
             raise _not_found(task_id)
         return task
 
-    async def list(self, who: Principal, status: str, page: Page) -> tuple[Sequence[TaskRow], int]:
+    async def list(
+        self, who: Principal, status: str, page: Page
+    ) -> tuple[Sequence[TaskRow], int, Page]:
+        """The page's tasks, how many match, and the page served: ``page``, or one that ends
+        early (its limit the tasks it holds) when its tasks' large fields pass PAGE_MAX_BYTES
+        characters, so that a page of tasks near their limits is never read whole."""
         if status and status not in STATUSES and status not in STATUS_ALIASES:
             raise ValidationError(
                 f"status must be one of {', '.join(STATUSES)}", details={"field": "status"}
@@ -248,9 +253,16 @@ class Tasks:
         statuses = STATUS_ALIASES.get(status, (status,) if status else ())
         owner = None if "admin" in who.roles else who.subject
         async with self._db.session() as s:
-            return await TaskStore(s).page(
-                owner_id=owner, statuses=statuses, limit=page.limit, offset=page.offset
+            rows, total = await TaskStore(s).page(
+                owner_id=owner,
+                statuses=statuses,
+                limit=page.limit,
+                offset=page.offset,
+                budget=PAGE_MAX_BYTES,
             )
+        if len(rows) < min(page.limit, total - page.offset):
+            return rows, total, Page(len(rows), page.offset)
+        return rows, total, page
 
     async def result(self, who: Principal, task_id: str) -> TaskRow:
         task = await self.get(who, task_id)

@@ -160,8 +160,8 @@ class TasksService(tasks_pb2_grpc.TasksServiceServicer):
         self, request: tasks_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.ListTasksResponse:
         p = page(request.limit, request.offset)
-        rows, total = await self._tasks.list(require_principal(), request.status, p)
-        tasks, served = p.fit([task_proto(r) for r in rows])
+        rows, total, read = await self._tasks.list(require_principal(), request.status, p)
+        tasks, served = read.fit([task_proto(r) for r in rows])
         return tasks_pb2.ListTasksResponse(tasks=tasks, **served.fields(total))
 
     async def GetTask(

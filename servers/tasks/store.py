@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Float, Table, delete, func, inspect, select
+from sqlalchemy import Float, Table, Text, bindparam, delete, func, inspect, select
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
@@ -49,6 +51,40 @@ _INSERT_TASK = InsertOrNothing(
 )
 
 
+@functools.cache
+def _page_query(by_owner: bool, by_status: bool) -> Any:
+    """TaskStore.page's statement, built once per filter: a page of tasks, newest first, cut
+    after its first task where the characters of its large fields pass the budget. The window
+    sums the sizes the database reads, so the rows past the budget are never loaded."""
+    where = []
+    if by_owner:
+        where.append(TaskRow.owner_id == bindparam("owner"))
+    if by_status:
+        where.append(TaskRow.status.in_(bindparam("statuses", expanding=True)))
+    size = (
+        func.length(TaskRow.description)
+        + func.length(sql_cast(TaskRow.task_metadata, Text))
+        + func.coalesce(func.length(sql_cast(TaskRow.result, Text)), 0)
+    )
+    window = (
+        select(TaskRow.task_id, TaskRow.created_at, size.label("size"))
+        .where(*where)
+        .order_by(TaskRow.created_at.desc(), TaskRow.task_id.desc())
+        .limit(bindparam("limit"))
+        .offset(bindparam("offset"))
+        .subquery()
+    )
+    newest_first = (window.c.created_at.desc(), window.c.task_id.desc())
+    running = func.sum(window.c.size).over(order_by=newest_first)
+    before = select(window.c.task_id, (running - window.c.size).label("before")).subquery()
+    kept = select(before.c.task_id).where(before.c.before <= bindparam("budget"))
+    return (
+        select(TaskRow)
+        .where(TaskRow.task_id.in_(kept))
+        .order_by(TaskRow.created_at.desc(), TaskRow.task_id.desc())
+    )
+
+
 class TaskStore:
     def __init__(self, session: AsyncSession) -> None:
         self._s = session
@@ -86,19 +122,28 @@ class TaskStore:
         return where
 
     async def page(
-        self, *, owner_id: str | None, statuses: Collection[str], limit: int, offset: int
+        self,
+        *,
+        owner_id: str | None,
+        statuses: Collection[str],
+        limit: int,
+        offset: int,
+        budget: int,
     ) -> tuple[Sequence[TaskRow], int]:
+        """A page of tasks, newest first, and the number that match. The page ends early, after
+        its first task, where its large fields (description, metadata, result, as the database
+        stores them) pass ``budget`` characters: its rows are never read whole beyond that."""
         where = self._visible(owner_id, statuses)
         total = (
             await self._s.execute(select(func.count()).select_from(TaskRow).where(*where))
         ).scalar_one()
-        rows = await self._s.execute(
-            select(TaskRow)
-            .where(*where)
-            .order_by(TaskRow.created_at.desc(), TaskRow.task_id.desc())
-            .limit(limit)
-            .offset(offset)
-        )
+        query = _page_query(owner_id is not None, bool(statuses))
+        params: dict[str, Any] = {"limit": limit, "offset": offset, "budget": budget}
+        if owner_id is not None:
+            params["owner"] = owner_id
+        if statuses:
+            params["statuses"] = list(statuses)
+        rows = await self._s.execute(query, params)
         return rows.scalars().all(), int(total)
 
     async def count_by_status(self, owner_id: str | None) -> dict[str, int]:

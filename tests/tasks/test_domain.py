@@ -14,6 +14,7 @@ from servers.common.clock import now
 from servers.common.context import CallState, Principal, enter_call, leave_call
 from servers.common.db import Database
 from servers.common.errors import NotFound
+from servers.common.pagination import Page
 from servers.mesh import MIGRATIONS
 from servers.tasks import domain
 from servers.tasks.dispatch import Dispatch
@@ -193,6 +194,33 @@ async def test_the_stats_count_against_the_quota_by_the_tasks_they_read(
                 leave_call(token)
             assert (stats.total, call.cost) == (total, cost)
         assert stats.completed == 2 and 0 <= stats.average_completion_time < 5
+    finally:
+        await db.close()
+
+
+async def test_a_page_of_large_tasks_is_cut_before_it_is_read(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database sizes the page's large fields first: the rows past the budget (after the
+    first) are never loaded, and the page says where the next one starts."""
+    monkeypatch.setattr(domain, "PAGE_MAX_BYTES", 1000)
+    db = await _db(database_url)
+    try:
+        tasks = Tasks(db=db)
+        made = []
+        for n in range(5):  # 400 characters of description, "{}" of metadata, no result
+            task, _ = await tasks.create(ALICE, replace(NEW, description=f"{n}" * 400))
+            made.append(task.task_id)
+        newest = made[::-1]
+        rows, total, served = await tasks.list(ALICE, "", Page(limit=10, offset=0))
+        # 0, 402 and 804 characters come before the first three; 1,206 before the fourth.
+        assert [r.task_id for r in rows] == newest[:3] and total == 5
+        assert served == Page(limit=3, offset=0)
+        rows, total, served = await tasks.list(ALICE, "", Page(limit=10, offset=3))
+        assert [r.task_id for r in rows] == newest[3:] and served == Page(limit=10, offset=3)
+        monkeypatch.setattr(domain, "PAGE_MAX_BYTES", 0)  # one task, however large
+        rows, _, served = await tasks.list(ALICE, "", Page(limit=10, offset=1))
+        assert [r.task_id for r in rows] == newest[1:2] and served == Page(limit=1, offset=1)
     finally:
         await db.close()
 
