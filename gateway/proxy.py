@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ctypes
 import functools
+import ipaddress
 import logging
 import os
 import shutil
@@ -74,6 +75,16 @@ class EdgeConfig:
     # port on ``host``.
     upstreams: Mapping[str, Sequence[tuple[str, int]]] = field(default_factory=dict)
 
+    def cluster_type(self, service: str) -> str:
+        """STATIC for addresses, STRICT_DNS where a replica is given by name (Envoy resolves
+        it, and follows its changes)."""
+        try:
+            for host, _ in self.upstreams.get(service) or [(self.host, 0)]:
+                ipaddress.IPv4Address(host)
+        except ValueError:
+            return "STRICT_DNS"
+        return "STATIC"
+
     def endpoints(self, service: str) -> str:
         """The service's cluster endpoints, as a YAML flow list."""
         addresses = self.upstreams.get(service) or [(self.host, self.service_ports[service])]
@@ -96,6 +107,10 @@ class EdgeConfig:
             "JWT_AUDIENCE": self.audience,
             "RATE_PER_CONNECTION": str(self.rate_per_connection),
             **{f"{name.upper()}_ENDPOINTS": self.endpoints(name) for name in self.service_ports},
+            **{
+                f"{name.upper()}_CLUSTER_TYPE": self.cluster_type(name)
+                for name in self.service_ports
+            },
         }
         return Template(TEMPLATE.read_text()).substitute(values)
 

@@ -10,9 +10,9 @@ Every process of one mesh shares:
 - the data directory's keys (AGENTMESH_DATA_DIR/keys, or AGENTMESH_INTERNAL_TOKEN and
   AGENTMESH_CALLBACK_SECRET): the auth replicas sign tokens with its signing key, and every
   process checks them against it;
-- where each service listens: AGENTMESH_<SERVICE>_UPSTREAMS (IPv4:PORT by commas). Envoy
-  balances the replicas and checks their grpc.health.v1; a service calls another over gRPC,
-  round robin over its replicas.
+- where each service listens: AGENTMESH_<SERVICE>_UPSTREAMS (IPv4:PORT by commas, or one
+  HOST:PORT whose name resolves to them all). Envoy balances the replicas and checks their
+  grpc.health.v1; a service calls another over gRPC, round robin over its replicas.
 
 What one replica of the agents service does not see: the streams held by another. A task made
 available wakes the agents of the replica the tasks service told, and the others find it at

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -64,9 +65,24 @@ def _retention_days(env: Mapping[str, str], name: str, default: int, what: str) 
 MAX_UPSTREAMS = 64
 
 
+HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _upstreams(env: Mapping[str, str]) -> dict[str, tuple[tuple[str, int], ...]]:
     """AGENTMESH_<SERVICE>_UPSTREAMS: where the replicas of each service listen, as
-    comma-separated IPv4:PORT (Envoy's static clusters take addresses, not names)."""
+    comma-separated IPv4:PORT, or one HOST:PORT whose name resolves to them all (a container
+    network's service name): gRPC's client balances over a name's addresses, not over several
+    names."""
     found: dict[str, tuple[tuple[str, int], ...]] = {}
     for name in SERVICES:
         variable = f"AGENTMESH_{name.upper()}_UPSTREAMS"
@@ -77,18 +93,20 @@ def _upstreams(env: Mapping[str, str]) -> dict[str, tuple[tuple[str, int], ...]]
         addresses = []
         for item in items:
             host, _, port = item.rpartition(":")
-            try:
-                ipaddress.IPv4Address(host)
-                number = int(port)
-            except ValueError:
-                number = 0
-            if not 1 <= number <= 65535:
+            number = int(port) if port.isdigit() else 0
+            if not (_is_ipv4(host) or HOSTNAME.match(host)) or not 1 <= number <= 65535:
                 raise SystemExit(
-                    f"agentmesh: {variable}: {item!r} is not IPv4:PORT (e.g. 10.0.0.5:7001)"
+                    f"agentmesh: {variable}: {item!r} is not IPv4:PORT or HOST:PORT"
+                    " (e.g. 10.0.0.5:7001, tasks:7001)"
                 )
             addresses.append((host, number))
         if len(addresses) > MAX_UPSTREAMS:
             raise SystemExit(f"agentmesh: {variable}: at most {MAX_UPSTREAMS} addresses")
+        if len(addresses) > 1 and not all(_is_ipv4(host) for host, _ in addresses):
+            raise SystemExit(
+                f"agentmesh: {variable}: several replicas are IPv4 addresses; give one name"
+                " that resolves to all of them instead"
+            )
         found[name] = tuple(addresses)
     return found
 
@@ -148,7 +166,8 @@ class Settings:
       AGENTMESH_CALLBACK_SECRET     the key callbacks are signed with (default: created once in
                                     the data directory)
       AGENTMESH_<SERVICE>_UPSTREAMS  replicas (`agentmesh serve`, `agentmesh gateway`): where
-                                    that service's processes listen, IPv4:PORT by commas
+                                    that service's processes listen, IPv4:PORT by commas or
+                                    one HOST:PORT whose name resolves to them all
       OTEL_EXPORTER_OTLP_ENDPOINT   an OTLP/HTTP collector: traces on (servers/common/tracing.py;
                                     or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT; other OTEL_* variables
                                     as the OpenTelemetry SDK reads them)

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 
 import grpc
 
 
 def peer_target(addresses: Sequence[tuple[str, int]]) -> str:
-    """A gRPC target for a service's replicas: one address, or all of them (``open_channel``
-    spreads the calls over those that answer)."""
+    """A gRPC target for a service's replicas: IPv4 addresses, or one name (resolved by DNS,
+    to as many addresses as it has). ``open_channel`` spreads the calls over those that
+    answer."""
     if len(addresses) == 1:
-        return f"{addresses[0][0]}:{addresses[0][1]}"
+        host, port = addresses[0]
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return f"dns:///{host}:{port}"
+        return f"{host}:{port}"
     return "ipv4:" + ",".join(f"{host}:{port}" for host, port in addresses)
 
 
 def open_channel(target: str) -> grpc.aio.Channel:
-    """A channel to a peer service: round robin over its replicas when the target lists
+    """A channel to a peer service: round robin over its replicas when the target may name
     several (a replica that does not answer is left out until it does)."""
-    options = [("grpc.lb_policy_name", "round_robin")] if "," in target else []
+    several = "," in target or target.startswith("dns:")
+    options = [("grpc.lb_policy_name", "round_robin")] if several else []
     return grpc.aio.insecure_channel(target, options=options)

@@ -82,14 +82,25 @@ def test_task_retention_is_thirty_days_and_zero_keeps_tasks() -> None:
             Settings.from_env({"AGENTMESH_TASK_RETENTION_DAYS": bad})
 
 
-def test_upstreams_are_ipv4_addresses_by_service() -> None:
+def test_upstreams_are_ipv4_addresses_or_one_name_by_service() -> None:
     settings = Settings.from_env(
         {
             "AGENTMESH_TASKS_UPSTREAMS": "10.0.0.5:7001, 10.0.0.6:7001,",
+            "AGENTMESH_AGENTS_UPSTREAMS": "agents.mesh.local:7003",
             "AGENTMESH_AUTH_UPSTREAMS": "",
         }
     )
-    assert settings.upstreams == {"tasks": (("10.0.0.5", 7001), ("10.0.0.6", 7001))}
-    for bad in ("auth.local:7001", "10.0.0.5", "10.0.0.5:0", "10.0.0.5:70000", "[::1]:7001"):
+    assert settings.upstreams == {
+        "tasks": (("10.0.0.5", 7001), ("10.0.0.6", 7001)),
+        "agents": (("agents.mesh.local", 7003),),
+    }
+    for bad in (
+        "10.0.0.5",
+        "10.0.0.5:0",
+        "10.0.0.5:70000",
+        "[::1]:7001",
+        "bad_name:7001",
+        "tasks-a:7001,tasks-b:7001",  # several names: give one that resolves to all
+    ):
         with pytest.raises(SystemExit, match="AGENTMESH_TASKS_UPSTREAMS"):
             Settings.from_env({"AGENTMESH_TASKS_UPSTREAMS": bad})

@@ -57,6 +57,9 @@ class Replicas:
                 f"AGENTMESH_{name.upper()}_UPSTREAMS": ",".join(f"127.0.0.1:{p}" for p in ports)
                 for name, ports in self.ports.items()
             },
+            # One service by name, as on a container network: Envoy resolves it (STRICT_DNS),
+            # and so does the gRPC client of the services that call it.
+            "AGENTMESH_AGENTS_UPSTREAMS": f"localhost:{self.ports['agents'][0]}",
         }
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -226,7 +229,7 @@ async def test_replicas_behind_the_gateway_serve_the_whole_api(replicas: Replica
         (["serve", "tasks"], {"AGENTMESH_AGENTS_UPSTREAMS": ""}, "AGENTMESH_AGENTS_UPSTREAMS"),
         (["gateway"], {"AGENTMESH_AUTH_UPSTREAMS": ""}, "AGENTMESH_AUTH_UPSTREAMS"),
         (["gateway"], {}, "start them first"),
-        (["serve", "tasks"], {"AGENTMESH_AUTH_UPSTREAMS": "auth.local:1"}, "is not IPv4:PORT"),
+        (["serve", "tasks"], {"AGENTMESH_AUTH_UPSTREAMS": "auth_1:1"}, "is not IPv4:PORT"),
     ],
 )
 def test_what_replicas_need_is_said_before_they_start(
