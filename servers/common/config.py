@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .peers import is_ipv4
 from .quotas import DEFAULTS as quota_defaults
 from .quotas import TIER_DEFAULTS, TIERS, Quota
 from .quotas import parse as parse_quotas
@@ -70,14 +70,6 @@ HOSTNAME = re.compile(
 )
 
 
-def _is_ipv4(host: str) -> bool:
-    try:
-        ipaddress.IPv4Address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def _upstreams(env: Mapping[str, str]) -> dict[str, tuple[tuple[str, int], ...]]:
     """AGENTMESH_<SERVICE>_UPSTREAMS: where the replicas of each service listen, as
     comma-separated IPv4:PORT, or one HOST:PORT whose name resolves to them all (a container
@@ -94,7 +86,7 @@ def _upstreams(env: Mapping[str, str]) -> dict[str, tuple[tuple[str, int], ...]]
         for item in items:
             host, _, port = item.rpartition(":")
             number = int(port) if port.isdigit() else 0
-            if not (_is_ipv4(host) or HOSTNAME.match(host)) or not 1 <= number <= 65535:
+            if not (is_ipv4(host) or HOSTNAME.match(host)) or not 1 <= number <= 65535:
                 raise SystemExit(
                     f"agentmesh: {variable}: {item!r} is not IPv4:PORT or HOST:PORT"
                     " (e.g. 10.0.0.5:7001, tasks:7001)"
@@ -102,7 +94,7 @@ def _upstreams(env: Mapping[str, str]) -> dict[str, tuple[tuple[str, int], ...]]
             addresses.append((host, number))
         if len(addresses) > MAX_UPSTREAMS:
             raise SystemExit(f"agentmesh: {variable}: at most {MAX_UPSTREAMS} addresses")
-        if len(addresses) > 1 and not all(_is_ipv4(host) for host, _ in addresses):
+        if len(addresses) > 1 and not all(is_ipv4(host) for host, _ in addresses):
             raise SystemExit(
                 f"agentmesh: {variable}: several replicas are IPv4 addresses; give one name"
                 " that resolves to all of them instead"

@@ -8,17 +8,21 @@ from collections.abc import Sequence
 import grpc
 
 
+def is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def peer_target(addresses: Sequence[tuple[str, int]]) -> str:
     """A gRPC target for a service's replicas: IPv4 addresses, or one name (resolved by DNS,
     to as many addresses as it has). ``open_channel`` spreads the calls over those that
     answer."""
     if len(addresses) == 1:
         host, port = addresses[0]
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            return f"dns:///{host}:{port}"
-        return f"{host}:{port}"
+        return f"{host}:{port}" if is_ipv4(host) else f"dns:///{host}:{port}"
     return "ipv4:" + ",".join(f"{host}:{port}" for host, port in addresses)
 
 
