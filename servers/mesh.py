@@ -41,6 +41,8 @@ from .agents.domain import AgentDirectory
 from .agents.models import OutboxRow as AgentsOutboxRow
 from .agents.registry import QUIET_INTERVALS, Registry
 from .agents.service import AgentsInternalService, AgentsService
+from .agents.signals import TOPIC as AGENTS_TOPIC
+from .agents.signals import Signals
 from .auth.admin import UserAdmin
 from .auth.apikeys import ApiKeys
 from .auth.domain import Accounts, LoginLimits
@@ -391,11 +393,23 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
             await directory.keep_for(timedelta(days=s.agent_retention_days))
 
         rt.on_close(directory.close)
+        # With Redis, other agents replicas may hold the streams this one is asked to reach;
+        # the in-process bus has only this process to tell.
+        signals = Signals(
+            directory.registry,
+            read_configuration=directory.configuration,
+            bus=rt.bus if s.redis_url else None,
+            follower=rt.follower(AGENTS_TOPIC) if s.redis_url else None,
+        )
+        signals.start()
+        rt.on_close(signals.close)
         agents_service = AgentsService(
             directory=directory,
             tasks=rt.internal_channel("tasks"),
             heartbeat_seconds=s.heartbeat_seconds,
             lease_seconds=s.lease_seconds,
+            signals=signals,
+            poll_seconds=s.claim_poll_seconds,
             closing=rt.closing,
         )
         return (
@@ -407,7 +421,7 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
                 ),
                 (
                     agents_pb2_grpc.add_AgentsInternalServiceServicer_to_server,
-                    AgentsInternalService(directory=directory),
+                    AgentsInternalService(directory=directory, signals=signals),
                     "agentmesh.v1.AgentsInternalService",
                 ),
             ],

@@ -5,8 +5,8 @@ Every process of one mesh shares:
 
 - the database, on PostgreSQL (DATABASE_URL): replicas take rows with FOR UPDATE SKIP LOCKED
   and migrate under a lock;
-- Redis (REDIS_URL): the event bus, the message hub, the quotas and the login limits, which the
-  in-process defaults would keep per process;
+- Redis (REDIS_URL): the event bus, the message hub, the agents replicas' signals, the quotas
+  and the login limits, which the in-process defaults would keep per process;
 - the data directory's keys (AGENTMESH_DATA_DIR/keys, or AGENTMESH_INTERNAL_TOKEN and
   AGENTMESH_CALLBACK_SECRET): the auth replicas sign tokens with its signing key, and every
   process checks them against it;
@@ -14,10 +14,8 @@ Every process of one mesh shares:
   HOST:PORT whose name resolves to them all). Envoy balances the replicas and checks their
   grpc.health.v1; a service calls another over gRPC, round robin over its replicas.
 
-What one replica of the agents service does not see: the streams held by another. A task made
-available wakes the agents of the replica the tasks service told, and the others find it at
-their next poll (two seconds); a cancellation reaches an agent held by another replica at its next
-heartbeat, when the renewal of its lease fails.
+An agents replica holds only the streams of the agents connected to it; what it is asked to tell
+an agent held by another replica goes over Redis (servers/agents/signals.py).
 """
 
 from __future__ import annotations

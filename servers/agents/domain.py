@@ -447,6 +447,12 @@ class AgentDirectory:
             raise _not_found(agent_id)
         return self.view(row, now())
 
+    async def configuration(self, agent_id: str) -> dict[str, Any] | None:
+        """The agent's stored configuration, its overrides applied; None for an unknown one."""
+        async with self._db.session() as s:
+            row = await AgentStore(s).get(agent_id)
+        return None if row is None else apply_config(row.configuration, row.overrides)
+
     async def known(self, agent_id: str) -> bool:
         async with self._db.session() as s:
             return await AgentStore(s).get(agent_id) is not None

@@ -40,7 +40,9 @@ from servers.common.protos import struct
 from . import http
 from .domain import AgentDirectory, View
 from .registry import Session
+from .signals import Signals
 from .work import (
+    POLL_SECONDS,
     SILENT_INTERVALS,
     AgentWork,
     agent_id_of,
@@ -69,10 +71,13 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         tasks: InternalChannel,
         heartbeat_seconds: int,
         lease_seconds: int,
+        signals: Signals,
+        poll_seconds: float = POLL_SECONDS,
         closing: asyncio.Event | None = None,
     ) -> None:
         self._directory = directory
         self._registry = directory.registry
+        self._signals = signals
         self._heartbeat = heartbeat_seconds
         self._lease = lease_seconds
         # `closing` is set when the server starts to stop: open streams end with StreamEnd
@@ -83,6 +88,8 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             heartbeat_seconds=heartbeat_seconds,
             lease_seconds=lease_seconds,
             closing=closing or asyncio.Event(),
+            signals=signals,
+            poll_seconds=poll_seconds,
         )
         # New HTTP sessions (registration, a rebuilt session, a new stream) one at a time, so
         # that two calls at once make one session. They are rare: once per start or stream.
@@ -425,17 +432,14 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             json_format.MessageToDict(request.configuration),
             list(request.update_mask.paths),
         )
-        config = struct(change.configuration)
-        if change.session is not None:
-            change.session.send(
-                agents_pb2.ConnectResponse(
-                    config_update=agents_pb2.ConfigUpdate(
-                        configuration=config, updated_fields=change.updated_fields
-                    )
-                )
-            )
+        # To the agent's stream, here or on another replica.
+        await self._signals.configured(
+            request.agent_id, change.session, change.configuration, change.updated_fields
+        )
         return agents_pb2.UpdateAgentConfigResponse(
-            agent_id=request.agent_id, updated_fields=change.updated_fields, configuration=config
+            agent_id=request.agent_id,
+            updated_fields=change.updated_fields,
+            configuration=struct(change.configuration),
         )
 
 
@@ -463,32 +467,29 @@ def agent_proto(view: View) -> agents_pb2.Agent:
 
 
 class AgentsInternalService(agents_pb2_grpc.AgentsInternalServiceServicer):
-    def __init__(self, *, directory: AgentDirectory) -> None:
+    def __init__(self, *, directory: AgentDirectory, signals: Signals) -> None:
         self._directory = directory
         self._registry = directory.registry
+        self._signals = signals
 
     async def DeliverCancellation(
         self, request: agents_pb2.DeliverCancellationRequest, context: grpc.aio.ServicerContext
     ) -> agents_pb2.DeliverCancellationResponse:
-        session = self._registry.get(request.agent_id)
-        if session is None:
-            # Not connected here: its next heartbeat (after a reconnect) learns the lease is
-            # gone. Only an agent the registry never saw is NOT_FOUND.
-            if not await self._directory.known(request.agent_id):
-                raise NotFound("no such agent", details={"agent_id": request.agent_id[:64]})
-            return agents_pb2.DeliverCancellationResponse()
-        token = request.attempt_token
-        # A token names one attempt: a newer attempt of the task that this agent holds now
-        # keeps its place.
-        session.drop(request.task_id, token)
-        session.send(cancellation_frame(request.task_id, request.reason or "CANCELLED", token))
-        session.wake.set()
+        # Only an agent the registry never saw is NOT_FOUND. One not connected anywhere learns
+        # that its lease is gone from its next heartbeat, after it reconnects.
+        if self._registry.get(request.agent_id) is None and not await self._directory.known(
+            request.agent_id
+        ):
+            raise NotFound("no such agent", details={"agent_id": request.agent_id[:64]})
+        await self._signals.cancel(
+            request.agent_id, request.task_id, request.reason, request.attempt_token
+        )
         return agents_pb2.DeliverCancellationResponse()
 
     async def NotifyTasksAvailable(
         self, request: agents_pb2.NotifyTasksAvailableRequest, context: grpc.aio.ServicerContext
     ) -> agents_pb2.NotifyTasksAvailableResponse:
-        self._registry.wake(set(request.capabilities))
+        self._signals.tasks_available(frozenset(request.capabilities))
         return agents_pb2.NotifyTasksAvailableResponse()
 
     async def CountAgents(

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf import json_format
@@ -27,9 +28,14 @@ from servers.common.internal import CALL_TIMEOUT, InternalChannel
 from .domain import AgentDirectory, config_too_large
 from .registry import Session
 
+if TYPE_CHECKING:
+    from .signals import Signals
+
 log = logging.getLogger("agentmesh.agents")
 
-POLL_SECONDS = 2.0
+# How long an idle dispatcher waits for a wake-up before it asks for work anyway (the
+# default of AGENTMESH_CLAIM_POLL_SECONDS): it covers a wake-up that was lost.
+POLL_SECONDS = 2
 MAX_CAPACITY = 1000
 AGENT_IDS = uuid.UUID("6f1d3c2e-8a4b-4c55-9d0e-2b7f4a1c9e10")
 # The agent is silent (no frame, no REST call) for this many heartbeat intervals: no new work
@@ -92,6 +98,8 @@ class AgentWork:
         heartbeat_seconds: int,
         lease_seconds: int,
         closing: asyncio.Event,
+        signals: Signals,
+        poll_seconds: float = POLL_SECONDS,
     ) -> None:
         self._directory = directory
         self._registry = directory.registry
@@ -99,6 +107,8 @@ class AgentWork:
         self._heartbeat = heartbeat_seconds
         self._lease = lease_seconds
         self._closing = closing
+        self._signals = signals
+        self._poll = poll_seconds
 
     @property
     def tasks(self) -> tasks_pb2_grpc.TasksInternalServiceStub:
@@ -140,12 +150,14 @@ class AgentWork:
     async def take_over(self, session: Session) -> None:
         """Records the session online with its effective configuration and puts it in the
         registry. The session it replaces here ends with REPLACED; an HTTP session takes over
-        the work of the one it replaces, to repeat it to its stream."""
+        the work of the one it replaces, to repeat it to its stream. A Connect session of it on
+        another replica ends too (signals.py)."""
         replaced = await self._directory.connect(session, session.defaults)
         if replaced is not None:
             if session.http:
                 session.adopt(replaced)
             replaced.send(end_frame("REPLACED"))
+        await self._signals.connected(session)
 
     async def renew(
         self, session: Session, task_ids: list[str], timeout: float = CALL_TIMEOUT
@@ -278,7 +290,7 @@ class AgentWork:
                 if not await self.hand_out(session, reply.assignment):
                     return  # replaced, ended, or not reading: the task went back
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(POLL_SECONDS):
+                async with asyncio.timeout(self._poll):
                     await session.wake.wait()
 
     def _may_claim(self, session: Session) -> bool:

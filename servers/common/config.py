@@ -185,6 +185,7 @@ class Settings:
     agent_retention_days: int = 7
     agents_per_owner: int = 1000
     heartbeat_seconds: int = 10
+    claim_poll_seconds: int = 2
     event_retention_seconds: int = 86400
     event_retention_max: int = 100_000
     stream_heartbeat_seconds: int = 15
@@ -226,6 +227,7 @@ class Settings:
             ),
             agents_per_owner=_positive(env, "AGENTMESH_AGENTS_PER_OWNER", 1000),
             heartbeat_seconds=_int(env, "AGENTMESH_HEARTBEAT_SECONDS", 10),
+            claim_poll_seconds=_positive(env, "AGENTMESH_CLAIM_POLL_SECONDS", 2),
             event_retention_seconds=_positive(env, "AGENTMESH_EVENT_RETENTION_SECONDS", 86400),
             event_retention_max=_positive(env, "AGENTMESH_EVENT_RETENTION_MAX", 100_000),
             stream_heartbeat_seconds=_positive(env, "AGENTMESH_STREAM_HEARTBEAT_SECONDS", 15),

@@ -12,6 +12,7 @@ import pytest
 from agentmesh.v1 import agents_pb2, agents_pb2_grpc
 from servers.agents.domain import AgentDirectory
 from servers.agents.service import AgentsInternalService
+from servers.agents.signals import Signals
 from servers.auth.keys import SigningKey
 from servers.common.auth import INTERNAL_HEADER, Authenticator, TokenVerifier
 from servers.common.context import Principal
@@ -48,7 +49,11 @@ async def stub(
     auth = Authenticator(verifier=verifier, internal_token=INTERNAL, api_keys=_no_keys)
     server = grpc.aio.server(interceptors=default_interceptors(auth))
     agents_pb2_grpc.add_AgentsInternalServiceServicer_to_server(
-        AgentsInternalService(directory=agents[0]), server
+        AgentsInternalService(
+            directory=agents[0],
+            signals=Signals(agents[0].registry, read_configuration=agents[0].configuration),
+        ),
+        server,
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

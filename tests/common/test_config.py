@@ -74,6 +74,13 @@ def test_agents_are_kept_seven_days_offline_and_a_thousand_an_owner() -> None:
             Settings.from_env({name: bad})
 
 
+def test_an_idle_agent_polls_for_work_every_two_seconds_unless_told() -> None:
+    assert Settings.from_env({}).claim_poll_seconds == 2
+    assert Settings.from_env({"AGENTMESH_CLAIM_POLL_SECONDS": "30"}).claim_poll_seconds == 30
+    with pytest.raises(SystemExit, match="AGENTMESH_CLAIM_POLL_SECONDS"):
+        Settings.from_env({"AGENTMESH_CLAIM_POLL_SECONDS": "0"})
+
+
 def test_task_retention_is_thirty_days_and_zero_keeps_tasks() -> None:
     assert Settings.from_env({}).task_retention_days == 30
     assert Settings.from_env({"AGENTMESH_TASK_RETENTION_DAYS": "0"}).task_retention_days == 0

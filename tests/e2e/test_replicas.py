@@ -7,21 +7,24 @@ the gateway sends every request to the other."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
+import grpc
 import httpx
 import pytest
 import redis
 
-from agentmesh.v1 import agents_pb2
+from agentmesh.v1 import agents_pb2, agents_pb2_grpc
 from servers.common.config import SERVICES
 from servers.launcher import MeshProcess, free_port
 from tests.conftest import SHARED_MESH_ENV, _unavailable
@@ -32,14 +35,22 @@ REDIS_URL = os.environ.get("AGENTMESH_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
 class Replicas:
-    """The processes of one mesh: a replica of each service, two of tasks, and the gateway."""
+    """The processes of one mesh: a replica of each service, two of tasks (and ``agents`` of
+    the agents service), and the gateway. ``env``: more settings, for every process."""
 
-    def __init__(self, data_dir: Path, database_url: str) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        database_url: str,
+        *,
+        agents: int = 1,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.ports = {
             "auth": [free_port()],
             "tasks": [free_port(), free_port()],
-            "agents": [free_port()],
+            "agents": [free_port() for _ in range(agents)],
             "messaging": [free_port()],
         }
         self.public = free_port()
@@ -57,17 +68,26 @@ class Replicas:
                 f"AGENTMESH_{name.upper()}_UPSTREAMS": ",".join(f"127.0.0.1:{p}" for p in ports)
                 for name, ports in self.ports.items()
             },
+            **(env or {}),
+        }
+        # The tasks replicas' view of the agents service.
+        self.tasks_env: dict[str, str] = {}
+        if agents == 1:
             # One service by name, as on a container network: Envoy resolves it (STRICT_DNS),
             # and so does the gRPC client of the services that call it.
-            "AGENTMESH_AGENTS_UPSTREAMS": f"localhost:{self.ports['agents'][0]}",
-        }
+            self.env["AGENTMESH_AGENTS_UPSTREAMS"] = f"localhost:{self.ports['agents'][0]}"
+        else:
+            # The tasks replicas know only the first agents replica: what reaches an agent on
+            # another came over the bus.
+            self.tasks_env["AGENTMESH_AGENTS_UPSTREAMS"] = f"127.0.0.1:{self.ports['agents'][0]}"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        env = {**self.env, **(self.tasks_env if name.startswith("tasks") else {})}
         with (self.data_dir / f"{name}.log").open("ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "servers.cli", *args],
-                env=self.env,
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -116,17 +136,31 @@ class Replicas:
         return codes
 
 
-@pytest.fixture
-def replicas(tmp_path: Path, postgres_url: str) -> Iterator[Replicas]:
+@contextlib.contextmanager
+def _running(mesh: Replicas) -> Iterator[Replicas]:
     try:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
     except (redis.RedisError, OSError) as exc:
         _unavailable("Redis on 127.0.0.1:6379", exc)
-    mesh = Replicas(tmp_path, postgres_url)
     try:
         yield mesh.start()
     finally:
         mesh.stop()
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, postgres_url: str) -> Iterator[Replicas]:
+    with _running(Replicas(tmp_path, postgres_url)) as mesh:
+        yield mesh
+
+
+@pytest.fixture
+def two_agents_replicas(tmp_path: Path, postgres_url: str) -> Iterator[Replicas]:
+    # Dispatchers that never poll within the test: a task reaches an idle agent by its wake-up
+    # alone.
+    env = {"AGENTMESH_CLAIM_POLL_SECONDS": "600"}
+    with _running(Replicas(tmp_path, postgres_url, agents=2, env=env)) as mesh:
+        yield mesh
 
 
 def _developer(mesh: Replicas) -> dict[str, str]:
@@ -219,6 +253,66 @@ async def test_replicas_behind_the_gateway_serve_the_whole_api(replicas: Replica
     codes = mesh.stop()
     assert codes.pop("tasks-0") == -signal.SIGKILL
     assert codes == dict.fromkeys(codes, 0), {n: mesh.log(n)[-2000:] for n in codes}
+
+
+async def test_an_agent_is_reached_on_whichever_agents_replica_holds_it(
+    two_agents_replicas: Replicas,
+) -> None:
+    """The tasks replicas tell agents-0, and REST reaches agents-0; the agent is connected to
+    agents-1. Its work, the cancellation, the new configuration and the news that it connected
+    elsewhere all reach it over Redis."""
+    mesh = two_agents_replicas
+    dev = _developer(mesh)
+    key = httpx.post(
+        mesh.url + "/api/v1/auth/api-keys",
+        json={"name": "worker", "scopes": ["agent"]},
+        headers=dev,
+    )
+    assert key.status_code == 201, key.text
+    near, far = (f"http://127.0.0.1:{port}" for port in mesh.ports["agents"])
+    capability = f"replica_{secrets.token_hex(4)}"
+    agent = StreamAgent(_at(far), key.json()["key"], "far", capability)
+    twin: StreamAgent | None = None
+    try:
+        welcome = (await agent.next("welcome")).welcome
+        [task_id] = _creates(mesh, dev, 1, type=capability)
+        assignment = (await agent.next("assignment")).assignment
+        assert assignment.task.task_id == task_id
+
+        reply = httpx.delete(f"{mesh.url}/api/v1/tasks/{task_id}", headers=dev)
+        assert reply.status_code == 200, reply.text
+        cancellation = (await agent.next("cancellation")).cancellation
+        assert (cancellation.task_id, cancellation.reason, cancellation.attempt_token) == (
+            task_id,
+            "CANCELLED",
+            assignment.attempt_token,
+        )
+
+        async with grpc.aio.insecure_channel(near.removeprefix("http://")) as channel:
+            request = agents_pb2.UpdateAgentConfigRequest(agent_id=welcome.agent_id)
+            request.configuration.update({"temperature": 0.1})
+            request.update_mask.paths.append("temperature")
+            await agents_pb2_grpc.AgentsServiceStub(channel).UpdateAgentConfig(
+                request, metadata=(("authorization", dev["Authorization"]),), timeout=10
+            )
+        update = (await agent.next("config_update")).config_update
+        assert dict(update.configuration) == {"model": "small", "temperature": 0.1}
+        assert list(update.updated_fields) == ["temperature"]
+
+        twin = StreamAgent(_at(near), key.json()["key"], "far", capability)
+        assert (await twin.next("welcome")).welcome.agent_id == welcome.agent_id
+        assert (await agent.next("end")).end.reason == "REPLACED"
+    finally:
+        await agent.close()
+        if twin is not None:
+            await twin.close()
+    codes = mesh.stop()
+    assert codes == dict.fromkeys(codes, 0), {n: mesh.log(n)[-2000:] for n in codes}
+
+
+def _at(url: str) -> MeshProcess:
+    """Where StreamAgent connects: one server's own port rather than the gateway."""
+    return cast(MeshProcess, types.SimpleNamespace(url=url))
 
 
 @pytest.mark.parametrize(
