@@ -7,6 +7,9 @@
 --   * adds Retry-After to 429 answers, from the error's details.retry_after;
 --   * drops gRPC-only headers;
 --   * answers the deprecated unversioned /api/* paths with seed 000's deprecation headers;
+--   * names the agent of an /api/v1/agents/{agent_id}/... request in AGENT_HEADER, which the
+--     agents routes hash on (envoy.yaml), so that an HTTP agent's calls and its assignment
+--     stream all reach the one agents replica that holds its session;
 --   * in its second place (EDGE_ROLE "body_fields"; after the buffer filter, whose 1 MiB
 --     limit its body() then has, not the 32 KiB per-connection one, and before the transcoder),
 --     refuses a JSON body with a top-level field its route's request does not have (400
@@ -19,6 +22,7 @@
 
 local DEPRECATION_DATE = "2027-06-30"
 local NS = "agentmesh.edge"
+local AGENT_HEADER = "x-agentmesh-agent"
 
 -- Codes for errors that carry no ErrorInfo (raised by gRPC itself, e.g. a deadline).
 local CODE_BY_STATUS = {
@@ -186,6 +190,14 @@ function envoy_on_request(handle)
   local path = headers:get(":path") or ""
   if rest and path:sub(1, 5) == "/api/" and path:sub(1, 8) ~= "/api/v1/" then
     meta:set(NS, "successor", "/api/v1/" .. path:sub(6):gsub("%?.*$", ""))
+  end
+  -- Only the edge says which agent a request is for.
+  headers:remove(AGENT_HEADER)
+  if rest then
+    local agent = path:match("^/api/v1/agents/([%w%-]+)")
+    if agent and #agent <= 64 and agent ~= "register" then
+      headers:add(AGENT_HEADER, agent)
+    end
   end
 end
 

@@ -29,6 +29,7 @@ from servers.common.config import SERVICES
 from servers.launcher import MeshProcess, free_port
 from tests.conftest import SHARED_MESH_ENV, _unavailable
 from tests.e2e.test_agent_registry import StreamAgent
+from tests.e2e.test_http_agents import http_agent
 from tests.helpers import new_user
 
 REDIS_URL = os.environ.get("AGENTMESH_TEST_REDIS", "redis://127.0.0.1:6379/0")
@@ -306,6 +307,23 @@ async def test_an_agent_is_reached_on_whichever_agents_replica_holds_it(
         await agent.close()
         if twin is not None:
             await twin.close()
+
+    # An HTTP agent through the gateway: its calls all reach the replica that holds its
+    # stream, which therefore sees each task end and hands it the next one.
+    http_capability = f"replica_http_{secrets.token_hex(4)}"
+    async with http_agent(mesh.url, key.json()["key"]) as worker:
+        await worker.register("http-worker", [http_capability], max_capacity=1)
+        stream = await worker.stream()
+        for n in range(4):
+            [task_id] = _creates(mesh, dev, 1, type=http_capability)
+            assignment = await stream.next("assignment")
+            assert assignment["task"]["task_id"] == task_id, n
+            reply = await worker.complete(assignment, result={"n": n})
+            assert reply.status_code == 200, reply.text
+            assert (
+                httpx.get(f"{mesh.url}/api/v1/tasks/{task_id}", headers=dev).json()["status"]
+                == "completed"
+            )
     codes = mesh.stop()
     assert codes == dict.fromkeys(codes, 0), {n: mesh.log(n)[-2000:] for n in codes}
 
