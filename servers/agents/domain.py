@@ -37,7 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from servers.common.clock import aware, now
 from servers.common.context import Principal
-from servers.common.db import Database
+from servers.common.db import Database, take_turn
 from servers.common.errors import NotFound, RateLimited, ValidationError
 from servers.common.pagination import Page
 
@@ -162,6 +162,8 @@ class AgentDirectory:
                 store = AgentStore(s)
                 row = await store.get(session.agent_id, lock=True)
                 if row is None:
+                    # New agents of one owner count their places one after another.
+                    await take_turn(s, f"agents:{session.owner_id}")
                     if await store.owned(session.owner_id) >= self._per_owner:
                         raise RateLimited(
                             f"you have {self._per_owner} agents registered, the most allowed"

@@ -180,9 +180,9 @@ class Database:
         await self.close()
 
 
-# A PostgreSQL lock held until the transaction ends, named by a text key (two keys that hash
-# alike only take turns needlessly).
-_TURN = text("SELECT pg_advisory_xact_lock(hashtext(:k))")
+# A PostgreSQL lock held until the transaction ends, named by a text key's 64-bit hash (two
+# keys that hash alike would only take turns needlessly).
+_TURN = text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))")
 
 
 async def take_turn(session: AsyncSession, key: str) -> None:

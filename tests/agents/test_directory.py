@@ -295,6 +295,19 @@ async def test_an_owner_registers_up_to_its_limit_of_agents(db: Database) -> Non
     assert len((await agents.listing(ALICE, "", [])).agents) == 2
 
 
+async def test_agents_connecting_at_once_stay_within_the_limit(db: Database) -> None:
+    """First connections of one owner's agents at the same moment (parallel transactions on
+    PostgreSQL) may not count the same free places: exactly the limit gets in."""
+    agents = AgentDirectory(db=db, registry=Registry(), heartbeat_seconds=10, per_owner=3)
+    results = await asyncio.gather(
+        *(agents.connect(session(f"at-once-{n}"), {}) for n in range(12)),
+        return_exceptions=True,
+    )
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert len(failures) == 9 and all(isinstance(r, RateLimited) for r in failures), failures
+    assert (await agents.listing(ALICE, "", [])).total == 3
+
+
 async def test_agents_offline_past_the_retention_are_forgotten(db: Database) -> None:
     """Their rows go, in batches; an agent still online, or offline since recently, stays, and
     one forgotten that connects again is registered anew (its overrides are gone)."""
