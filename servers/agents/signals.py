@@ -105,6 +105,8 @@ class Signals:
         self._waking: collections.Counter[frozenset[str]] = collections.Counter()
         self._jobs: set[asyncio.Task[None]] = set()
         self._flushing: asyncio.Task[None] | None = None
+        # Whether the last publish succeeded.
+        self._published = True
 
     def start(self) -> None:
         if self._follower is not None and self._unlisten is None:
@@ -199,8 +201,15 @@ class Signals:
                     max_len=MAX_LEN,
                 )
         except (BusUnavailable, TimeoutError) as exc:
-            # The other replicas find out the slow way (see the module's docstring).
-            log.warning("could not publish an agents signal (%s): %s", fields["kind"], exc)
+            # The other replicas find out the slow way (see the module's docstring). Said once
+            # per outage, not once per task.
+            if self._published:
+                log.warning("could not publish agents signals (%s): %s", fields["kind"], exc)
+            self._published = False
+            return
+        if not self._published:
+            log.info("agents signals are published again")
+        self._published = True
 
     def _on_entry(self, entry: Entry) -> None:
         fields = entry.fields

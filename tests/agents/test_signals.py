@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from agentmesh.v1 import agents_pb2
 from servers.agents.domain import AgentDirectory
 from servers.agents.registry import Session
 from servers.agents.signals import TOPIC, Signals
-from servers.common.bus import Bus
+from servers.common.bus import Bus, open_bus
 from servers.common.context import Principal
 from servers.common.follower import Follower
 from servers.common.membus import MemoryBus
@@ -194,4 +195,28 @@ async def test_without_a_bus_everything_stays_in_the_process(tmp_path: Path) -> 
         await signals.connected(session())
         await signals.close()
     finally:
+        await db.close()
+
+
+async def test_a_bus_outage_is_logged_once_not_per_signal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis down (nobody listens on port 1): every publish fails, one warning says so; once
+    publishing works again, one line says that."""
+    db = await _db(f"sqlite+aiosqlite:///{tmp_path / 'agents.db'}")
+    down = open_bus("redis://127.0.0.1:1/0", prefix="signals-test:")
+    try:
+        dir_ = directory(db)
+        signals = Signals(dir_.registry, read_configuration=dir_.configuration, bus=down)
+        caplog.set_level(logging.INFO, logger="agentmesh.agents")
+        for n in range(5):
+            await signals.cancel("elsewhere", f"t{n}", "CANCELLED", "")
+        assert caplog.text.count("could not publish agents signals") == 1
+        signals._bus = MemoryBus()  # Redis is back
+        await signals.cancel("elsewhere", "t", "CANCELLED", "")
+        await signals.cancel("elsewhere", "t", "CANCELLED", "")
+        assert caplog.text.count("agents signals are published again") == 1
+        await signals.close()
+    finally:
+        await down.close()
         await db.close()
