@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import ColumnElement, Table, event, text
+from sqlalchemy import ColumnElement, Select, Subquery, Table, bindparam, event, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import (
@@ -214,3 +214,14 @@ class InsertOrNothing:
         connection = await session.connection()
         found = await session.execute(self._statements[connection.dialect.name], values)
         return found.scalar_one_or_none()
+
+
+def within_budget(window: Subquery, key: str, order: Sequence[ColumnElement[Any]]) -> Select[Any]:
+    """The ``key`` column of the rows of ``window`` (one page of a list, with a ``size``
+    column: the characters of its large fields as the database stores them) up to the first
+    whose size, added to those before it in ``order``, passes the bound parameter "budget".
+    A list that selects its rows by these keys reads a page's large fields only within the
+    budget (and always its first row); the sizes come from the same scan as the page."""
+    running = func.sum(window.c.size).over(order_by=order)
+    before = select(window.c[key], (running - window.c.size).label("before")).subquery()
+    return select(before.c[key]).where(before.c.before <= bindparam("budget"))

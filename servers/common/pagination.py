@@ -42,6 +42,13 @@ class Page:
             "has_more": self.has_more(total),
         }
 
+    def read(self, count: int, total: int) -> Page:
+        """The page that ``count`` rows read for this one make: this page, or, when the
+        database cut it short (common/db.py's within_budget), one whose limit is ``count``."""
+        if count < min(self.limit, total - self.offset):
+            return Page(count, self.offset)
+        return self
+
     def fit(self, items: Sequence[M]) -> tuple[Sequence[M], Page]:
         """The leading items that fit PAGE_MAX_BYTES (at least one), and the page they make:
         this one, or one whose limit is the number of items kept, so that `offset + limit` is

@@ -27,7 +27,7 @@ from servers.common.errors import (
     RateLimited,
     ValidationError,
 )
-from servers.common.pagination import Page
+from servers.common.pagination import PAGE_MAX_BYTES, Page
 from servers.common.ratelimit import SlidingWindowLimiter
 
 from .hub import InboxHub
@@ -353,11 +353,19 @@ class Messages:
 
     async def inbox(
         self, agent_id: str, *, unacked: bool, page: Page
-    ) -> tuple[Sequence[MessageRow], int]:
+    ) -> tuple[Sequence[MessageRow], int, Page]:
+        """The page's messages, how many the inbox holds, and the page served: ``page``, or
+        one that ends early when the payloads pass PAGE_MAX_BYTES characters."""
         async with self.db.session() as s:
-            return await MessageStore(s).page(
-                agent_id, unacked=unacked, at=now(), limit=page.limit, offset=page.offset
+            rows, total = await MessageStore(s).page(
+                agent_id,
+                unacked=unacked,
+                at=now(),
+                limit=page.limit,
+                offset=page.offset,
+                budget=PAGE_MAX_BYTES,
             )
+        return rows, total, page.read(len(rows), total)
 
     async def sweep_once(self, *, batch: int = SWEEP_BATCH) -> int:
         """Deletes messages whose TTL has ended; returns how many."""

@@ -135,8 +135,10 @@ class MessagingService(messaging_pb2_grpc.MessagingServiceServicer):
         agent = await self._directory.own(
             require_principal(), request.agent_id, timeout=_remaining(context)
         )
-        rows, total = await self._messages.inbox(agent.agent_id, unacked=request.unacked, page=p)
-        messages, served = p.fit([message_proto(r) for r in rows])
+        rows, total, read = await self._messages.inbox(
+            agent.agent_id, unacked=request.unacked, page=p
+        )
+        messages, served = read.fit([message_proto(r) for r in rows])
         return messaging_pb2.ListInboxResponse(messages=messages, **served.fields(total))
 
     async def _open(self, agent_id: str, context: grpc.aio.ServicerContext) -> InboxStream:

@@ -7,15 +7,17 @@ takes to run it. The rest are built per call.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, bindparam, delete, exists, func, select, update
+from sqlalchemy import Select, Table, Text, and_, bindparam, delete, exists, func, select, update
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
-from servers.common.db import InsertOrNothing
+from servers.common.db import InsertOrNothing, within_budget
 
 from .models import MessageRow
 
@@ -56,6 +58,28 @@ _ACK_ANSWERED = (
 )
 
 
+@functools.cache
+def _inbox_page(unacked: bool) -> Select[Any]:
+    """MessageStore.page's statement, built once per filter (see within_budget)."""
+    where: list[Any] = [_c.to_agent == bindparam("agent"), _c.expires_at > bindparam("at")]
+    if unacked:
+        where.append(_c.acked_at.is_(None))
+    window = (
+        select(_c.seq, _c.created_at, func.length(sql_cast(_c.payload, Text)).label("size"))
+        .where(*where)
+        .order_by(_c.created_at, _c.seq)
+        .limit(bindparam("limit"))
+        .offset(bindparam("offset"))
+        .subquery()
+    )
+    kept = within_budget(window, "seq", (window.c.created_at, window.c.seq))
+    return (
+        select(MessageRow)
+        .where(MessageRow.seq.in_(kept))
+        .order_by(MessageRow.created_at, MessageRow.seq)
+    )
+
+
 class MessageStore:
     def __init__(self, session: AsyncSession) -> None:
         self._s = session
@@ -82,8 +106,18 @@ class MessageStore:
         return int(total.scalar_one())
 
     async def page(
-        self, agent_id: str, *, unacked: bool, at: datetime, limit: int, offset: int
+        self,
+        agent_id: str,
+        *,
+        unacked: bool,
+        at: datetime,
+        limit: int,
+        offset: int,
+        budget: int,
     ) -> tuple[Sequence[MessageRow], int]:
+        """A page of the inbox, oldest first, and the number of messages in it. The page ends
+        early, after its first message, where the payloads pass ``budget`` characters (as the
+        database stores them): its rows are never read whole beyond that."""
         where: list[Any] = [MessageRow.to_agent == agent_id, MessageRow.expires_at > at]
         if unacked:
             where.append(MessageRow.acked_at.is_(None))
@@ -91,11 +125,8 @@ class MessageStore:
             await self._s.execute(select(func.count()).select_from(MessageRow).where(*where))
         ).scalar_one()
         rows = await self._s.execute(
-            select(MessageRow)
-            .where(*where)
-            .order_by(MessageRow.created_at, MessageRow.seq)
-            .limit(limit)
-            .offset(offset)
+            _inbox_page(unacked),
+            {"agent": agent_id, "at": at, "limit": limit, "offset": offset, "budget": budget},
         )
         return rows.scalars().all(), int(total)
 

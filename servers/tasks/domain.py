@@ -260,9 +260,7 @@ class Tasks:
                 offset=page.offset,
                 budget=PAGE_MAX_BYTES,
             )
-        if len(rows) < min(page.limit, total - page.offset):
-            return rows, total, Page(len(rows), page.offset)
-        return rows, total, page
+        return rows, total, page.read(len(rows), total)
 
     async def result(self, who: Principal, task_id: str) -> TaskRow:
         task = await self.get(who, task_id)

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
-from servers.common.db import InsertOrNothing
+from servers.common.db import InsertOrNothing, within_budget
 from servers.common.outbox import write_event
 
 from .models import OutboxRow, TaskRow
@@ -74,10 +74,7 @@ def _page_query(by_owner: bool, by_status: bool) -> Any:
         .offset(bindparam("offset"))
         .subquery()
     )
-    newest_first = (window.c.created_at.desc(), window.c.task_id.desc())
-    running = func.sum(window.c.size).over(order_by=newest_first)
-    before = select(window.c.task_id, (running - window.c.size).label("before")).subquery()
-    kept = select(before.c.task_id).where(before.c.before <= bindparam("budget"))
+    kept = within_budget(window, "task_id", (window.c.created_at.desc(), window.c.task_id.desc()))
     return (
         select(TaskRow)
         .where(TaskRow.task_id.in_(kept))

@@ -33,9 +33,10 @@ from servers.common.errors import (
 )
 from servers.common.follower import Follower
 from servers.common.membus import MemoryBus
-from servers.common.pagination import page
+from servers.common.pagination import Page, page
 from servers.common.ratelimit import SlidingWindowLimiter
 from servers.mesh import MIGRATIONS
+from servers.messaging import domain
 from servers.messaging.domain import PAYLOAD_MAX_BYTES, AgentRef, Messages, NewMessage
 from servers.messaging.hub import TOPIC, InboxHub
 from servers.messaging.models import MessageRow
@@ -154,11 +155,32 @@ async def test_a_repeated_message_id_is_one_message(messages: Messages) -> None:
     )
     assert len({row.seq for row, _ in results}) == 1
     assert sum(created for _, created in results) == 1
-    rows, total = await messages.inbox(BOB.agent_id, unacked=False, page=page(0, 0))
+    rows, total, _ = await messages.inbox(BOB.agent_id, unacked=False, page=page(0, 0))
     assert total == 2 and [r.message_id for r in rows] == ["msg-1", "msg-2"]
     # A generated id, the default TTL.
     row, _ = await messages.send(ALICE, BOB, to(BOB))
     assert row.message_id.startswith("msg-") and row.ttl_seconds == 3600
+
+
+async def test_a_page_of_large_messages_is_cut_before_it_is_read(
+    messages: Messages, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database sizes the page's payloads first: the rows past the budget (after the
+    first) are never loaded, and the page says where the next one starts."""
+    monkeypatch.setattr(domain, "PAGE_MAX_BYTES", 1000)
+    sent = []
+    for n in range(5):  # about 400 characters of payload each
+        row, _ = await messages.send(ALICE, BOB, to(BOB, payload={"t": f"{n}" * 395}))
+        sent.append(row.message_id)
+    rows, total, served = await messages.inbox(BOB.agent_id, unacked=False, page=page(10, 0))
+    # About 0, 400 and 800 characters come before the first three; 1,200 before the fourth.
+    assert [r.message_id for r in rows] == sent[:3] and total == 5
+    assert served == Page(limit=3, offset=0)
+    rows, _, served = await messages.inbox(BOB.agent_id, unacked=False, page=page(10, 3))
+    assert [r.message_id for r in rows] == sent[3:] and served == Page(limit=10, offset=3)
+    monkeypatch.setattr(domain, "PAGE_MAX_BYTES", 0)  # one message, however large
+    rows, _, served = await messages.inbox(BOB.agent_id, unacked=True, page=page(10, 1))
+    assert [r.message_id for r in rows] == sent[1:2] and served == Page(limit=1, offset=1)
 
 
 @pytest.mark.parametrize(
@@ -196,7 +218,7 @@ async def test_rate_limit_and_full_inbox(db: Database) -> None:
         assert full.value.reason == "INBOX_FULL"
         assert full.value.details["max_unacked"] == "5"
         # Acknowledging makes room.
-        rows, _ = await messages.inbox(BOB.agent_id, unacked=True, page=page(1, 0))
+        rows, _, _ = await messages.inbox(BOB.agent_id, unacked=True, page=page(1, 0))
         await messages.ack({BOB.agent_id}, rows[0].message_id)
         await messages.send(AgentRef("agent-dave", "user-3"), BOB, to(BOB))
     await bus.close()
@@ -221,7 +243,7 @@ async def test_concurrent_senders_cannot_pass_a_full_inbox(
         sent = await asyncio.gather(
             *(messages.send(sender, BOB, to(BOB)) for sender in senders), return_exceptions=True
         )
-        rows, total = await messages.inbox(BOB.agent_id, unacked=True, page=page(10, 0))
+        rows, total, _ = await messages.inbox(BOB.agent_id, unacked=True, page=page(10, 0))
     await bus.close()
     refused = [r for r in sent if isinstance(r, RateLimited)]
     assert len(sent) - len(refused) == 2 and total == len(rows) == 2
@@ -239,9 +261,9 @@ async def test_ack_and_listing(messages: Messages) -> None:
     for agents, message_id in (({ALICE.agent_id}, "m-2"), ({BOB.agent_id}, "nope"), (set(), "m-2")):
         with pytest.raises(NotFound):
             await messages.ack(agents, message_id)
-    rows, total = await messages.inbox(BOB.agent_id, unacked=False, page=page(2, 1))
+    rows, total, _ = await messages.inbox(BOB.agent_id, unacked=False, page=page(2, 1))
     assert total == 5 and [r.message_id for r in rows] == ["m-1", "m-2"]
-    rows, total = await messages.inbox(BOB.agent_id, unacked=True, page=page(0, 0))
+    rows, total, _ = await messages.inbox(BOB.agent_id, unacked=True, page=page(0, 0))
     assert total == 4 and [r.message_id for r in rows] == ["m-0", "m-2", "m-3", "m-4"]
     assert page(2, 1).has_more(5)
     assert (await messages.inbox(ALICE.agent_id, unacked=False, page=page(0, 0)))[1] == 0
@@ -335,7 +357,7 @@ async def test_a_consumer_that_falls_behind_is_cut_off(messages: Messages) -> No
     finally:
         await frames.aclose()
     # Nothing was lost: every message is still unacknowledged, for the next connection.
-    _, total = await messages.inbox(BOB.agent_id, unacked=True, page=page(0, 0))
+    _, total, _ = await messages.inbox(BOB.agent_id, unacked=True, page=page(0, 0))
     assert total == 6
 
 
@@ -432,7 +454,7 @@ async def test_request_and_response(messages: Messages) -> None:
         with pytest.raises(TimeoutError):
             await requester_inbox.message(timeout=0.3)
         # Answering acknowledged the request: it is not delivered to the responder again.
-        unacked, _ = await messages.inbox(BOB.agent_id, unacked=True, page=page(0, 0))
+        unacked, _, _ = await messages.inbox(BOB.agent_id, unacked=True, page=page(0, 0))
         assert unacked == []
     finally:
         await responder.close()
@@ -447,7 +469,7 @@ async def test_a_request_without_answer_times_out_and_a_late_answer_waits_in_the
     assert late.value.reason == "TIMEOUT_ERROR"
     assert late.value.details["correlation_id"] == "c-1"
     await messages.send(BOB, ALICE, to(ALICE, type="response", correlation_id="c-1"))
-    rows, total = await messages.inbox(ALICE.agent_id, unacked=True, page=page(0, 0))
+    rows, total, _ = await messages.inbox(ALICE.agent_id, unacked=True, page=page(0, 0))
     assert total == 1 and rows[0].correlation_id == "c-1"
 
 
@@ -473,7 +495,7 @@ async def test_a_response_whose_waiter_leaves_as_it_is_stored_goes_to_the_inbox(
         assert (await inbox.message()).message_id == sent.message_id
     finally:
         await inbox.close()
-    rows, _ = await messages.inbox(ALICE.agent_id, unacked=True, page=page(0, 0))
+    rows, _, _ = await messages.inbox(ALICE.agent_id, unacked=True, page=page(0, 0))
     assert [r.message_id for r in rows] == [sent.message_id]
 
 
@@ -500,7 +522,7 @@ async def test_a_repeated_request_finds_the_response_that_came_meanwhile(
 ) -> None:
     with pytest.raises(DeadlineExceeded):
         await messages.request(ALICE, BOB, to(BOB, message_id="req-9"), wait=0.1)
-    rows, _ = await messages.inbox(BOB.agent_id, unacked=True, page=page(0, 0))
+    rows, _, _ = await messages.inbox(BOB.agent_id, unacked=True, page=page(0, 0))
     correlation = rows[0].correlation_id
     await messages.send(BOB, ALICE, to(ALICE, type="response", correlation_id=correlation))
     request, response = await messages.request(ALICE, BOB, to(BOB, message_id="req-9"), wait=1.0)
@@ -518,7 +540,7 @@ async def test_expired_messages_are_neither_listed_nor_kept(
             .where(MessageRow.message_id == "old")
             .values(expires_at=now() - timedelta(seconds=1))
         )
-    rows, total = await messages.inbox(BOB.agent_id, unacked=False, page=page(0, 0))
+    rows, total, _ = await messages.inbox(BOB.agent_id, unacked=False, page=page(0, 0))
     assert [r.message_id for r in rows] == ["fresh"] and total == 1
     with pytest.raises(NotFound):
         await messages.ack({BOB.agent_id}, "old")
