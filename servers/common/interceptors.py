@@ -235,7 +235,12 @@ class MetricsInterceptor(_ScopeInterceptor):
         call = callctx.current_call()
         # Envoy's health probes, every few seconds, would crowd out the calls worth seeing.
         record = (
-            OBSERVED.begin(method, call.request_id, call.metadata.get("traceparent", ""))
+            OBSERVED.begin(
+                method,
+                call.request_id,
+                call.metadata.get("traceparent", ""),
+                lambda: call.principal.subject if call.principal is not None else "",
+            )
             if call is not None and not method.startswith(HEALTH_PROBES)
             else None
         )

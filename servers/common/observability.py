@@ -14,6 +14,7 @@ import re
 import secrets
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # The codes OpenTelemetry's gRPC conventions count as a server span's error; the others
@@ -39,6 +40,16 @@ class CallRecord:
     user_id: str = ""
     status: str = IN_FLIGHT
     seconds: float = 0.0
+    # While in flight: who is calling, once authenticated ("" before). A stream's caller is
+    # known long before it ends.
+    caller: Callable[[], str] | None = None
+
+    @property
+    def user(self) -> str:
+        """The caller's user id: as the call ended, or as it is known while in flight."""
+        if self.status == IN_FLIGHT and self.caller is not None:
+            return self.caller()
+        return self.user_id
 
     @property
     def operation(self) -> str:
@@ -75,7 +86,13 @@ class Observed:
         self.external = 0
         self.events: Counter[str] = Counter()
 
-    def begin(self, method: str, request_id: str, traceparent: str) -> CallRecord:
+    def begin(
+        self,
+        method: str,
+        request_id: str,
+        traceparent: str,
+        caller: Callable[[], str] | None = None,
+    ) -> CallRecord:
         record = CallRecord(
             method=method,
             started_at=time.time(),
@@ -83,6 +100,7 @@ class Observed:
             trace_id=trace_id_of(traceparent, request_id),
             span_id=secrets.token_hex(8),
             request_id=request_id,
+            caller=caller,
         )
         self._open[id(record)] = record
         return record
@@ -91,6 +109,7 @@ class Observed:
         self._open.pop(id(record), None)
         record.seconds = time.perf_counter() - record.started
         record.status, record.user_id = status, user_id
+        record.caller = None  # kept for a while among the ended: not the call with it
         self._ended.append(record)
         self.calls += 1
         self.call_seconds += record.seconds

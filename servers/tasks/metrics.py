@@ -138,8 +138,8 @@ class MetricsService(metrics_pb2_grpc.MetricsServiceServicer):
                 },
             )
             trace.start_time.FromMicroseconds(round(record.started_at * 1e6))
-            if record.user_id:
-                trace.tags["user_id"] = record.user_id
+            if user := record.user:
+                trace.tags["user_id"] = user
             traces.append(json_format.MessageToDict(trace, preserving_proto_field_name=True))
         return httpbody_pb2.HttpBody(
             content_type="application/json", data=json.dumps(traces, separators=(",", ":")).encode()

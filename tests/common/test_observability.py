@@ -22,7 +22,8 @@ def test_a_trace_id_is_the_callers_or_the_request_id() -> None:
 
 def test_calls_in_flight_come_first_then_the_latest_ended_within_the_bound() -> None:
     seen = Observed(keep=3)
-    running = seen.begin("/agentmesh.v1.EventsService/StreamEvents", RID, "")
+    caller = ""
+    running = seen.begin("/agentmesh.v1.EventsService/StreamEvents", RID, "", lambda: caller)
     for n, status in enumerate(["OK", "NOT_FOUND", "INTERNAL", "OK", "UNAVAILABLE"]):
         seen.end(seen.begin(f"/agentmesh.v1.TasksService/GetTask{n}", RID, ""), status, "u1")
     active = seen.active(10)
@@ -33,7 +34,11 @@ def test_calls_in_flight_come_first_then_the_latest_ended_within_the_bound() -> 
         "GetTask2",
     ]
     assert active[0] is running and active[0].status == IN_FLIGHT
-    assert active[0].operation == "stream_events" and active[1].user_id == "u1"
+    assert active[0].operation == "stream_events" and active[1].user == "u1"
+    # A call in flight names its caller once it is known; an ended one, as it ended.
+    assert running.user == ""
+    caller = "u2"
+    assert running.user == "u2"
     assert [r.method for r in seen.active(2)] == [running.method, active[1].method]
     # Every ended call counts, kept or not; only the server's failures are errors.
     assert (seen.calls, seen.server_errors) == (5, 2)

@@ -220,6 +220,9 @@ def test_seed_001_observability_endpoints(mesh: MeshProcess) -> None:
     # The call asking is in flight; the ones before it ended, newest first.
     assert latest[0]["operation_name"] == "list_active_traces"
     assert latest[0]["tags"]["status"] == "IN_FLIGHT"
+    # Known while in flight, as a stream's caller is for all of its life.
+    viewer_id = httpx.get(mesh.url + "/api/v1/auth/me", headers=viewer).json()["user"]["id"]
+    assert latest[0]["tags"]["user_id"] == viewer_id
     assert latest[0]["trace_id"] == latest[0]["tags"]["request_id"].replace("-", "")
     assert latest[0]["trace_id"] == reply.headers["x-request-id"].replace("-", "")
     ended = [t["start_time"] for t in latest[1:]]
