@@ -35,6 +35,11 @@ class Entry:
     fields: Mapping[str, str]
 
 
+def owner_index(topic: str, owner: str) -> str:
+    """The index topic of one owner's entries of ``topic`` (see Bus.publish)."""
+    return f"{topic}.owner.{owner}"
+
+
 def parse_id(entry_id: str) -> tuple[int, int]:
     """(milliseconds, sequence) of an entry id; ValueError when malformed."""
     if not ID_PATTERN.match(entry_id):
@@ -48,10 +53,22 @@ class Bus(abc.ABC):
 
     @abc.abstractmethod
     async def publish(
-        self, topic: str, fields: Mapping[str, str], *, retention_ms: int, max_len: int
+        self,
+        topic: str,
+        fields: Mapping[str, str],
+        *,
+        retention_ms: int,
+        max_len: int,
+        index: str = "",
     ) -> str:
         """Appends an entry and returns its id. Entries older than ``retention_ms`` and beyond
-        the newest ``max_len`` may be dropped (trimming may be approximate, never below)."""
+        the newest ``max_len`` may be dropped (trimming may be approximate, never below).
+
+        ``index``: a topic that gets the same entry, under the same id, in the same step: an
+        index of the entries of ``topic`` that some readers want (one owner's events), read
+        like any topic, with ids that are positions in ``topic`` too. It is trimmed as ``topic``
+        is, and no further back than ``topic`` retains; once nothing was added to it for
+        ``retention_ms`` it is dropped. Only ``publish`` writes to an index."""
 
     @abc.abstractmethod
     async def range(self, topic: str, after: str, count: int) -> list[Entry]:

@@ -52,17 +52,26 @@ class _Topic:
     def append(self, fields: Mapping[str, str]) -> Entry:
         ms = int(time.time() * 1000)
         key = (ms, 0) if ms > self.last[0] else (self.last[0], self.last[1] + 1)
-        self.last = key
         entry = Entry(_id(key), dict(fields))
+        self.add(key, entry)
+        return entry
+
+    def add(self, key: Key, entry: Entry) -> None:
+        """Appends an entry whose id is given (after the last)."""
+        self.last = key
         self.keys.append(key)
         self.entries.append(entry)
         # Wake every reader waiting on this topic; later readers wait on a fresh event.
         self.changed.set()
         self.changed = asyncio.Event()
-        return entry
 
-    def trim(self, *, min_ms: int, max_len: int) -> None:
-        while len(self) > max_len or (len(self) and self.keys[self.head][0] < min_ms):
+    def first(self) -> Key:
+        return self.keys[self.head] if len(self) else (0, 0)
+
+    def trim(self, *, min_ms: int, max_len: int, min_key: Key = (0, 0)) -> None:
+        while len(self) > max_len or (
+            len(self) and (self.keys[self.head][0] < min_ms or self.keys[self.head] < min_key)
+        ):
             self.head += 1
         if self.head > 1024 and self.head * 2 > len(self.keys):
             del self.keys[: self.head]
@@ -85,6 +94,9 @@ class MemoryBus(Bus):
     def __init__(self) -> None:
         self._topics: dict[str, _Topic] = {}
         self._closed = False
+        # Index topics, and when each is dropped (monotonic seconds) unless added to again.
+        self._index_expiry: dict[str, float] = {}
+        self._next_sweep = 0.0
 
     def _topic(self, name: str) -> _Topic:
         topic = self._topics.get(name)
@@ -93,16 +105,41 @@ class MemoryBus(Bus):
         return topic
 
     async def publish(
-        self, topic: str, fields: Mapping[str, str], *, retention_ms: int, max_len: int
+        self,
+        topic: str,
+        fields: Mapping[str, str],
+        *,
+        retention_ms: int,
+        max_len: int,
+        index: str = "",
     ) -> str:
         self._check_open()
         t = self._topic(topic)
         entry = t.append(fields)
-        t.trim(min_ms=int(time.time() * 1000) - retention_ms, max_len=max_len)
+        min_ms = int(time.time() * 1000) - retention_ms
+        t.trim(min_ms=min_ms, max_len=max_len)
+        if index:
+            i = self._topic(index)
+            i.add(t.last, entry)
+            i.trim(min_ms=min_ms, max_len=max_len, min_key=t.first())
+            now = time.monotonic()
+            self._index_expiry[index] = now + retention_ms / 1000
+            if now >= self._next_sweep:
+                self._drop_idle_indexes(now)
         return entry.id
 
+    def _drop_idle_indexes(self, now: float) -> None:
+        """Drops the index topics nothing was added to for their retention (once a second)."""
+        self._next_sweep = now + 1.0
+        for name, expiry in list(self._index_expiry.items()):
+            if expiry <= now:
+                del self._index_expiry[name]
+                self._topics.pop(name, None)
+
     async def range(self, topic: str, after: str, count: int) -> list[Entry]:
-        return self._topic(topic).after(_key(after), count)
+        # Not _topic(): reading an index nobody wrote must not create it (nor keep it).
+        t = self._topics.get(topic)
+        return t.after(_key(after), count) if t is not None else []
 
     def _check_open(self) -> None:
         if self._closed:

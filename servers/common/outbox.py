@@ -32,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from .bus import Bus, BusUnavailable
+from .bus import Bus, BusUnavailable, owner_index
 from .clock import aware, now
 from .db import Database
 from .observability import OBSERVED
@@ -295,11 +295,13 @@ class Relay:
 
     async def _publish(self, rows: Sequence[EventRow]) -> None:
         for row in rows:
+            # Indexed by owner: a user's list reads its own events, not everyone's.
             await self._bus.publish(
                 self._topic,
                 event_fields(row),
                 retention_ms=self._retention_ms,
                 max_len=self._max_len,
+                index=owner_index(self._topic, row.owner_id) if row.owner_id else "",
             )
             self.published += 1
             OBSERVED.published(row.event_type)

@@ -31,11 +31,19 @@ _ERRORS = (redis.RedisError, OSError, TimeoutError)
 # Appends and trims in one round trip. Retention is measured on Redis' clock (the id it gives
 # the new entry), so a client whose clock runs ahead never trims entries still retained. Both
 # trims are approximate ("~"): Redis drops whole nodes of the stream, never a retained entry.
+# With a second key, the index (Bus.publish) gets the entry under the same id, is trimmed
+# alike and to no further back than the topic's first entry, and expires when idle.
 _PUBLISH = """
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
 local min_ms = tonumber(string.match(id, '^%d+')) - tonumber(ARGV[2])
 if min_ms > 0 then
   redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%d', min_ms))
+end
+if KEYS[2] then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], id, unpack(ARGV, 3))
+  local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1][1]
+  redis.call('XTRIM', KEYS[2], 'MINID', '~', first)
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
 end
 return id
 """
@@ -92,11 +100,18 @@ class RedisBus(Bus):
             raise BusUnavailable(f"redis: {exc!r}") from exc
 
     async def publish(
-        self, topic: str, fields: Mapping[str, str], *, retention_ms: int, max_len: int
+        self,
+        topic: str,
+        fields: Mapping[str, str],
+        *,
+        retention_ms: int,
+        max_len: int,
+        index: str = "",
     ) -> str:
         flat = [item for pair in fields.items() for item in pair]
+        keys = [self._key(topic), *([self._key(index)] if index else [])]
         entry_id: str = await self._run(
-            self._publish, keys=[self._key(topic)], args=[max_len, retention_ms, *flat]
+            self._publish, keys=keys, args=[max_len, retention_ms, *flat]
         )
         return entry_id
 

@@ -9,6 +9,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
+from typing import Any
 
 import pytest
 import redis.asyncio as redis
@@ -19,7 +20,7 @@ from servers.common.redisbus import RedisBus
 from tests.conftest import RedisServer, _unavailable, restart_redis
 
 REDIS_URL = os.environ.get("AGENTMESH_TEST_REDIS", "redis://127.0.0.1:6379/0")
-KEEP = {"retention_ms": 3_600_000, "max_len": 100_000}  # nothing is trimmed
+KEEP: dict[str, Any] = {"retention_ms": 3_600_000, "max_len": 100_000}  # nothing is trimmed
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -48,7 +49,7 @@ async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
         await client.aclose()
 
 
-async def publish(bus: Bus, topic: str, n: int, **trim: int) -> list[str]:
+async def publish(bus: Bus, topic: str, n: int, **trim: Any) -> list[str]:
     return [await bus.publish(topic, {"n": str(i)}, **(trim or KEEP)) for i in range(n)]
 
 
@@ -137,6 +138,46 @@ async def test_trim_by_retention(bus: Bus) -> None:
     assert kept[-5:] == new  # within retention: never trimmed
     assert len(kept) < 355 and kept == (old + new)[-len(kept) :]
     assert await bus.first_id("t") == kept[0] != old[0]
+
+
+async def test_an_index_holds_its_entries_under_the_same_ids(bus: Bus) -> None:
+    a = await bus.publish("t", {"o": "a"}, index="t.a", **KEEP)
+    b = await bus.publish("t", {"o": "b"}, index="t.b", **KEEP)
+    a2 = await bus.publish("t", {"o": "a"}, index="t.a", **KEEP)
+    plain = await bus.publish("t", {"o": "-"}, **KEEP)
+    assert ids(await everything(bus, "t")) == [a, b, a2, plain]
+    indexed = await everything(bus, "t.a")
+    assert ids(indexed) == [a, a2] and indexed[0].fields == {"o": "a"}
+    # A position in the topic is one in the index: a reader resumes from either.
+    assert ids(await bus.range("t.a", b, 10)) == [a2]
+    assert await bus.range("t.nobody", "0-0", 10) == []
+
+
+async def test_an_index_keeps_nothing_its_topic_trimmed(bus: Bus) -> None:
+    # Every other entry indexed; the topic keeps about its newest 10 (Redis trims whole nodes
+    # of ~100 entries), and the index nothing older than the topic's first.
+    sent = [
+        await bus.publish(
+            "t", {"n": str(n)}, index="t.odd" if n % 2 else "", retention_ms=3_600_000, max_len=10
+        )
+        for n in range(350)
+    ]
+    kept = ids(await everything(bus, "t"))
+    indexed = ids(await everything(bus, "t.odd"))
+    assert 0 < len(indexed) < 175 and indexed == sent[1::2][-len(indexed) :]
+    # Redis trims by whole nodes of ~100 entries ("~"): up to a node may stay behind.
+    older = [i for i in indexed if parse_id(i) < parse_id(kept[0])]
+    assert len(older) <= (0 if isinstance(bus, MemoryBus) else 100)
+
+
+async def test_an_idle_index_is_dropped_after_its_retention(bus: Bus) -> None:
+    await bus.publish("t", {"n": "0"}, index="t.idle", retention_ms=300, max_len=1000)
+    assert len(await everything(bus, "t.idle")) == 1
+    # The in-process bus drops idle indexes when it next adds to one, once a second at most.
+    await asyncio.sleep(1.2)
+    await bus.publish("t", {"n": "1"}, index="t.busy", retention_ms=300, max_len=1000)
+    assert await everything(bus, "t.idle") == []
+    assert len(await everything(bus, "t.busy")) == 1
 
 
 async def test_topics_are_independent(bus: Bus) -> None:

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import jwt
@@ -25,6 +26,7 @@ import pytest
 from agentmesh.v1 import events_pb2, events_pb2_grpc
 from servers.auth.keys import SigningKey
 from servers.common.auth import Authenticator, TokenVerifier
+from servers.common.bus import owner_index
 from servers.common.context import Principal
 from servers.common.follower import Follower
 from servers.common.interceptors import default_interceptors
@@ -33,7 +35,7 @@ from servers.common.outbox import EVENTS_TOPIC
 from servers.common.quotas import Quota, Quotas
 from servers.messaging.events import EventHub, EventsService, Filter, Parsed
 
-RETENTION = {"retention_ms": 3_600_000, "max_len": 1_000_000}
+RETENTION: dict[str, Any] = {"retention_ms": 3_600_000, "max_len": 1_000_000}
 PADDING = "x" * 2000
 
 
@@ -44,17 +46,20 @@ class Rig:
     stub: events_pb2_grpc.EventsServiceStub
     metadata: tuple[tuple[str, str], ...]
 
-    async def publish(self, count: int, owner: str = "u1") -> list[str]:
+    async def publish(
+        self, count: int, owner: str = "u1", kind: str = "task.progress"
+    ) -> list[str]:
         return [
             await self.bus.publish(
                 EVENTS_TOPIC,
                 {
-                    "type": "task.progress",
+                    "type": kind,
                     "subject": f"t{i}",
                     "owner": owner,
                     "time": "2026-11-23T00:00:00+00:00",
                     "data": f'{{"i": {i}, "pad": "{PADDING}"}}',
                 },
+                index=owner_index(EVENTS_TOPIC, owner),  # as the outbox relay does
                 **RETENTION,
             )
             for i in range(count)
@@ -228,31 +233,37 @@ def _remaining(call_trailers: grpc.aio.Metadata) -> int:
 
 
 async def test_a_scan_of_the_retained_events_counts_by_its_length(tmp_path: Path) -> None:
-    """A list (and a replay) reads every retained event after its start, whoever's: 100,000 by
-    default, half a second of CPU on Redis. Within a quota of calls, one caller could keep the
+    """A list (and a replay) reads every retained event after its start that its caller may
+    see: a user's own, from the bus's index of them, or for an admin everyone's (100,000 by
+    default, half a second of CPU on Redis). Within a quota of calls, one caller could keep the
     server busy with nothing but full scans; each 1,000 events read count as one more call."""
     quotas = Quotas({"general": Quota(20, 3600)})
     async with _rig(tmp_path, quotas) as rig:
-        first = (await rig.publish(5_500, owner="someone-else"))[0]
-        await rig.publish(3)
-        listed = rig.stub.ListEvents(events_pb2.ListEventsRequest(), metadata=rig.metadata)
+        await rig.publish(5_500, owner="someone-else")  # never read: another user's
+        first = (await rig.publish(5_500))[0]
+        await rig.publish(3, kind="task.created")
+        created = events_pb2.ListEventsRequest(patterns=["task.created"])
+        listed = rig.stub.ListEvents(created, metadata=rig.metadata)
         assert (await listed).total == 3
         assert _remaining(await listed.trailing_metadata()) == 19  # the call itself
-        # ... and 5 more for its 5,503 events, counted once it ended.
-        listed = rig.stub.ListEvents(events_pb2.ListEventsRequest(), metadata=rig.metadata)
+        # ... and 5 more for the 5,503 events of its own it read, counted once it ended.
+        listed = rig.stub.ListEvents(created, metadata=rig.metadata)
         await listed
         assert _remaining(await listed.trailing_metadata()) == 13
 
         # A page that starts late reads less: from there on, 2,503 events.
         later = (await rig.bus.range(EVENTS_TOPIC, first, 3_000))[-1].id
-        request = events_pb2.ListEventsRequest(after=later)
+        request = events_pb2.ListEventsRequest(patterns=["task.created"], after=later)
         listed = rig.stub.ListEvents(request, metadata=rig.metadata)
         assert (await listed).total == 3
         assert _remaining(await listed.trailing_metadata()) == 7
 
         # 5 left after its 2 more. A stream's replay reads the same way, counted when the
         # stream ends: 1 to open it and 5 for the 5,502 events after `first`, one too many.
-        stream = rig.stub.Subscribe(events_pb2.SubscribeRequest(after=first), metadata=rig.metadata)
+        stream = rig.stub.Subscribe(
+            events_pb2.SubscribeRequest(patterns=["task.created"], after=first),
+            metadata=rig.metadata,
+        )
         seen = 0
         async for frame in stream:
             seen += frame.HasField("event")
