@@ -39,7 +39,7 @@ from servers.common.clock import aware, now
 from servers.common.context import Principal
 from servers.common.db import Database, take_turn
 from servers.common.errors import NotFound, RateLimited, ValidationError
-from servers.common.pagination import Page
+from servers.common.pagination import PAGE_MAX_BYTES, Page
 
 from .models import AgentRow
 from .registry import Registry, Session
@@ -404,8 +404,9 @@ class AgentDirectory:
         self, who: Principal, status: str, capabilities: Sequence[str], page: Page | None = None
     ) -> Listing:
         """The agents the caller may see that match the filters, by name: those of ``page``
-        (all without one), with the counts of all. Configurations (64 KiB each at most) are
-        read for the page only."""
+        (all without one), with the counts of all. Configurations (64 KiB each at most, and as
+        much of overrides) are read for the page only, and only within PAGE_MAX_BYTES
+        characters after the first agent's: the page ends early past that."""
         if status and status not in STATUS_WORDS:
             raise ValidationError(
                 f"status must be one of {', '.join(STATUS_WORDS)}", details={"field": "status"}
@@ -422,8 +423,14 @@ class AgentDirectory:
                 if wanted <= set(v.capabilities) and (not status or v.status == status)
             ]
             shown = views if page is None else views[page.offset : page.offset + page.limit]
+            here = {v.agent_id for v in shown if self.registry.get(v.agent_id) is not None}
+            if page is not None:
+                sizes = await store.configuration_sizes(
+                    [v.agent_id for v in shown if v.agent_id not in here]
+                )
+                shown = _within(shown, sizes, PAGE_MAX_BYTES)
             stored = await store.configurations(
-                [v.agent_id for v in shown if self.registry.get(v.agent_id) is None]
+                [v.agent_id for v in shown if v.agent_id not in here]
             )
         return Listing(
             agents=[
@@ -526,6 +533,17 @@ class AgentDirectory:
     async def close(self) -> None:
         if self._pending:
             await asyncio.wait(list(self._pending), timeout=5)
+
+
+def _within(views: list[View], sizes: dict[str, int], budget: int) -> list[View]:
+    """The leading views whose stored configurations, before each, stay within ``budget``
+    characters (the first always)."""
+    used = 0
+    for kept, view in enumerate(views):
+        if kept and used > budget:
+            return views[:kept]
+        used += sizes.get(view.agent_id, 0)
+    return views
 
 
 def _may_see(who: Principal, row: AgentRow) -> bool:

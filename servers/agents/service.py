@@ -409,7 +409,8 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         found = await self._directory.listing(
             require_principal(), request.status, list(request.capabilities), p
         )
-        agents, served = p.fit([agent_proto(v) for v in found.agents])
+        read = p.read(len(found.agents), found.total)  # a page of large configurations ends early
+        agents, served = read.fit([agent_proto(v) for v in found.agents])
         return agents_pb2.ListAgentsResponse(
             agents=agents,
             **served.fields(found.total),

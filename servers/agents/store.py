@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, select, update
+from sqlalchemy import Text, and_, bindparam, delete, func, select, update
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
@@ -90,6 +91,19 @@ class AgentStore:
                 for item in seen
             ],
         )
+
+    async def configuration_sizes(self, agent_ids: Sequence[str]) -> dict[str, int]:
+        """The characters of these agents' stored configuration and overrides, by id, read
+        without reading them."""
+        if not agent_ids:
+            return {}
+        size = func.length(sql_cast(AgentRow.configuration, Text)) + func.length(
+            sql_cast(AgentRow.overrides, Text)
+        )
+        found = await self._s.execute(
+            select(AgentRow.agent_id, size).where(AgentRow.agent_id.in_(list(agent_ids)))
+        )
+        return {agent_id: int(chars or 0) for agent_id, chars in found.all()}
 
     async def configurations(
         self, agent_ids: Sequence[str]

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
+from servers.agents import domain
 from servers.agents.domain import AgentDirectory
 from servers.agents.models import AgentRow, OutboxRow
 from servers.agents.registry import Registry, Session
@@ -306,6 +307,31 @@ async def test_agents_connecting_at_once_stay_within_the_limit(db: Database) -> 
     failures = [r for r in results if isinstance(r, BaseException)]
     assert len(failures) == 9 and all(isinstance(r, RateLimited) for r in failures), failures
     assert (await agents.listing(ALICE, "", [])).total == 3
+
+
+async def test_a_page_of_large_configurations_ends_before_they_are_read(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database sizes the page's configurations first: those past the budget (after the
+    first) are not read, and the page ends before them."""
+    monkeypatch.setattr(domain, "PAGE_MAX_BYTES", 1000)
+    agents = directory(db)
+    names = [f"big-{n}" for n in range(5)]
+    for name in names:  # about 400 characters of configuration each, offline
+        one = session(name)
+        await agents.connect(one, {"p": name[-1] * 395})
+        agents.registry.remove(one)
+        await agents.disconnect(one, "AGENT_STOPPED")
+    first = await agents.listing(ALICE, "", [], Page(limit=10, offset=0))
+    # About 0, 400 and 800 characters come before the first three; 1,200 before the fourth.
+    assert [v.name for v in first.agents] == names[:3] and first.total == 5
+    assert first.agents[2].configuration == {"p": "2" * 395}
+    rest = await agents.listing(ALICE, "", [], Page(limit=10, offset=3))
+    assert [v.name for v in rest.agents] == names[3:]
+    monkeypatch.setattr(domain, "PAGE_MAX_BYTES", 0)  # one agent, however large
+    assert len((await agents.listing(ALICE, "", [], Page(limit=10, offset=0))).agents) == 1
+    # Without a page (the REST list always has one), every agent.
+    assert len((await agents.listing(ALICE, "", [])).agents) == 5
 
 
 async def test_agents_offline_past_the_retention_are_forgotten(db: Database) -> None:
