@@ -14,8 +14,10 @@ every agents process follows; each acts on the others' signals for the sessions 
 - ``config``: UpdateAgentConfig of an agent not connected here. The replica holding it reads the
   stored configuration (so an entry stays small) and sends the agent a ConfigUpdate.
 - ``replaced``: a Connect agent connected here; an older Connect session of it elsewhere ends
-  with REPLACED, as it would here. HTTP agents are left alone: their calls are balanced over the
-  replicas, so every replica may hold a session of one.
+  with REPLACED, as it would here (older by the replicas' clocks: a tie-break for an agent
+  that reconnects twice within the signal's way). HTTP agents are left alone: Envoy sends an
+  HTTP agent's calls to one replica, but its registration may land on another, whose session
+  of it then lapses after three silent heartbeat intervals.
 
 Signals only hasten: a lost one costs latency, never work. Dispatchers poll for work, a
 cancelled task's lease is not renewed at the agent's next heartbeat, a replaced stream falls
@@ -174,7 +176,12 @@ class Signals:
         """A Connect session of the agent began here: older ones elsewhere end."""
         if not session.http:
             await self._publish(
-                {"kind": "replaced", "agent_id": session.agent_id, "session_id": session.session_id}
+                {
+                    "kind": "replaced",
+                    "agent_id": session.agent_id,
+                    "session_id": session.session_id,
+                    "connected_at": repr(session.connected_at),
+                }
             )
 
     # -- the bus -----------------------------------------------------------------------------
@@ -251,7 +258,10 @@ class Signals:
             self._jobs.add(job)
             job.add_done_callback(self._jobs.discard)
         elif kind == "replaced":
-            if not session.http and session.session_id != fields["session_id"]:
+            # Only an older session ends: an agent that connected here again since (the
+            # signal was on its way) keeps its new stream.
+            newer = float(fields["connected_at"])
+            if not session.http and session.connected_at < newer:
                 session.send(end_frame("REPLACED"))
 
     async def _reconfigure(self, session: Session, updated: list[str]) -> None:
