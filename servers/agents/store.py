@@ -6,12 +6,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Text, and_, bindparam, delete, func, select, update
-from sqlalchemy import cast as sql_cast
+from sqlalchemy import and_, bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 
+from servers.common.db import stored_chars
 from servers.common.outbox import write_event
 
 from .models import AgentRow, OutboxRow
@@ -97,9 +97,7 @@ class AgentStore:
         without reading them."""
         if not agent_ids:
             return {}
-        size = func.length(sql_cast(AgentRow.configuration, Text)) + func.length(
-            sql_cast(AgentRow.overrides, Text)
-        )
+        size = stored_chars(AgentRow.configuration, AgentRow.overrides)
         found = await self._s.execute(
             select(AgentRow.agent_id, size).where(AgentRow.agent_id.in_(list(agent_ids)))
         )

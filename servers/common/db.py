@@ -17,7 +17,19 @@ from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import ColumnElement, Select, Subquery, Table, bindparam, event, func, select, text
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Subquery,
+    Table,
+    Text,
+    bindparam,
+    event,
+    func,
+    select,
+    text,
+)
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import (
@@ -214,6 +226,16 @@ class InsertOrNothing:
         connection = await session.connection()
         found = await session.execute(self._statements[connection.dialect.name], values)
         return found.scalar_one_or_none()
+
+
+def stored_chars(*columns: Any) -> ColumnElement[Any]:
+    """The characters of these columns as the database stores them (a JSON column as its
+    text; NULL as none): the size that within_budget's pages are cut by."""
+    total: Any = None
+    for column in columns:
+        chars = func.coalesce(func.length(sql_cast(column, Text)), 0)
+        total = chars if total is None else total + chars
+    return cast(ColumnElement[Any], total)
 
 
 def within_budget(window: Subquery, key: str, order: Sequence[ColumnElement[Any]]) -> Select[Any]:

@@ -12,12 +12,11 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Select, Table, Text, and_, bindparam, delete, exists, func, select, update
-from sqlalchemy import cast as sql_cast
+from sqlalchemy import Select, Table, and_, bindparam, delete, exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
-from servers.common.db import InsertOrNothing, within_budget
+from servers.common.db import InsertOrNothing, stored_chars, within_budget
 
 from .models import MessageRow
 
@@ -65,7 +64,7 @@ def _inbox_page(unacked: bool) -> Select[Any]:
     if unacked:
         where.append(_c.acked_at.is_(None))
     window = (
-        select(_c.seq, _c.created_at, func.length(sql_cast(_c.payload, Text)).label("size"))
+        select(_c.seq, _c.created_at, stored_chars(_c.payload).label("size"))
         .where(*where)
         .order_by(_c.created_at, _c.seq)
         .limit(bindparam("limit"))

@@ -7,13 +7,12 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Float, Table, Text, bindparam, delete, func, inspect, select
-from sqlalchemy import cast as sql_cast
+from sqlalchemy import Float, Table, bindparam, delete, func, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
-from servers.common.db import InsertOrNothing, within_budget
+from servers.common.db import InsertOrNothing, stored_chars, within_budget
 from servers.common.outbox import write_event
 
 from .models import OutboxRow, TaskRow
@@ -61,11 +60,7 @@ def _page_query(by_owner: bool, by_status: bool) -> Any:
         where.append(TaskRow.owner_id == bindparam("owner"))
     if by_status:
         where.append(TaskRow.status.in_(bindparam("statuses", expanding=True)))
-    size = (
-        func.length(TaskRow.description)
-        + func.length(sql_cast(TaskRow.task_metadata, Text))
-        + func.coalesce(func.length(sql_cast(TaskRow.result, Text)), 0)
-    )
+    size = stored_chars(TaskRow.description, TaskRow.task_metadata, TaskRow.result)
     window = (
         select(TaskRow.task_id, TaskRow.created_at, size.label("size"))
         .where(*where)
