@@ -31,12 +31,12 @@ import asyncio
 import collections
 import json
 import logging
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from agentmesh.v1 import agents_pb2
-from servers.common.bus import Bus, BusUnavailable, Entry
+from servers.common.broadcast import Broadcast
+from servers.common.bus import Bus
 from servers.common.follower import Follower
 from servers.common.protos import struct
 
@@ -49,7 +49,6 @@ TOPIC = "agents"
 # Wake-ups: a replica that misses them polls, so only a short tail is kept.
 RETENTION_MS = 60_000
 MAX_LEN = 10_000
-PUBLISH_TIMEOUT = 1.0
 # Capability sets per wake entry; a turn with more publishes several entries.
 WAKE_SETS = 100
 # A config signal names its updated fields only while they are this short (as JSON); past it,
@@ -98,26 +97,31 @@ class Signals:
     ) -> None:
         self._registry = registry
         self._read_configuration = read_configuration
-        self._bus = bus
-        self._follower = follower
-        # Marks this replica's entries, which its follower reads back.
-        self._origin = uuid.uuid4().hex
-        self._unlisten: Callable[[], None] | None = None
+        self._broadcast = (
+            None
+            if bus is None
+            else Broadcast(
+                bus,
+                follower,
+                topic=TOPIC,
+                what="agents signals",
+                log=log,
+                retention_ms=RETENTION_MS,
+                max_len=MAX_LEN,
+            )
+        )
         # Capability sets of the tasks made available this turn, and how many tasks each.
         self._waking: collections.Counter[frozenset[str]] = collections.Counter()
         self._jobs: set[asyncio.Task[None]] = set()
         self._flushing: asyncio.Task[None] | None = None
-        # Whether the last publish succeeded.
-        self._published = True
 
     def start(self) -> None:
-        if self._follower is not None and self._unlisten is None:
-            self._unlisten = self._follower.listen(self._on_entry)
+        if self._broadcast is not None:
+            self._broadcast.start(self._act)
 
     async def close(self) -> None:
-        if self._unlisten is not None:
-            self._unlisten()
-            self._unlisten = None
+        if self._broadcast is not None:
+            self._broadcast.stop()
         jobs = [*self._jobs, *([self._flushing] if self._flushing else [])]
         for job in jobs:
             job.cancel()
@@ -127,7 +131,7 @@ class Signals:
 
     def tasks_available(self, capabilities: frozenset[str]) -> None:
         self._registry.wake(set(capabilities))
-        if self._bus is None:
+        if self._broadcast is None:
             return
         self._waking[capabilities] += 1
         if self._flushing is None or self._flushing.done():
@@ -197,35 +201,10 @@ class Signals:
                 )
 
     async def _publish(self, fields: Mapping[str, str]) -> None:
-        if self._bus is None:
-            return
-        try:
-            async with asyncio.timeout(PUBLISH_TIMEOUT):
-                await self._bus.publish(
-                    TOPIC,
-                    {**fields, "origin": self._origin},
-                    retention_ms=RETENTION_MS,
-                    max_len=MAX_LEN,
-                )
-        except (BusUnavailable, TimeoutError) as exc:
-            # The other replicas find out the slow way (see the module's docstring). Said once
-            # per outage, not once per task.
-            if self._published:
-                log.warning("could not publish agents signals (%s): %s", fields["kind"], exc)
-            self._published = False
-            return
-        if not self._published:
-            log.info("agents signals are published again")
-        self._published = True
-
-    def _on_entry(self, entry: Entry) -> None:
-        fields = entry.fields
-        if fields.get("origin") == self._origin:
-            return
-        try:
-            self._act(fields)
-        except (ValueError, TypeError, KeyError) as exc:
-            log.warning("ignored a malformed agents signal %s: %s", entry.id, exc)
+        # A signal lost to a bus outage: the other replicas find out the slow way (see the
+        # module's docstring).
+        if self._broadcast is not None:
+            await self._broadcast.publish(fields)
 
     def _act(self, fields: Mapping[str, str]) -> None:
         kind = fields.get("kind")

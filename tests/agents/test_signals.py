@@ -174,9 +174,9 @@ async def test_malformed_signals_are_ignored(
     assert (await _frame(agent)).cancellation.task_id == "t1"
     assert agent.outbox.empty()
     logged = {
-        r.getMessage().split()[5].rstrip(":")
+        r.getMessage().split()[6].rstrip(":")
         for r in caplog.records
-        if r.getMessage().startswith("ignored a malformed agents signal")
+        if r.getMessage().startswith("ignored a malformed agents signals entry")
     }
     assert logged == set(ids[:4])
 
@@ -214,7 +214,8 @@ async def test_a_bus_outage_is_logged_once_not_per_signal(
         for n in range(5):
             await signals.cancel("elsewhere", f"t{n}", "CANCELLED", "")
         assert caplog.text.count("could not publish agents signals") == 1
-        signals._bus = MemoryBus()  # Redis is back
+        assert signals._broadcast is not None
+        signals._broadcast.bus = MemoryBus()  # Redis is back
         await signals.cancel("elsewhere", "t", "CANCELLED", "")
         await signals.cancel("elsewhere", "t", "CANCELLED", "")
         assert caplog.text.count("agents signals are published again") == 1
