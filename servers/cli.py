@@ -84,6 +84,8 @@ def _envoy_config(args: argparse.Namespace) -> int:
 def _grant_role(args: argparse.Namespace) -> int:
     """Gives an existing account a role, straight in the database (works while the mesh runs)."""
     from .auth.admin import grant_role
+    from .auth.invalidations import announce, broadcast
+    from .common.bus import open_bus
     from .common.db import Database
     from .common.errors import AgentmeshError
     from .mesh import MIGRATIONS
@@ -100,6 +102,18 @@ def _grant_role(args: argparse.Namespace) -> int:
             except AgentmeshError as exc:
                 print(f"agentmesh: {exc.message}", file=sys.stderr)
                 return 1
+        if settings.redis_url:
+            # The running auth replicas forget the account now, not when their cache runs out.
+            bus = open_bus(settings.redis_url, prefix=settings.bus_prefix)
+            try:
+                if not await announce(broadcast(bus, None), [user.id]):
+                    print(
+                        "agentmesh: could not tell the auth replicas over Redis; the change"
+                        f" reaches their API-key checks within {settings.auth_cache_seconds} s",
+                        file=sys.stderr,
+                    )
+            finally:
+                await bus.close()
         print(
             f"{user.username}: roles {', '.join(user.roles)} (effective at the next sign-in "
             "or token refresh)"

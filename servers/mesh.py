@@ -46,6 +46,8 @@ from .agents.signals import Signals
 from .auth.admin import UserAdmin
 from .auth.apikeys import ApiKeys
 from .auth.domain import Accounts, LoginLimits
+from .auth.invalidations import TOPIC as AUTH_TOPIC
+from .auth.invalidations import Invalidations
 from .auth.keys import SigningKey, write_once
 from .auth.models import OutboxRow as AuthOutboxRow
 from .auth.profiles import AccountCache
@@ -289,7 +291,13 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
     authenticator its server checks calls with, and its background jobs."""
     s = rt.settings
     if name == "auth":
-        cache = AccountCache()
+        cache = AccountCache(ttl=s.auth_cache_seconds)
+        if s.redis_url:
+            # Other auth replicas forget what this one's writes change (the in-process bus has
+            # only this process to tell).
+            invalidations = Invalidations(cache, bus=rt.bus, follower=rt.follower(AUTH_TOPIC))
+            invalidations.start()
+            rt.on_close(invalidations.close)
         accounts = Accounts(
             db=rt.db,
             key=rt.key,

@@ -109,7 +109,7 @@ class ApiKeys:
                 security_event(
                     s, "security.api_key_revoked", who.subject, key.revoked_at, key_id=key_id
                 )
-        self._cache.forget_key(key.key_hash)
+        self._cache.forget_key(key.key_hash, key.user_id)
         return key
 
     async def verify(self, secret: str) -> tuple[UserRow, ApiKeyRow, Principal]:

@@ -3,9 +3,10 @@ ValidateToken) and verified API keys (for every request that carries one).
 
 The auth service is the only writer of accounts and keys, and each of its writes forgets what it
 changed once the write has committed: a revoked key, or a disabled, deleted or re-roled owner, is
-refused on the very next request served by this process. Writes by another process (a second
-auth replica, `agentmesh grant-role`) show within ``ttl`` seconds. A key's expiry is checked on
-every use. Refresh tokens and passwords are never served from here.
+refused on the very next request served by this process. With Redis, the forget goes to the other
+auth replicas too (invalidations.py), and they forget the account as soon as it arrives; a forget
+lost on the way, or a write the mesh is not told of, shows within ``ttl`` seconds. A key's expiry
+is checked on every use. Refresh tokens and passwords are never served from here.
 
 A read races a write: a lookup that began before a revocation committed could put the old, valid
 row back after the revocation forgot it. ``epoch`` counts forgets; a reader takes it before going
@@ -16,14 +17,17 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from servers.common.context import Principal
 
 from .models import ApiKeyRow, UserRow
 
+DEFAULT_TTL = 2.0
+
 
 class AccountCache:
-    def __init__(self, *, ttl: float = 2.0, size: int = 10_000) -> None:
+    def __init__(self, *, ttl: float = DEFAULT_TTL, size: int = 10_000) -> None:
         self._ttl = ttl
         self._size = size
         self._profiles: OrderedDict[str, tuple[UserRow, float]] = OrderedDict()
@@ -31,6 +35,9 @@ class AccountCache:
         self._keys: OrderedDict[str, tuple[UserRow, ApiKeyRow, Principal, float]] = OrderedDict()
         self._keys_of: dict[str, set[str]] = {}
         self.epoch = 0
+        # Told the id of every account this process forgot after its own write (the other
+        # replicas forget it too); None in one process.
+        self.announce: Callable[[str], None] | None = None
 
     def profile(self, user_id: str) -> UserRow | None:
         entry = self._profiles.get(user_id)
@@ -76,13 +83,19 @@ class AccountCache:
             oldest, _ = next(iter(self._keys.items()))
             self._drop_key(oldest)
 
-    def forget_key(self, key_hash: str) -> None:
-        """After a key's revocation has committed."""
+    def forget_key(self, key_hash: str, user_id: str) -> None:
+        """After the revocation of a key of the account ``user_id`` has committed. The other
+        replicas are told to forget the whole account, so no key hash leaves the process."""
         self.epoch += 1
         self._drop_key(key_hash)
+        if self.announce is not None:
+            self.announce(user_id)
 
-    def forget_user(self, user_id: str) -> None:
-        """After any write to the account (profile, roles, disabled, deletion) has committed."""
+    def forget_user(self, user_id: str, *, announce: bool = True) -> None:
+        """After any write to the account (profile, roles, disabled, deletion) has committed;
+        ``announce``: False for a forget another replica announced."""
+        if announce and self.announce is not None:
+            self.announce(user_id)
         self.epoch += 1
         self._profiles.pop(user_id, None)
         for key_hash in self._keys_of.pop(user_id, set()):

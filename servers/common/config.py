@@ -110,6 +110,13 @@ def _positive(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _between(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    value = _int(env, name, default)
+    if not low <= value <= high:
+        raise SystemExit(f"agentmesh: {name} must be from {low} to {high}, got {value}")
+    return value
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything a process of the mesh needs to know at start.
@@ -186,6 +193,7 @@ class Settings:
     agents_per_owner: int = 1000
     heartbeat_seconds: int = 10
     claim_poll_seconds: int = 2
+    auth_cache_seconds: int = 2
     event_retention_seconds: int = 86400
     event_retention_max: int = 100_000
     stream_heartbeat_seconds: int = 15
@@ -228,6 +236,7 @@ class Settings:
             agents_per_owner=_positive(env, "AGENTMESH_AGENTS_PER_OWNER", 1000),
             heartbeat_seconds=_int(env, "AGENTMESH_HEARTBEAT_SECONDS", 10),
             claim_poll_seconds=_positive(env, "AGENTMESH_CLAIM_POLL_SECONDS", 2),
+            auth_cache_seconds=_between(env, "AGENTMESH_AUTH_CACHE_SECONDS", 2, 0, 300),
             event_retention_seconds=_positive(env, "AGENTMESH_EVENT_RETENTION_SECONDS", 86400),
             event_retention_max=_positive(env, "AGENTMESH_EVENT_RETENTION_MAX", 100_000),
             stream_heartbeat_seconds=_positive(env, "AGENTMESH_STREAM_HEARTBEAT_SECONDS", 15),

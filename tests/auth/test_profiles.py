@@ -63,7 +63,7 @@ def test_forgetting_a_user_forgets_its_keys() -> None:
     _remember(cache, "ka1", a)
     _remember(cache, "ka2", a)
     _remember(cache, "kb", b)
-    cache.forget_key("ka1")
+    cache.forget_key("ka1", "a")
     assert cache.key("ka1") is None and cache.key("ka2") is not None
     cache.forget_user("a")
     assert cache.key("ka2") is None and cache.key("kb") is not None
@@ -83,7 +83,7 @@ def test_a_read_that_raced_a_write_is_not_kept() -> None:
     cache = AccountCache()
     a = _user("a")
     before = cache.epoch  # a reader starts its database read...
-    cache.forget_key("ka")  # ...the key's revocation commits meanwhile...
+    cache.forget_key("ka", "a")  # ...the key's revocation commits meanwhile...
     _remember(cache, "ka", a, epoch=before)  # ...and the reader's old row arrives.
     assert cache.key("ka") is None
 

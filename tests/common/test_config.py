@@ -81,6 +81,14 @@ def test_an_idle_agent_polls_for_work_every_two_seconds_unless_told() -> None:
         Settings.from_env({"AGENTMESH_CLAIM_POLL_SECONDS": "0"})
 
 
+def test_the_auth_cache_keeps_entries_two_seconds_and_at_most_five_minutes() -> None:
+    assert Settings.from_env({}).auth_cache_seconds == 2
+    assert Settings.from_env({"AGENTMESH_AUTH_CACHE_SECONDS": "0"}).auth_cache_seconds == 0
+    for bad in ("-1", "301", "soon"):
+        with pytest.raises(SystemExit, match="AGENTMESH_AUTH_CACHE_SECONDS"):
+            Settings.from_env({"AGENTMESH_AUTH_CACHE_SECONDS": bad})
+
+
 def test_task_retention_is_thirty_days_and_zero_keeps_tasks() -> None:
     assert Settings.from_env({}).task_retention_days == 30
     assert Settings.from_env({"AGENTMESH_TASK_RETENTION_DAYS": "0"}).task_retention_days == 0

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import cast
 
@@ -24,7 +24,7 @@ import httpx
 import pytest
 import redis
 
-from agentmesh.v1 import agents_pb2, agents_pb2_grpc
+from agentmesh.v1 import agents_pb2, agents_pb2_grpc, auth_pb2, auth_pb2_grpc
 from servers.common.config import SERVICES
 from servers.launcher import MeshProcess, free_port
 from tests.conftest import SHARED_MESH_ENV, _unavailable
@@ -36,8 +36,9 @@ REDIS_URL = os.environ.get("AGENTMESH_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
 class Replicas:
-    """The processes of one mesh: a replica of each service, two of tasks (and ``agents`` of
-    the agents service), and the gateway. ``env``: more settings, for every process."""
+    """The processes of one mesh: a replica of each service, two of tasks (and ``auths`` of the
+    auth service, ``agents`` of the agents service), and the gateway. ``env``: more settings,
+    for every process."""
 
     def __init__(
         self,
@@ -45,11 +46,12 @@ class Replicas:
         database_url: str,
         *,
         agents: int = 1,
+        auths: int = 1,
         env: dict[str, str] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.ports = {
-            "auth": [free_port()],
+            "auth": [free_port() for _ in range(auths)],
             "tasks": [free_port(), free_port()],
             "agents": [free_port() for _ in range(agents)],
             "messaging": [free_port()],
@@ -110,6 +112,8 @@ class Replicas:
         # The first replica migrates the database and writes the keys; then the others.
         self._spawn("auth", "serve", "auth", "--port", str(self.ports["auth"][0]))
         self._wait("auth", "listening on")
+        for n, port in enumerate(self.ports["auth"][1:], start=1):
+            self._spawn(f"auth-{n}", "serve", "auth", "--port", str(port))
         for name in ("tasks", "agents", "messaging"):
             for n, port in enumerate(self.ports[name]):
                 self._spawn(f"{name}-{n}", "serve", name, "--port", str(port))
@@ -161,6 +165,15 @@ def two_agents_replicas(tmp_path: Path, postgres_url: str) -> Iterator[Replicas]
     # alone.
     env = {"AGENTMESH_CLAIM_POLL_SECONDS": "600"}
     with _running(Replicas(tmp_path, postgres_url, agents=2, env=env)) as mesh:
+        yield mesh
+
+
+@pytest.fixture
+def two_auth_replicas(tmp_path: Path, postgres_url: str) -> Iterator[Replicas]:
+    # Verified keys and profiles remembered far longer than the test: what an auth replica
+    # forgets, it was told over Redis.
+    env = {"AGENTMESH_AUTH_CACHE_SECONDS": "300"}
+    with _running(Replicas(tmp_path, postgres_url, auths=2, env=env)) as mesh:
         yield mesh
 
 
@@ -324,6 +337,79 @@ async def test_an_agent_is_reached_on_whichever_agents_replica_holds_it(
                 httpx.get(f"{mesh.url}/api/v1/tasks/{task_id}", headers=dev).json()["status"]
                 == "completed"
             )
+    codes = mesh.stop()
+    assert codes == dict.fromkeys(codes, 0), {n: mesh.log(n)[-2000:] for n in codes}
+
+
+async def test_what_one_auth_replica_changes_the_other_forgets_at_once(
+    two_auth_replicas: Replicas,
+) -> None:
+    """An API key is verified (and remembered) by auth-1; revoked through auth-0, it is refused
+    by auth-1 at once, although auth-1 would remember it for 300 s. The same for a role granted
+    by `agentmesh grant-role` straight in the database."""
+    mesh = two_auth_replicas
+    dev = _developer(mesh)
+    near, far = (f"127.0.0.1:{port}" for port in mesh.ports["auth"])
+    async with (
+        grpc.aio.insecure_channel(near) as near_channel,
+        grpc.aio.insecure_channel(far) as far_channel,
+    ):
+        revoker = auth_pb2_grpc.AuthServiceStub(near_channel)
+        checker = auth_pb2_grpc.AuthServiceStub(far_channel)
+        bearer = (("authorization", dev["Authorization"]),)
+
+        async def me(key: str) -> auth_pb2.User:
+            reply = await checker.GetMe(
+                auth_pb2.GetMeRequest(), metadata=(("x-api-key", key),), timeout=10
+            )
+            return reply.user
+
+        async def until(check: Callable[[], Awaitable[bool]]) -> None:
+            deadline = time.monotonic() + 3  # far below the 300 s the entry is remembered
+            while not await check():
+                assert time.monotonic() < deadline, "auth-1 was not told"
+                await asyncio.sleep(0.05)
+
+        keys = []
+        for name in ("revoked", "kept"):
+            created = await revoker.CreateApiKey(
+                auth_pb2.CreateApiKeyRequest(name=name, scopes=["agent"]),
+                metadata=bearer,
+                timeout=10,
+            )
+            keys.append((created.api_key.key_id, created.key))
+        (revoked_id, revoked), (_, kept) = keys
+        profile = await me(revoked)
+        assert "admin" not in profile.roles
+        await me(kept)
+
+        await revoker.RevokeApiKey(
+            auth_pb2.RevokeApiKeyRequest(key_id=revoked_id), metadata=bearer, timeout=10
+        )
+
+        async def refused() -> bool:
+            try:
+                await me(revoked)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAUTHENTICATED, exc
+                return True
+            return False
+
+        await until(refused)
+        assert (await me(kept)).id == profile.id  # the other key of the account still works
+
+        subprocess.run(
+            [sys.executable, "-m", "servers.cli", "grant-role", profile.username, "admin"],
+            env=mesh.env,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+        async def granted() -> bool:
+            return "admin" in (await me(kept)).roles
+
+        await until(granted)
     codes = mesh.stop()
     assert codes == dict.fromkeys(codes, 0), {n: mesh.log(n)[-2000:] for n in codes}
 
