@@ -39,7 +39,12 @@ def _settings(overrides: dict[str, object]) -> Settings:
 def _serve(args: argparse.Namespace) -> int:
     from .replica import run_serve
 
-    settings = _settings({f"AGENTMESH_{args.service.upper()}_PORT": args.port})
+    settings = _settings(
+        {
+            f"AGENTMESH_{args.service.upper()}_PORT": args.port,
+            "AGENTMESH_METRICS_PORT": args.metrics_port,
+        }
+    )
     return asyncio.run(run_serve(settings, args.service))
 
 
@@ -201,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument("service", choices=["auth", "tasks", "agents", "messaging"])
     serve.add_argument("--port", type=int, help="its gRPC port (AGENTMESH_<SERVICE>_PORT)")
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        help="its own Prometheus port, GET /metrics (AGENTMESH_METRICS_PORT, none)",
+    )
     serve.set_defaults(run=_serve)
     gateway = sub.add_parser(
         "gateway",

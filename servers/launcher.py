@@ -40,6 +40,7 @@ class MeshProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.services: dict[str, str] = {}
         self.envoy_admin = ""
+        self.metrics = ""  # the process's own metrics port, host:port, when it has one
         self.startup_timeout = startup_timeout
         self._env = {
             **os.environ,
@@ -76,6 +77,7 @@ class MeshProcess:
                 state = json.loads(state_file.read_text())
                 self.services = dict(state["services"])
                 self.envoy_admin = state["envoy_admin"]
+                self.metrics = str(state.get("metrics", ""))
                 return self
             time.sleep(0.1)
         self.stop()

@@ -66,6 +66,7 @@ from .common.metrics import Host, Metrics
 from .common.outbox import OutboxMixin, Relay
 from .common.quotas import Quotas
 from .common.ratelimit import SlidingWindowLimiter
+from .common.scrape import ScrapeServer
 from .common.server import PortInUse, ServiceServer
 from .common.tracing import Tracing
 from .messaging.domain import RATE_WINDOW as MESSAGE_RATE_WINDOW
@@ -120,6 +121,8 @@ class Runtime:
     local_servicers: dict[str, object] = field(default_factory=dict)
     # The process's Prometheus metrics: every server's calls, and what the services set.
     metrics: Metrics = field(default_factory=Metrics)
+    # The text of its metrics port: with the tasks service here, what GET /metrics answers.
+    prometheus: Callable[[], Awaitable[bytes]] | None = None
     # Set when the process starts to stop: open streams end with StreamEnd("SERVER_SHUTDOWN").
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     _stop_hooks: list[Callable[[], None]] = field(default_factory=list)
@@ -189,6 +192,24 @@ class Runtime:
             api_keys = client
         return Authenticator(
             verifier=self.verifier, internal_token=self.internal_token, api_keys=api_keys
+        )
+
+    def scrape_server(self) -> ScrapeServer | None:
+        """The process's own metrics port, when AGENTMESH_METRICS_PORT is set. Made after the
+        process's servers, whose API-key check it shares."""
+        if self.settings.metrics_port is None:
+            return None
+        metrics = self.metrics
+
+        async def own() -> bytes:
+            return metrics.render()
+
+        return ScrapeServer(
+            host=self.settings.host,
+            port=self.settings.metrics_port,
+            authenticator=self.authenticator(),
+            quotas=self.quotas,
+            render=self.prometheus or own,
         )
 
     def internal_channel(self, service: str) -> InternalChannel:
@@ -361,6 +382,10 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
         async def retention() -> None:
             await tasks.keep_for(timedelta(days=s.task_retention_days))
 
+        metrics_service = MetricsService(
+            tasks=tasks, agents=agents, metrics=rt.metrics, host=Host(s.data_dir)
+        )
+        rt.prometheus = metrics_service.prometheus
         return (
             [
                 (
@@ -370,9 +395,7 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
                 ),
                 (
                     metrics_pb2_grpc.add_MetricsServiceServicer_to_server,
-                    MetricsService(
-                        tasks=tasks, agents=agents, metrics=rt.metrics, host=Host(s.data_dir)
-                    ),
+                    metrics_service,
                     "agentmesh.v1.MetricsService",
                 ),
                 (
@@ -542,6 +565,7 @@ class Mesh:
         self.settings = settings
         self.servers: dict[str, ServiceServer] = {}
         self.envoy: EnvoyProcess | None = None
+        self.scrape: ScrapeServer | None = None
         self._rt: Runtime | None = None
         self._health: HealthService | None = None
 
@@ -570,6 +594,9 @@ class Mesh:
         for name, server in self.servers.items():
             await server.start()
             peers[name] = server.address
+        self.scrape = rt.scrape_server()
+        if self.scrape is not None:
+            await self.scrape.start()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         edge = EdgeConfig(
             host=s.host,
@@ -608,6 +635,7 @@ class Mesh:
             "public_url": f"http://{s.host}:{s.public_port}",
             "envoy_admin": self.envoy.admin_address if self.envoy else "",
             "services": {n: srv.address for n, srv in self.servers.items()},
+            "metrics": self.scrape.address if self.scrape else "",
             "database_url": _redact(s.database_url),
             "data_dir": str(s.data_dir),
         }
@@ -620,6 +648,8 @@ class Mesh:
             f"  REST + gRPC   http://{s.host}:{s.public_port}   (through Envoy)",
         ]
         lines += [f"  {n:<13} {srv.address}   (gRPC, direct)" for n, srv in self.servers.items()]
+        if self.scrape is not None:
+            lines.append(f"  metrics       http://{self.scrape.address}/metrics   (this process)")
         lines += [
             f"  envoy admin   {self.envoy.admin_address if self.envoy else '-'}",
             f"  database      {_redact(s.database_url)}",
@@ -638,6 +668,8 @@ class Mesh:
             await asyncio.sleep(0)
         await asyncio.gather(*(srv.drain() for srv in self.servers.values()))
         await asyncio.gather(*(srv.stop(grace) for srv in self.servers.values()))
+        if self.scrape is not None:
+            await self.scrape.stop()
         if self.envoy is not None:
             await self.envoy.stop()
         if self._health is not None:

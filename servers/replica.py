@@ -30,6 +30,7 @@ from gateway.proxy import EdgeConfig, EnvoyFailed, EnvoyProcess
 from .common.config import SERVICES, Settings
 from .common.health import HealthService
 from .common.peers import peer_target
+from .common.scrape import ScrapeServer
 from .common.server import PortInUse
 from .mesh import Runtime, build_server
 
@@ -77,6 +78,7 @@ async def run_serve(settings: Settings, service: str) -> int:
     stop = _stop_on_signals()
     rt = await Runtime.open(settings)
     health: HealthService | None = None
+    scrape: ScrapeServer | None = None
     try:
         for name, addresses in settings.upstreams.items():
             if name != service:
@@ -90,6 +92,14 @@ async def run_serve(settings: Settings, service: str) -> int:
         except PortInUse as exc:
             return _refuse("serve", str(exc))
         rt.peers[service] = server.address
+        scrape = rt.scrape_server()
+        if scrape is not None:
+            try:
+                await scrape.start()
+            except PortInUse as exc:
+                await server.stop(0)
+                return _refuse("serve", str(exc))
+            print(f"agentmesh serve {service}: metrics on http://{scrape.address}/metrics")
         print(f"agentmesh serve {service}: listening on {server.address}", flush=True)
         gc.collect()
         gc.freeze()  # as `agentmesh up` does: see Mesh.start
@@ -100,6 +110,8 @@ async def run_serve(settings: Settings, service: str) -> int:
         await server.drain()
         await server.stop(settings.grace_seconds)
     finally:
+        if scrape is not None:
+            await scrape.stop()
         if health is not None:
             await health.close()
         await rt.close()

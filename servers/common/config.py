@@ -194,6 +194,8 @@ class Settings:
     heartbeat_seconds: int = 10
     claim_poll_seconds: int = 2
     auth_cache_seconds: int = 2
+    # The process's own Prometheus port (servers/common/scrape.py); None: none, 0: a free one.
+    metrics_port: int | None = None
     event_retention_seconds: int = 86400
     event_retention_max: int = 100_000
     stream_heartbeat_seconds: int = 15
@@ -237,6 +239,11 @@ class Settings:
             heartbeat_seconds=_int(env, "AGENTMESH_HEARTBEAT_SECONDS", 10),
             claim_poll_seconds=_positive(env, "AGENTMESH_CLAIM_POLL_SECONDS", 2),
             auth_cache_seconds=_between(env, "AGENTMESH_AUTH_CACHE_SECONDS", 2, 0, 300),
+            metrics_port=(
+                _int(env, "AGENTMESH_METRICS_PORT", 0)
+                if env.get("AGENTMESH_METRICS_PORT")
+                else None
+            ),
             event_retention_seconds=_positive(env, "AGENTMESH_EVENT_RETENTION_SECONDS", 86400),
             event_retention_max=_positive(env, "AGENTMESH_EVENT_RETENTION_MAX", 100_000),
             stream_heartbeat_seconds=_positive(env, "AGENTMESH_STREAM_HEARTBEAT_SECONDS", 15),

@@ -32,6 +32,21 @@ import grpc
 
 DOMAIN = "agentmesh"
 
+# Envoy's gRPC-to-HTTP mapping of the codes above, for the few answers a server writes as HTTP
+# itself (a process's own metrics port, servers/common/scrape.py).
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
 
 class AgentmeshError(Exception):
     """Base of every error a servicer raises on purpose."""

@@ -89,6 +89,16 @@ def test_the_auth_cache_keeps_entries_two_seconds_and_at_most_five_minutes() -> 
             Settings.from_env({"AGENTMESH_AUTH_CACHE_SECONDS": bad})
 
 
+def test_a_process_has_no_metrics_port_unless_given_one() -> None:
+    assert Settings.from_env({}).metrics_port is None
+    assert Settings.from_env({"AGENTMESH_METRICS_PORT": ""}).metrics_port is None
+    assert Settings.from_env({"AGENTMESH_METRICS_PORT": "0"}).metrics_port == 0  # a free one
+    assert Settings.from_env({"AGENTMESH_METRICS_PORT": "9464"}).metrics_port == 9464
+    for bad in ("-1", "70000", "ninety"):
+        with pytest.raises(SystemExit, match="AGENTMESH_METRICS_PORT"):
+            Settings.from_env({"AGENTMESH_METRICS_PORT": bad})
+
+
 def test_task_retention_is_thirty_days_and_zero_keeps_tasks() -> None:
     assert Settings.from_env({}).task_retention_days == 30
     assert Settings.from_env({"AGENTMESH_TASK_RETENTION_DAYS": "0"}).task_retention_days == 0

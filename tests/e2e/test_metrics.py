@@ -23,7 +23,10 @@ Json = dict[str, Any]
 
 @pytest.fixture
 def mesh(tmp_path: Path) -> Iterator[MeshProcess]:
-    with MeshProcess(data_dir=tmp_path / "mesh", env=FAST) as proc:
+    # With a metrics port of its own (AGENTMESH_METRICS_PORT; 0: a free one).
+    with MeshProcess(
+        data_dir=tmp_path / "mesh", env={**FAST, "AGENTMESH_METRICS_PORT": "0"}
+    ) as proc:
         yield proc
 
 
@@ -160,6 +163,17 @@ def test_prometheus_text_for_a_scrapers_key(mesh: MeshProcess) -> None:
     assert_envelope(
         httpx.get(mesh.url + "/metrics", headers=agent_key), 403, "INSUFFICIENT_PERMISSIONS"
     )
+
+    # The process's own port answers the same, to the same callers only.
+    own = f"http://{mesh.metrics}/metrics"
+    direct = httpx.get(own, headers=scraper)
+    assert direct.status_code == 200, direct.text
+    assert direct.headers["content-type"] == reply.headers["content-type"]
+    mine = _samples(direct.text)
+    assert _handled(mine, "CreateTask", "OK") == 3
+    assert mine[("agentmesh_tasks", frozenset({("status", "queued")}))] == 3
+    assert_envelope(httpx.get(own, headers=agent_key), 403, "INSUFFICIENT_PERMISSIONS")
+    assert_envelope(httpx.get(own), 401, "AUTH_REQUIRED")
 
 
 def test_a_lease_that_runs_out_is_counted(mesh: MeshProcess, agents: Callable[..., Any]) -> None:

@@ -47,6 +47,7 @@ class Replicas:
         *,
         agents: int = 1,
         auths: int = 1,
+        metrics: bool = False,
         env: dict[str, str] | None = None,
     ) -> None:
         self.data_dir = data_dir
@@ -84,9 +85,15 @@ class Replicas:
             # another came over the bus.
             self.tasks_env["AGENTMESH_AGENTS_UPSTREAMS"] = f"127.0.0.1:{self.ports['agents'][0]}"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        # Each service process's own metrics port, by process name ("auth", "tasks-1", ...).
+        self.metrics: dict[str, int] = {}
+        self._with_metrics = metrics
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         env = {**self.env, **(self.tasks_env if name.startswith("tasks") else {})}
+        if self._with_metrics and args[0] == "serve":
+            self.metrics[name] = free_port()
+            args = (*args, "--metrics-port", str(self.metrics[name]))
         with (self.data_dir / f"{name}.log").open("ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "servers.cli", *args],
@@ -155,7 +162,7 @@ def _running(mesh: Replicas) -> Iterator[Replicas]:
 
 @pytest.fixture
 def replicas(tmp_path: Path, postgres_url: str) -> Iterator[Replicas]:
-    with _running(Replicas(tmp_path, postgres_url)) as mesh:
+    with _running(Replicas(tmp_path, postgres_url, metrics=True)) as mesh:
         yield mesh
 
 
@@ -177,11 +184,12 @@ def two_auth_replicas(tmp_path: Path, postgres_url: str) -> Iterator[Replicas]:
         yield mesh
 
 
-def _developer(mesh: Replicas) -> dict[str, str]:
+def _signed_in(mesh: Replicas, role: str) -> dict[str, str]:
+    """The bearer of a new user that `agentmesh grant-role` gave ``role``."""
     user = new_user()
     assert httpx.post(mesh.url + "/api/v1/auth/register", json=user).status_code == 201
     subprocess.run(
-        [sys.executable, "-m", "servers.cli", "grant-role", user["username"], "developer"],
+        [sys.executable, "-m", "servers.cli", "grant-role", user["username"], role],
         env=mesh.env,
         check=True,
         capture_output=True,
@@ -193,6 +201,33 @@ def _developer(mesh: Replicas) -> dict[str, str]:
     )
     assert login.status_code == 200, login.text
     return {"Authorization": f"Bearer {login.json()['access_token']}"}
+
+
+def _developer(mesh: Replicas) -> dict[str, str]:
+    return _signed_in(mesh, "developer")
+
+
+# Besides its public service, the services whose calls a process may count.
+INTERNAL_OF = {
+    "agentmesh.v1.AuthService": {
+        "agentmesh.v1.AuthInternalService",
+        "agentmesh.v1.UsersService",
+        "agentmesh.v1.HealthService",
+    },
+    "agentmesh.v1.TasksService": {
+        "agentmesh.v1.TasksInternalService",
+        "agentmesh.v1.MetricsService",
+        "agentmesh.v1.HealthService",
+    },
+    "agentmesh.v1.AgentsService": {
+        "agentmesh.v1.AgentsInternalService",
+        "agentmesh.v1.HealthService",
+    },
+    "agentmesh.v1.EventsService": {
+        "agentmesh.v1.MessagingService",
+        "agentmesh.v1.HealthService",
+    },
+}
 
 
 def _creates(mesh: Replicas, headers: dict[str, str], count: int, **task: object) -> list[str]:
@@ -256,6 +291,33 @@ async def test_replicas_behind_the_gateway_serve_the_whole_api(replicas: Replica
             break
         assert time.monotonic() < deadline, events
         await asyncio.sleep(0.2)
+
+    # Every process answers its own metrics to a scraper: its own calls, which GET /metrics
+    # through the gateway (one tasks replica) would never show.
+    viewer = _signed_in(mesh, "viewer")
+    served = {
+        "auth": "agentmesh.v1.AuthService",
+        "tasks-0": "agentmesh.v1.TasksService",
+        "tasks-1": "agentmesh.v1.TasksService",
+        "agents-0": "agentmesh.v1.AgentsService",
+        "messaging-0": "agentmesh.v1.EventsService",
+    }
+    assert set(mesh.metrics) == set(served)
+    for name, service in served.items():
+        url = f"http://127.0.0.1:{mesh.metrics[name]}/metrics"
+        assert httpx.get(url).status_code == 401
+        assert httpx.get(url, headers=dev).status_code == 403  # a developer reads no metrics
+        reply = httpx.get(url, headers=viewer)
+        assert reply.status_code == 200, (name, reply.text)
+        calls = {
+            line.split('grpc_service="')[1].split('"')[0]
+            for line in reply.text.splitlines()
+            if line.startswith("agentmesh_grpc_server_handled_total{")
+        }
+        own = {service, *INTERNAL_OF[service], "grpc.health.v1.Health"}  # Envoy's checks
+        assert service in calls and calls <= own, (name, calls)
+        # Tasks by status, mesh-wide, read at the scrape where the tasks service runs.
+        assert ('agentmesh_tasks{status="completed"}' in reply.text) == name.startswith("tasks")
 
     # One tasks replica dies: every request goes to the other, none fails.
     mesh.procs["tasks-0"].kill()
