@@ -210,6 +210,7 @@ class Runtime:
             authenticator=self.authenticator(),
             quotas=self.quotas,
             render=self.prometheus or own,
+            avoid=frozenset({self.settings.public_port, self.settings.admin_port} - {0}),
         )
 
     def internal_channel(self, service: str) -> InternalChannel:

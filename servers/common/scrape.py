@@ -89,12 +89,15 @@ class ScrapeServer:
         authenticator: Authenticator,
         quotas: Quotas,
         render: Render,
+        avoid: frozenset[int] = frozenset(),
     ) -> None:
+        """``avoid``: ports a free port picked here must not be (ones Envoy binds later)."""
         self._host = host
         self._port = port
         self._authenticator = authenticator
         self._quotas = quotas
         self._render = render
+        self._avoid = avoid
         self._server: asyncio.Server | None = None
         self._open = 0
         self._handlers: set[asyncio.Task[None]] = set()
@@ -104,16 +107,23 @@ class ScrapeServer:
         return f"{self._host}:{self._port}"
 
     async def start(self) -> None:
-        try:
-            self._server = await asyncio.start_server(
-                self._connection, self._host, self._port, limit=HEAD_MAX
-            )
-        except OSError as exc:
-            raise PortInUse(
-                f"AGENTMESH_METRICS_PORT: port {self._port} on {self._host} cannot be used"
-                f" ({exc.strerror})"
-            ) from None
-        self._port = self._server.sockets[0].getsockname()[1]
+        for _ in range(10):
+            try:
+                server = await asyncio.start_server(
+                    self._connection, self._host, self._port, limit=HEAD_MAX
+                )
+            except OSError as exc:
+                raise PortInUse(
+                    f"AGENTMESH_METRICS_PORT: port {self._port} on {self._host} cannot be used"
+                    f" ({exc.strerror})"
+                ) from None
+            picked = server.sockets[0].getsockname()[1]
+            if self._port or picked not in self._avoid:
+                self._server, self._port = server, picked
+                return
+            server.close()  # the kernel handed out a port Envoy is about to bind
+            await server.wait_closed()
+        raise PortInUse("AGENTMESH_METRICS_PORT: no free port found")
 
     async def stop(self) -> None:
         if self._server is not None:
