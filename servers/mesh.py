@@ -129,6 +129,7 @@ class Runtime:
     _followers: dict[str, Follower] = field(default_factory=dict)
     _jobs: list[asyncio.Task[None]] = field(default_factory=list)
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    _api_key_client: ApiKeyClient | None = None
 
     @classmethod
     async def open(cls, settings: Settings) -> Runtime:
@@ -185,11 +186,12 @@ class Runtime:
         if api_keys is None:
             api_keys = self.api_keys_here
         if api_keys is None:
-            client = ApiKeyClient(
-                address=lambda: self.peers["auth"], internal_token=self.internal_token
-            )
-            self._closers.append(client.close)
-            api_keys = client
+            if self._api_key_client is None:  # one channel to the auth service per process
+                self._api_key_client = ApiKeyClient(
+                    address=lambda: self.peers["auth"], internal_token=self.internal_token
+                )
+                self._closers.append(self._api_key_client.close)
+            api_keys = self._api_key_client
         return Authenticator(
             verifier=self.verifier, internal_token=self.internal_token, api_keys=api_keys
         )

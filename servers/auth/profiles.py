@@ -23,11 +23,9 @@ from servers.common.context import Principal
 
 from .models import ApiKeyRow, UserRow
 
-DEFAULT_TTL = 2.0
-
 
 class AccountCache:
-    def __init__(self, *, ttl: float = DEFAULT_TTL, size: int = 10_000) -> None:
+    def __init__(self, *, ttl: float = 2.0, size: int = 10_000) -> None:
         self._ttl = ttl
         self._size = size
         self._profiles: OrderedDict[str, tuple[UserRow, float]] = OrderedDict()

@@ -161,7 +161,12 @@ class ScrapeServer:
             error: AgentmeshError = ValidationError(
                 f"the request head is larger than {HEAD_MAX} bytes"
             )
-            await self._answer(writer, HTTP_STATUS[error.status], _envelope(error, request_id))
+            await self._answer(
+                writer,
+                HTTP_STATUS[error.status],
+                _envelope(error, request_id),
+                [("content-type", "application/json"), ("x-request-id", request_id)],
+            )
             return
         except (asyncio.IncompleteReadError, TimeoutError):
             raise _Refused from None

@@ -141,6 +141,7 @@ async def test_malformed_and_oversized_requests_are_refused(port: str) -> None:
     big = b"GET /metrics HTTP/1.1\r\nx-pad: " + b"a" * scrape.HEAD_MAX + b"\r\n\r\n"
     answer = await asyncio.to_thread(_raw, address, big)
     assert answer.startswith(b"HTTP/1.1 400 ") and b"larger than" in answer
+    assert b"\r\nx-request-id: " in answer
 
 
 async def _closed_unanswered(reader: asyncio.StreamReader) -> bool:
