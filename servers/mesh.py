@@ -367,7 +367,7 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
             agents=agents,
             metrics=rt.metrics,
         )
-        tasks = Tasks(db=rt.db)
+        tasks = Tasks(db=rt.db, timeout_seconds=s.task_timeout_seconds)
         callbacks = CallbackWorker(
             db=rt.db,
             bus=rt.bus,

@@ -117,6 +117,11 @@ def _between(env: Mapping[str, str], name: str, default: int, low: int, high: in
     return value
 
 
+# How long one attempt of a task may run, in seconds: the default of a task that does not say
+# (AGENTMESH_TASK_TIMEOUT_SECONDS unless set) and the most any task may ask for.
+TASK_TIMEOUT_DEFAULT, TASK_TIMEOUT_MAX = 3600, 7 * 24 * 3600
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything a process of the mesh needs to know at start.
@@ -137,6 +142,8 @@ class Settings:
       AGENTMESH_LOGIN_LIMIT  login attempts per client address and per account (default 10)
       AGENTMESH_LOGIN_WINDOW_SECONDS  the window of that limit (default 3600)
       AGENTMESH_LEASE_SECONDS      how long an agent holds a task without renewal (default 30)
+      AGENTMESH_TASK_TIMEOUT_SECONDS  how long one attempt of a task that does not say may
+                                   run (default 3600, at most 604800)
       AGENTMESH_TASK_RETENTION_DAYS  ended tasks are deleted this many days after they ended
                                    (default 30; 0 keeps them for ever)
       AGENTMESH_HEARTBEAT_SECONDS  how often agents send heartbeats (default 10)
@@ -188,6 +195,7 @@ class Settings:
     login_limit: int = 10
     login_window: int = 3600
     lease_seconds: int = 30
+    task_timeout_seconds: int = TASK_TIMEOUT_DEFAULT
     task_retention_days: int = 30
     agent_retention_days: int = 7
     agents_per_owner: int = 1000
@@ -231,6 +239,9 @@ class Settings:
             login_limit=_int(env, "AGENTMESH_LOGIN_LIMIT", 10),
             login_window=_int(env, "AGENTMESH_LOGIN_WINDOW_SECONDS", 3600),
             lease_seconds=_int(env, "AGENTMESH_LEASE_SECONDS", 30),
+            task_timeout_seconds=_between(
+                env, "AGENTMESH_TASK_TIMEOUT_SECONDS", TASK_TIMEOUT_DEFAULT, 1, TASK_TIMEOUT_MAX
+            ),
             task_retention_days=_retention_days(env, "AGENTMESH_TASK_RETENTION_DAYS", 30, "tasks"),
             agent_retention_days=_retention_days(
                 env, "AGENTMESH_AGENT_RETENTION_DAYS", 7, "agents"

@@ -69,6 +69,11 @@ class Metrics:
             ("outcome",),
             registry=self.registry,
         )
+        self.tasks_timed_out = Counter(
+            "agentmesh_tasks_timed_out",
+            "Tasks failed here because an attempt ran past its time limit (TASK_TIMEOUT).",
+            registry=self.registry,
+        )
         self.quota_refused = Counter(
             "agentmesh_quota_refused",
             'Calls refused by a request quota, by quota: a class ("general", ...) or a tier'

@@ -15,13 +15,13 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, Text, bindparam, cast, func, or_, select, update
+from sqlalchemy import DateTime, Table, Text, bindparam, cast, func, or_, select, update
 
 from servers.common.clock import aware, now
 from servers.common.db import Database
 
 from .models import TaskRow
-from .store import Outbox
+from .store import Outbox, SecondsBetween
 
 HELD = ("assigned", "running")
 CLAIM_SCAN = 200  # queued tasks a claim looks at, at most, for one its agent can do
@@ -65,6 +65,7 @@ _LEASE = (
         attempt=_t.c.attempt + 1,
         attempt_token=bindparam("lease_token"),
         lease_expires_at=bindparam("lease_until"),
+        leased_at=bindparam("lease_at"),
         updated_at=bindparam("lease_at"),
     )
     .returning(*(column for _, column in _FIELDS))
@@ -95,6 +96,30 @@ _COMPLETE = (
     .returning(*(column for _, column in _FIELDS))
 )
 
+# The held tasks whose current attempt has run past its time limit, computed by the database so
+# that the sweep reads only those (the status index narrows it to held tasks first).
+_OVERDUE = (
+    select(TaskRow)
+    .where(
+        TaskRow.status.in_(HELD),
+        TaskRow.timeout_seconds > 0,
+        TaskRow.leased_at.is_not(None),
+        SecondsBetween(bindparam("overdue_at", type_=DateTime(timezone=True)), TaskRow.leased_at)
+        >= TaskRow.timeout_seconds,
+    )
+    .order_by(TaskRow.task_id)
+    .limit(500)
+    # As the lease sweep: a task whose outcome is being recorded is left to that transaction.
+    .with_for_update(skip_locked=True)
+)
+
+
+def _past_limit(task: TaskRow, at: datetime) -> bool:
+    """Whether the current attempt has run out of time, read again on the locked row."""
+    if task.leased_at is None or task.timeout_seconds <= 0 or task.status not in HELD:
+        return False
+    return aware(task.leased_at) + timedelta(seconds=task.timeout_seconds) <= at
+
 
 def _holds(task: TaskRow, agent_id: str, token: str) -> bool:
     """Whether this attempt (agent and fencing token) holds the task."""
@@ -118,12 +143,14 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Lost:
-    """A lease that ran out: the task and the agent that held it."""
+    """An attempt the mesh ended (its lease ran out, its agent stopped, it ran out of time):
+    the task and the agent that held it."""
 
     task_id: str
     agent_id: str
     requeued: bool
     attempt_token: str = ""  # the attempt that ended
+    reason: str = "LEASE_LOST"  # the Cancellation's reason, for its holder
 
 
 def _oversized(result: dict[str, Any]) -> tuple[str, str, bool] | None:
@@ -375,12 +402,16 @@ class Dispatch:
         task.status = "queued"
         task.assigned_agent = ""
         task.lease_expires_at = None
+        task.leased_at = None
         task.progress = 0
 
     async def expire_leases(self) -> list[Lost]:
-        """Requeues (or, after the last attempt, fails) every task whose lease ran out."""
+        """Requeues (or, after the last attempt, fails) every task whose lease ran out, and
+        fails every task whose attempt ran past its time limit (``TASK_TIMEOUT``)."""
         at = now()
         async with self._db.write() as s, s.begin():
+            overdue = (await s.execute(_OVERDUE, {"overdue_at": at})).scalars().all()
+            timed_out = [self._time_out(s, t, at) for t in overdue if _past_limit(t, at)]
             rows = await s.execute(
                 select(TaskRow)
                 .where(TaskRow.status.in_(HELD), TaskRow.lease_expires_at < at)
@@ -395,7 +426,31 @@ class Dispatch:
                 for t in rows.scalars()
                 if t.lease_expires_at is not None and aware(t.lease_expires_at) < at
             ]
-            return [self._give_up(s, t, at, "LEASE_EXPIRED", "lease expired") for t in expired]
+            return timed_out + [
+                self._give_up(s, t, at, "LEASE_EXPIRED", "lease expired") for t in expired
+            ]
+
+    def _time_out(self, s: Any, task: TaskRow, at: datetime) -> Lost:
+        """Fails a task whose attempt ran past its time limit. Not retried: another attempt
+        of the same work would run as long."""
+        holder, token = task.assigned_agent, task.attempt_token or ""
+        task.error = (
+            f"ran past its time limit of {task.timeout_seconds} s on attempt {task.attempt} "
+            f"(agent {holder})"
+        )
+        task.error_code = "TASK_TIMEOUT"
+        self._fail(s, task, at)
+        return Lost(task.task_id, holder, False, token, reason="TASK_TIMEOUT")
+
+    def _fail(self, s: Any, task: TaskRow, at: datetime) -> None:
+        """Fails the task for good, as the mesh's verdict on its current attempt."""
+        task.status = "failed"
+        task.lease_expires_at = None
+        task.completed_at = at
+        task.updated_at = at
+        # No attempt holds it any more: a late result is refused, not taken for a repeat.
+        task.attempt_token = None
+        Outbox(s).add("task.failed", task, at, error_code=task.error_code, attempt=task.attempt)
 
     async def release(self, agent_id: str, reason: str) -> list[Lost]:
         """Takes back every task an agent holds (it stopped cleanly), as if their leases had
@@ -437,10 +492,5 @@ class Dispatch:
             self._requeue(task)
             Outbox(s).add("task.requeued", task, at, reason=code, attempt=task.attempt)
         else:
-            task.status = "failed"
-            task.lease_expires_at = None
-            task.completed_at = at
-            # No attempt holds it any more: a late result is refused, not taken for a repeat.
-            task.attempt_token = None
-            Outbox(s).add("task.failed", task, at, error_code=code, attempt=task.attempt)
+            self._fail(s, task, at)
         return Lost(task.task_id, holder, task.status == "queued", token)

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from servers.common.clock import now
+from servers.common.config import TASK_TIMEOUT_DEFAULT, TASK_TIMEOUT_MAX
 from servers.common.context import Principal, add_cost
 from servers.common.db import Database
 from servers.common.errors import Conflict, NotFound, ValidationError
@@ -106,6 +107,7 @@ class NewTask:
     max_attempts: int | None  # None: not given
     callback_url: str
     defer_start: bool
+    timeout_seconds: int | None = None  # None: not given
 
 
 def _too_long(field: str, value: str) -> None:
@@ -186,13 +188,26 @@ class Stats:
     success_rate: float
 
 
+def _time_limit(given: int | None, default: int) -> int:
+    if given is None:
+        return default
+    if not 1 <= given <= TASK_TIMEOUT_MAX:
+        raise ValidationError(
+            f"timeout_seconds must be between 1 and {TASK_TIMEOUT_MAX}",
+            details={"field": "timeout_seconds", "max": TASK_TIMEOUT_MAX},
+        )
+    return given
+
+
 class Tasks:
-    def __init__(self, *, db: Database) -> None:
+    def __init__(self, *, db: Database, timeout_seconds: int = TASK_TIMEOUT_DEFAULT) -> None:
         self._db = db
+        self._timeout = timeout_seconds  # of a task that does not say
 
     async def create(self, who: Principal, new: NewTask) -> tuple[TaskRow, bool]:
         """The new task, and whether it was created (False: an idempotent repeat)."""
         task_type, priority, attempts, caps = _check(new)
+        timeout = _time_limit(new.timeout_seconds, self._timeout)
         key = new.idempotency_key or None
         at = now()
         task = TaskRow(
@@ -210,6 +225,7 @@ class Tasks:
             assigned_agent="",
             attempt=0,
             max_attempts=attempts,
+            timeout_seconds=timeout,
             result=None,
             error="",
             error_code="",

@@ -59,6 +59,10 @@ class TaskRow(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(
         DateTime(timezone=True), nullable=True
     )
+    # How long one attempt may run (0: no limit, tasks from before limits), and when the
+    # current attempt was leased: the two give the moment it runs out of time.
+    timeout_seconds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    leased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class OutboxRow(OutboxMixin, Base):

@@ -49,6 +49,7 @@ def task_proto(task: TaskRow) -> tasks_pb2.Task:
         assigned_agent=task.assigned_agent,
         attempt=task.attempt,
         max_attempts=task.max_attempts,
+        timeout_seconds=task.timeout_seconds,
         result=struct(task.result) if task.result is not None else None,
         error=task.error,
         error_code=task.error_code,
@@ -148,6 +149,9 @@ class TasksService(tasks_pb2_grpc.TasksServiceServicer):
             max_attempts=request.max_attempts if request.HasField("max_attempts") else None,
             callback_url=request.callback_url,
             defer_start=request.defer_start,
+            timeout_seconds=(
+                request.timeout_seconds if request.HasField("timeout_seconds") else None
+            ),
         )
         task, created = await self._tasks.create(require_principal(), new)
         if created:
@@ -367,7 +371,7 @@ class TasksInternalService(tasks_pb2_grpc.TasksInternalServiceServicer):
                 if task.status in ("queued", "failed"):
                     # Not claimed again yet: stop the attempt that lost its lease.
                     self._agents.cancel(
-                        gone.agent_id, gone.task_id, "LEASE_LOST", gone.attempt_token
+                        gone.agent_id, gone.task_id, gone.reason, gone.attempt_token
                     )
                 elif task.assigned_agent != gone.agent_id:
                     # Claimed by another agent: the old holder stops whatever it runs of it.
@@ -387,6 +391,9 @@ class TasksInternalService(tasks_pb2_grpc.TasksInternalServiceServicer):
                 continue
             if self._metrics is not None:
                 for loss in lost:
+                    if loss.reason == "TASK_TIMEOUT":
+                        self._metrics.tasks_timed_out.inc()
+                        continue
                     outcome = "requeued" if loss.requeued else "failed"
                     self._metrics.leases_expired.labels(outcome).inc()
             await self._after_loss(lost, notify_holder=True)

@@ -18,7 +18,7 @@ from servers.common.outbox import write_event
 from .models import OutboxRow, TaskRow
 
 
-class _Seconds(FunctionElement[float]):
+class SecondsBetween(FunctionElement[float]):
     """Seconds from the second timestamp to the first, as each database computes them."""
 
     type = Float()
@@ -26,15 +26,15 @@ class _Seconds(FunctionElement[float]):
     inherit_cache = True
 
 
-@compiles(_Seconds, "sqlite")
-def _seconds_sqlite(element: _Seconds, compiler: Any, **kw: Any) -> str:
+@compiles(SecondsBetween, "sqlite")
+def _seconds_sqlite(element: SecondsBetween, compiler: Any, **kw: Any) -> str:
     # julianday() keeps milliseconds (SQLite's own clock resolution), in days.
     end, start = (compiler.process(arg, **kw) for arg in element.clauses)
     return f"((julianday({end}) - julianday({start})) * 86400.0)"
 
 
-@compiles(_Seconds, "postgresql")
-def _seconds_postgresql(element: _Seconds, compiler: Any, **kw: Any) -> str:
+@compiles(SecondsBetween, "postgresql")
+def _seconds_postgresql(element: SecondsBetween, compiler: Any, **kw: Any) -> str:
     end, start = (compiler.process(arg, **kw) for arg in element.clauses)
     return f"EXTRACT(EPOCH FROM ({end} - {start}))"
 
@@ -156,7 +156,7 @@ class TaskStore:
     async def average_seconds(self, owner_id: str | None) -> float:
         """How long the completed tasks ran on average, from start to end (0 for none),
         computed by the database: the stats cover every completed task the caller has."""
-        query = select(func.avg(_Seconds(TaskRow.completed_at, TaskRow.started_at)))
+        query = select(func.avg(SecondsBetween(TaskRow.completed_at, TaskRow.started_at)))
         average = (await self._s.execute(query.where(*self._ran(owner_id)))).scalar_one()
         return float(average or 0.0)
 

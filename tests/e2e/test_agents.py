@@ -305,3 +305,44 @@ def test_a_stopped_agent_hands_its_task_back_at_once(
         )
         done = owner.task(task["task_id"])
         assert done["attempt"] == 2 and done["assigned_agent"] == agent_id_of(owner.id, "staying")
+
+
+def test_an_attempt_past_its_time_limit_is_stopped_and_fails(
+    mesh: MeshProcess, agents: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A task's timeout_seconds, through Envoy: the agent is told to stop (its one slot is
+    free again at once, not after the minute its handler would take) and the task fails with
+    TASK_TIMEOUT, without another attempt and without a result."""
+    owner = Owner(mesh)
+    refused = httpx.post(
+        mesh.url + "/api/v1/tasks",
+        json={"type": "echo", "description": "x", "timeout_seconds": 0},
+        headers=owner.headers,
+    )
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "VALIDATION_ERROR" and error["details"]["field"] == "timeout_seconds"
+    assert owner.create(type="echo", description="default")["timeout_seconds"] == 3600
+
+    agents(mesh, owner.key, "worker")  # capacity 1
+    task = owner.create(
+        type="sleep", description="too long", metadata={"seconds": 60}, timeout_seconds=2
+    )
+    assert task["timeout_seconds"] == 2
+    wait_until(lambda: owner.task(task["task_id"])["status"] == "running", 20, "the sleep to run")
+    wait_until(lambda: owner.task(task["task_id"])["status"] == "failed", 10, "the time limit")
+    failed = owner.task(task["task_id"])
+    assert failed["error_code"] == "TASK_TIMEOUT" and failed["attempt"] == 1
+    assert "time limit of 2 s" in failed["error"]
+    echo = owner.create(type="echo", description="after the limit")
+    wait_until(lambda: owner.task(echo["task_id"])["status"] == "completed", 15, "the next task")
+    assert owner.task(task["task_id"])["status"] == "failed"
+    assert completed_events(mesh, task["task_id"]) == 0
+    # The agent was told why, not only that its lease is gone (a heartbeat racing the sweep
+    # may add a LEASE_LOST for the same attempt, which changes nothing).
+    told = [
+        line
+        for line in (tmp_path / "agent-worker.log").read_text().splitlines()
+        if "task cancelled" in line and task["task_id"] in line
+    ]
+    assert any('"reason": "TASK_TIMEOUT"' in line for line in told), told

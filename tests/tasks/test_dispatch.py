@@ -440,3 +440,50 @@ async def test_return_task_checks_its_ids(db: Database) -> None:
         assert refused.value.details == {"field": field}
     unknown = tasks_pb2.ReturnTaskRequest(task_id="unknown", agent_id="agent-1", attempt_token="t")
     assert not (await service.ReturnTask(unknown, None)).returned
+
+
+async def test_an_attempt_past_its_time_limit_fails_the_task(db: Database) -> None:
+    """The limit counts from the lease, renewals do not move it, and the task fails at once
+    (no other attempt) with TASK_TIMEOUT; the holder's late result is refused."""
+    tasks, dispatch = Tasks(db=db), Dispatch(db=db, lease_seconds=30)
+    slow, _ = await tasks.create(ALICE, replace(NEW, timeout_seconds=1))
+    quick, _ = await tasks.create(ALICE, replace(NEW, timeout_seconds=60))
+    assert slow.timeout_seconds == 1
+    held = [await dispatch.claim("agent-1", ["echo"]) for _ in range(2)]
+    assert all(t is not None for t in held)
+    token = {t.task_id: t.attempt_token or "" for t in held if t is not None}
+    await dispatch.progress(slow.task_id, "agent-1", token[slow.task_id], 10, "")
+    assert await dispatch.expire_leases() == []  # not yet
+    await asyncio.sleep(0.6)
+    renewed, gone = await dispatch.renew("agent-1", [slow.task_id, quick.task_id])
+    assert sorted(renewed) == sorted([slow.task_id, quick.task_id]) and gone == []
+    await asyncio.sleep(0.5)
+    lost = await dispatch.expire_leases()
+    assert [(x.task_id, x.agent_id, x.requeued, x.reason) for x in lost] == [
+        (slow.task_id, "agent-1", False, "TASK_TIMEOUT")
+    ]
+    assert lost[0].attempt_token == token[slow.task_id]
+    failed = await tasks.get(ALICE, slow.task_id)
+    assert failed.status == "failed" and failed.error_code == "TASK_TIMEOUT"
+    assert failed.attempt == 1 and "time limit of 1 s" in failed.error
+    assert failed.completed_at is not None and failed.attempt_token is None
+    late = await dispatch.complete(
+        slow.task_id, "agent-1", token[slow.task_id], result={"x": 1}, error=None
+    )
+    assert not late.accepted and late.reason == "CONFLICT"
+    # The other task, within its limit, is untouched and completes.
+    assert (await tasks.get(ALICE, quick.task_id)).status == "assigned"
+    done = await dispatch.complete(
+        quick.task_id, "agent-1", token[quick.task_id], result={}, error=None
+    )
+    assert done.accepted and done.status == "completed"
+    assert await dispatch.expire_leases() == []
+
+
+async def test_a_task_without_a_limit_asked_gets_the_default(db: Database) -> None:
+    task, _ = await Tasks(db=db, timeout_seconds=90).create(ALICE, NEW)
+    assert task.timeout_seconds == 90
+    for bad in (0, -1, 7 * 24 * 3600 + 1):
+        with pytest.raises(ValidationError) as refused:
+            await Tasks(db=db).create(ALICE, replace(NEW, timeout_seconds=bad))
+        assert refused.value.details["field"] == "timeout_seconds"

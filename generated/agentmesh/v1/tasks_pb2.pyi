@@ -13,7 +13,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "type", "title", "description", "status", "priority", "priority_label", "model", "metadata", "required_capabilities", "progress", "assigned_agent", "attempt", "max_attempts", "result", "error", "error_code", "idempotency_key", "callback_url", "owner_id", "created_at", "updated_at", "started_at", "completed_at", "cancelled_at", "estimated_completion", "id")
+    __slots__ = ("task_id", "type", "title", "description", "status", "priority", "priority_label", "model", "metadata", "required_capabilities", "progress", "assigned_agent", "attempt", "max_attempts", "result", "error", "error_code", "idempotency_key", "callback_url", "owner_id", "created_at", "updated_at", "started_at", "completed_at", "cancelled_at", "estimated_completion", "id", "timeout_seconds")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class Task(_message.Message):
     CANCELLED_AT_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_COMPLETION_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     type: str
     title: str
@@ -68,7 +69,8 @@ class Task(_message.Message):
     cancelled_at: _timestamp_pb2.Timestamp
     estimated_completion: _timestamp_pb2.Timestamp
     id: str
-    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., title: _Optional[str] = ..., description: _Optional[str] = ..., status: _Optional[str] = ..., priority: _Optional[int] = ..., priority_label: _Optional[str] = ..., model: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., required_capabilities: _Optional[_Iterable[str]] = ..., progress: _Optional[int] = ..., assigned_agent: _Optional[str] = ..., attempt: _Optional[int] = ..., max_attempts: _Optional[int] = ..., result: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[str] = ..., error_code: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., callback_url: _Optional[str] = ..., owner_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancelled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., estimated_completion: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., id: _Optional[str] = ...) -> None: ...
+    timeout_seconds: int
+    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., title: _Optional[str] = ..., description: _Optional[str] = ..., status: _Optional[str] = ..., priority: _Optional[int] = ..., priority_label: _Optional[str] = ..., model: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., required_capabilities: _Optional[_Iterable[str]] = ..., progress: _Optional[int] = ..., assigned_agent: _Optional[str] = ..., attempt: _Optional[int] = ..., max_attempts: _Optional[int] = ..., result: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[str] = ..., error_code: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., callback_url: _Optional[str] = ..., owner_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancelled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., estimated_completion: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., id: _Optional[str] = ..., timeout_seconds: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("task", "attempt", "lease_expires_at", "attempt_token")
@@ -95,7 +97,7 @@ class TaskError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., details: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., retryable: _Optional[bool] = ...) -> None: ...
 
 class CreateTaskRequest(_message.Message):
-    __slots__ = ("type", "title", "description", "priority", "priority_label", "model", "metadata", "required_capabilities", "idempotency_key", "max_attempts", "callback_url", "defer_start")
+    __slots__ = ("type", "title", "description", "priority", "priority_label", "model", "metadata", "required_capabilities", "idempotency_key", "max_attempts", "callback_url", "defer_start", "timeout_seconds")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +110,7 @@ class CreateTaskRequest(_message.Message):
     MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     CALLBACK_URL_FIELD_NUMBER: _ClassVar[int]
     DEFER_START_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     type: str
     title: str
     description: str
@@ -120,7 +123,8 @@ class CreateTaskRequest(_message.Message):
     max_attempts: int
     callback_url: str
     defer_start: bool
-    def __init__(self, type: _Optional[str] = ..., title: _Optional[str] = ..., description: _Optional[str] = ..., priority: _Optional[int] = ..., priority_label: _Optional[str] = ..., model: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., required_capabilities: _Optional[_Iterable[str]] = ..., idempotency_key: _Optional[str] = ..., max_attempts: _Optional[int] = ..., callback_url: _Optional[str] = ..., defer_start: _Optional[bool] = ...) -> None: ...
+    timeout_seconds: int
+    def __init__(self, type: _Optional[str] = ..., title: _Optional[str] = ..., description: _Optional[str] = ..., priority: _Optional[int] = ..., priority_label: _Optional[str] = ..., model: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., required_capabilities: _Optional[_Iterable[str]] = ..., idempotency_key: _Optional[str] = ..., max_attempts: _Optional[int] = ..., callback_url: _Optional[str] = ..., defer_start: _Optional[bool] = ..., timeout_seconds: _Optional[int] = ...) -> None: ...
 
 class ListTasksRequest(_message.Message):
     __slots__ = ("status", "limit", "offset")
