@@ -33,6 +33,7 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 
 from agentmesh.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2
+from servers.common.protos import NESTING_MAX, too_deep
 
 log = logging.getLogger("agentmesh.agent")
 
@@ -130,6 +131,13 @@ async def execute(handler: Handler, task: tasks_pb2.Task, report: Progress) -> O
             code="INTERNAL_ERROR",
             message=str(exc)[:MESSAGE_LIMIT] or type(exc).__name__,
             retryable=True,
+        )
+    if too_deep(result):
+        # Too deep for the stream to carry (the mesh could not decode the frame) or to keep.
+        return tasks_pb2.TaskError(
+            code="RESULT_TOO_DEEP",
+            message=f"the handler's result nests deeper than {NESTING_MAX} levels",
+            retryable=False,
         )
     try:
         return json_format.ParseDict(dict(result), struct_pb2.Struct())

@@ -40,6 +40,7 @@ from servers.common.context import Principal
 from servers.common.db import Database, take_turn
 from servers.common.errors import NotFound, RateLimited, ValidationError
 from servers.common.pagination import PAGE_MAX_BYTES, Page
+from servers.common.protos import NESTING_MAX, too_deep
 
 from .models import AgentRow
 from .registry import Registry, Session
@@ -74,8 +75,13 @@ def apply_config(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any
     return merged
 
 
-def config_too_large(configuration: dict[str, Any]) -> bool:
-    return len(json.dumps(configuration).encode()) > CONFIG_MAX_BYTES
+def config_problem(configuration: dict[str, Any]) -> str | None:
+    """What is wrong with a configuration to keep and hand to the agent, if anything."""
+    if len(json.dumps(configuration).encode()) > CONFIG_MAX_BYTES:
+        return "configuration is larger than 64 KiB"
+    if too_deep(configuration):
+        return f"configuration nests objects and arrays deeper than {NESTING_MAX} levels"
+    return None
 
 
 def _load_status(load: int, capacity: int) -> str:
@@ -487,10 +493,8 @@ class AgentDirectory:
     ) -> ConfigChange:
         """UpdateAgentConfig's rules (see its proto comment); the changes are stored as
         overrides, which outlive the connection and the server."""
-        if config_too_large(body):
-            raise ValidationError(
-                "configuration is larger than 64 KiB", details={"field": "configuration"}
-            )
+        if problem := config_problem(body):
+            raise ValidationError(problem, details={"field": "configuration"})
         if any(not path or "." in path for path in paths if path != "*"):
             raise ValidationError(
                 "update_mask paths are top-level keys", details={"field": "update_mask"}
@@ -510,10 +514,8 @@ class AgentDirectory:
             # A new dict, so that the JSON column is seen to change.
             row.overrides = {**row.overrides, **changes}
             configuration = apply_config(row.configuration, row.overrides)
-            if config_too_large(configuration):
-                raise ValidationError(
-                    "configuration is larger than 64 KiB", details={"field": "configuration"}
-                )
+            if problem := config_problem(configuration):
+                raise ValidationError(problem, details={"field": "configuration"})
             session = self.registry.get(agent_id)
             if session is not None:
                 session.configuration = configuration

@@ -194,6 +194,8 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             session.closed_by_agent = True
         except grpc.aio.AioRpcError:
             pass  # the agent's side broke; the writer ends the stream
+        except ValidationError as exc:  # a frame that could not be decoded
+            session.send(error_frame("VALIDATION_ERROR", exc.message))
         finally:
             session.send(None)
 

@@ -25,7 +25,7 @@ from agentmesh.v1 import agents_pb2, common_pb2, tasks_pb2, tasks_pb2_grpc
 from servers.common.context import Principal
 from servers.common.internal import CALL_TIMEOUT, InternalChannel
 
-from .domain import AgentDirectory, config_too_large
+from .domain import AgentDirectory, config_problem
 from .registry import Session
 
 if TYPE_CHECKING:
@@ -82,8 +82,8 @@ def hello_problem(hello: agents_pb2.Hello) -> tuple[str, str] | None:
         return "max_capacity", f"max_capacity must be 1 to {MAX_CAPACITY}"
     if len(hello.type) > 64 or len(hello.version) > 64:
         return "type", "type and version: at most 64 characters each"
-    if config_too_large(json_format.MessageToDict(hello.configuration)):
-        return "configuration", "configuration is larger than 64 KiB"
+    if problem := config_problem(json_format.MessageToDict(hello.configuration)):
+        return "configuration", problem
     return None
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -28,7 +29,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from . import context as callctx
 from . import policy
 from .auth import Authenticator
-from .errors import DOMAIN, AgentmeshError, InternalError, NotImplementedYet
+from .errors import DOMAIN, AgentmeshError, InternalError, NotImplementedYet, ValidationError
 from .metrics import Metrics
 from .observability import OBSERVED
 from .quotas import QuotaExceeded, Quotas
@@ -49,6 +50,49 @@ def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
         if isinstance(value, str):
             out[key] = value
     return out
+
+
+class Undecodable:
+    """A request message that did not parse, in place of the message (see ``_tolerant``)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def problem(self) -> ValidationError:
+        return ValidationError(f"the request could not be decoded: {self.reason}")
+
+
+def _tolerant(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``parse``, answering an Undecodable instead of raising. grpc parses a request before
+    any interceptor runs, and a message it cannot parse (JSON nested past protobuf's depth
+    limit, a string that is not UTF-8 in a path) would end the call as UNKNOWN with the
+    parser's own words: a 500 to REST clients. The wrapped handler raises the Undecodable's
+    VALIDATION_ERROR inside the interceptors' scope instead."""
+    if parse is None:
+        return None
+
+    def tolerant(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            text = str(exc)
+            if "Depth" in text:
+                return Undecodable("it nests too deep")
+            if "UTF-8" in text:
+                return Undecodable("a string is not valid UTF-8")
+            return Undecodable("it is not a valid message")
+
+    return tolerant
+
+
+async def _decoded(frames: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A request stream whose undecodable message raises its VALIDATION_ERROR."""
+    async for frame in frames:
+        if type(frame) is Undecodable:
+            raise frame.problem()
+        yield frame
 
 
 class _ScopeInterceptor(grpc.aio.ServerInterceptor):
@@ -85,6 +129,12 @@ class _ScopeInterceptor(grpc.aio.ServerInterceptor):
             behavior = getattr(handler, kind)
             if behavior is not None:
                 break
+        if kind.startswith("stream_"):
+            request_stream = behavior
+
+            def behavior(frames: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                return request_stream(_decoded(frames), context)
+
         wrapped = (
             self._wrap_stream(method, behavior)
             if kind in _STREAM_KINDS
@@ -93,13 +143,15 @@ class _ScopeInterceptor(grpc.aio.ServerInterceptor):
         factory = getattr(grpc, f"{kind}_rpc_method_handler")
         return factory(
             wrapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
     def _wrap_unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with self.scope(method, context):
+                if type(request) is Undecodable:
+                    raise request.problem()
                 result = behavior(request, context)
                 response = await result if inspect.isawaitable(result) else result
                 if response.ByteSize() > MAX_MESSAGE_BYTES:
@@ -115,6 +167,8 @@ class _ScopeInterceptor(grpc.aio.ServerInterceptor):
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             callctx.streaming.set(True)  # the call's own context: no reset needed
             async with self.scope(method, context):
+                if type(request) is Undecodable:
+                    raise request.problem()
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     async for item in result:

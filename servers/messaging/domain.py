@@ -28,6 +28,7 @@ from servers.common.errors import (
     ValidationError,
 )
 from servers.common.pagination import PAGE_MAX_BYTES, Page
+from servers.common.protos import NESTING_MAX, too_deep
 from servers.common.ratelimit import SlidingWindowLimiter
 
 from .hub import InboxHub
@@ -103,6 +104,11 @@ def check(new: NewMessage) -> NewMessage:
         raise ValidationError(
             f"payload is larger than {PAYLOAD_MAX_BYTES} bytes",
             details={"field": "payload", "max": PAYLOAD_MAX_BYTES, "size": size},
+        )
+    if too_deep(new.payload):
+        raise ValidationError(
+            f"payload nests objects and arrays deeper than {NESTING_MAX} levels",
+            details={"field": "payload", "max_depth": NESTING_MAX},
         )
     return replace(new, ttl_seconds=ttl)
 

@@ -19,6 +19,7 @@ from sqlalchemy import DateTime, Table, Text, bindparam, cast, func, or_, select
 
 from servers.common.clock import aware, now
 from servers.common.db import Database
+from servers.common.protos import NESTING_MAX, too_deep
 
 from .models import TaskRow
 from .store import Outbox, SecondsBetween
@@ -153,9 +154,12 @@ class Lost:
     reason: str = "LEASE_LOST"  # the Cancellation's reason, for its holder
 
 
-def _oversized(result: dict[str, Any]) -> tuple[str, str, bool] | None:
-    """A result too large to keep, as the attempt's error. Not retryable: another attempt of
-    the same work would produce the same result."""
+def _unkeepable(result: dict[str, Any]) -> tuple[str, str, bool] | None:
+    """A result too large or too deeply nested to keep, as the attempt's error. Not
+    retryable: another attempt of the same work would produce the same result."""
+    if too_deep(result):
+        message = f"the result nests deeper than {NESTING_MAX} levels of objects and arrays"
+        return "RESULT_TOO_DEEP", message, False
     size = len(json.dumps(result, separators=(",", ":")).encode())
     if size <= RESULT_MAX_BYTES:
         return None
@@ -308,7 +312,7 @@ class Dispatch:
         capabilities, to lease it its next task in the same transaction once the outcome is
         accepted (``Outcome.next``)."""
         if result is not None and error is None:
-            error = _oversized(result)
+            error = _unkeepable(result)
             result = None if error else result
         at = now()
         async with self._db.write() as s, s.begin():

@@ -26,6 +26,7 @@ from servers.common.context import Principal, add_cost
 from servers.common.db import Database
 from servers.common.errors import Conflict, NotFound, ValidationError
 from servers.common.pagination import PAGE_MAX_BYTES, Page
+from servers.common.protos import NESTING_MAX, too_deep
 
 from .models import TaskRow
 from .store import Outbox, TaskStore
@@ -154,6 +155,11 @@ def _check(new: NewTask) -> tuple[str, int, int, list[str]]:
         raise ValidationError(
             f"metadata is larger than {METADATA_MAX_BYTES} bytes",
             details={"field": "metadata", "max": METADATA_MAX_BYTES},
+        )
+    if too_deep(new.metadata):
+        raise ValidationError(
+            f"metadata nests objects and arrays deeper than {NESTING_MAX} levels",
+            details={"field": "metadata", "max_depth": NESTING_MAX},
         )
     caps = sorted(set(new.required_capabilities))
     if len(caps) > MAX_CAPABILITIES or any(not NAME.match(c) for c in caps):

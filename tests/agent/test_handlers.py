@@ -351,3 +351,21 @@ def test_cli_refuses_a_missing_workdir(tmp_path: Path) -> None:
     done = run_cli("--workdir", str(tmp_path / "nope"), key="amk_unused")
     assert done.returncode == 2
     assert "--workdir" in done.stderr
+
+
+async def test_a_result_too_deep_for_the_stream_is_reported_as_an_error() -> None:
+    """The mesh could not decode a frame carrying it, and the agent would send it again on
+    every reconnection: it is turned into a non-retryable error before it is sent."""
+    deep: dict[str, object] = {}
+    for _ in range(40):
+        deep = {"a": deep}
+
+    async def handler(task: tasks_pb2.Task, report: Any) -> dict[str, object]:
+        return deep
+
+    async def report(progress: int, message: str = "") -> None:
+        pass
+
+    outcome = await execute(handler, tasks_pb2.Task(task_id="t"), report)
+    assert isinstance(outcome, tasks_pb2.TaskError)
+    assert outcome.code == "RESULT_TOO_DEEP" and not outcome.retryable

@@ -21,6 +21,7 @@ from servers.common.context import Principal
 from servers.common.db import Database
 from servers.common.errors import NotFound, RateLimited, ValidationError
 from servers.common.pagination import Page
+from servers.common.protos import NESTING_MAX
 from tests.tasks.test_domain import _db
 
 ALICE = Principal(subject="alice", kind="user", roles=("developer",))
@@ -158,6 +159,12 @@ async def test_overrides_outlive_the_connection_and_the_server(db: Database) -> 
         await restarted.configure(ALICE, again.agent_id, {"a": {"b": 1}}, ["a.b"])
     with pytest.raises(ValidationError):
         await restarted.configure(ALICE, again.agent_id, {"big": "x" * 70_000}, [])
+    deep: dict[str, object] = {}
+    for _ in range(NESTING_MAX):
+        deep = {"a": deep}
+    with pytest.raises(ValidationError) as too_deep:
+        await restarted.configure(ALICE, again.agent_id, {"deep": deep}, [])
+    assert "deeper than 20 levels" in too_deep.value.message
 
     updates = [d for k, d in await events(db, first.agent_id) if k == "agent.config_updated"]
     assert [d["updated_fields"] for d in updates] == [

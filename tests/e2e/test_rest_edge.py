@@ -118,6 +118,48 @@ def test_an_unknown_body_field_is_rejected_not_dropped(mesh: MeshProcess) -> Non
         assert_envelope(listed, 400, "VALIDATION_ERROR")
 
 
+def _nested(levels: int) -> object:
+    """A JSON object whose objects nest ``levels`` deep."""
+    value: object = {}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
+
+
+def test_a_request_too_deep_or_not_utf8_is_a_validation_error(mesh: MeshProcess) -> None:
+    """Free-form JSON nests at most 20 levels: deeper metadata, once accepted, could not be
+    handed to an agent nor listed. Past protobuf's own limit (about 33 levels) and for a path
+    that is not UTF-8, grpc's parser refuses the request before any handler: still a 400 in
+    the envelope, not a 500 with the parser's words."""
+    with httpx.Client(base_url=mesh.url) as client:
+        token = client.post("/api/v1/auth/register", json=new_user()).json()["access_token"]
+        auth = {"Authorization": f"Bearer {token}"}
+
+        def create(levels: int) -> httpx.Response:
+            task = {"type": "echo", "description": "x", "metadata": _nested(levels)}
+            return client.post("/api/v1/tasks", json=task, headers=auth)
+
+        kept = create(20)
+        assert kept.status_code == 201, kept.text
+        for levels in (21, 32, 40, 99):
+            error = assert_envelope(create(levels), 400, "VALIDATION_ERROR")
+            assert "deep" in str(error["message"]), error
+            assert "protobuf" not in str(error["message"]) and "upb" not in str(error["message"])
+        listed = client.get("/api/v1/tasks", headers=auth)
+        assert listed.status_code == 200 and listed.json()["total"] == 1, listed.text
+        for method, path in (
+            ("GET", "/api/v1/tasks/%ff"),
+            ("DELETE", "/api/v1/tasks/%C0%AF"),
+            ("GET", "/api/v1/tasks?status=%ff"),
+        ):
+            error = assert_envelope(
+                client.request(method, path, headers=auth), 400, "VALIDATION_ERROR"
+            )
+            assert (
+                error["message"] == "the request could not be decoded: a string is not valid UTF-8"
+            )
+
+
 def _random_string(rng: random.Random) -> str:
     """The characters a scanner could trip on inside a JSON string."""
     alphabet = ['"', "\\", "{", "}", "[", "]", ",", ":", " ", "a", "é", "\n"]

@@ -4,8 +4,11 @@ is bounded when it is recorded, not when somebody reads it."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+from collections.abc import AsyncIterator
 
+import grpc
 import httpx
 
 from agentmesh.v1 import agents_pb2
@@ -120,3 +123,70 @@ async def test_a_result_over_its_limit_fails_the_task(mesh: MeshProcess) -> None
         assert [t["task_id"] for t in listed] == [failed["task_id"], kept["task_id"]]
     finally:
         await agent.close()
+
+
+def _nested(levels: int) -> dict[str, object]:
+    value: dict[str, object] = {}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
+
+
+async def test_a_result_nested_too_deep_fails_the_task(mesh: MeshProcess) -> None:
+    """A result nested past 20 levels could not be carried in a page of tasks or an event:
+    the attempt fails, for good, as one too large does."""
+    owner = Owner(mesh)
+    capability = f"deep_{secrets.token_hex(4)}"
+    agent = StreamAgent(mesh, owner.key, "deep", capability, capacity=1)
+    try:
+        task = owner.create(type=capability, description="deep")
+        held = (await agent.next("assignment")).assignment
+        result = agents_pb2.TaskResult(task_id=held.task.task_id, attempt_token=held.attempt_token)
+        result.result.update(_nested(25))
+        agent.send(agents_pb2.ConnectRequest(result=result))
+        ack = (await agent.next("result_ack")).result_ack
+        assert ack.accepted and ack.status == "failed"
+        failed = owner.task(task["task_id"])
+        assert (failed["error_code"], failed["attempt"]) == ("RESULT_TOO_DEEP", 1)
+        with httpx.Client(base_url=mesh.url) as client:
+            listed = client.get("/api/v1/tasks", headers=owner.headers)
+        assert listed.status_code == 200, listed.text[:300]
+    finally:
+        await agent.close()
+
+
+async def test_a_frame_that_does_not_decode_ends_the_stream_with_a_reason(
+    mesh: MeshProcess,
+) -> None:
+    """A Connect frame grpc cannot parse (here a string that is not UTF-8) is answered with a
+    VALIDATION_ERROR StreamError, not a silent end of the stream."""
+    owner = Owner(mesh)
+    hello = agents_pb2.Hello(name="garbled", capabilities=[f"g_{secrets.token_hex(4)}"])
+    heartbeat = agents_pb2.ConnectRequest(
+        heartbeat=agents_pb2.AgentHeartbeat(task_ids=["PLACEHOLDER"])
+    ).SerializeToString()
+    frames = [
+        agents_pb2.ConnectRequest(hello=hello).SerializeToString(),
+        heartbeat.replace(b"PLACEHOLDER", b"\xff" * len(b"PLACEHOLDER")),
+    ]
+
+    async def requests() -> AsyncIterator[bytes]:
+        for frame in frames:
+            yield frame
+        await asyncio.sleep(30)  # the server ends the stream first
+
+    async with grpc.aio.insecure_channel(mesh.url.removeprefix("http://")) as channel:
+        connect = channel.stream_stream(
+            "/agentmesh.v1.AgentsService/Connect",
+            request_serializer=lambda raw: raw,
+            response_deserializer=agents_pb2.ConnectResponse.FromString,
+        )
+        call = connect(requests(), metadata=(("authorization", f"Bearer {owner.key}"),))
+        kinds, last = [], None
+        async with asyncio.timeout(20):
+            async for frame in call:
+                kinds.append(frame.WhichOneof("kind"))
+                last = frame
+    assert kinds[0] == "welcome" and kinds[-1] == "error", kinds
+    assert last is not None and last.error.code == "VALIDATION_ERROR"
+    assert last.error.message == "the request could not be decoded: a string is not valid UTF-8"

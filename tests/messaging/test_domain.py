@@ -194,6 +194,7 @@ async def test_a_page_of_large_messages_is_cut_before_it_is_read(
         {"message_id": "x" * 129},
         {"type": "response"},  # without a correlation_id
         {"payload": {"blob": "x" * PAYLOAD_MAX_BYTES}},
+        {"payload": {"a": [[[[[[[[[[[[[[[[[[[[{}]]]]]]]]]]]]]]]]]]]]}},  # 22 levels
     ],
 )
 async def test_invalid_messages_are_refused(messages: Messages, fields: dict[str, object]) -> None:
