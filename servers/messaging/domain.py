@@ -132,6 +132,7 @@ def notification(row: MessageRow) -> dict[str, str]:
     """What the bus carries about a stored message: enough to wake, never the content."""
     return {
         "to": row.to_agent,
+        "from": row.from_agent,
         "id": row.message_id,
         "type": row.type,
         "correlation_id": row.correlation_id,
@@ -222,7 +223,7 @@ class Messages:
                 expires_at=at + timedelta(seconds=new.ttl_seconds),
                 # A response that a SendRequest here waits for is delivered by the hub, at
                 # once: it is acknowledged as it is stored.
-                acked_at=at if self.hub.awaits(recipient.agent_id, new) else None,
+                acked_at=at if self.hub.awaits(recipient.agent_id, new, sender.agent_id) else None,
                 awaited_until=awaited_until,
             )
             if not await store.add(row):
@@ -280,7 +281,7 @@ class Messages:
                 new = replace(new, correlation_id=first.correlation_id)
         new = replace(new, correlation_id=new.correlation_id or f"corr-{uuid.uuid4().hex}")
         # Registered before the request is stored, so that no wake-up is missed.
-        waiter = self.hub.expect(sender.agent_id, new.correlation_id)
+        waiter = self.hub.expect(sender.agent_id, new.correlation_id, recipient.agent_id)
         try:
             until = now() + timedelta(seconds=wait)
             request, created = await self.send(sender, recipient, new, awaited_until=until)
@@ -318,6 +319,7 @@ class Messages:
         async with self.db.session() as s:
             found = await MessageStore(s).response_to(
                 request.from_agent,
+                request.to_agent,
                 request.correlation_id,
                 since=aware(request.created_at),
                 at=at,

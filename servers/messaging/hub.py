@@ -51,11 +51,14 @@ class Listener(Protocol):
 
 
 class Waiter:
-    """A SendRequest waiting for the response to its correlation_id."""
+    """A SendRequest waiting for the response to its correlation_id from ``responder`` (the
+    request's recipient: a response from any other agent is not the answer, whatever
+    correlation id it carries)."""
 
-    def __init__(self, hub: InboxHub, key: tuple[str, str]) -> None:
+    def __init__(self, hub: InboxHub, key: tuple[str, str], responder: str) -> None:
         self._hub = hub
         self.key = key
+        self.responder = responder
         self.woken = asyncio.Event()
         self._offered: MessageRow | None = None
 
@@ -119,21 +122,25 @@ class InboxHub:
             if not listeners:
                 del self._streams[agent_id]
 
-    def expect(self, agent_id: str, correlation_id: str) -> Waiter:
-        """Registers a waiter; CONFLICT when this agent already waits on this correlation id."""
+    def expect(self, agent_id: str, correlation_id: str, responder: str) -> Waiter:
+        """Registers a waiter for ``responder``'s response; CONFLICT when this agent already
+        waits on this correlation id."""
         key = (agent_id, correlation_id)
         if key in self._waiters:
             raise Conflict(
                 "this agent already waits for a response with this correlation_id",
                 details={"correlation_id": correlation_id},
             )
-        waiter = self._waiters[key] = Waiter(self, key)
+        waiter = self._waiters[key] = Waiter(self, key, responder)
         return waiter
 
-    def awaits(self, agent_id: str, message: NewMessage) -> bool:
-        """Whether ``message``, to ``agent_id``, is a response that a SendRequest of this
-        process waits for (and will take from ``notify``)."""
-        return message.type == "response" and (agent_id, message.correlation_id) in self._waiters
+    def awaits(self, agent_id: str, message: NewMessage, sender: str) -> bool:
+        """Whether ``message``, from ``sender`` to ``agent_id``, is a response that a
+        SendRequest of this process waits for (and will take from ``notify``)."""
+        if message.type != "response":
+            return False
+        waiter = self._waiters.get((agent_id, message.correlation_id))
+        return waiter is not None and waiter.responder == sender
 
     def wake(self, fields: Mapping[str, str], row: MessageRow | None = None) -> bool:
         """Tells whoever here waits for the message a notification tells of; ``row``: the
@@ -141,7 +148,7 @@ class InboxHub:
         to = fields.get("to", "")
         if fields.get("type") == "response":
             waiter = self._waiters.get((to, fields.get("correlation_id", "")))
-            if waiter is not None:
+            if waiter is not None and waiter.responder == fields.get("from"):
                 waiter.offer(row)
                 if row is not None:
                     return True  # the waiter delivers it; an inbox stream never sees it

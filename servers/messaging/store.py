@@ -174,14 +174,15 @@ class MessageStore:
         return rows.scalars().all()
 
     async def response_to(
-        self, agent_id: str, correlation_id: str, *, since: datetime, at: datetime
+        self, agent_id: str, responder: str, correlation_id: str, *, since: datetime, at: datetime
     ) -> MessageRow | None:
-        """The first unexpired response to ``agent_id`` carrying ``correlation_id``, written
-        at or after ``since`` (the request's own time)."""
+        """The first unexpired response from ``responder`` to ``agent_id`` carrying
+        ``correlation_id``, written at or after ``since`` (the request's own time)."""
         found = await self._s.execute(
             select(MessageRow)
             .where(
                 MessageRow.to_agent == agent_id,
+                MessageRow.from_agent == responder,
                 MessageRow.correlation_id == correlation_id,
                 MessageRow.type == "response",
                 MessageRow.created_at >= since,

@@ -462,6 +462,43 @@ async def test_request_and_response(messages: Messages) -> None:
         await requester_inbox.close()
 
 
+async def test_only_the_recipient_of_a_request_can_answer_it(messages: Messages) -> None:
+    """A response from any other agent, with the request's correlation id (guessable, or
+    chosen by the requester), is not the answer: it waits in the requester's inbox as any
+    message does, and the request stays unanswered for its recipient."""
+    responder = Reader(stream(messages, BOB))
+
+    async def spoof_then_answer() -> None:
+        request = await responder.message()
+        # Carol (another agent, of another owner than Alice) sends a "response" first.
+        await messages.send(
+            CAROL,
+            ALICE,
+            to(ALICE, correlation_id=request.correlation_id, payload={"x": 1}, type="response"),
+        )
+        await asyncio.sleep(0.3)
+        unacked, _, _ = await messages.inbox(BOB.agent_id, unacked=True, page=page(0, 0))
+        assert [m.message_id for m in unacked] == [request.message_id]  # still to answer
+        await messages.send(
+            BOB,
+            ALICE,
+            to(ALICE, correlation_id=request.correlation_id, payload={"ok": 1}, type="response"),
+        )
+
+    try:
+        answering = asyncio.ensure_future(spoof_then_answer())
+        request, response = await messages.request(
+            ALICE, BOB, to(BOB, correlation_id="c-spoof"), wait=5.0
+        )
+        await answering
+        assert response.from_agent == BOB.agent_id and response.payload == {"ok": 1}
+        # The spoofed one sits unacknowledged in Alice's inbox, for her to judge.
+        rows, _, _ = await messages.inbox(ALICE.agent_id, unacked=True, page=page(0, 0))
+        assert [(r.from_agent, r.payload) for r in rows] == [(CAROL.agent_id, {"x": 1})]
+    finally:
+        await responder.close()
+
+
 async def test_a_request_without_answer_times_out_and_a_late_answer_waits_in_the_inbox(
     messages: Messages,
 ) -> None:
@@ -479,7 +516,7 @@ async def test_a_response_whose_waiter_leaves_as_it_is_stored_goes_to_the_inbox(
 ) -> None:
     # A response that a waiter here expects is stored acknowledged, for the waiter to take.
     # When the waiter is gone by the time the response is committed, it goes to the inbox.
-    waiter = messages.hub.expect(ALICE.agent_id, "c-gone")
+    waiter = messages.hub.expect(ALICE.agent_id, "c-gone", BOB.agent_id)
     answered = MessageStore.ack_answered
 
     async def leave_meanwhile(store: MessageStore, response: MessageRow) -> None:
