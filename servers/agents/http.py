@@ -22,7 +22,6 @@ import re
 from collections.abc import Iterator
 
 import grpc
-from google.protobuf import json_format
 from sqlalchemy.exc import SQLAlchemyError
 
 from agentmesh.v1 import agents_pb2, common_pb2
@@ -34,6 +33,7 @@ from servers.common.errors import (
     Unavailable,
     ValidationError,
 )
+from servers.common.protos import as_json
 
 from .domain import View
 from .registry import Session
@@ -86,21 +86,36 @@ def check_progress(request: agents_pb2.ReportProgressRequest) -> None:
         raise _invalid("message", f"message: at most {PROGRESS_MESSAGE_MAX} characters")
 
 
+def outcome_request(agent_id: str, result: agents_pb2.TaskResult) -> agents_pb2.CompleteTaskRequest:
+    """A Connect result as the REST request that carries the same outcome, for its checks."""
+    request = agents_pb2.CompleteTaskRequest(
+        agent_id=agent_id, task_id=result.task_id, attempt_token=result.attempt_token
+    )
+    if result.HasField("error"):
+        request.error.CopyFrom(result.error)
+    elif result.HasField("result"):
+        request.result.CopyFrom(result.result)
+    return request
+
+
 def check_outcome(request: agents_pb2.CompleteTaskRequest) -> None:
-    """The attempt and exactly one outcome. A result is bounded through Envoy by the 1 MiB
-    body limit; past RESULT_MAX_BYTES the tasks service fails the task, as on Connect."""
+    """The attempt and exactly one outcome, over REST and on Connect alike. A result is
+    bounded through Envoy by the 1 MiB body limit; past RESULT_MAX_BYTES the tasks service
+    fails the task, as on Connect."""
     _check_id("task_id", request.task_id)
     _check_id("attempt_token", request.attempt_token)
     outcome = request.WhichOneof("outcome")
     if outcome is None:
         raise _invalid("result", "give either result or error")
+    if outcome == "result":
+        as_json(request.result, "result")
     if outcome == "error":
         error = request.error
         if not ERROR_CODE.match(error.code):
             raise _invalid("error.code", "error.code: an UPPER_SNAKE code, at most 64 characters")
         if not 1 <= len(error.message) <= ERROR_MESSAGE_MAX:
             raise _invalid("error.message", f"error.message: 1 to {ERROR_MESSAGE_MAX} characters")
-        details = json.dumps(json_format.MessageToDict(error.details)).encode()
+        details = json.dumps(as_json(error.details, "error.details")).encode()
         if len(details) > DETAILS_MAX_BYTES:
             raise _invalid("error.details", "error.details is larger than 64 KiB")
 

@@ -24,7 +24,6 @@ from collections.abc import AsyncIterator
 
 import grpc
 from google.api import httpbody_pb2
-from google.protobuf import json_format
 from sqlalchemy.exc import SQLAlchemyError
 
 from agentmesh.v1 import agents_pb2, agents_pb2_grpc
@@ -35,7 +34,7 @@ from servers.common.errors import Conflict, NotFound, RateLimited, Unavailable, 
 from servers.common.internal import CALL_TIMEOUT, InternalChannel
 from servers.common.jobs import stop_jobs
 from servers.common.pagination import page
-from servers.common.protos import struct
+from servers.common.protos import as_json, struct
 
 from . import http
 from .domain import AgentDirectory, View
@@ -125,6 +124,8 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             yield error_frame("SERVICE_UNAVAILABLE", "the agent registry is unavailable; reconnect")
             return
         reason = "DISCONNECTED"
+        # After the Welcome, the work it holds from before (a reconnection) comes first.
+        await self._work.repeat_held(session)
         reader = asyncio.create_task(self._read(session, frames))
         dispatcher = asyncio.create_task(self._work.dispatch(session))
         closer = asyncio.create_task(self._work.end_on_close(session))
@@ -175,11 +176,21 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                         session, sorted(set(frame.heartbeat.task_ids) | set(session.held))
                     )
                 elif kind == "progress":
+                    progress = frame.progress
+                    if not progress.task_id or not progress.attempt_token:
+                        # It names no attempt: the tasks service would refuse it, and a
+                        # Cancellation without a token would stop whatever the agent runs.
+                        continue
                     try:
-                        await self._work.report_progress(session, frame.progress)
+                        await self._work.report_progress(session, progress)
                     except grpc.aio.AioRpcError as exc:
                         if exc.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.NOT_FOUND):
-                            session.send(cancellation_frame(frame.progress.task_id, "LEASE_LOST"))
+                            # That attempt only: a newer one of the same task may run here.
+                            session.send(
+                                cancellation_frame(
+                                    progress.task_id[:64], "LEASE_LOST", progress.attempt_token[:64]
+                                )
+                            )
                 elif kind == "result":
                     # Marked, so that the stream's end lets it finish before stopping the
                     # reader (no task of its own: that would cost a loop turn per outcome).
@@ -200,6 +211,23 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             session.send(None)
 
     async def _on_result(self, session: Session, result: agents_pb2.TaskResult) -> None:
+        try:
+            http.check_outcome(http.outcome_request(session.agent_id, result))
+        except ValidationError as exc:
+            # Refused, not a broken stream: a reconnecting agent would send it again.
+            log.warning(
+                "refused a malformed result: %s",
+                exc.message,
+                extra={"agent_id": session.agent_id, "task_id": result.task_id[:64]},
+            )
+            refused = agents_pb2.TaskResultAck(
+                task_id=result.task_id[:64],
+                attempt_token=result.attempt_token[:64],
+                accepted=False,
+                reason="VALIDATION_ERROR",
+            )
+            session.send(agents_pb2.ConnectResponse(result_ack=refused))
+            return
         ack, following = await self._work.record(session, result)
         if ack is not None:
             session.send(agents_pb2.ConnectResponse(result_ack=ack))
@@ -297,6 +325,8 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             raise Unavailable("the tasks service is unavailable; retry", details=details)
         if ack.reason == "TASK_NOT_FOUND":
             raise NotFound("no such task", reason="TASK_NOT_FOUND", details=details)
+        if ack.reason == "VALIDATION_ERROR":
+            raise ValidationError("the tasks service refused this outcome", details=details)
         if not ack.accepted:
             raise Conflict("this attempt no longer holds the task", details=details)
         return agents_pb2.CompleteTaskResponse(task_id=ack.task_id, status=ack.status)
@@ -432,7 +462,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         change = await self._directory.configure(
             require_principal(),
             request.agent_id,
-            json_format.MessageToDict(request.configuration),
+            as_json(request.configuration, "configuration"),
             list(request.update_mask.paths),
         )
         # To the agent's stream, here or on another replica.

@@ -18,12 +18,13 @@ import uuid
 from typing import TYPE_CHECKING
 
 import grpc
-from google.protobuf import json_format
 from sqlalchemy.exc import SQLAlchemyError
 
 from agentmesh.v1 import agents_pb2, common_pb2, tasks_pb2, tasks_pb2_grpc
 from servers.common.context import Principal
+from servers.common.errors import ValidationError
 from servers.common.internal import CALL_TIMEOUT, InternalChannel
+from servers.common.protos import as_json
 
 from .domain import AgentDirectory, config_problem
 from .registry import Session
@@ -82,7 +83,11 @@ def hello_problem(hello: agents_pb2.Hello) -> tuple[str, str] | None:
         return "max_capacity", f"max_capacity must be 1 to {MAX_CAPACITY}"
     if len(hello.type) > 64 or len(hello.version) > 64:
         return "type", "type and version: at most 64 characters each"
-    if problem := config_problem(json_format.MessageToDict(hello.configuration)):
+    try:
+        configuration = as_json(hello.configuration, "configuration")
+    except ValidationError as exc:
+        return "configuration", exc.message
+    if problem := config_problem(configuration):
         return "configuration", problem
     return None
 
@@ -129,7 +134,7 @@ class AgentWork:
         self, who: Principal, hello: agents_pb2.Hello, *, over_http: bool = False
     ) -> Session:
         """A Hello or a registration: the agent's session, recorded online."""
-        configuration = json_format.MessageToDict(hello.configuration)
+        configuration = as_json(hello.configuration, "configuration")
         session = Session(
             agent_id=agent_id_of(who.subject, hello.name),
             owner_id=who.subject,
@@ -158,6 +163,25 @@ class AgentWork:
                 session.adopt(replaced)
             replaced.send(end_frame("REPLACED"))
         await self._signals.connected(session)
+
+    async def repeat_held(self, session: Session) -> None:
+        """Queues, for a new stream of the agent, the assignments it still holds (from before
+        a reconnection), with their unchanged attempt tokens, and counts them against its
+        capacity before anything new is claimed. Without the tasks service they are learnt
+        from the agent's first heartbeat instead, as before."""
+        try:
+            reply = await self.tasks.ListHeldTasks(
+                tasks_pb2.ListHeldTasksRequest(agent_id=session.agent_id),
+                **self._channel.call_options(),
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("could not read the tasks a reconnecting agent holds: %s", exc.code().name)
+            return
+        for assignment in reply.assignments:
+            if session.held.get(assignment.task.task_id) == assignment.attempt_token:
+                continue  # already repeated (an HTTP session took the old one's work over)
+            session.hold(assignment)
+            session.send(agents_pb2.ConnectResponse(assignment=assignment))
 
     async def renew(
         self, session: Session, task_ids: list[str], timeout: float = CALL_TIMEOUT
@@ -241,6 +265,8 @@ class AgentWork:
                 ack.reason = "TASK_NOT_FOUND"
             elif exc.code() == grpc.StatusCode.ABORTED:
                 ack.reason = "CONFLICT"
+            elif exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                ack.reason = "VALIDATION_ERROR"  # the same outcome would be refused again
             else:
                 log.warning("could not record a result: %s", exc.code().name)
                 return None, None

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
+from google.protobuf.message import Message
+
+from .errors import ValidationError
 
 # How deep the objects and arrays of a free-form JSON value from a client may nest: task
 # metadata, a result, an agent's configuration, a message's payload. Each level costs about
@@ -20,6 +24,17 @@ def struct(value: Mapping[str, object]) -> struct_pb2.Struct:
     out = struct_pb2.Struct()
     out.update(value)
     return out
+
+
+def as_json(message: Message, field: str) -> dict[str, Any]:
+    """A Struct from a caller as a JSON-like dict. A number JSON cannot hold (NaN, Infinity,
+    which protobuf's binary form carries) is the caller's VALIDATION_ERROR, not a crash."""
+    try:
+        return dict(json_format.MessageToDict(message))
+    except ValueError:
+        raise ValidationError(
+            f"{field} holds a number JSON cannot (NaN or Infinity)", details={"field": field}
+        ) from None
 
 
 def nesting(value: object) -> int:

@@ -7,14 +7,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 from google.api import httpbody_pb2
-from google.protobuf import json_format
 
 from agentmesh.v1 import common_pb2, messaging_pb2, messaging_pb2_grpc
 from servers.common import sse
 from servers.common.clock import timestamp
 from servers.common.context import current_call, require_principal, set_http_status
 from servers.common.pagination import page
-from servers.common.protos import struct
+from servers.common.protos import as_json, struct
 
 from .domain import Messages, NewMessage, check, check_timeout
 from .models import MessageRow
@@ -79,7 +78,7 @@ class MessagingService(messaging_pb2_grpc.MessagingServiceServicer):
                 message_id=request.message_id,
                 to_agent=request.to_agent,
                 type=request.type,
-                payload=json_format.MessageToDict(request.payload),
+                payload=as_json(request.payload, "payload"),
                 correlation_id=request.correlation_id,
                 ttl_seconds=request.ttl_seconds,
             )
@@ -101,7 +100,7 @@ class MessagingService(messaging_pb2_grpc.MessagingServiceServicer):
                 message_id=request.message_id,
                 to_agent=request.to_agent,
                 type="request",
-                payload=json_format.MessageToDict(request.payload),
+                payload=as_json(request.payload, "payload"),
                 correlation_id=request.correlation_id,
                 ttl_seconds=request.ttl_seconds,
             )

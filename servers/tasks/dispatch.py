@@ -27,6 +27,7 @@ from .store import Outbox, SecondsBetween
 HELD = ("assigned", "running")
 CLAIM_SCAN = 200  # queued tasks a claim looks at, at most, for one its agent can do
 CLAIM_PAGE = 20
+HELD_MAX = 1000  # an agent's largest capacity: the most tasks it can hold
 NO_REQUIREMENTS = "[]"  # required_capabilities, as stored, of a task that requires none
 # The largest result kept, as compact JSON: what fits the 1 MiB body Envoy takes from a REST
 # agent. A larger one (a Connect stream takes 4 MiB frames) fails the task: it would make every
@@ -254,6 +255,17 @@ class Dispatch:
         """The task, locked for this transaction, if this attempt holds it."""
         task = await s.get(TaskRow, task_id, with_for_update=True)
         return task if task is not None and _holds(task, agent_id, token) else None
+
+    async def held_by(self, agent_id: str, limit: int = HELD_MAX) -> list[TaskRow]:
+        """The tasks the agent holds now, oldest lease first."""
+        async with self._db.session() as s:
+            rows = await s.execute(
+                select(TaskRow)
+                .where(TaskRow.status.in_(HELD), TaskRow.assigned_agent == agent_id)
+                .order_by(TaskRow.leased_at, TaskRow.task_id)
+                .limit(limit)
+            )
+            return list(rows.scalars())
 
     async def renew(self, agent_id: str, task_ids: Sequence[str]) -> tuple[list[str], list[str]]:
         """Extends the leases the agent still holds; returns (renewed, lost) task ids."""

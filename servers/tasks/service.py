@@ -13,7 +13,6 @@ import logging
 from collections.abc import Awaitable
 
 import grpc
-from google.protobuf import json_format
 
 from agentmesh.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from servers.common.clock import now, timestamp
@@ -22,7 +21,7 @@ from servers.common.errors import Conflict, NotFound, Unavailable, ValidationErr
 from servers.common.internal import InternalChannel
 from servers.common.metrics import Metrics
 from servers.common.pagination import page
-from servers.common.protos import struct
+from servers.common.protos import as_json, struct
 
 from .dispatch import Dispatch, Lost
 from .domain import NewTask, Tasks, priority_label
@@ -143,7 +142,7 @@ class TasksService(tasks_pb2_grpc.TasksServiceServicer):
             priority=request.priority if request.HasField("priority") else None,
             priority_label=request.priority_label,
             model=request.model,
-            metadata=json_format.MessageToDict(request.metadata),
+            metadata=as_json(request.metadata, "metadata"),
             required_capabilities=list(request.required_capabilities),
             idempotency_key=request.idempotency_key,
             max_attempts=request.max_attempts if request.HasField("max_attempts") else None,
@@ -313,9 +312,7 @@ class TasksInternalService(tasks_pb2_grpc.TasksInternalServiceServicer):
             request.task_id,
             agent_id,
             request.attempt_token,
-            result=json_format.MessageToDict(request.result)
-            if request.HasField("result")
-            else None,
+            result=as_json(request.result, "result") if request.HasField("result") else None,
             error=error,
             claim_next=claim_next,
         )
@@ -363,6 +360,12 @@ class TasksInternalService(tasks_pb2_grpc.TasksInternalServiceServicer):
         if task is not None:
             self._agents.tasks_available(task)
         return tasks_pb2.ReturnTaskResponse(returned=task is not None)
+
+    async def ListHeldTasks(
+        self, request: tasks_pb2.ListHeldTasksRequest, context: grpc.aio.ServicerContext
+    ) -> tasks_pb2.ListHeldTasksResponse:
+        held = await self._dispatch.held_by(_agent_id(request.agent_id))
+        return tasks_pb2.ListHeldTasksResponse(assignments=[_assignment(t) for t in held])
 
     async def _after_loss(self, lost: list[Lost], *, notify_holder: bool) -> None:
         for gone in lost:

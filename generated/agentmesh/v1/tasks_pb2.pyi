@@ -345,3 +345,15 @@ class ReturnTaskResponse(_message.Message):
     RETURNED_FIELD_NUMBER: _ClassVar[int]
     returned: bool
     def __init__(self, returned: _Optional[bool] = ...) -> None: ...
+
+class ListHeldTasksRequest(_message.Message):
+    __slots__ = ("agent_id",)
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    def __init__(self, agent_id: _Optional[str] = ...) -> None: ...
+
+class ListHeldTasksResponse(_message.Message):
+    __slots__ = ("assignments",)
+    ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    assignments: _containers.RepeatedCompositeFieldContainer[Assignment]
+    def __init__(self, assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ...) -> None: ...

@@ -512,6 +512,11 @@ class TasksInternalServiceStub:
                 request_serializer=agentmesh_dot_v1_dot_tasks__pb2.ReturnTaskRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_v1_dot_tasks__pb2.ReturnTaskResponse.FromString,
                 _registered_method=True)
+        self.ListHeldTasks = channel.unary_unary(
+                '/agentmesh.v1.TasksInternalService/ListHeldTasks',
+                request_serializer=agentmesh_dot_v1_dot_tasks__pb2.ListHeldTasksRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_tasks__pb2.ListHeldTasksResponse.FromString,
+                _registered_method=True)
 
 
 class TasksInternalServiceServicer:
@@ -585,6 +590,16 @@ class TasksInternalServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListHeldTasks(self, request, context):
+        """The attempts the agent holds now (its tasks `assigned` or `running`), oldest lease first,
+        as their assignments with unchanged attempt tokens: what a new stream of a reconnecting
+        agent repeats before any new work, and counts against its capacity. At most 1,000 (the
+        largest capacity). INVALID_ARGUMENT VALIDATION_ERROR for a missing or oversized id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TasksInternalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -617,6 +632,11 @@ def add_TasksInternalServiceServicer_to_server(servicer, server):
                     servicer.ReturnTask,
                     request_deserializer=agentmesh_dot_v1_dot_tasks__pb2.ReturnTaskRequest.FromString,
                     response_serializer=agentmesh_dot_v1_dot_tasks__pb2.ReturnTaskResponse.SerializeToString,
+            ),
+            'ListHeldTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListHeldTasks,
+                    request_deserializer=agentmesh_dot_v1_dot_tasks__pb2.ListHeldTasksRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_tasks__pb2.ListHeldTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -791,6 +811,33 @@ class TasksInternalService:
             '/agentmesh.v1.TasksInternalService/ReturnTask',
             agentmesh_dot_v1_dot_tasks__pb2.ReturnTaskRequest.SerializeToString,
             agentmesh_dot_v1_dot_tasks__pb2.ReturnTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListHeldTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.v1.TasksInternalService/ListHeldTasks',
+            agentmesh_dot_v1_dot_tasks__pb2.ListHeldTasksRequest.SerializeToString,
+            agentmesh_dot_v1_dot_tasks__pb2.ListHeldTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,143 @@
+"""What a Connect agent may send and what it is owed: its held work repeated on reconnection
+and counted against its capacity, attempts named by their tokens, malformed outcomes refused
+in the stream, never a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from agentmesh.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2
+from servers.agents.service import agent_id_of
+from servers.launcher import MeshProcess
+from tests.e2e.test_agent_registry import StreamAgent
+from tests.e2e.test_agents import Owner
+
+QUIET = 1.5  # seconds in which no frame of a kind must come
+
+
+async def _none(agent: StreamAgent, kind: str) -> None:
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(QUIET):
+            await agent.next(kind)
+
+
+async def test_a_reconnecting_agent_gets_its_held_work_first_and_no_more_than_its_capacity(
+    mesh: MeshProcess,
+) -> None:
+    owner = Owner(mesh)
+    capability = f"rc_{secrets.token_hex(4)}"
+    first = StreamAgent(mesh, owner.key, "steady", capability, capacity=1)
+    owner.create(type=capability, description="held")
+    held = (await first.next("assignment")).assignment
+    waiting = owner.create(type=capability, description="waits for the slot")
+    # The agent reconnects before its old stream is seen to end (a cut connection is noticed
+    # only by keepalive): the new stream replaces the old one, which releases nothing.
+    again = StreamAgent(mesh, owner.key, "steady", capability, capacity=1)
+    try:
+        assert (await first.next("end")).end.reason == "REPLACED"
+        assert (await again.next("welcome")).welcome.agent_id == agent_id_of(owner.id, "steady")
+        repeated = (await again.next("assignment")).assignment
+        assert repeated.task.task_id == held.task.task_id
+        assert repeated.attempt_token == held.attempt_token and repeated.attempt == 1
+        await _none(again, "assignment")  # its one slot is taken by the held task
+        assert owner.task(waiting["task_id"])["status"] == "queued"
+        # Its outcome frees the slot, and the waiting task follows.
+        result = agents_pb2.TaskResult(
+            task_id=repeated.task.task_id, attempt_token=repeated.attempt_token
+        )
+        result.result.update({"ok": True})
+        again.send(agents_pb2.ConnectRequest(result=result))
+        assert (await again.next("result_ack")).result_ack.accepted
+        assert (await again.next("assignment")).assignment.task.task_id == waiting["task_id"]
+    finally:
+        await first.close()
+        await again.close()
+
+
+async def test_progress_names_its_attempt(mesh: MeshProcess) -> None:
+    """Progress without a token is ignored: it frees no slot and stops nothing. Progress with
+    a stale token is answered with a Cancellation of that attempt only."""
+    owner = Owner(mesh)
+    capability = f"pg_{secrets.token_hex(4)}"
+    agent = StreamAgent(mesh, owner.key, "reporter", capability, capacity=1)
+    try:
+        task = owner.create(type=capability, description="one")
+        held = (await agent.next("assignment")).assignment
+        owner.create(type=capability, description="two")
+        agent.send(
+            agents_pb2.ConnectRequest(
+                progress=agents_pb2.TaskProgress(task_id=task["task_id"], progress=10)
+            )
+        )
+        await _none(agent, "assignment")
+        await _none(agent, "cancellation")
+        stale = "00000000-0000-0000-0000-000000000000"
+        agent.send(
+            agents_pb2.ConnectRequest(
+                progress=agents_pb2.TaskProgress(
+                    task_id=task["task_id"], attempt_token=stale, progress=20
+                )
+            )
+        )
+        cancelled = (await agent.next("cancellation")).cancellation
+        assert (cancelled.task_id, cancelled.attempt_token) == (task["task_id"], stale)
+        assert owner.task(task["task_id"])["status"] == "assigned"
+        assert held.attempt_token != stale
+    finally:
+        await agent.close()
+
+
+async def test_malformed_outcomes_are_refused_in_the_stream(mesh: MeshProcess) -> None:
+    owner = Owner(mesh)
+    capability = f"mo_{secrets.token_hex(4)}"
+    agent = StreamAgent(mesh, owner.key, "sloppy", capability, capacity=1)
+    try:
+        task = owner.create(type=capability, description="x")
+        held = (await agent.next("assignment")).assignment
+        bad_results = []
+        bare = agents_pb2.TaskResult(task_id=task["task_id"], attempt_token=held.attempt_token)
+        bad_results.append(bare)  # neither a result nor an error
+        infinite = agents_pb2.TaskResult(task_id=task["task_id"], attempt_token=held.attempt_token)
+        infinite.result.update({"score": math.inf})
+        bad_results.append(infinite)
+        lowercase = agents_pb2.TaskResult(
+            task_id=task["task_id"],
+            attempt_token=held.attempt_token,
+            error=tasks_pb2.TaskError(code="not upper", message=""),
+        )
+        bad_results.append(lowercase)
+        for bad in bad_results:
+            agent.send(agents_pb2.ConnectRequest(result=bad))
+            ack = (await agent.next("result_ack")).result_ack
+            assert (ack.accepted, ack.reason) == (False, "VALIDATION_ERROR")
+        assert owner.task(task["task_id"])["status"] == "assigned"
+    finally:
+        await agent.close()
+
+
+async def test_a_hello_with_a_number_json_cannot_hold_is_a_validation_error(
+    mesh: MeshProcess,
+) -> None:
+    owner = Owner(mesh)
+    hello = agents_pb2.Hello(name="nan-config", capabilities=["x"])
+    hello.configuration.update({"temperature": math.nan})
+
+    async def frames() -> AsyncIterator[agents_pb2.ConnectRequest]:
+        yield agents_pb2.ConnectRequest(hello=hello)
+        await asyncio.sleep(10)
+
+    async with grpc.aio.insecure_channel(mesh.url.removeprefix("http://")) as channel:
+        call = agents_pb2_grpc.AgentsServiceStub(channel).Connect(
+            frames(), metadata=(("authorization", f"Bearer {owner.key}"),)
+        )
+        async with asyncio.timeout(10):
+            replies = [frame async for frame in call]
+    assert [r.WhichOneof("kind") for r in replies] == ["error"]
+    assert replies[0].error.code == "VALIDATION_ERROR"
+    assert "NaN or Infinity" in replies[0].error.message
