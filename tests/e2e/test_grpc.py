@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2 as grpc_health_pb2
@@ -12,6 +14,8 @@ from agentmesh.v1 import (
     auth_pb2_grpc,
     health_pb2,
     health_pb2_grpc,
+    tasks_pb2,
+    tasks_pb2_grpc,
 )
 from servers.launcher import MeshProcess
 from tests.helpers import error_reason, new_user
@@ -79,6 +83,24 @@ def test_errors_carry_the_documented_reason(auth_address: str) -> None:
         stub.Login(auth_pb2.LoginRequest(username=user["username"], password="no-9999"), timeout=10)
     assert bad.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert error_reason(bad.value) == "INVALID_CREDENTIALS"
+
+
+def test_a_number_json_cannot_hold_is_a_validation_error(
+    auth_address: str, mesh: MeshProcess
+) -> None:
+    """protobuf's binary form carries NaN and Infinity in a Struct; the JSON the mesh keeps
+    cannot. Such metadata is the caller's error, not an INTERNAL crash."""
+    _, tokens = _register(_auth(auth_address))
+    with grpc.insecure_channel(mesh.url.removeprefix("http://")) as channel:
+        stub = tasks_pb2_grpc.TasksServiceStub(channel)
+        for number in (math.nan, math.inf, -math.inf):
+            request = tasks_pb2.CreateTaskRequest(type="echo", description="x")
+            request.metadata.update({"score": number})
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.CreateTask(request, metadata=_bearer(tokens.access_token), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error_reason(refused.value) == "VALIDATION_ERROR"
+            assert "NaN or Infinity" in (refused.value.details() or "")
 
 
 def test_me_without_a_token_is_unauthenticated(auth_address: str) -> None:
