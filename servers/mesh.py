@@ -437,6 +437,7 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
         )
         signals.start()
         rt.on_close(signals.close)
+        authenticator = rt.authenticator()
         agents_service = AgentsService(
             directory=directory,
             tasks=rt.internal_channel("tasks"),
@@ -445,6 +446,7 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
             signals=signals,
             poll_seconds=s.claim_poll_seconds,
             closing=rt.closing,
+            authenticator=authenticator,
         )
         return (
             [
@@ -459,7 +461,7 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
                     "agentmesh.v1.AgentsInternalService",
                 ),
             ],
-            rt.authenticator(),
+            authenticator,
             [
                 directory.maintain,
                 agents_service.expire_http_agents,

@@ -67,6 +67,8 @@ class Session:
     # The agent ended its side of the stream itself (it is stopping), rather than the stream
     # breaking: its tasks are released at once instead of waiting for their leases.
     closed_by_agent: bool = False
+    # The stream's credential stopped holding (revoked, expired): the stream ended for it.
+    credential_refused: bool = False
     # Its dispatcher runs (a stream is open); is asking the tasks service for work now; when
     # it last got some.
     dispatching: bool = False

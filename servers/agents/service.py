@@ -27,7 +27,9 @@ from google.api import httpbody_pb2
 from sqlalchemy.exc import SQLAlchemyError
 
 from agentmesh.v1 import agents_pb2, agents_pb2_grpc
+from servers.common import context as callctx
 from servers.common import sse
+from servers.common.auth import Authenticator
 from servers.common.clock import timestamp
 from servers.common.context import Principal, require_principal, set_http_status
 from servers.common.errors import Conflict, NotFound, RateLimited, Unavailable, ValidationError
@@ -73,8 +75,11 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         signals: Signals,
         poll_seconds: float = POLL_SECONDS,
         closing: asyncio.Event | None = None,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self._directory = directory
+        # Checks again, every heartbeat interval, the credential an open stream came with.
+        self._authenticator = authenticator
         self._registry = directory.registry
         self._signals = signals
         self._heartbeat = heartbeat_seconds
@@ -129,6 +134,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         reader = asyncio.create_task(self._read(session, frames))
         dispatcher = asyncio.create_task(self._work.dispatch(session))
         closer = asyncio.create_task(self._work.end_on_close(session))
+        guard = self._guard(session)
         try:
             yield agents_pb2.ConnectResponse(
                 welcome=agents_pb2.Welcome(
@@ -155,12 +161,29 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             if session.recording is not None and not session.recording.done():
                 await asyncio.wait({session.recording}, timeout=CALL_TIMEOUT)
             with contextlib.suppress(asyncio.CancelledError):
-                await stop_jobs((reader, dispatcher, closer), patience=CALL_TIMEOUT)
+                await stop_jobs((reader, dispatcher, closer, guard), patience=CALL_TIMEOUT)
             self._registry.remove(session)
+            if session.credential_refused:
+                # Its tasks go to other agents now, not when their leases run out.
+                await self._work.release(session)
             # What this stream never wrote goes back to the queue at once.
             await self._work.give_back(session, session.unsent_assignments())
             await self._directory.disconnect(session, reason)
             log.info("agent disconnected", extra={"agent_id": session.agent_id})
+
+    def _guard(self, session: Session) -> asyncio.Task[None]:
+        """The stream's credential check (AgentWork.guard_credential), with the call's own
+        metadata and method: exactly the authorization the call passed when it opened."""
+        call = callctx.current_call()
+        authenticator = self._authenticator
+        method, metadata = (call.method, dict(call.metadata)) if call else ("", {})
+
+        async def check() -> object:
+            if authenticator is None or not method:
+                return None  # a server built without one (tests of the servicer alone)
+            return await authenticator.authorize(method, metadata)
+
+        return asyncio.create_task(self._work.guard_credential(session, check))
 
     async def _read(
         self, session: Session, frames: AsyncIterator[agents_pb2.ConnectRequest]
@@ -338,6 +361,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         session = await self._attach(session)
         dispatcher = asyncio.create_task(self._work.dispatch(session))
         closer = asyncio.create_task(self._work.end_on_close(session))
+        guard = self._guard(session)
         ids = itertools.count(1)
         log.info("assignment stream opened", extra={"agent_id": session.agent_id})
         try:
@@ -366,9 +390,10 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                     return
         finally:
             with contextlib.suppress(asyncio.CancelledError):
-                await stop_jobs((dispatcher, closer), patience=CALL_TIMEOUT)
+                await stop_jobs((dispatcher, closer, guard), patience=CALL_TIMEOUT)
             # The session stays: the agent is online while its calls keep coming. Its leases
-            # are not released; they run out unless heartbeats renew them.
+            # are not released; they run out unless heartbeats renew them (its REST calls
+            # check its key each time, so a revoked key renews nothing).
             session.streaming = False
             log.info("assignment stream closed", extra={"agent_id": session.agent_id})
 

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -22,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from agentmesh.v1 import agents_pb2, common_pb2, tasks_pb2, tasks_pb2_grpc
 from servers.common.context import Principal
-from servers.common.errors import ValidationError
+from servers.common.errors import AuthRequired, PermissionDenied, Unavailable, ValidationError
 from servers.common.internal import CALL_TIMEOUT, InternalChannel
 from servers.common.protos import as_json
 
@@ -376,6 +377,30 @@ class AgentWork:
             ping = agents_pb2.Ping(nonce=uuid.uuid4().hex)
             ping.time.GetCurrentTime()
             return agents_pb2.ConnectResponse(ping=ping)
+
+    async def guard_credential(
+        self, session: Session, check: Callable[[], Awaitable[object]]
+    ) -> None:
+        """Runs for the life of a stream: every heartbeat interval, checks again the
+        credential the stream was opened with (``check`` raises as the call's authorization
+        would). A key revoked, expired or no longer allowed ends the stream with that error
+        (the stream's end then hands its tasks back); an auth service that does not answer
+        ends nothing."""
+        while True:
+            await asyncio.sleep(self._heartbeat)
+            try:
+                await check()
+            except (AuthRequired, PermissionDenied) as exc:
+                log.info(
+                    "ending a stream whose credential no longer holds: %s",
+                    exc.message,
+                    extra={"agent_id": session.agent_id},
+                )
+                session.credential_refused = True
+                session.send(error_frame(exc.reason, exc.message))
+                return
+            except Unavailable:
+                continue
 
     async def end_on_close(self, session: Session) -> None:
         await self._closing.wait()

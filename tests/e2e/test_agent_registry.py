@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import httpx
+import pytest
 
 from agentmesh.v1 import agents_pb2, agents_pb2_grpc
 from servers.common.auth import INTERNAL_HEADER
@@ -402,3 +403,36 @@ async def test_overrides_and_identity_survive_a_mesh_restart(tmp_path: Path) -> 
             "agent.online",
             "agent.offline",
         ]
+
+
+async def test_revoking_the_key_ends_its_open_stream(tmp_path: Path) -> None:
+    """A stream outlives the call that opened it: the key it came with is checked again every
+    heartbeat interval (1 s here). Revoked, the stream ends with the refusal, takes no more
+    work, and the task it held goes back to the queue for another agent."""
+    with MeshProcess(data_dir=tmp_path / "mesh", env=FAST) as mesh:
+        await _revoked_while_streaming(mesh)
+
+
+async def _revoked_while_streaming(mesh: MeshProcess) -> None:
+    owner = Owner(mesh)
+    keys = httpx.get(mesh.url + "/api/v1/auth/api-keys", headers=owner.headers).json()
+    key_id = next(k["key_id"] for k in keys["api_keys"] if k["name"] == "workers")
+    capability = f"rv_{secrets.token_hex(4)}"
+    agent = StreamAgent(mesh, owner.key, "revoked", capability, capacity=1)
+    try:
+        task = owner.create(type=capability, description="held while revoked")
+        held = (await agent.next("assignment")).assignment
+        assert held.task.task_id == task["task_id"]
+        revoked = httpx.delete(f"{mesh.url}/api/v1/auth/api-keys/{key_id}", headers=owner.headers)
+        assert revoked.status_code == 200, revoked.text
+        async with asyncio.timeout(10):  # a heartbeat interval is 1 s here
+            ended = (await agent.next("error")).error
+        assert ended.code == "AUTH_REQUIRED" and "revoked" in ended.message
+        again = owner.task(task["task_id"])
+        assert (again["status"], again["error_code"]) == ("queued", "AGENT_STOPPED")
+        owner.create(type=capability, description="not for a revoked key")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(2):
+                await agent.next("assignment")
+    finally:
+        await agent.close()

@@ -552,3 +552,20 @@ async def test_an_owner_registers_at_most_its_limit_of_agents(tmp_path: Path) ->
         # Another user has a limit of its own.
         async with http_agent(mesh.url, Developer(mesh).key) as other:
             await other.register("third", ["x"])
+
+
+async def test_revoking_the_key_ends_the_assignment_stream(fast_mesh: MeshProcess) -> None:
+    """The SSE stream is checked like a Connect one: its key again every heartbeat interval
+    (2 s here); revoked, the stream ends with the refusal, and the key's REST calls are
+    refused as they always were."""
+    dev = Developer(fast_mesh)
+    keys = httpx.get(fast_mesh.url + "/api/v1/auth/api-keys", headers=dev.headers).json()
+    key_id = next(k["key_id"] for k in keys["api_keys"] if k["name"] == "http-workers")
+    async with http_agent(fast_mesh.url, dev.key) as agent:
+        await agent.register("revoked-http", [capability()])
+        stream = await agent.stream()
+        reply = httpx.delete(f"{fast_mesh.url}/api/v1/auth/api-keys/{key_id}", headers=dev.headers)
+        assert reply.status_code == 200, reply.text
+        ended = await stream.next("error", timeout=10)
+        assert ended["code"] == "AUTH_REQUIRED" and "revoked" in ended["message"]
+        assert (await agent.heartbeat([])).status_code == 401
