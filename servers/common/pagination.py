@@ -68,5 +68,8 @@ def page(limit: int, offset: int) -> Page:
             f"limit must be between 1 and {MAX_LIMIT}", details={"field": "limit", "max": MAX_LIMIT}
         )
     if offset < 0 or offset > MAX_OFFSET:
-        raise ValidationError("offset must be 0 or more", details={"field": "offset"})
+        raise ValidationError(
+            f"offset must be between 0 and {MAX_OFFSET}",
+            details={"field": "offset", "max": MAX_OFFSET},
+        )
     return Page(limit or DEFAULT_LIMIT, offset)

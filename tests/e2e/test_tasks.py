@@ -279,6 +279,10 @@ def test_invalid_tasks_are_validation_errors(mesh: MeshProcess) -> None:
         for params in ({"status": "bogus"}, {"limit": 101}, {"limit": -1}, {"offset": -1}):
             reply = client.get("/api/v1/tasks", params=params, headers=owner.headers)
             assert_envelope(reply, 400, "VALIDATION_ERROR")
+        # The deepest page says how deep a page may be, not that the offset is negative.
+        deep = client.get("/api/v1/tasks", params={"offset": 10**8}, headers=owner.headers)
+        error = assert_envelope(deep, 400, "VALIDATION_ERROR")
+        assert error["message"] == "offset must be between 0 and 1000000", error
 
 
 def test_zero_priority_and_max_attempts_are_refused(mesh: MeshProcess) -> None:
