@@ -19,7 +19,7 @@ import json
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -32,11 +32,12 @@ from agentmesh.v1 import common_pb2, events_pb2, events_pb2_grpc
 from servers.common import sse
 from servers.common.bus import Bus, BusUnavailable, Entry, owner_index, parse_id
 from servers.common.context import Principal, add_cost, current_call, require_principal
-from servers.common.errors import RateLimited, Unavailable, ValidationError
+from servers.common.errors import Unavailable, ValidationError
 from servers.common.follower import Follower
 from servers.common.outbox import EVENTS_TOPIC
 from servers.common.pagination import page
 from servers.common.protos import struct
+from servers.common.slots import StreamSlots
 
 MAX_PATTERNS = 20
 PATTERN = re.compile(r"^[A-Za-z0-9_.*-]{1,64}$")
@@ -231,28 +232,10 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
         streams_per_user: int = STREAMS_PER_USER,
     ) -> None:
         self._bus = bus
-        self._streams_per_user = streams_per_user
+        self._slots = StreamSlots(streams_per_user, "event streams per user")
         self._hub = hub
         self._heartbeat = heartbeat_seconds
         self._queue_limit = queue_limit
-        self._open: dict[str, int] = {}
-
-    @contextlib.contextmanager
-    def _slot(self, who: Principal) -> Iterator[None]:
-        """Counts an open stream against its user's limit, for as long as it is open."""
-        open_now = self._open.get(who.subject, 0)
-        if open_now >= self._streams_per_user:
-            raise RateLimited(
-                f"at most {self._streams_per_user} open event streams per user; close one first",
-                details={"limit": self._streams_per_user, "retry_after": 5},
-            )
-        self._open[who.subject] = open_now + 1
-        try:
-            yield
-        finally:
-            left = self._open.pop(who.subject, 1) - 1
-            if left:
-                self._open[who.subject] = left
 
     async def _frames(self, matches: Filter, after: str) -> AsyncIterator[Frame]:
         """Batches of events for one subscriber, heartbeats when idle, and a last frame."""
@@ -338,7 +321,7 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
     ) -> AsyncIterator[events_pb2.SubscribeResponse]:
         matches = self._filter(request.patterns, request.subject_id)
         after = resume_point(request.after)
-        with self._slot(require_principal()):
+        with self._slots.take(require_principal().subject):
             async for frame in self._frames(matches, after):
                 if isinstance(frame, list):
                     for event in frame:
@@ -357,7 +340,7 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
         call = current_call()
         last_event_id = call.metadata.get(sse.LAST_EVENT_ID, "") if call else ""
         after = resume_point(last_event_id.strip() or request.after)
-        with self._slot(require_principal()):
+        with self._slots.take(require_principal().subject):
             yield sse.body(sse.retry(SSE_RETRY_MS))
             async for frame in self._frames(matches, after):
                 if isinstance(frame, list):

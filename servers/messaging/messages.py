@@ -14,6 +14,7 @@ from servers.common.clock import timestamp
 from servers.common.context import current_call, require_principal, set_http_status
 from servers.common.pagination import page
 from servers.common.protos import as_json, struct
+from servers.common.slots import StreamSlots
 
 from .domain import Messages, NewMessage, check, check_timeout
 from .models import MessageRow
@@ -28,6 +29,8 @@ GATEWAY_MARGIN = 5.0
 # Left of the caller's own deadline for answering once the wait is over.
 DEADLINE_MARGIN = 0.05
 SSE_RETRY_MS = 1000
+# Inbox streams one agent may hold open in one process; one more is 429 RATE_LIMIT_EXCEEDED.
+INBOX_STREAMS_PER_AGENT = 4
 
 
 def message_proto(row: MessageRow) -> messaging_pb2.AgentMessage:
@@ -64,11 +67,15 @@ class MessagingService(messaging_pb2_grpc.MessagingServiceServicer):
         resolver: AgentResolver,
         heartbeat_seconds: float,
         closing: asyncio.Event,
+        inbox_streams_per_agent: int = INBOX_STREAMS_PER_AGENT,
     ) -> None:
         self._messages = messages
         self._directory = resolver
         self._heartbeat = heartbeat_seconds
         self._closing = closing
+        # Each open inbox stream reads ahead up to a page of messages (as large as 256 KiB
+        # each): a bound per agent, since an agent needs one, two while it reconnects.
+        self._slots = StreamSlots(inbox_streams_per_agent, "inbox streams per agent")
 
     async def SendMessage(
         self, request: messaging_pb2.SendMessageRequest, context: grpc.aio.ServicerContext
@@ -152,16 +159,18 @@ class MessagingService(messaging_pb2_grpc.MessagingServiceServicer):
         self, request: messaging_pb2.StreamInboxRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[messaging_pb2.StreamInboxResponse]:
         inbox = await self._open(request.agent_id, context)
-        async for frame in inbox.frames():
-            yield _grpc_frame(frame)
+        with self._slots.take(inbox.agent_id):
+            async for frame in inbox.frames():
+                yield _grpc_frame(frame)
 
     async def StreamInboxSse(
         self, request: messaging_pb2.StreamInboxSseRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
         inbox = await self._open(request.agent_id, context)
-        yield sse.body(sse.retry(SSE_RETRY_MS))
-        async for frame in inbox.frames():
-            yield sse.body(_sse_frame(frame))
+        with self._slots.take(inbox.agent_id):
+            yield sse.body(sse.retry(SSE_RETRY_MS))
+            async for frame in inbox.frames():
+                yield sse.body(_sse_frame(frame))
 
 
 def _stream_error(frame: Failed) -> common_pb2.StreamError:

@@ -4,6 +4,7 @@ are registered with the real agents service by connecting a Connect stream with 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -556,3 +557,28 @@ async def test_a_message_sent_through_one_replica_reaches_a_stream_on_another(
             assert time.monotonic() - started < 2.0
         finally:
             await inbox.close()
+
+
+async def test_an_agent_may_hold_four_inbox_streams(
+    developer: Developer, rest: httpx.AsyncClient
+) -> None:
+    """Each open inbox stream reads messages ahead (up to 100 of up to 256 KiB): an agent
+    holding dozens of them that read nothing grew the server by 15 MiB each. One agent needs
+    one stream (two while it reconnects); a fifth is refused until one closes."""
+    alice, bob = await developer.agent(), await developer.agent()
+    path = f"/api/v1/agents/{bob.id}/messages/stream"
+    async with contextlib.AsyncExitStack() as streams:
+        for _ in range(4):
+            opened = await streams.enter_async_context(
+                rest.stream("GET", path, headers=bob.headers)
+            )
+            assert opened.status_code == 200
+        refused = await rest.get(path, headers=bob.headers)
+        error = assert_envelope(refused, 429, "RATE_LIMIT_EXCEEDED")
+        assert refused.headers["retry-after"] == "5"
+        assert error["details"] == {"limit": "4", "retry_after": "5"}
+        # The limit is the agent's: another agent of the same owner is not affected.
+        async with rest.stream(
+            "GET", f"/api/v1/agents/{alice.id}/messages/stream", headers=alice.headers
+        ) as theirs:
+            assert theirs.status_code == 200
