@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import importlib.metadata
 import logging
+import os
 import random
 import signal
 import time
@@ -112,6 +113,41 @@ class Progress(Protocol):
 Handler = Callable[[tasks_pb2.Task, Progress], Awaitable[Mapping[str, object]]]
 H = TypeVar("H", bound=Handler)
 Outcome: TypeAlias = struct_pb2.Struct | tasks_pb2.TaskError
+
+
+class _Usage:
+    """This process's resource use for its heartbeats (seed 004's agent resources): CPU in
+    percent of one core since the last reading, resident memory and the machine's memory in
+    MiB (Linux's /proc; zeros elsewhere)."""
+
+    def __init__(self) -> None:
+        self._cpu, self._at = self._cpu_seconds(), time.monotonic()
+
+    @staticmethod
+    def _cpu_seconds() -> float:
+        times = os.times()
+        return times.user + times.system
+
+    @staticmethod
+    def _mib(path: str, key: str) -> float:
+        try:
+            with open(path) as lines:
+                for line in lines:
+                    if line.startswith(key):
+                        return int(line.split()[1]) / 1024  # kB
+        except OSError:
+            pass
+        return 0.0
+
+    def now(self) -> agents_pb2.AgentResources:
+        cpu, at = self._cpu_seconds(), time.monotonic()
+        percent = 100 * (cpu - self._cpu) / (at - self._at) if at > self._at else 0.0
+        self._cpu, self._at = cpu, at
+        return agents_pb2.AgentResources(
+            cpu_usage=round(max(0.0, percent), 1),
+            memory_usage=round(self._mib("/proc/self/status", "VmRSS:"), 1),
+            memory_limit=round(self._mib("/proc/meminfo", "MemTotal:"), 1),
+        )
 
 
 def metadata_of(task: tasks_pb2.Task) -> dict[str, Any]:
@@ -461,9 +497,12 @@ class Agent:
                 raise _StreamClosed("the stream is closed") from None
 
     async def _heartbeats(self) -> None:
+        usage = _Usage()
         while True:
             heartbeat = agents_pb2.AgentHeartbeat(
-                current_load=len(self._running), task_ids=sorted(self._running)
+                current_load=len(self._running),
+                task_ids=sorted(self._running),
+                resources=usage.now(),
             )
             heartbeat.heartbeat.time.GetCurrentTime()
             self._send(agents_pb2.ConnectRequest(heartbeat=heartbeat))

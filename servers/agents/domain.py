@@ -35,6 +35,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from agentmesh.v1 import agents_pb2
 from servers.common.clock import aware, now
 from servers.common.context import Principal
 from servers.common.db import Database, take_turn
@@ -111,6 +112,8 @@ class View:
     version: str
     connected_at: datetime | None
     last_seen_at: datetime | None
+    # As its last heartbeat to this server reported them; None when none did.
+    resources: agents_pb2.AgentResources | None = None
 
     @property
     def online(self) -> bool:
@@ -388,6 +391,7 @@ class AgentDirectory:
                 version=session.version,
                 connected_at=_when(session.connected_at),
                 last_seen_at=_when(session.last_seen_at),
+                resources=session.resources,
             )
         online = row.online and not self._stale(row, at - self._window)
         return View(

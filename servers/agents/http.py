@@ -60,7 +60,8 @@ def _check_id(field: str, value: str) -> None:
         raise _invalid(field, f"{field} is required (at most {ID_MAX} characters)")
 
 
-def check_heartbeat(request: agents_pb2.HeartbeatRequest) -> None:
+def check_heartbeat(request: agents_pb2.HeartbeatRequest | agents_pb2.AgentHeartbeat) -> None:
+    """An HTTP agent's heartbeat, or a Connect one: the same limits."""
     if not 0 <= request.current_load <= LOAD_MAX:
         raise _invalid("current_load", f"current_load must be 0 to {LOAD_MAX}")
     r = request.resources

@@ -58,6 +58,9 @@ class Session:
     last_seen: float = field(default_factory=time.monotonic)
     last_seen_at: float = field(default_factory=time.time)
     connected_at: float = field(default_factory=time.time)
+    # Its resource use as its last heartbeat reported it (seed 004's resources); None until one
+    # does. Live only: a reader of an agent not connected here sees none.
+    resources: agents_pb2.AgentResources | None = None
     # This session (a Connect stream, an HTTP agent's presence), as recorded in the agent's
     # row while it holds the agent.
     session_id: str = field(default_factory=lambda: str(uuid.uuid4()))

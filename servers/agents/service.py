@@ -26,7 +26,7 @@ import grpc
 from google.api import httpbody_pb2
 from sqlalchemy.exc import SQLAlchemyError
 
-from agentmesh.v1 import agents_pb2, agents_pb2_grpc
+from agentmesh.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2
 from servers.common import context as callctx
 from servers.common import sse
 from servers.common.auth import Authenticator
@@ -193,6 +193,13 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                 session.seen()
                 kind = frame.WhichOneof("kind")
                 if kind == "heartbeat":
+                    try:
+                        http.check_heartbeat(frame.heartbeat)
+                    except ValidationError as exc:
+                        session.send(error_frame("VALIDATION_ERROR", exc.message))
+                        return
+                    if frame.heartbeat.HasField("resources"):
+                        session.resources = frame.heartbeat.resources
                     # Also the tasks handed out on this stream that the agent has not listed
                     # yet: they may still wait in its queue.
                     await self._renew_streamed(
@@ -300,6 +307,8 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
     ) -> agents_pb2.HeartbeatResponse:
         http.check_heartbeat(request)
         session = await self._agent(require_principal(), request.agent_id)
+        if request.HasField("resources"):
+            session.resources = request.resources
         try:
             reply = await self._work.renew(
                 session, list(dict.fromkeys(request.task_ids)), _timeout(context)
@@ -467,7 +476,8 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             require_principal(), request.status, list(request.capabilities), p
         )
         read = p.read(len(found.agents), found.total)  # a page of large configurations ends early
-        agents, served = read.fit([agent_proto(v) for v in found.agents])
+        figures = await self._work.figures([v.agent_id for v in found.agents])
+        agents, served = read.fit([agent_proto(v, figures.get(v.agent_id)) for v in found.agents])
         return agents_pb2.ListAgentsResponse(
             agents=agents,
             **served.fields(found.total),
@@ -479,7 +489,9 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
     async def GetAgent(
         self, request: agents_pb2.GetAgentRequest, context: grpc.aio.ServicerContext
     ) -> agents_pb2.Agent:
-        return agent_proto(await self._directory.get(require_principal(), request.agent_id))
+        view = await self._directory.get(require_principal(), request.agent_id)
+        figures = await self._work.figures([view.agent_id])
+        return agent_proto(view, figures.get(view.agent_id))
 
     async def UpdateAgentConfig(
         self, request: agents_pb2.UpdateAgentConfigRequest, context: grpc.aio.ServicerContext
@@ -501,7 +513,20 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         )
 
 
-def agent_proto(view: View) -> agents_pb2.Agent:
+def agent_metrics(figures: tasks_pb2.AgentFigures | None) -> agents_pb2.AgentMetrics:
+    """Seed 004's metrics from what the agent finished (zeros for an agent with nothing)."""
+    if figures is None:
+        return agents_pb2.AgentMetrics()
+    finished = figures.completed + figures.failed
+    return agents_pb2.AgentMetrics(
+        tasks_completed=figures.completed,
+        average_duration=round(figures.average_duration, 3),
+        success_rate=round(figures.completed / finished, 4) if finished else 0.0,
+        error_rate=round(figures.failed / finished, 4) if finished else 0.0,
+    )
+
+
+def agent_proto(view: View, figures: tasks_pb2.AgentFigures | None = None) -> agents_pb2.Agent:
     online_since = view.connected_at if view.online else None
     uptime = (time.time() - online_since.timestamp()) if online_since else 0
     return agents_pb2.Agent(
@@ -521,6 +546,8 @@ def agent_proto(view: View) -> agents_pb2.Agent:
             last_heartbeat=timestamp(view.last_seen_at),
         ),
         connected_at=timestamp(online_since),
+        metrics=agent_metrics(figures),
+        resources=view.resources,
     )
 
 

@@ -165,6 +165,21 @@ class AgentWork:
             replaced.send(end_frame("REPLACED"))
         await self._signals.connected(session)
 
+    async def figures(self, agent_ids: list[str]) -> dict[str, tasks_pb2.AgentFigures]:
+        """What each agent finished, for its metrics; none when the tasks service does not
+        answer (the agents are still listed, with zero metrics, and a warning is logged)."""
+        if not agent_ids:
+            return {}
+        try:
+            reply = await self.tasks.GetAgentFigures(
+                tasks_pb2.GetAgentFiguresRequest(agent_ids=agent_ids),
+                **self._channel.call_options(),
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("could not read the agents' metrics: %s", exc.code().name)
+            return {}
+        return {f.agent_id: f for f in reply.figures}
+
     async def repeat_held(self, session: Session) -> None:
         """Queues, for a new stream of the agent, the assignments it still holds (from before
         a reconnection), with their unchanged attempt tokens, and counts them against its

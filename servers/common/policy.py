@@ -90,6 +90,7 @@ POLICY: dict[str, Rule] = {
     f"{_P}TasksInternalService/ReleaseAgentTasks": INTERNAL,
     f"{_P}TasksInternalService/ReturnTask": INTERNAL,
     f"{_P}TasksInternalService/ListHeldTasks": INTERNAL,
+    f"{_P}TasksInternalService/GetAgentFigures": INTERNAL,
     # Agents: people read and configure; the worker side is for agent-scoped API keys.
     f"{_P}AgentsService/ListAgents": needs("read", "agents"),
     f"{_P}AgentsService/GetAgent": needs("read", "agents"),

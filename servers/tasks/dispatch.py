@@ -22,7 +22,7 @@ from servers.common.db import Database
 from servers.common.protos import NESTING_MAX, too_deep
 
 from .models import TaskRow
-from .store import Outbox, SecondsBetween
+from .store import Outbox, SecondsBetween, TaskStore
 
 HELD = ("assigned", "running")
 CLAIM_SCAN = 200  # queued tasks a claim looks at, at most, for one its agent can do
@@ -255,6 +255,11 @@ class Dispatch:
         """The task, locked for this transaction, if this attempt holds it."""
         task = await s.get(TaskRow, task_id, with_for_update=True)
         return task if task is not None and _holds(task, agent_id, token) else None
+
+    async def figures(self, agent_ids: Sequence[str]) -> dict[str, tuple[int, int, float]]:
+        """What each agent finished (TaskStore.by_agent)."""
+        async with self._db.session() as s:
+            return await TaskStore(s).by_agent(agent_ids)
 
     async def held_by(self, agent_id: str, limit: int = HELD_MAX) -> list[TaskRow]:
         """The tasks the agent holds now, oldest lease first."""

@@ -28,6 +28,8 @@ class TaskRow(Base):
         Index("ix_tasks_tasks_ended", "status", "completed_at"),
         # Ended tasks past the retention (an ended task's updated_at is its end).
         Index("ix_tasks_tasks_changed", "status", "updated_at"),
+        # What each agent finished (the agents' metrics).
+        Index("ix_tasks_tasks_agent", "assigned_agent", "status"),
     )
 
     task_id: Mapped[str] = mapped_column(String(36), primary_key=True)

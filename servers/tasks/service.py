@@ -29,6 +29,7 @@ from .models import TaskRow
 
 log = logging.getLogger("agentmesh.tasks")
 SWEEP_SECONDS = 1.0
+FIGURES_MAX_AGENTS = 100  # a page of agents
 
 
 def task_proto(task: TaskRow) -> tasks_pb2.Task:
@@ -360,6 +361,25 @@ class TasksInternalService(tasks_pb2_grpc.TasksInternalServiceServicer):
         if task is not None:
             self._agents.tasks_available(task)
         return tasks_pb2.ReturnTaskResponse(returned=task is not None)
+
+    async def GetAgentFigures(
+        self, request: tasks_pb2.GetAgentFiguresRequest, context: grpc.aio.ServicerContext
+    ) -> tasks_pb2.GetAgentFiguresResponse:
+        ids = list(request.agent_ids)
+        if len(ids) > FIGURES_MAX_AGENTS:
+            raise ValidationError(
+                f"at most {FIGURES_MAX_AGENTS} agent_ids",
+                details={"field": "agent_ids", "max": FIGURES_MAX_AGENTS},
+            )
+        found = await self._dispatch.figures([_agent_id(i) for i in ids]) if ids else {}
+        return tasks_pb2.GetAgentFiguresResponse(
+            figures=[
+                tasks_pb2.AgentFigures(
+                    agent_id=agent_id, completed=done, failed=failed, average_duration=average
+                )
+                for agent_id, (done, failed, average) in sorted(found.items())
+            ]
+        )
 
     async def ListHeldTasks(
         self, request: tasks_pb2.ListHeldTasksRequest, context: grpc.aio.ServicerContext

@@ -188,6 +188,29 @@ class TaskStore:
         found = await self._s.execute(delete(TaskRow).where(TaskRow.task_id.in_(list(task_ids))))
         return int(getattr(found, "rowcount", 0) or 0)
 
+    async def by_agent(self, agent_ids: Collection[str]) -> dict[str, tuple[int, int, float]]:
+        """For each of these agents that ran the last attempt of ended tasks: (completed,
+        failed, mean seconds of the completed ones from start to end)."""
+        rows = await self._s.execute(
+            select(
+                TaskRow.assigned_agent,
+                TaskRow.status,
+                func.count(),
+                func.avg(SecondsBetween(TaskRow.completed_at, TaskRow.started_at)),
+            )
+            .where(TaskRow.assigned_agent.in_(list(agent_ids)), TaskRow.status.in_(ENDED))
+            .group_by(TaskRow.assigned_agent, TaskRow.status)
+        )
+        figures: dict[str, tuple[int, int, float]] = {}
+        for agent_id, status, count, seconds in rows.all():
+            completed, failed, average = figures.get(agent_id, (0, 0, 0.0))
+            if status == "completed":
+                completed, average = int(count), float(seconds or 0.0)
+            else:
+                failed = int(count)
+            figures[agent_id] = (completed, failed, average)
+        return figures
+
     async def ended_since(self, since: datetime) -> dict[str, int]:
         """How many tasks completed and how many failed since ``since``."""
         rows = await self._s.execute(

@@ -141,3 +141,23 @@ async def test_a_hello_with_a_number_json_cannot_hold_is_a_validation_error(
     assert [r.WhichOneof("kind") for r in replies] == ["error"]
     assert replies[0].error.code == "VALIDATION_ERROR"
     assert "NaN or Infinity" in replies[0].error.message
+
+
+async def test_a_malformed_heartbeat_ends_the_stream(mesh: MeshProcess) -> None:
+    """Connect heartbeats have REST's limits: a negative load, thousands of task ids or ids of
+    100,000 characters (which would be echoed back in cancellations) are refused."""
+    owner = Owner(mesh)
+    for heartbeat in (
+        agents_pb2.AgentHeartbeat(current_load=-5),
+        agents_pb2.AgentHeartbeat(task_ids=[f"t-{n}" for n in range(5000)]),
+        agents_pb2.AgentHeartbeat(task_ids=["x" * 100_000]),
+    ):
+        agent = StreamAgent(mesh, owner.key, f"hb-{secrets.token_hex(3)}", "hb_probe")
+        try:
+            await agent.next("welcome")
+            agent.send(agents_pb2.ConnectRequest(heartbeat=heartbeat))
+            async with asyncio.timeout(10):
+                error = (await agent.next("error")).error
+            assert error.code == "VALIDATION_ERROR", error
+        finally:
+            await agent.close()

@@ -346,3 +346,43 @@ def test_an_attempt_past_its_time_limit_is_stopped_and_fails(
         if "task cancelled" in line and task["task_id"] in line
     ]
     assert any('"reason": "TASK_TIMEOUT"' in line for line in told), told
+
+
+def test_an_agent_shows_what_it_finished_and_its_resources(
+    mesh: MeshProcess, agents: Callable[..., Any]
+) -> None:
+    """Seed 004's agent document: metrics from the tasks whose last attempt it ran, and the
+    resource use its heartbeats report (the reference agent reports its own process)."""
+    owner = Owner(mesh)
+    agents(mesh, owner.key, "counted", "echo", "sleep")
+    done = [owner.create(type="echo", description=f"ok {n}") for n in range(2)]
+    # A sleep of "x" seconds fails (VALIDATION_ERROR, not retried).
+    failed = owner.create(type="sleep", description="x", metadata={"seconds": "x"})
+    for task in [*done, failed]:
+        wait_until(
+            lambda t=task: owner.task(t["task_id"])["status"] in ("completed", "failed"),
+            20,
+            "the tasks to end",
+        )
+    assert owner.task(failed["task_id"])["status"] == "failed"
+    agent_id = agent_id_of(owner.id, "counted")
+    path = f"{mesh.url}/api/v1/agents/{agent_id}"
+    wait_until(
+        lambda: httpx.get(path, headers=owner.headers).json().get("resources", {}).get(
+            "memory_usage", 0
+        )
+        > 0,
+        10,
+        "a heartbeat with resources",
+    )
+    agent = httpx.get(path, headers=owner.headers).json()
+    metrics = agent["metrics"]
+    assert metrics["tasks_completed"] == 2
+    assert metrics["success_rate"] == pytest.approx(2 / 3, abs=1e-3)
+    assert metrics["error_rate"] == pytest.approx(1 / 3, abs=1e-3)
+    assert 0 <= metrics["average_duration"] < 10
+    resources = agent["resources"]
+    assert 0 < resources["memory_usage"] < resources["memory_limit"]
+    assert resources["cpu_usage"] >= 0
+    listed = httpx.get(mesh.url + "/api/v1/agents", headers=owner.headers).json()["agents"]
+    assert [a["metrics"] for a in listed if a["agent_id"] == agent_id] == [metrics]

@@ -487,3 +487,41 @@ async def test_a_task_without_a_limit_asked_gets_the_default(db: Database) -> No
         with pytest.raises(ValidationError) as refused:
             await Tasks(db=db).create(ALICE, replace(NEW, timeout_seconds=bad))
         assert refused.value.details["field"] == "timeout_seconds"
+
+
+async def test_what_each_agent_finished_and_what_it_holds(db: Database) -> None:
+    """GetAgentFigures (the agents' metrics) counts the tasks whose last attempt an agent ran
+    and that ended; ListHeldTasks gives an agent's current attempts with their tokens."""
+    tasks, dispatch = Tasks(db=db), Dispatch(db=db, lease_seconds=30)
+    service = TasksInternalService(
+        dispatch=dispatch,
+        agents=Agents(InternalChannel(address=lambda: "127.0.0.1:1", internal_token="unused")),
+    )
+    for _ in range(4):
+        await tasks.create(ALICE, replace(NEW, max_attempts=1))
+    held = [await dispatch.claim("agent-1", ["echo"]) for _ in range(3)]
+    other = await dispatch.claim("agent-2", ["echo"])
+    assert all(t is not None for t in [*held, other])
+    for task in held[:2]:
+        assert task is not None
+        await asyncio.sleep(0.05)
+        await dispatch.complete(
+            task.task_id, "agent-1", task.attempt_token or "", result={}, error=None
+        )
+    assert held[2] is not None and other is not None
+    await dispatch.complete(
+        held[2].task_id, "agent-1", held[2].attempt_token or "",
+        result=None, error=("BROKEN", "it broke", False),
+    )  # fmt: skip
+    request = tasks_pb2.GetAgentFiguresRequest(agent_ids=["agent-1", "agent-2", "agent-3"])
+    reply = await service.GetAgentFigures(request, None)
+    assert [(f.agent_id, f.completed, f.failed) for f in reply.figures] == [("agent-1", 2, 1)]
+    assert 0.04 <= reply.figures[0].average_duration < 5
+    holding = await service.ListHeldTasks(tasks_pb2.ListHeldTasksRequest(agent_id="agent-2"), None)
+    assert [(a.task.task_id, a.attempt_token) for a in holding.assignments] == [
+        (other.task_id, other.attempt_token)
+    ]
+    with pytest.raises(ValidationError):
+        await service.GetAgentFigures(
+            tasks_pb2.GetAgentFiguresRequest(agent_ids=[f"a-{n}" for n in range(101)]), None
+        )

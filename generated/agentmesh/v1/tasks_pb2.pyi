@@ -346,6 +346,30 @@ class ReturnTaskResponse(_message.Message):
     returned: bool
     def __init__(self, returned: _Optional[bool] = ...) -> None: ...
 
+class GetAgentFiguresRequest(_message.Message):
+    __slots__ = ("agent_ids",)
+    AGENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    agent_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, agent_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AgentFigures(_message.Message):
+    __slots__ = ("agent_id", "completed", "failed", "average_duration")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    AVERAGE_DURATION_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    completed: int
+    failed: int
+    average_duration: float
+    def __init__(self, agent_id: _Optional[str] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., average_duration: _Optional[float] = ...) -> None: ...
+
+class GetAgentFiguresResponse(_message.Message):
+    __slots__ = ("figures",)
+    FIGURES_FIELD_NUMBER: _ClassVar[int]
+    figures: _containers.RepeatedCompositeFieldContainer[AgentFigures]
+    def __init__(self, figures: _Optional[_Iterable[_Union[AgentFigures, _Mapping]]] = ...) -> None: ...
+
 class ListHeldTasksRequest(_message.Message):
     __slots__ = ("agent_id",)
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
