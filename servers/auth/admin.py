@@ -1,7 +1,8 @@
 """User administration (seed 001's /api/users).
 
 Admins manage everyone. Anyone else may read and edit only their own record here, and another
-user's record answers 404, as if it did not exist.
+user's record answers 404, as if it did not exist. A disabled account's access token, still
+valid for up to its hour, is refused here as at GetMe: every call reads the caller's account.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .domain import (
     hash_password,
     normalize_email,
     normalize_username,
+    require_active,
 )
 from .models import UserRow
 from .profiles import AccountCache
@@ -47,12 +49,20 @@ class UserAdmin:
         self._db = db
         self._cache = cache
 
-    async def list(self, page: Page) -> tuple[Sequence[UserRow], int]:
+    async def list(self, who: Principal, page: Page) -> tuple[Sequence[UserRow], int]:
         async with self._db.session() as s:
+            await require_active(s, who.subject)
             return await UserStore(s).page(limit=page.limit, offset=page.offset)
 
     async def create(
-        self, *, username: str, email: str, password: str, name: str, roles: Sequence[str]
+        self,
+        who: Principal,
+        *,
+        username: str,
+        email: str,
+        password: str,
+        name: str,
+        roles: Sequence[str],
     ) -> UserRow:
         username = normalize_username(username)
         email = normalize_email(email)
@@ -64,6 +74,7 @@ class UserAdmin:
             password_hash = await hash_password(password)
         at = now()
         async with self._db.write() as s, s.begin():
+            await require_active(s, who.subject)
             return await UserStore(s).add(
                 UserRow(
                     id=str(uuid.uuid4()),
@@ -80,10 +91,11 @@ class UserAdmin:
             )
 
     async def get(self, who: Principal, user_id: str) -> UserRow:
-        if not (is_admin(who) or who.subject == user_id):
-            raise NotFound("no such user", details={"user_id": user_id[:64]})
         async with self._db.session() as s:
-            user = await UserStore(s).get(user_id)
+            caller = await require_active(s, who.subject)
+            if not (is_admin(who) or who.subject == user_id):
+                raise NotFound("no such user", details={"user_id": user_id[:64]})
+            user = caller if who.subject == user_id else await UserStore(s).get(user_id)
         if user is None:
             raise NotFound("no such user", details={"user_id": user_id[:64]})
         return user
@@ -98,10 +110,12 @@ class UserAdmin:
         name: str,
         disabled: bool | None,
     ) -> UserRow:
-        if not (is_admin(who) or who.subject == user_id):
-            raise NotFound("no such user", details={"user_id": user_id[:64]})
         at = now()
         async with self._db.write() as s, s.begin():
+            # Locked when it is the account changed, so a disable committing meanwhile wins.
+            await require_active(s, who.subject, lock=who.subject == user_id)
+            if not (is_admin(who) or who.subject == user_id):
+                raise NotFound("no such user", details={"user_id": user_id[:64]})
             users = UserStore(s)
             user = await users.get(user_id, lock=True)
             if user is None:
@@ -133,6 +147,7 @@ class UserAdmin:
         if who.subject == user_id:
             raise Conflict("admins cannot delete their own account")
         async with self._db.write() as s, s.begin():
+            await require_active(s, who.subject)
             users = UserStore(s)
             user = await users.get(user_id)
             if user is None:
@@ -159,6 +174,7 @@ class UserAdmin:
         (security.roles_changed, security.tier_changed). The account's API keys follow at
         once; its tokens at the next sign-in or refresh."""
         async with self._db.write() as s, s.begin():
+            await require_active(s, who.subject)
             user = await UserStore(s).get(user_id, lock=True)
             if user is None:
                 raise NotFound("no such user", details={"user_id": user_id[:64]})

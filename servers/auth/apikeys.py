@@ -2,7 +2,8 @@
 
 A key acts for its owner with the owner's current roles, narrowed to the key's scopes. Scopes are
 seed 004's actions (read, write, execute) plus `agent`, the scope agent workers authenticate with.
-Keys cannot sign in, refresh, change passwords or manage keys or users: those need a user session.
+Keys cannot sign in, refresh, change passwords or manage keys or users: those need a user session,
+of an account that is not disabled (an access token outlives a disable by up to its hour).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from servers.common.errors import AuthRequired, NotFound, PermissionDenied, Vali
 from servers.common.pagination import Page
 from servers.common.rbac import AGENT_PERMISSION, allows, permissions_of
 
-from .domain import check_name, sha256
+from .domain import check_name, require_active, sha256
 from .models import ApiKeyRow, UserRow
 from .profiles import AccountCache
-from .store import ApiKeyStore, UserStore, security_event
+from .store import ApiKeyStore, security_event
 
 PREFIX = "amk_"
 SCOPES = ("read", "write", "execute", "agent")
@@ -71,8 +72,8 @@ class ApiKeys:
         async with self._db.write() as s, s.begin():
             keys = ApiKeyStore(s)
             # The owner's row, locked, makes its creates take turns: two at the cap cannot
-            # both count one free place.
-            await UserStore(s).get(who.subject, lock=True)
+            # both count one free place. A disabled owner's access token mints no key.
+            await require_active(s, who.subject, lock=True)
             if await keys.count_active(who.subject) >= MAX_KEYS_PER_USER:
                 raise ValidationError(
                     f"at most {MAX_KEYS_PER_USER} active keys per user",
@@ -97,10 +98,12 @@ class ApiKeys:
 
     async def list(self, who: Principal, page: Page) -> tuple[Sequence[ApiKeyRow], int]:
         async with self._db.session() as s:
+            await require_active(s, who.subject)
             return await ApiKeyStore(s).page(who.subject, limit=page.limit, offset=page.offset)
 
     async def revoke(self, who: Principal, key_id: str) -> ApiKeyRow:
         async with self._db.write() as s, s.begin():
+            await require_active(s, who.subject, lock=True)
             key = await ApiKeyStore(s).owned(who.subject, key_id, lock=True)
             if key is None:
                 raise NotFound("no such API key", details={"key_id": key_id[:64]})

@@ -33,13 +33,15 @@ from servers.common.errors import (
 from servers.common.ratelimit import SlidingWindowLimiter
 from servers.common.rbac import DEFAULT_ROLES, permissions_of
 
+from .identifiers import account_key, canonical, invisible, login_key, trimmed
 from .keys import SigningKey
 from .models import UserRow
 from .profiles import AccountCache
 from .store import RefreshTokenStore, UserStore, security_event
 
-USERNAME = re.compile(r"^[a-z0-9._-]{3,32}$")
-EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
+USERNAME = re.compile(r"[a-z0-9._-]{3,32}")
+EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]+\.[^@\s]+")
+EMAIL_MAX = 254
 PASSWORD_MIN, PASSWORD_MAX_BYTES = 8, 256
 NAME_MAX = 200
 REFRESH_PREFIX = "amr_"
@@ -63,22 +65,28 @@ def check_password_policy(password: str) -> None:
             f"password must be {PASSWORD_MIN} to {PASSWORD_MAX_BYTES} bytes long",
             details={"field": "password"},
         )
-    if not (re.search(r"[A-Za-z]", password) and re.search(r"\d", password)):
+    # ASCII letters and digits, as documented: \d would also take other scripts' digits.
+    if not (re.search(r"[A-Za-z]", password) and re.search(r"[0-9]", password)):
         raise ValidationError(
             "password is too weak: use letters and digits", details={"field": "password"}
         )
 
 
 def normalize_email(email: str, field: str = "email") -> str:
-    email = email.strip().lower()
-    if len(email) > 254 or not EMAIL.match(email):
+    """The address as stored and compared: canonical (identifiers.py), and refused with
+    VALIDATION_ERROR when it is malformed or holds an invisible character."""
+    email = trimmed(email)
+    if len(email) > 4 * EMAIL_MAX or invisible(email):
+        raise ValidationError("invalid email address", details={"field": field})
+    email = canonical(email)
+    if len(email) > EMAIL_MAX or invisible(email) or not EMAIL.fullmatch(email):
         raise ValidationError("invalid email address", details={"field": field})
     return email
 
 
 def normalize_username(username: str) -> str:
-    username = username.strip().lower()
-    if not USERNAME.match(username):
+    username = trimmed(username).lower()
+    if invisible(username) or not USERNAME.fullmatch(username):
         raise ValidationError(
             "username must be 3-32 letters, digits, '.', '_' or '-'",
             details={"field": "username"},
@@ -121,7 +129,11 @@ class IssuedTokens:
 
 @dataclass(frozen=True)
 class LoginLimits:
-    """Seed 001's authentication class: 10 attempts an hour, per client address and per account."""
+    """Seed 001's authentication class: 10 attempts an hour, per client address and per account.
+
+    ``per_account`` is keyed by the account a login names (identifiers.account_key), however it
+    is spelt, or by the login itself when it names none (login_key); ChangePassword's attempts
+    count against it too."""
 
     per_address: SlidingWindowLimiter
     per_account: SlidingWindowLimiter
@@ -129,6 +141,25 @@ class LoginLimits:
     async def close(self) -> None:
         await self.per_address.close()
         await self.per_account.close()
+
+
+async def _within_limit(limiter: SlidingWindowLimiter, key: str) -> None:
+    verdict = await limiter.hit(key)
+    if not verdict.allowed:
+        raise RateLimited(
+            "too many login attempts; try again later",
+            details={"retry_after": verdict.retry_after, "limit": verdict.limit},
+        )
+
+
+async def require_active(session: AsyncSession, user_id: str, *, lock: bool = False) -> UserRow:
+    """The caller's own account, read afresh (``lock``: as UserStore.get); AuthRequired when it
+    is disabled or gone. Run by the RPCs that manage credentials or accounts, so that an access
+    token issued before a disable cannot mint keys or change accounts until it expires."""
+    user = await UserStore(session).get(user_id, lock=lock)
+    if user is None or user.disabled:
+        raise AuthRequired("account no longer active")
+    return user
 
 
 class Accounts:
@@ -189,21 +220,23 @@ class Accounts:
             return await self._issue(s, user, at, family_id=str(uuid.uuid4()))
 
     async def login(self, *, login: str, password: str, client: str) -> IssuedTokens:
-        login = login.strip().lower()
-        if len(login) > 254:
+        login = login.strip()
+        if len(login) > EMAIL_MAX:
             # No account has such a name; and it must not become a rate-limit key of that size.
             raise InvalidCredentials("invalid username, email or password")
-        for limiter, key in ((self._limits.per_address, client), (self._limits.per_account, login)):
-            verdict = await limiter.hit(key)
-            if not verdict.allowed:
-                raise RateLimited(
-                    "too many login attempts; try again later",
-                    details={"retry_after": verdict.retry_after, "limit": verdict.limit},
-                )
+        await _within_limit(self._limits.per_address, client)
+        user = None
+        if login:
+            async with self._db.session() as s:
+                user = await UserStore(s).find_login(login)
+        # One budget per account, whichever spelling names it (username or address, in any
+        # case or Unicode form). A login that names no account has a budget of its own: it is
+        # refused as often, with the same answers, after the same work (one lookup, one hash).
+        await _within_limit(
+            self._limits.per_account, account_key(user.id) if user else login_key(login)
+        )
         if not login or not password or len(password.encode()) > PASSWORD_MAX_BYTES:
             raise InvalidCredentials("invalid username, email or password")
-        async with self._db.session() as s:
-            user = await UserStore(s).find_login(login)
         stored = user.password_hash if user and user.password_hash else _DUMMY_HASH
         ok = await asyncio.to_thread(_verify, stored, password)
         if user is None or not ok or user.disabled or not user.password_hash:
@@ -259,8 +292,10 @@ class Accounts:
             tokens = RefreshTokenStore(s)
             if refresh_token:
                 row = await tokens.get(sha256(refresh_token))
-                # Someone else's token is not the caller's to revoke, and not worth a hint.
-                if row is not None and row.user_id == who.subject:
+                # Whoever holds a refresh token may end its session, whose account it is: that
+                # is no more than Refresh (public) lets the holder do, and answering "Logged
+                # out" for a session left running would be a lie. Unknown tokens are a no-op.
+                if row is not None:
                     await tokens.revoke_family(row.family_id, at)
             else:
                 await tokens.revoke_user(who.subject, at)
@@ -295,6 +330,9 @@ class Accounts:
     async def change_password(self, who: Principal, *, current: str, new: str) -> None:
         check_password_policy(new)
         user = await self.me(who)
+        # Each attempt counts against the account's login limit, before the check, so a stolen
+        # access token guesses no faster here than a sign-in would.
+        await _within_limit(self._limits.per_account, account_key(user.id))
         if (
             not user.password_hash
             or len(current.encode()) > PASSWORD_MAX_BYTES

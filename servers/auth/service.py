@@ -184,7 +184,7 @@ class UsersService(users_pb2_grpc.UsersServiceServicer):
         self, request: users_pb2.ListUsersRequest, context: grpc.aio.ServicerContext
     ) -> users_pb2.ListUsersResponse:
         p = page(request.limit, request.offset)
-        rows, total = await self._admin.list(p)
+        rows, total = await self._admin.list(require_principal(), p)
         users, served = p.fit([user_proto(r) for r in rows])
         return users_pb2.ListUsersResponse(users=users, **served.fields(total))
 
@@ -192,6 +192,7 @@ class UsersService(users_pb2_grpc.UsersServiceServicer):
         self, request: users_pb2.CreateUserRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.User:
         user = await self._admin.create(
+            require_principal(),
             username=request.username,
             email=request.email,
             password=request.password,

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from servers.common.errors import UserExists
 from servers.common.outbox import write_event
 
+from .identifiers import canonical
 from .models import ApiKeyRow, OutboxRow, RefreshTokenRow, UserRow
 
 
@@ -45,12 +46,21 @@ class UserStore:
         return await self._s.get(UserRow, user_id, with_for_update=True, populate_existing=True)
 
     async def find_login(self, login: str, *, lock: bool = False) -> UserRow | None:
-        """The account whose username or email is ``login`` (case-insensitive); ``lock``: as
-        for ``get``."""
-        login = login.lower()
-        query = select(UserRow).where(or_(UserRow.username == login, UserRow.email == login))
-        found = await self._s.execute(query.with_for_update() if lock else query)
-        return found.scalars().first()
+        """The account whose username or email is ``login``, in any case or Unicode form
+        (identifiers.canonical); ``lock``: as for ``get``.
+
+        An address stored before addresses were canonical, and left so by migration auth_0005
+        because its canonical form is another account's, is found as typed (lower-cased, as it
+        was stored), and wins over the canonical match: each of the two accounts stays
+        reachable by the spelling it signed up with."""
+        if "\x00" in login and (await self._s.connection()).dialect.name == "postgresql":
+            return None  # PostgreSQL's text holds no NUL: no account has one, and it cannot ask
+        key, legacy = canonical(login.strip()), login.strip().lower()
+        query = select(UserRow).where(
+            or_(UserRow.username == key, UserRow.email == key, UserRow.email == legacy)
+        )
+        found = (await self._s.execute(query.with_for_update() if lock else query)).scalars()
+        return min(found, key=lambda user: user.email != legacy, default=None)
 
     async def exists(self, *, username: str, email: str) -> bool:
         found = await self._s.execute(

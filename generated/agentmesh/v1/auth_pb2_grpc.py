@@ -115,7 +115,8 @@ class AuthServiceServicer:
 
     def Login(self, request, context):
         """Signs in with a username or an email and a password. Public. 401 INVALID_CREDENTIALS for an
-        unknown account or a wrong password alike.
+        unknown account or a wrong password alike; 429 RATE_LIMIT_EXCEEDED past the login limits (per
+        client address, and per account however the login spells it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -155,8 +156,9 @@ class AuthServiceServicer:
 
     def ChangePassword(self, request, context):
         """Changes the caller's password and revokes its refresh tokens. 401 INVALID_CREDENTIALS when
-        the current password is wrong; 400 VALIDATION_ERROR for a weak new one. Needs a user's
-        access token (not an API key).
+        the current password is wrong; 400 VALIDATION_ERROR for a weak new one; 429
+        RATE_LIMIT_EXCEEDED past the account's login limit, which every attempt counts against. Needs
+        a user's access token (not an API key).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -173,7 +175,8 @@ class AuthServiceServicer:
     def CreateApiKey(self, request, context):
         """Creates an API key for the caller (201). The secret is in this response only. An
         `agent`-scoped key is how an agent worker authenticates. 400 VALIDATION_ERROR for a bad name,
-        scope or expiry; 403 INSUFFICIENT_PERMISSIONS for a scope the caller's roles lack.
+        scope or expiry; 403 INSUFFICIENT_PERMISSIONS for a scope the caller's roles lack; 401
+        AUTH_REQUIRED when the caller's account has been disabled (as for every API-key and users RPC).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
