@@ -12,10 +12,13 @@
 --     stream all reach the one agents replica that holds its session;
 --   * in its second place (EDGE_ROLE "body_fields"; after the buffer filter, whose 1 MiB
 --     limit its body() then has, not the 32 KiB per-connection one, and before the transcoder),
---     refuses a JSON body with a top-level field its route's request does not have (400
---     VALIDATION_ERROR), which the transcoder would drop without a word, or with a lone value
---     for a list field, which it would take for a list of one. gateway/proxy.py writes
---     that copy of this script with BODY_FIELDS (gateway/fields.py) and EDGE_ROLE in front.
+--     refuses (400 VALIDATION_ERROR) a body that is not strict JSON, which protobuf's lenient
+--     parser would read anyway, or one with a top-level field its route's request does not
+--     have, which the transcoder would drop without a word, or with a lone value for a list
+--     field, which it would take for a list of one; and refuses (431) request headers larger
+--     than the servers take. gateway/proxy.py writes that copy of this script with BODY_FIELDS
+--     (gateway/fields.py), SERVER_METADATA_LIMIT and EDGE_ROLE in front.
+-- What is REST and what is gRPC is decided as Envoy decides it (is_grpc below).
 -- Envoy's own errors are shaped by local_reply_config in envoy.yaml, not here.
 -- The Status JSON comes from protobuf's printer, so its field order is fixed: code, message,
 -- details; inside ErrorInfo: @type, reason, domain, metadata.
@@ -84,93 +87,245 @@ local function json_quote(s)
   end) .. '"'
 end
 
--- Index just past the JSON value that starts at or after s[i] (nil when s ends first).
-local function value_end(s, i)
-  i = s:find("[^ \t\r\n]", i)
-  if not i then return nil end
-  local c = s:byte(i)
-  if c == 34 then
-    local close = string_end(s, i)
-    return close and close + 1
-  elseif c == 123 or c == 91 then    -- { or [: to the bracket that closes it
-    local depth, j = 0, i
-    while true do
-      j = s:find('[{}%[%]"]', j)
-      if not j then return nil end
-      local b = s:byte(j)
-      if b == 34 then
-        j = string_end(s, j)
-        if not j then return nil end
-      elseif b == 123 or b == 91 then
-        depth = depth + 1
-      else
-        depth = depth - 1
-        if depth == 0 then return j + 1 end
-      end
-      j = j + 1
-    end
-  end
-  local stop = s:find("[,}%]]", i)    -- a number, true, false or null
-  return stop
+-- The gRPC rule of Envoy's transcoder and codecs (Grpc::Common::hasGrpcContentType): exactly
+-- application/grpc, or application/grpc+<codec>. Anything else, application/grpc-web+json and
+-- application/grpc;charset=... included, is transcoded as REST, and shaped here as REST.
+local function is_grpc(ctype)
+  return ctype == "application/grpc" or ctype:sub(1, 17) == "application/grpc+"
 end
 
--- What is wrong with the top level of the JSON object s, as the message of a 400: a key that
--- `known` lacks, or a list field (known[key] == "list") given something other than an array
--- (protobuf's parser would take a lone value for a list of one). nil when nothing is, or when
--- s is not an object this scanner follows (the transcoder then says why).
-local function body_problem(s, known)
-  local i = s:find("[^ \t\r\n]")
-  if not i or s:byte(i) ~= 123 then return nil end
-  i = i + 1
+-- The escapes RFC 8259 allows after a backslash, but for \u, which takes four hex digits.
+local ESCAPES = {[34] = true, [92] = true, [47] = true, [98] = true, [102] = true,
+                 [110] = true, [114] = true, [116] = true}
+-- Deeper than this the transcoder's parser fails anyway (docs/api.md: protobuf stops at 100);
+-- the bound keeps this scanner's stack small.
+local MAX_DEPTH = 128
+local NOT_SPACE = "[^ \t\n\r]"   -- JSON has these four whitespace bytes
+
+-- Index just past the RFC 8259 string that opens at s[i]; or nil, the index of the fault and
+-- what it is (nothing when the body ends first).
+local function json_string_end(s, i)
+  local j = i + 1
   while true do
-    i = s:find("[^ \t\r\n]", i)
-    if not i then return nil end
-    local c = s:byte(i)
-    if c == 125 then return nil end           -- }
-    if c ~= 34 then return nil end
-    local close = string_end(s, i)
-    if not close then return nil end
-    local key = s:sub(i + 1, close - 1)
-    local kind = known[key]
-    local quoted = json_quote(key:sub(1, 64))
-    if not kind then return "unknown field " .. quoted .. " in the request body" end
-    i = s:find(":", close + 1, true)
-    if not i then return nil end
-    i = s:find("[^ \t\r\n]", i + 1)
-    if not i then return nil end
-    if kind == "list" and s:byte(i) ~= 91 and s:sub(i, i + 3) ~= "null" then
-      return quoted .. " must be a JSON array"
+    local k = s:find('["\\%z\1-\31]', j)
+    if not k then return nil, #s + 1 end
+    local c = s:byte(k)
+    if c == 34 then return k + 1 end
+    if c ~= 92 then return nil, k, "a control character in a string (escape it)" end
+    local e = s:byte(k + 1)
+    if e == 117 then                    -- \uXXXX
+      if not s:find("^%x%x%x%x", k + 2) then return nil, k, "a bad \\u escape" end
+      j = k + 6
+    elseif e and ESCAPES[e] then
+      j = k + 2
+    else
+      return nil, k, "a bad escape in a string"
     end
-    i = value_end(s, i)
-    if not i then return nil end
-    i = s:find("[^ \t\r\n]", i)
-    if not i then return nil end
-    if s:byte(i) == 44 then i = i + 1 end     -- ,
+  end
+end
+
+-- Index just past the RFC 8259 number that starts at s[i] (-?(0|[1-9]d*)(.d+)?([eE][+-]?d+)?),
+-- or nil.
+local function number_end(s, i)
+  local j = i
+  if s:byte(j) == 45 then j = j + 1 end
+  local c = s:byte(j)
+  if c == 48 then
+    j = j + 1
+  elseif c and c >= 49 and c <= 57 then
+    j = select(2, s:find("^%d+", j)) + 1
+  else
+    return nil
+  end
+  if s:byte(j) == 46 then
+    local _, e = s:find("^%d+", j + 1)
+    if not e then return nil end
+    j = e + 1
+  end
+  c = s:byte(j)
+  if c == 101 or c == 69 then
+    j = j + 1
+    c = s:byte(j)
+    if c == 43 or c == 45 then j = j + 1 end
+    local _, e = s:find("^%d+", j)
+    if not e then return nil end
+    j = e + 1
+  end
+  return j
+end
+
+local LITERALS = {[116] = "true", [102] = "false", [110] = "null"}
+
+local function not_json(s, i, what)
+  local c = s:byte(i)
+  if not what then
+    if not c then
+      what = "it ends too soon"
+    elseif c >= 32 and c < 127 then
+      what = "unexpected " .. json_quote(string.char(c))
+    else
+      what = string.format("unexpected byte 0x%02X", c)
+    end
+  end
+  return "the request body is not valid JSON (RFC 8259): " .. what .. " at byte " .. i
+end
+
+-- What is wrong with the body s, as the message of a 400, or nil: s must be strict JSON (RFC
+-- 8259; protobuf's own parser is lenient: single quotes, bare keys, trailing commas), and when
+-- it is an object and `known` is given, each top-level key must be one that `known` has, and a
+-- list field (known[key] == "list") must be given an array or null (protobuf's parser would
+-- take a lone value for a list of one). Bad JSON anywhere is told before a bad field. A body
+-- that is valid JSON but not an object is left to the transcoder, which refuses it. Keys
+-- written with escapes are compared as written.
+-- One pass, without recursion: `stack` holds the bracket of each open object or array.
+local function body_problem(s, known)
+  local stack, depth = {}, 0
+  local field_problem = nil
+  local want = "value"   -- "value", "key" (after "{" or ","), "next" ("," or a close)
+  local first = false    -- right after "{" or "[", which may close at once
+  local list_key = nil   -- the top-level list field whose value comes next
+  local i = 1
+  while true do
+    i = s:find(NOT_SPACE, i)
+    if not i then
+      if want == "next" and depth == 0 then return field_problem end
+      return not_json(s, #s + 1)
+    end
+    local c = s:byte(i)
+    if want == "next" then
+      if depth == 0 then return not_json(s, i) end
+      local open = stack[depth]
+      if c == 44 then                                          -- ,
+        want = open == 123 and "key" or "value"
+        first = false
+        i = i + 1
+      elseif (c == 125 and open == 123) or (c == 93 and open == 91) then
+        stack[depth] = nil
+        depth = depth - 1
+        i = i + 1
+      else
+        return not_json(s, i)
+      end
+    elseif want == "key" then
+      if c == 125 and first then                               -- {}
+        stack[depth] = nil
+        depth = depth - 1
+        want = "next"
+        i = i + 1
+      elseif c ~= 34 then
+        return not_json(s, i)
+      else
+        local close, fault, what = json_string_end(s, i)
+        if not close then return not_json(s, fault, what) end
+        if depth == 1 and known and not field_problem then
+          local key = s:sub(i + 1, close - 2)
+          local kind = known[key]
+          local quoted = json_quote(key:sub(1, 64))
+          if not kind then field_problem = "unknown field " .. quoted .. " in the request body" end
+          list_key = kind == "list" and quoted or nil
+        end
+        i = s:find(NOT_SPACE, close)
+        if not i then return not_json(s, #s + 1) end
+        if s:byte(i) ~= 58 then return not_json(s, i) end     -- :
+        want = "value"
+        first = false
+        i = i + 1
+      end
+    else
+      if list_key then
+        if c ~= 91 and s:sub(i, i + 3) ~= "null" then
+          field_problem = list_key .. " must be a JSON array"
+        end
+        list_key = nil
+      end
+      if c == 123 or c == 91 then                              -- { or [
+        if depth == MAX_DEPTH then
+          return "the request body nests too deep: more than " .. MAX_DEPTH
+            .. " levels of objects and arrays"
+        end
+        depth = depth + 1
+        stack[depth] = c
+        want = c == 123 and "key" or "value"
+        first = true
+        i = i + 1
+      elseif c == 93 and first then                            -- []
+        stack[depth] = nil
+        depth = depth - 1
+        want = "next"
+        i = i + 1
+      else
+        local stop
+        if c == 34 then
+          local fault, what
+          stop, fault, what = json_string_end(s, i)
+          if not stop then return not_json(s, fault, what) end
+        elseif LITERALS[c] then
+          local word = LITERALS[c]
+          if s:sub(i, i + #word - 1) ~= word then return not_json(s, i) end
+          stop = i + #word
+        else
+          stop = number_end(s, i)
+          if not stop then return not_json(s, i) end
+        end
+        i = stop
+        want = "next"
+      end
+    end
   end
 end
 
 local BODY_METHODS = {POST = true, PUT = true, PATCH = true}
 
--- The fields a REST request's body may have (BODY_FIELDS), or nil when it is not checked.
+-- The rule for a REST request's body: true and the fields it may have (BODY_FIELDS; false for
+-- a one-field body, whose keys are not the request's), or nil when its body is not checked.
 local function body_rule(method, path)
   if not BODY_METHODS[method] or BODY_FIELDS == nil then return nil end
   path = path:gsub("%?.*$", "")
   for _, rule in ipairs(BODY_FIELDS) do
-    if rule[1] == method and path:match(rule[2]) then return rule[3] end
+    if rule[1] == method and path:match(rule[2]) then return true, rule[3] end
   end
   return nil
 end
 
-local function check_body(handle)
+-- The request's metadata as a gRPC server counts it (HPACK: name, value and 32 bytes for each
+-- header), with what Envoy adds after this filter: the transcoder repeats a REST path in
+-- x-envoy-original-path, and its other headers and the router's (the gRPC :path,
+-- content-type, te, x-envoy-original-method, x-envoy-expected-rq-timeout-ms) take less than
+-- 512 bytes.
+local function metadata_size(headers, rest)
+  local size = 512
+  for name, value in pairs(headers) do
+    size = size + #name + #value + 32
+  end
+  if rest then size = size + #(headers:get(":path") or "") end
+  return size
+end
+
+local function check_request(handle)
   local headers = handle:headers()
-  local ctype = headers:get("content-type") or ""
-  if ctype:sub(1, 16) == "application/grpc" then return end
-  local known = body_rule(headers:get(":method") or "", headers:get(":path") or "")
-  if not known then return end
+  local rest = not is_grpc(headers:get("content-type") or "")
+  -- SERVER_METADATA_LIMIT (gateway/proxy.py) is what a server surely takes. Past it gRPC
+  -- refuses a call with RESOURCE_EXHAUSTED, at random up to its hard limit, which REST would
+  -- see as a 429 to retry: the edge refuses it first, always, as a gRPC server would for gRPC.
+  if SERVER_METADATA_LIMIT and metadata_size(headers, rest) > SERVER_METADATA_LIMIT then
+    local message = "the request headers are too large"
+    if rest then
+      -- envoy.yaml's local_reply_config says how large they may be.
+      handle:respond({[":status"] = "431", ["content-type"] = "text/plain"}, message)
+    else
+      handle:respond({[":status"] = "200", ["content-type"] = "application/grpc",
+                      ["grpc-status"] = "8", ["grpc-message"] = message .. ": at most "
+                      .. SERVER_METADATA_LIMIT .. " bytes, 32 more for each entry"}, "")
+    end
+    return
+  end
+  if not rest then return end
+  local checked, known = body_rule(headers:get(":method") or "", headers:get(":path") or "")
+  if not checked then return end
   -- body() waits for the whole request (the buffer filter before has it, 1 MiB at most).
   local body = handle:body()
   if not body or body:length() == 0 then return end
-  local problem = body_problem(body:getBytes(0, body:length()), known)
+  local problem = body_problem(body:getBytes(0, body:length()), known or nil)
   if problem then
     -- A local reply: envoy.yaml's local_reply_config turns it into the error envelope.
     handle:respond({[":status"] = "400", ["content-type"] = "text/plain"}, problem)
@@ -179,12 +334,12 @@ end
 
 function envoy_on_request(handle)
   if EDGE_ROLE == "body_fields" then
-    return check_body(handle)
+    return check_request(handle)
   end
   local headers = handle:headers()
   local meta = handle:streamInfo():dynamicMetadata()
   local ctype = headers:get("content-type") or ""
-  local rest = ctype:sub(1, 16) ~= "application/grpc"
+  local rest = not is_grpc(ctype)
   meta:set(NS, "rest", rest)
   meta:set(NS, "request_id", headers:get("x-request-id") or "")
   local path = headers:get(":path") or ""

@@ -30,6 +30,16 @@ TEMPLATE = ROOT / "envoy.yaml"
 DESCRIPTOR = ROOT / "generated" / "agentmesh.pb"
 LUA = Path(__file__).resolve().parent / "edge.lua"
 
+# The request metadata a server takes, as gRPC's defaults have it (servers/common/server.py's
+# SERVER_OPTIONS sets neither grpc.max_metadata_size nor grpc.absolute_max_metadata_size): up
+# to the soft limit, surely; past it, refused with RESOURCE_EXHAUSTED at random, and always
+# past the hard limit. A REST client would see that as a 429 to retry. So the edge refuses
+# larger request headers itself: edge.lua (431; RESOURCE_EXHAUSTED for gRPC) where the metadata
+# a server would get (32 bytes more for each header, a REST path twice, Envoy's own headers)
+# passes the soft limit, and Envoy's codec (max_request_headers_kb) past the hard one.
+SERVER_METADATA_LIMIT = 8 * 1024
+SERVER_METADATA_HARD_LIMIT = 16 * 1024
+
 
 # When the mesh dies, however it dies (SIGKILL, a crash), Envoy must get SIGTERM instead of
 # living on with the public port: the kernel's parent-death signal. util-linux's setpriv sets it
@@ -106,6 +116,8 @@ class EdgeConfig:
             "JWT_ISSUER": self.issuer,
             "JWT_AUDIENCE": self.audience,
             "RATE_PER_CONNECTION": str(self.rate_per_connection),
+            "MAX_REQUEST_HEADERS_KB": str(SERVER_METADATA_HARD_LIMIT // 1024),
+            "METADATA_LIMIT": str(SERVER_METADATA_LIMIT),
             **{f"{name.upper()}_ENDPOINTS": self.endpoints(name) for name in self.service_ports},
             **{
                 f"{name.upper()}_CLUSTER_TYPE": self.cluster_type(name)
@@ -116,10 +128,12 @@ class EdgeConfig:
 
     def write(self, path: Path) -> Path:
         """Writes the configuration to ``path`` and, beside it, the edge script's copy for its
-        second role, with the contract's body fields (gateway/fields.py) in front."""
+        second role, with the contract's body fields (gateway/fields.py) and the servers'
+        metadata limit in front."""
         path.parent.mkdir(parents=True, exist_ok=True)
         fields = path.with_name("edge-body-fields.lua")
-        fields.write_text(lua_table(DESCRIPTOR) + 'EDGE_ROLE = "body_fields"\n\n' + LUA.read_text())
+        prelude = f'SERVER_METADATA_LIMIT = {SERVER_METADATA_LIMIT}\nEDGE_ROLE = "body_fields"\n\n'
+        fields.write_text(lua_table(DESCRIPTOR) + prelude + LUA.read_text())
         path.write_text(self.render(fields))
         return path
 

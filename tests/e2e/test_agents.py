@@ -358,20 +358,23 @@ def test_an_agent_shows_what_it_finished_and_its_resources(
     done = [owner.create(type="echo", description=f"ok {n}") for n in range(2)]
     # A sleep of "x" seconds fails (VALIDATION_ERROR, not retried).
     failed = owner.create(type="sleep", description="x", metadata={"seconds": "x"})
-    for task in [*done, failed]:
-        wait_until(
-            lambda t=task: owner.task(t["task_id"])["status"] in ("completed", "failed"),
-            20,
-            "the tasks to end",
-        )
+
+    def ended() -> bool:
+        statuses = {owner.task(t["task_id"])["status"] for t in [*done, failed]}
+        return statuses <= {"completed", "failed"}
+
+    wait_until(ended, 20, "the tasks to end")
     assert owner.task(failed["task_id"])["status"] == "failed"
     agent_id = agent_id_of(owner.id, "counted")
     path = f"{mesh.url}/api/v1/agents/{agent_id}"
     wait_until(
-        lambda: httpx.get(path, headers=owner.headers).json().get("resources", {}).get(
-            "memory_usage", 0
-        )
-        > 0,
+        lambda: (
+            httpx.get(path, headers=owner.headers)
+            .json()
+            .get("resources", {})
+            .get("memory_usage", 0)
+            > 0
+        ),
         10,
         "a heartbeat with resources",
     )

@@ -1,0 +1,195 @@
+"""Odd inputs at the edge, through the real mesh: what a lenient parser, a trailing slash, a
+near-gRPC content type or oversized headers would let past the edge's REST checks, and what
+Envoy's access log keeps. tests/gateway/test_edge_checks.py has the checks that need no server."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from agentmesh.v1 import health_pb2, health_pb2_grpc
+from servers.launcher import MeshProcess
+from tests.helpers import assert_envelope, new_user
+
+
+@pytest.fixture(scope="module")
+def auth(mesh: MeshProcess) -> dict[str, str]:
+    token = httpx.post(mesh.url + "/api/v1/auth/register", json=new_user()).json()["access_token"]
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _task_count(mesh: MeshProcess, auth: dict[str, str]) -> int:
+    listed = httpx.get(mesh.url + "/api/v1/tasks", headers=auth)
+    assert listed.status_code == 200, listed.text
+    return int(listed.json()["total"])
+
+
+def test_a_body_that_is_not_strict_json_is_refused(mesh: MeshProcess, auth: dict[str, str]) -> None:
+    """protobuf's parser takes single quotes, bare keys and a trailing comma, and a typo with
+    them: such a body made a task (201) with the misspelt field dropped."""
+    before = _task_count(mesh, auth)
+    headers = {**auth, "content-type": "application/json"}
+    with httpx.Client(base_url=mesh.url, headers=headers) as client:
+        for body in (
+            "{'type':'echo','description':'x','prority':3}",
+            '{prority:3,description:"x",type:"echo"}',
+            '{"type":"echo","description":"x",}',
+            '{"type":"echo","description":"x","metadata":{\'a\':1}}',
+        ):
+            error = assert_envelope(
+                client.post("/api/v1/tasks", content=body), 400, "VALIDATION_ERROR"
+            )
+            assert "not valid JSON" in str(error["message"]), error
+        # Everything strict JSON allows still goes: escapes, unicode, any whitespace, nesting.
+        good = (
+            '\r\n{ "type" :\t"echo", "description": "caf\\u00e9 \\"x\\" \\\\ \\/ \\b\\f\\n\\r\\t'
+            ' é \U0001f600", "metadata": {"a": [1, -0.5e+3, 2E-2, true, false, null, {}, [], '
+            '{"b": [[["\\ud83d\\ude00"]]]}], "": ""}, "priority": 9 }\n'
+        )
+        made = client.post("/api/v1/tasks", content=good.encode())
+        assert made.status_code == 201, made.text
+        assert made.json()["description"] == 'café "x" \\ / \b\f\n\r\t é \U0001f600'
+        assert made.json()["metadata"]["a"][1] == -500
+    assert _task_count(mesh, auth) == before + 1
+
+
+def test_a_trailing_slash_is_checked_too(mesh: MeshProcess, auth: dict[str, str]) -> None:
+    """The transcoder routes /api/v1/tasks/ as /api/v1/tasks; the edge used to skip such
+    paths, so a typo made a task (201) and a misspelt reason stopped one (200)."""
+    with httpx.Client(base_url=mesh.url, headers=auth) as client:
+        made = client.post("/api/v1/tasks/", json={"type": "echo", "description": "x"})
+        assert made.status_code == 201, made.text
+        before = _task_count(mesh, auth)
+        typo = client.post(
+            "/api/v1/tasks/", json={"type": "nosuch", "description": "x", "prority": 3}
+        )
+        error = assert_envelope(typo, 400, "VALIDATION_ERROR")
+        assert error["message"] == 'unknown field "prority" in the request body'
+        lone = client.post(
+            "/api/v1/tasks/",
+            json={"type": "echo", "description": "x", "required_capabilities": "echo"},
+        )
+        assert_envelope(lone, 400, "VALIDATION_ERROR")
+        assert _task_count(mesh, auth) == before
+        task_id = made.json()["task_id"]
+        stop = client.post(f"/api/v1/tasks/{task_id}/stop/", json={"reasn": "typo"})
+        assert_envelope(stop, 400, "VALIDATION_ERROR")
+        assert client.get(f"/api/v1/tasks/{task_id}").json()["status"] == "queued"
+
+
+@pytest.mark.parametrize(
+    "ctype",
+    [
+        "application/grpc-web+json",
+        "application/grpcx",
+        "application/grpc-json",
+        "application/grpc;charset=utf-8",
+    ],
+)
+def test_a_content_type_that_only_looks_like_grpc_is_rest(
+    mesh: MeshProcess, auth: dict[str, str], ctype: str
+) -> None:
+    """Envoy transcodes these as REST (gRPC is application/grpc or application/grpc+...): the
+    edge shapes and checks them as REST too, instead of passing a raw google.rpc.Status, a
+    200 for a 201, and any unknown field."""
+    headers = {**auth, "content-type": ctype}
+    with httpx.Client(base_url=mesh.url, headers=headers) as client:
+        typo = client.post(
+            "/api/v1/tasks", content=b'{"type":"echo","description":"x","prority":3}'
+        )
+        assert_envelope(typo, 400, "VALIDATION_ERROR")
+        made = client.post("/api/v1/tasks", content=b'{"type":"echo","description":"x"}')
+        assert made.status_code == 201, made.text
+        assert "grpc-status" not in made.headers
+        # A service's error in the envelope, not as {"code":5,...}.
+        missing = client.get("/api/v1/tasks/00000000-0000-0000-0000-000000000000")
+        assert_envelope(missing, 404, "TASK_NOT_FOUND")
+
+
+def _padded(size: int) -> dict[str, str]:
+    return {"x-padding": "a" * size}
+
+
+def _too_large(reply: httpx.Response) -> None:
+    """431 VALIDATION_ERROR. Envoy's codec refuses before a request id is made (docs/errors.md),
+    edge.lua after."""
+    if "x-request-id" in reply.headers:
+        error = assert_envelope(reply, 431, "VALIDATION_ERROR")
+    else:
+        assert reply.status_code == 431, reply.text
+        error = reply.json()["error"]
+        assert error["code"] == "VALIDATION_ERROR" and error["request_id"] is None, error
+    assert "headers are too large" in str(error["message"]), error
+
+
+def test_request_headers_are_refused_at_the_edge_before_a_server_would(
+    mesh: MeshProcess, auth: dict[str, str]
+) -> None:
+    """A server takes 8 KiB of metadata and refuses more at random (RESOURCE_EXHAUSTED, which
+    REST saw as a 429 RATE_LIMIT_EXCEEDED without Retry-After): the edge refuses such headers
+    itself, always, with 431 VALIDATION_ERROR. No size gets a 429."""
+    seen: dict[int, set[int]] = {}
+    with httpx.Client(base_url=mesh.url) as client:
+        for size in range(5000, 20000, 500):
+            for path, headers in (("/health", {}), ("/api/v1/tasks?limit=1", auth)):
+                for _ in range(2):
+                    reply = client.get(path, headers={**headers, **_padded(size)})
+                    seen.setdefault(size, set()).add(reply.status_code)
+                    if reply.status_code != 200:
+                        _too_large(reply)
+    assert seen[5000] == {200}
+    assert all(statuses == {431} for size, statuses in seen.items() if size >= 8000), seen
+    # Past Envoy's own limit, too: its codec answers before any filter.
+    _too_large(httpx.get(mesh.url + "/health", headers=_padded(70_000)))
+
+
+def test_grpc_metadata_over_the_limit_is_resource_exhausted_always(mesh: MeshProcess) -> None:
+    """A native gRPC caller gets what a server would answer, RESOURCE_EXHAUSTED, but every
+    time rather than at random, and from the edge."""
+    with grpc.insecure_channel(mesh.url.removeprefix("http://")) as channel:
+        stub = health_pb2_grpc.HealthServiceStub(channel)
+        stub.GetLiveness(health_pb2.GetLivenessRequest(), metadata=tuple(_padded(5000).items()))
+        for size in (8500, 10_000, 12_000):
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.GetLiveness(
+                        health_pb2.GetLivenessRequest(),
+                        metadata=tuple(_padded(size).items()),
+                        timeout=10,
+                    )
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+                assert "headers are too large" in str(refused.value.details())
+
+
+def test_a_header_with_an_underscore_is_dropped(mesh: MeshProcess) -> None:
+    """`x_foo` is dropped, not refused: over HTTP/1.1 it was a bare 400, and over HTTP/2 (gRPC,
+    whose metadata keys may hold "_") a reset stream with no answer at all."""
+    reply = httpx.get(mesh.url + "/health/live", headers={"x_foo": "1"})
+    assert reply.status_code == 200, reply.text
+    with grpc.insecure_channel(mesh.url.removeprefix("http://")) as channel:
+        stub = health_pb2_grpc.HealthServiceStub(channel)
+        stub.GetLiveness(health_pb2.GetLivenessRequest(), metadata=(("x_foo", "1"),), timeout=10)
+
+
+def test_credentials_in_a_query_string_stay_out_of_the_access_log(
+    mesh: MeshProcess, auth: dict[str, str]
+) -> None:
+    token = auth["Authorization"].removeprefix("Bearer ")
+    reply = httpx.get(mesh.url + "/api/v1/auth/me", params={"access_token": token})
+    assert_envelope(reply, 400, "VALIDATION_ERROR")
+    rid = reply.headers["x-request-id"]
+    log = Path(mesh.data_dir / "logs" / "envoy.log")
+    deadline = time.monotonic() + 20  # Envoy flushes its log every 10 s
+    line: dict[str, object] = {}
+    while not line and time.monotonic() < deadline:
+        for text in log.read_text().splitlines():
+            if rid in text:
+                line = json.loads(text)
+        time.sleep(0.1)
+    assert line["path"] == line["rpc"] == "/api/v1/auth/me", line
+    assert token not in log.read_text()
