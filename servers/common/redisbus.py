@@ -28,6 +28,17 @@ BLOCK_MARGIN = 1.0  # seconds a blocking read may take beyond its block time
 
 _ERRORS = (redis.RedisError, OSError, TimeoutError)
 
+
+def _cancelled_as(error: BaseException) -> None:
+    """Raises CancelledError when the running task is being cancelled and ``error`` stands in
+    for that: Python 3.11's asyncio.timeout turns a cancellation that lands as the timeout
+    expires into TimeoutError, and redis-py may turn one into a connection error. Taken for
+    a bus outage, it would be swallowed and the task (a callback worker, a follower) would
+    run on after being told to stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from error
+
 # Appends and trims in one round trip. Retention is measured on Redis' clock (the id it gives
 # the new entry), so a client whose clock runs ahead never trims entries still retained. Both
 # trims are approximate ("~"): Redis drops whole nodes of the stream, never a retained entry.
@@ -82,6 +93,7 @@ class RedisBus(Bus):
             with redis_span(getattr(call, "__name__", "EVALSHA").upper()):
                 return await call(*args, **kwargs)
         except _ERRORS as exc:
+            _cancelled_as(exc)
             raise BusUnavailable(f"redis: {exc!r}") from exc
 
     async def _block(
@@ -95,6 +107,7 @@ class RedisBus(Bus):
             async with asyncio.timeout(block + BLOCK_MARGIN):
                 return await call(*args, block=math.ceil(block * 1000), **kwargs)
         except _ERRORS as exc:
+            _cancelled_as(exc)
             if self._closed:
                 return None
             raise BusUnavailable(f"redis: {exc!r}") from exc

@@ -409,3 +409,26 @@ async def test_redis_hung_fails_fast_and_recovers(own: tuple[RedisBus, RedisServ
     assert await bus.ping() is True
     sent = await bus.publish("t", {"n": "2"}, **KEEP)
     assert (await bus.range("t", "0-0", 10))[-1].id == sent
+
+
+async def test_a_cancellation_that_looks_like_a_timeout_still_cancels() -> None:
+    """Python 3.11's asyncio.timeout turns a cancellation that lands as its own timeout expires
+    into TimeoutError (and redis-py may turn one into a connection error). Taken for a bus
+    outage, the caller's loop (a callback worker) swallowed it and ran on after close."""
+    bus = RedisBus("redis://127.0.0.1:6379/0", prefix=f"test-{uuid.uuid4().hex}:")
+
+    async def cut_as_it_times_out(*args: Any, **kwargs: Any) -> Any:
+        me = asyncio.current_task()
+        assert me is not None
+        me.cancel()  # the cancellation arrives ...
+        raise TimeoutError  # ... and what reaches the bus is the timeout
+
+    try:
+        for run in (
+            lambda: bus._block(1.0, cut_as_it_times_out),
+            lambda: bus._run(cut_as_it_times_out),
+        ):
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.create_task(run())
+    finally:
+        await bus.close()
