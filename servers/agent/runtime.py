@@ -21,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
+import json
 import logging
 import os
 import random
+import re
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -51,6 +53,8 @@ DEFAULT_HEARTBEAT_SECONDS = 10
 PROGRESS_INTERVAL = 0.2
 OUTBOX_LIMIT = 1000
 MESSAGE_LIMIT = 500
+ERROR_CODE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")  # as the mesh checks it (agents/http.py)
+DETAILS_MAX_BYTES = 64 * 1024
 # On stop(): how long to wait for the server to acknowledge finished outcomes, and for a
 # cancelled handler to actually end.
 DRAIN_SECONDS = 3.0
@@ -85,11 +89,21 @@ class TaskFailed(Exception):
         self.details = dict(details or {})
 
     def to_proto(self) -> tasks_pb2.TaskError:
+        """The error as the mesh takes it: an UPPER_SNAKE code (another becomes INTERNAL_ERROR,
+        named in the message), a message of 1 to 500 characters, details of at most 64 KiB of
+        JSON (larger ones are left out). The mesh refuses an outcome outside those rules, and
+        a refused outcome would leave the task held until its time limit."""
+        code, message = self.code, self.message or self.code or "failed"
+        if not ERROR_CODE.match(code):
+            code, message = "INTERNAL_ERROR", f"{self.code!r}: {message}"
         error = tasks_pb2.TaskError(
-            code=self.code, message=self.message[:MESSAGE_LIMIT], retryable=self.retryable
+            code=code, message=message[:MESSAGE_LIMIT], retryable=self.retryable
         )
-        if self.details:
-            json_format.ParseDict(self.details, error.details)
+        if self.details and len(json.dumps(self.details, default=str)) <= DETAILS_MAX_BYTES:
+            try:
+                json_format.ParseDict(self.details, error.details)
+            except (json_format.ParseError, TypeError, ValueError):
+                error.ClearField("details")
         return error
 
 

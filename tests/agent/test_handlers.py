@@ -369,3 +369,15 @@ async def test_a_result_too_deep_for_the_stream_is_reported_as_an_error() -> Non
     outcome = await execute(handler, tasks_pb2.Task(task_id="t"), report)
     assert isinstance(outcome, tasks_pb2.TaskError)
     assert outcome.code == "RESULT_TOO_DEEP" and not outcome.retryable
+
+
+def test_a_handler_error_is_shaped_as_the_mesh_takes_it() -> None:
+    """The mesh refuses an outcome with a code that is not UPPER_SNAKE or an empty message,
+    which would leave the task held until its time limit: the SDK mends them instead."""
+    odd = TaskFailed("not upper", "").to_proto()
+    assert odd.code == "INTERNAL_ERROR" and odd.message.startswith("'not upper'")
+    assert TaskFailed("QUOTA", "").to_proto().message == "QUOTA"
+    big = TaskFailed("BIG", "x", details={"blob": "b" * 70_000}).to_proto()
+    assert not big.HasField("details")
+    kept = TaskFailed("SMALL", "x", details={"n": 1}).to_proto()
+    assert json_format.MessageToDict(kept.details) == {"n": 1}
