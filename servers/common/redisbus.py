@@ -39,6 +39,7 @@ def _cancelled_as(error: BaseException) -> None:
     if task is not None and task.cancelling():
         raise asyncio.CancelledError from error
 
+
 # Appends and trims in one round trip. Retention is measured on Redis' clock (the id it gives
 # the new entry), so a client whose clock runs ahead never trims entries still retained. Both
 # trims are approximate ("~"): Redis drops whole nodes of the stream, never a retained entry.
