@@ -489,7 +489,7 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
         )
         hub = EventHub(rt.follower("events"))
         rt.on_stop(hub.shutdown)
-
+        authenticator = rt.authenticator()
         return (
             [
                 (
@@ -499,6 +499,7 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
                         resolver=AgentResolver(rt.internal_channel("agents")),
                         heartbeat_seconds=s.stream_heartbeat_seconds,
                         closing=rt.closing,
+                        authenticator=authenticator,
                     ),
                     "agentmesh.v1.MessagingService",
                 ),
@@ -509,11 +510,12 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
                         hub=hub,
                         heartbeat_seconds=s.stream_heartbeat_seconds,
                         streams_per_user=s.event_streams_per_user,
+                        authenticator=authenticator,
                     ),
                     "agentmesh.v1.EventsService",
                 ),
             ],
-            rt.authenticator(),
+            authenticator,
             [messages.sweep],
         )
     raise ValueError(f"unknown service {name!r}")

@@ -27,9 +27,8 @@ from google.api import httpbody_pb2
 from sqlalchemy.exc import SQLAlchemyError
 
 from agentmesh.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2
-from servers.common import context as callctx
 from servers.common import sse
-from servers.common.auth import Authenticator
+from servers.common.auth import Authenticator, current_call_check
 from servers.common.clock import timestamp
 from servers.common.context import Principal, require_principal, set_http_status
 from servers.common.errors import Conflict, NotFound, RateLimited, Unavailable, ValidationError
@@ -172,17 +171,9 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             log.info("agent disconnected", extra={"agent_id": session.agent_id})
 
     def _guard(self, session: Session) -> asyncio.Task[None]:
-        """The stream's credential check (AgentWork.guard_credential), with the call's own
-        metadata and method: exactly the authorization the call passed when it opened."""
-        call = callctx.current_call()
-        authenticator = self._authenticator
-        method, metadata = (call.method, dict(call.metadata)) if call else ("", {})
-
-        async def check() -> object:
-            if authenticator is None or not method:
-                return None  # a server built without one (tests of the servicer alone)
-            return await authenticator.authorize(method, metadata)
-
+        """The stream's credential check (AgentWork.guard_credential): the call's own
+        authorization, run again every heartbeat interval."""
+        check = current_call_check(self._authenticator)
         return asyncio.create_task(self._work.guard_credential(session, check))
 
     async def _read(

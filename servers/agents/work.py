@@ -15,15 +15,15 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import grpc
 from sqlalchemy.exc import SQLAlchemyError
 
 from agentmesh.v1 import agents_pb2, common_pb2, tasks_pb2, tasks_pb2_grpc
+from servers.common.auth import CredentialCheck, guard_stream
 from servers.common.context import Principal
-from servers.common.errors import AuthRequired, PermissionDenied, Unavailable, ValidationError
+from servers.common.errors import AuthRequired, PermissionDenied, ValidationError
 from servers.common.internal import CALL_TIMEOUT, InternalChannel
 from servers.common.protos import as_json
 
@@ -393,29 +393,21 @@ class AgentWork:
             ping.time.GetCurrentTime()
             return agents_pb2.ConnectResponse(ping=ping)
 
-    async def guard_credential(
-        self, session: Session, check: Callable[[], Awaitable[object]]
-    ) -> None:
-        """Runs for the life of a stream: every heartbeat interval, checks again the
-        credential the stream was opened with (``check`` raises as the call's authorization
-        would). A key revoked, expired or no longer allowed ends the stream with that error
-        (the stream's end then hands its tasks back); an auth service that does not answer
-        ends nothing."""
-        while True:
-            await asyncio.sleep(self._heartbeat)
-            try:
-                await check()
-            except (AuthRequired, PermissionDenied) as exc:
-                log.info(
-                    "ending a stream whose credential no longer holds: %s",
-                    exc.message,
-                    extra={"agent_id": session.agent_id},
-                )
-                session.credential_refused = True
-                session.send(error_frame(exc.reason, exc.message))
-                return
-            except Unavailable:
-                continue
+    async def guard_credential(self, session: Session, check: CredentialCheck | None) -> None:
+        """Runs for the life of a stream (guard_stream, every heartbeat interval): a credential
+        that no longer holds ends the stream with the refusal, and the stream's end then hands
+        its tasks back."""
+
+        def refused(exc: AuthRequired | PermissionDenied) -> None:
+            log.info(
+                "ending a stream whose credential no longer holds: %s",
+                exc.message,
+                extra={"agent_id": session.agent_id},
+            )
+            session.credential_refused = True
+            session.send(error_frame(exc.reason, exc.message))
+
+        await guard_stream(check, self._heartbeat, refused)
 
     async def end_on_close(self, session: Session) -> None:
         await self._closing.wait()

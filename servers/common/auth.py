@@ -8,6 +8,7 @@ read; the token itself is checked again).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -20,7 +21,7 @@ import jwt
 from jwt.algorithms import ECAlgorithm
 
 from . import policy
-from .context import Principal
+from .context import Principal, current_call
 from .errors import AuthRequired, PermissionDenied, TokenExpired, Unavailable
 from .peers import open_channel
 from .rbac import AGENT_PERMISSION, allows, permissions_of
@@ -240,3 +241,45 @@ class Authenticator:
                     details={"required": f"{need.action}:{need.resource}"},
                 )
         return who
+
+
+# --- Streams outlive the call that authorized them ---
+
+CredentialCheck = Callable[[], Awaitable[object]]
+
+
+def current_call_check(authenticator: Authenticator | None) -> CredentialCheck | None:
+    """The authorization the current call passed when it opened, to run again later with the
+    same method and metadata; None outside a call or without an authenticator (a servicer
+    built alone in a test)."""
+    call = current_call()
+    if authenticator is None or call is None or not call.method:
+        return None
+    method, metadata = call.method, dict(call.metadata)
+
+    async def check() -> object:
+        return await authenticator.authorize(method, metadata)
+
+    return check
+
+
+async def guard_stream(
+    check: CredentialCheck | None,
+    every: float,
+    refused: Callable[[AuthRequired | PermissionDenied], None],
+) -> None:
+    """Runs for the life of a stream: every ``every`` seconds, checks again the credential the
+    stream was opened with. A key revoked, a token expired, a role taken away: ``refused``
+    gets the error the call's authorization would raise now, and the guard ends. An auth
+    service that does not answer ends nothing; the next interval checks again."""
+    if check is None:
+        return
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await check()
+        except (AuthRequired, PermissionDenied) as exc:
+            refused(exc)
+            return
+        except Unavailable:
+            continue

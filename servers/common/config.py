@@ -152,7 +152,8 @@ class Settings:
       AGENTMESH_AGENTS_PER_OWNER   agents one user may have registered (default 1000)
       AGENTMESH_EVENT_RETENTION_SECONDS  how long events stay replayable (default 86400)
       AGENTMESH_EVENT_RETENTION_MAX      at most this many events are kept (default 100000)
-      AGENTMESH_STREAM_HEARTBEAT_SECONDS heartbeats on idle event and inbox streams (default 15)
+      AGENTMESH_STREAM_HEARTBEAT_SECONDS heartbeats on idle event and inbox streams, and how
+                                   often their credential is checked again (default 15)
       AGENTMESH_EVENT_STREAMS_PER_USER  event streams a user may hold open (default 20)
       AGENTMESH_MESSAGE_RATE_LIMIT  messages an agent may send per second (default 50)
       AGENTMESH_INBOX_MAX_UNACKED   unacknowledged messages an inbox holds (default 10000)

@@ -30,10 +30,12 @@ from google.api import httpbody_pb2
 
 from agentmesh.v1 import common_pb2, events_pb2, events_pb2_grpc
 from servers.common import sse
+from servers.common.auth import Authenticator, current_call_check, guard_stream
 from servers.common.bus import Bus, BusUnavailable, Entry, owner_index, parse_id
 from servers.common.context import Principal, add_cost, current_call, require_principal
-from servers.common.errors import Unavailable, ValidationError
+from servers.common.errors import AuthRequired, PermissionDenied, Unavailable, ValidationError
 from servers.common.follower import Follower
+from servers.common.jobs import stop_jobs
 from servers.common.outbox import EVENTS_TOPIC
 from servers.common.pagination import page
 from servers.common.protos import struct
@@ -57,6 +59,8 @@ SCAN_COST = 1000
 SSE_CHUNK = 256 * 1024
 # A stream that sent within BUSY seconds waits LINGER seconds for more before the next write.
 BUSY, LINGER = 0.05, 0.01
+# How long a stream's end waits for its credential check to stop (servers/common/jobs.py).
+GUARD_PATIENCE = 5.0
 # What a browser waits before reconnecting a dropped stream.
 SSE_RETRY_MS = 2000
 
@@ -169,6 +173,8 @@ class Subscription:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     overflowed: bool = False
     ended: str = ""
+    # The stream's credential stopped holding: its last frame.
+    refused: common_pb2.StreamError | None = None
 
     def offer(self, event: Parsed) -> None:
         if self.overflowed or not self.matches(event):
@@ -182,6 +188,10 @@ class Subscription:
 
     def end(self, reason: str) -> None:
         self.ended = reason
+        self.wake.set()
+
+    def refuse(self, exc: AuthRequired | PermissionDenied) -> None:
+        self.refused = common_pb2.StreamError(code=exc.reason, message=exc.message)
         self.wake.set()
 
 
@@ -230,8 +240,11 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
         heartbeat_seconds: float,
         queue_limit: int = QUEUE_LIMIT,
         streams_per_user: int = STREAMS_PER_USER,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self._bus = bus
+        # Checks again, every heartbeat interval, the credential an open stream came with.
+        self._authenticator = authenticator
         self._slots = StreamSlots(streams_per_user, "event streams per user")
         self._hub = hub
         self._heartbeat = heartbeat_seconds
@@ -241,6 +254,8 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
         """Batches of events for one subscriber, heartbeats when idle, and a last frame."""
         sub = Subscription(matches, self._queue_limit)
         remove = self._hub.add(sub)
+        check = current_call_check(self._authenticator)
+        guard = asyncio.create_task(guard_stream(check, self._heartbeat, sub.refuse))
         try:
             last = parse_id(after) if after else (0, 0)
             sent_at = 0.0
@@ -256,6 +271,9 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
                     )
                     return
             while True:
+                if sub.refused is not None:
+                    yield sub.refused
+                    return
                 if sub.ended:
                     yield common_pb2.StreamEnd(reason=sub.ended)
                     return
@@ -290,6 +308,7 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
                     yield batch
         finally:
             remove()
+            await stop_jobs((guard,), patience=GUARD_PATIENCE)
 
     async def _replay(
         self, sub: Subscription, after: str

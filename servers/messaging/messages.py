@@ -10,6 +10,7 @@ from google.api import httpbody_pb2
 
 from agentmesh.v1 import common_pb2, messaging_pb2, messaging_pb2_grpc
 from servers.common import sse
+from servers.common.auth import Authenticator, current_call_check
 from servers.common.clock import timestamp
 from servers.common.context import current_call, require_principal, set_http_status
 from servers.common.pagination import page
@@ -68,8 +69,11 @@ class MessagingService(messaging_pb2_grpc.MessagingServiceServicer):
         heartbeat_seconds: float,
         closing: asyncio.Event,
         inbox_streams_per_agent: int = INBOX_STREAMS_PER_AGENT,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self._messages = messages
+        # Checks again, every heartbeat interval, the credential an open stream came with.
+        self._authenticator = authenticator
         self._directory = resolver
         self._heartbeat = heartbeat_seconds
         self._closing = closing
@@ -152,7 +156,11 @@ class MessagingService(messaging_pb2_grpc.MessagingServiceServicer):
             require_principal(), agent_id, timeout=_remaining(context)
         )
         return InboxStream(
-            self._messages, agent.agent_id, heartbeat=self._heartbeat, closing=self._closing
+            self._messages,
+            agent.agent_id,
+            heartbeat=self._heartbeat,
+            closing=self._closing,
+            credential=current_call_check(self._authenticator),
         )
 
     async def StreamInbox(

@@ -29,7 +29,9 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from servers.common.auth import CredentialCheck, guard_stream
 from servers.common.clock import aware, now
+from servers.common.errors import AuthRequired, PermissionDenied
 from servers.common.jobs import stop_jobs
 
 from .domain import Messages
@@ -88,8 +90,10 @@ class InboxStream:
         closing: asyncio.Event,
         queue_size: int = QUEUE_SIZE,
         slow_after: float | None = None,
+        credential: CredentialCheck | None = None,
     ) -> None:
         self._messages = messages
+        self._credential = credential
         self._hub = messages.hub
         self.agent_id = agent_id
         self._heartbeat = heartbeat
@@ -142,6 +146,7 @@ class InboxStream:
         self._hub.watch(self.agent_id, self)
         puller = asyncio.create_task(self._pull_loop())
         watcher = asyncio.create_task(self._watch_closing())
+        guard = asyncio.create_task(guard_stream(self._credential, self._heartbeat, self._refuse))
         try:
             while True:
                 if self._closing.is_set():
@@ -164,7 +169,7 @@ class InboxStream:
                 if isinstance(frame, Failed):
                     return
         finally:
-            await stop_jobs((puller, watcher), patience=STOP_PATIENCE)
+            await stop_jobs((puller, watcher, guard), patience=STOP_PATIENCE)
             self._hub.unwatch(self.agent_id, self)
 
     async def _watch_closing(self) -> None:
@@ -241,13 +246,22 @@ class InboxStream:
             self._sent = {k: v for k, v in self._sent.items() if v >= self._since}
 
     def _fail_slow(self) -> None:
-        self._failed = True
-        self._frames.clear()
-        self._frames.append(
+        self._fail(
             Failed(
                 "SLOW_CONSUMER",
                 "the agent does not keep up with its inbox; reconnect to receive the rest",
                 {"queued": str(self._size)},
             )
         )
+
+    def _refuse(self, exc: AuthRequired | PermissionDenied) -> None:
+        """The stream's credential no longer holds (revoked, expired): it ends with the
+        refusal; what it had queued stays unacknowledged for the next stream."""
+        self._fail(Failed(exc.reason, exc.message))
+
+    def _fail(self, last: Failed) -> None:
+        self._failed = True
+        self._frames.clear()
+        self._frames.append(last)
         self._ready.set()
+        self._wake.set()  # the reader stops

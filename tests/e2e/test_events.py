@@ -382,3 +382,39 @@ def test_a_user_may_hold_twenty_event_streams(mesh: MeshProcess) -> None:
                     assert again.status_code == 200
                     break
             time.sleep(0.1)
+
+
+def test_revoking_the_key_ends_the_event_stream_it_opened(mesh: MeshProcess) -> None:
+    """A stream outlives the call that opened it, not its credential: the key is checked again
+    every heartbeat interval (1 s here), and once revoked the stream's last frame is the
+    refusal. The same user's other streams are not touched."""
+    with httpx.Client(base_url=mesh.url, timeout=10) as client:
+        owner = register(client)
+        body = {"name": "feed", "scopes": ["read"]}
+        created = client.post("/api/v1/auth/api-keys", json=body, headers=owner.headers)
+        assert created.status_code == 201, created.text
+        key, key_id = created.json()["key"], created.json()["api_key"]["key_id"]
+        by_key = {"Authorization": f"Bearer {key}"}
+        created_only = {"patterns": "task.created"}
+        with (
+            stream(client, owner, headers=by_key, params=created_only) as keyed,
+            stream(client, owner, params=created_only) as signed_in,
+        ):
+            assert keyed.status_code == 200 and signed_in.status_code == 200
+            keyed_frames, signed_in_frames = frames(keyed), frames(signed_in)
+            task_id = create_task(client, owner)
+            (seen,) = events_until(keyed_frames, 1)
+            assert httpx.Response(200, content=seen.data).json()["subject_id"] == task_id
+            revoked = client.delete(f"/api/v1/auth/api-keys/{key_id}", headers=owner.headers)
+            assert revoked.status_code == 200, revoked.text
+            started = time.monotonic()
+            rest = list(keyed_frames)  # the stream ends by itself
+            assert time.monotonic() - started < 5
+            assert rest and rest[-1].event == "error", rest
+            refusal = httpx.Response(200, content=rest[-1].data).json()
+            assert refusal["code"] == "AUTH_REQUIRED" and "revoked" in refusal["message"]
+            # The token's stream goes on, and sees what is new.
+            later = create_task(client, owner)
+            delivered = events_until(signed_in_frames, 2)
+            subjects = [httpx.Response(200, content=f.data).json()["subject_id"] for f in delivered]
+            assert subjects == [task_id, later]

@@ -582,3 +582,38 @@ async def test_an_agent_may_hold_four_inbox_streams(
             "GET", f"/api/v1/agents/{alice.id}/messages/stream", headers=alice.headers
         ) as theirs:
             assert theirs.status_code == 200
+
+
+async def test_revoking_the_key_ends_the_inbox_stream_it_opened(
+    developer: Developer, rest: httpx.AsyncClient
+) -> None:
+    """A stream outlives the call that opened it, not its credential: the agent's key is
+    checked again every heartbeat interval (1 s here); revoked, the stream's last frame is the
+    refusal."""
+    created = await rest.post(
+        "/api/v1/auth/api-keys",
+        json={"name": "revoked-agent", "scopes": ["agent"]},
+        headers=developer.headers,
+    )
+    assert created.status_code == 201, created.text
+    key_id = created.json()["api_key"]["key_id"]
+    alice, bob = await developer.agent(), await developer.agent(created.json()["key"])
+    inbox = Inbox(developer.mesh, bob)
+    try:
+        first = (await send(rest, alice, bob, payload={"n": 1})).json()
+        assert (await inbox.message()).message_id == first["message_id"]
+        revoked = await rest.delete(f"/api/v1/auth/api-keys/{key_id}", headers=developer.headers)
+        assert revoked.status_code == 200, revoked.text
+        while (frame := await inbox.next(timeout=5)).WhichOneof("kind") == "heartbeat":
+            pass
+        assert frame.WhichOneof("kind") == "error", frame
+        assert frame.error.code == "AUTH_REQUIRED" and "revoked" in frame.error.message
+        with pytest.raises(TimeoutError):  # nothing after the last frame
+            await inbox.next(timeout=1.5)
+    finally:
+        await inbox.close()
+    # Its REST calls are refused as they always were; the inbox keeps what arrives.
+    listed = await rest.get(f"/api/v1/agents/{bob.id}/messages", headers=bob.headers)
+    assert_envelope(listed, 401, "AUTH_REQUIRED")
+    later = await send(rest, alice, bob, payload={"n": 2})
+    assert later.status_code == 201, later.text

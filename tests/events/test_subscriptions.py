@@ -66,14 +66,14 @@ class Rig:
         ]
 
 
-def _token(key: SigningKey, subject: str) -> str:
+def _token(key: SigningKey, subject: str, lifetime: int = 600) -> str:
     now = int(time.time())
     claims = {
         "sub": subject,
         "iss": "agentmesh",
         "aud": "agentmesh",
         "iat": now,
-        "exp": now + 600,
+        "exp": now + lifetime,
         "jti": f"j-{subject}",
         "typ": "access",
         "roles": ["user"],
@@ -92,7 +92,13 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
 
 
 @contextlib.asynccontextmanager
-async def _rig(tmp_path: Path, quotas: Quotas | None = None) -> AsyncIterator[Rig]:
+async def _rig(
+    tmp_path: Path,
+    quotas: Quotas | None = None,
+    *,
+    heartbeat: float = 30,
+    token_lifetime: int = 600,
+) -> AsyncIterator[Rig]:
     bus = MemoryBus()
     follower = Follower(bus, EVENTS_TOPIC)
     following = asyncio.create_task(follower.run())
@@ -103,7 +109,14 @@ async def _rig(tmp_path: Path, quotas: Quotas | None = None) -> AsyncIterator[Ri
     authenticator = Authenticator(verifier=verifier, internal_token="t", api_keys=_no_api_keys)
     server = grpc.aio.server(interceptors=default_interceptors(authenticator, quotas=quotas))
     events_pb2_grpc.add_EventsServiceServicer_to_server(
-        EventsService(bus=bus, hub=hub, heartbeat_seconds=30, queue_limit=50), server
+        EventsService(
+            bus=bus,
+            hub=hub,
+            heartbeat_seconds=heartbeat,
+            queue_limit=50,
+            authenticator=authenticator,
+        ),
+        server,
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -113,7 +126,7 @@ async def _rig(tmp_path: Path, quotas: Quotas | None = None) -> AsyncIterator[Ri
             bus=bus,
             hub=hub,
             stub=events_pb2_grpc.EventsServiceStub(channel),
-            metadata=(("authorization", f"Bearer {_token(key, 'u1')}"),),
+            metadata=(("authorization", f"Bearer {_token(key, 'u1', token_lifetime)}"),),
         )
     finally:
         await channel.close()
@@ -274,3 +287,27 @@ async def test_a_scan_of_the_retained_events_counts_by_its_length(tmp_path: Path
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await rig.stub.ListEvents(request, metadata=rig.metadata)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_a_stream_ends_when_its_token_expires(tmp_path: Path) -> None:
+    """A stream outlives the call that opened it, not the token it was opened with: the token
+    is checked again every heartbeat interval, and once it has expired the stream ends with
+    TOKEN_EXPIRED (the client signs in again and resumes from the last event id)."""
+    async with _rig(tmp_path, heartbeat=0.5, token_lifetime=2) as rig:
+        call = rig.stub.Subscribe(
+            events_pb2.SubscribeRequest(patterns=["task.*"]), metadata=rig.metadata
+        )
+        opened = time.monotonic()
+        frames = []
+        async with asyncio.timeout(10):
+            first = await call.read()  # a heartbeat: the subscription is live
+            assert first.WhichOneof("kind") == "heartbeat", first
+            (sent,) = await rig.publish(1)
+            while (frame := await call.read()) is not grpc.aio.EOF:
+                frames.append(frame)
+        kinds = [f.WhichOneof("kind") for f in frames]
+        assert [f.event.event_id for f in frames if f.HasField("event")] == [sent]
+        assert kinds[-1] == "error", kinds
+        assert frames[-1].error.code == "TOKEN_EXPIRED"
+        # Not before the token ran out (2 s, less what the test took to get going).
+        assert time.monotonic() - opened > 1
