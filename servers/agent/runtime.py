@@ -70,6 +70,12 @@ def _version() -> str:
         return "0.0.0"
 
 
+def _text(message: str) -> str:
+    """A message as the mesh takes it: at most MESSAGE_LIMIT characters and no NUL (the mesh
+    refuses a frame with a NUL in any text field, and ends the stream that sent it)."""
+    return message[:MESSAGE_LIMIT].replace("\x00", "\ufffd")
+
+
 class TaskFailed(Exception):
     """Raised by a handler: the attempt failed with a documented UPPER_SNAKE code. A retryable
     failure is queued again while the task has attempts left; any other fails the task."""
@@ -92,13 +98,12 @@ class TaskFailed(Exception):
         """The error as the mesh takes it: an UPPER_SNAKE code (another becomes INTERNAL_ERROR,
         named in the message), a message of 1 to 500 characters, details of at most 64 KiB of
         JSON (larger ones are left out). The mesh refuses an outcome outside those rules, and
-        a refused outcome would leave the task held until its time limit."""
+        a refused outcome would leave the task held until its time limit. A NUL character,
+        which no text field may hold, becomes U+FFFD."""
         code, message = self.code, self.message or self.code or "failed"
         if not ERROR_CODE.match(code):
             code, message = "INTERNAL_ERROR", f"{self.code!r}: {message}"
-        error = tasks_pb2.TaskError(
-            code=code, message=message[:MESSAGE_LIMIT], retryable=self.retryable
-        )
+        error = tasks_pb2.TaskError(code=code, message=_text(message), retryable=self.retryable)
         if self.details and len(json.dumps(self.details, default=str)) <= DETAILS_MAX_BYTES:
             try:
                 json_format.ParseDict(self.details, error.details)
@@ -626,7 +631,7 @@ class Agent:
                 task_id=job.task.task_id,
                 attempt_token=job.token,
                 progress=value,
-                message=message[:MESSAGE_LIMIT],
+                message=_text(message),
             )
             self._send(agents_pb2.ConnectRequest(progress=frame))
 

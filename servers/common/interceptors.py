@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -32,6 +32,7 @@ from .auth import Authenticator
 from .errors import DOMAIN, AgentmeshError, InternalError, NotImplementedYet, ValidationError
 from .metrics import Metrics
 from .observability import OBSERVED
+from .protos import nul_field
 from .quotas import QuotaExceeded, Quotas
 from .server import MAX_MESSAGE_BYTES
 from .tracing import Tracing
@@ -53,14 +54,20 @@ def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
 
 
 class Undecodable:
-    """A request message that did not parse, in place of the message (see ``_tolerant``)."""
+    """A request message that did not parse, or that holds what no field may, in place of the
+    message (see ``_tolerant``)."""
 
-    __slots__ = ("reason",)
+    __slots__ = ("reason", "field")
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, field: str = "") -> None:
         self.reason = reason
+        self.field = field
 
     def problem(self) -> ValidationError:
+        if self.field:
+            return ValidationError(
+                f"{self.field} {self.reason}", details={"field": self.field[:200]}
+            )
         return ValidationError(f"the request could not be decoded: {self.reason}")
 
 
@@ -75,7 +82,7 @@ def _tolerant(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | 
 
     def tolerant(data: bytes) -> Any:
         try:
-            return parse(data)
+            message = parse(data)
         except DecodeError as exc:
             text = str(exc)
             if "Depth" in text:
@@ -83,6 +90,14 @@ def _tolerant(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | 
             if "UTF-8" in text:
                 return Undecodable("a string is not valid UTF-8")
             return Undecodable("it is not a valid message")
+        # A NUL in text reaches PostgreSQL as an error (a 500) and SQLite as a stored NUL; it
+        # is refused here for every field of every RPC. No NUL byte, no NUL character: the
+        # walk runs only for the few messages that hold a zero byte at all.
+        if b"\x00" in data and isinstance(message, Message):
+            field = nul_field(message)
+            if field:
+                return Undecodable("must not contain NUL characters", field)
+        return message
 
     return tolerant
 

@@ -57,3 +57,53 @@ def nesting(value: object) -> int:
 
 def too_deep(value: object) -> bool:
     return nesting(value) > NESTING_MAX
+
+
+# JSON values (Struct, Value, ListValue) are stored as JSON, where a NUL is an escape like any
+# other; only text fields are checked.
+_JSON_TYPES = frozenset(
+    {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}
+)
+
+
+def nul_field(message: Message, prefix: str = "") -> str | None:
+    """The path of the first text field of ``message`` (nested messages, repeated fields and
+    maps included; JSON values not) that holds a NUL character, or None. PostgreSQL's text
+    cannot hold one, and no name, description or reason needs one."""
+    for field, value in message.ListFields():
+        path = f"{prefix}{field.name}"
+        if field.type == field.TYPE_STRING:
+            texts = value if field.is_repeated else (value,)
+            if any("\x00" in text for text in texts):
+                return path
+        elif field.type == field.TYPE_MESSAGE:
+            kind = field.message_type
+            if kind.full_name in _JSON_TYPES:
+                continue
+            if kind.GetOptions().map_entry:
+                found = _nul_in_map(kind, value, path)
+            elif field.is_repeated:
+                found = next(
+                    (f for n, item in enumerate(value) if (f := nul_field(item, f"{path}[{n}]."))),
+                    None,
+                )
+            else:
+                found = nul_field(value, f"{path}.")
+            if found:
+                return found
+    return None
+
+
+def _nul_in_map(entry: Any, value: Any, path: str) -> str | None:
+    key_is_text = entry.fields_by_name["key"].type == entry.fields_by_name["key"].TYPE_STRING
+    holds = entry.fields_by_name["value"]
+    for key, item in value.items():
+        if key_is_text and "\x00" in key:
+            return path
+        if holds.type == holds.TYPE_STRING and "\x00" in item:
+            return f"{path}.{key}"
+        if holds.type == holds.TYPE_MESSAGE and holds.message_type.full_name not in _JSON_TYPES:
+            found = nul_field(item, f"{path}.{key}.")
+            if found:
+                return found
+    return None

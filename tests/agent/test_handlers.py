@@ -381,3 +381,5 @@ def test_a_handler_error_is_shaped_as_the_mesh_takes_it() -> None:
     assert not big.HasField("details")
     kept = TaskFailed("SMALL", "x", details={"n": 1}).to_proto()
     assert json_format.MessageToDict(kept.details) == {"n": 1}
+    # No text field may hold a NUL (an exception's words about a binary file may).
+    assert TaskFailed("BINARY", "byte \x00 here").to_proto().message == "byte \ufffd here"

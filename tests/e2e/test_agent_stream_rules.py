@@ -161,3 +161,31 @@ async def test_a_malformed_heartbeat_ends_the_stream(mesh: MeshProcess) -> None:
             assert error.code == "VALIDATION_ERROR", error
         finally:
             await agent.close()
+
+
+async def test_a_frame_with_a_nul_character_ends_the_stream(mesh: MeshProcess) -> None:
+    """No text field of any RPC may hold a NUL (PostgreSQL's text cannot): a frame with one is
+    refused like one that does not decode, naming the field; the SDK replaces NULs in the
+    messages it sends (tests/agent/test_handlers.py)."""
+    owner = Owner(mesh)
+    capability = f"nul_{secrets.token_hex(4)}"
+    agent = StreamAgent(mesh, owner.key, "nul-sender", capability, capacity=1)
+    try:
+        task = owner.create(type=capability, description="x")
+        held = (await agent.next("assignment")).assignment
+        agent.send(
+            agents_pb2.ConnectRequest(
+                progress=agents_pb2.TaskProgress(
+                    task_id=task["task_id"],
+                    attempt_token=held.attempt_token,
+                    progress=5,
+                    message="half\x00way",
+                )
+            )
+        )
+        async with asyncio.timeout(10):
+            error = (await agent.next("error")).error
+        assert error.code == "VALIDATION_ERROR"
+        assert error.message == "progress.message must not contain NUL characters"
+    finally:
+        await agent.close()

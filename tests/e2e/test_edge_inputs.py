@@ -12,7 +12,7 @@ import grpc
 import httpx
 import pytest
 
-from agentmesh.v1 import health_pb2, health_pb2_grpc
+from agentmesh.v1 import health_pb2, health_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from servers.launcher import MeshProcess
 from tests.helpers import assert_envelope, new_user
 
@@ -193,3 +193,49 @@ def test_credentials_in_a_query_string_stay_out_of_the_access_log(
         time.sleep(0.1)
     assert line["path"] == line["rpc"] == "/api/v1/auth/me", line
     assert token not in log.read_text()
+
+
+def test_text_with_a_nul_character_is_refused_on_every_database(any_mesh: MeshProcess) -> None:
+    """JSON may escape a NUL (\\u0000), and protobuf carries it; PostgreSQL's text cannot hold
+    one, so a task with one in its description was a 500 there (and a stored NUL on SQLite).
+    Every RPC now refuses a NUL in any text field with a 400 naming the field, whatever the
+    database; JSON values (metadata, results, payloads) are stored as JSON and keep theirs."""
+    with httpx.Client(base_url=any_mesh.url, timeout=10) as client:
+        signed_up = client.post("/api/v1/auth/register", json=new_user())
+        client.headers["Authorization"] = f"Bearer {signed_up.json()['access_token']}"
+        for body, field in (
+            ({"description": "a\x00b"}, "description"),
+            ({"description": "x", "title": "t\x00"}, "title"),
+            ({"description": "x", "idempotency_key": "k\x00"}, "idempotency_key"),
+            (
+                {"description": "x", "required_capabilities": ["ok", "b\x00"]},
+                "required_capabilities",
+            ),
+        ):
+            error = assert_envelope(
+                client.post("/api/v1/tasks", json=body), 400, "VALIDATION_ERROR"
+            )
+            assert error["message"] == f"{field} must not contain NUL characters", error
+            assert error["details"] == {"field": field}
+        # In a query string alike (the edge refuses one in a path before any server sees it).
+        query = client.get("/api/v1/tasks?status=queued%00")
+        assert assert_envelope(query, 400, "VALIDATION_ERROR")["details"] == {"field": "status"}
+        path = client.get("/api/v1/tasks/a%00b")
+        assert (path.status_code, path.json()["error"]["code"]) == (400, "VALIDATION_ERROR")
+        kept = client.post("/api/v1/tasks", json={"description": "x", "metadata": {"k": "v\x00"}})
+        assert kept.status_code == 201, kept.text
+        assert client.get(f"/api/v1/tasks/{kept.json()['task_id']}").json()["metadata"] == {
+            "k": "v\x00"
+        }
+
+
+def test_grpc_text_with_a_nul_character_is_invalid_argument(mesh: MeshProcess) -> None:
+    """The same rule for a gRPC client, whatever the field's depth (a repeated field here)."""
+    token = httpx.post(mesh.url + "/api/v1/auth/register", json=new_user()).json()["access_token"]
+    with grpc.insecure_channel(mesh.services["tasks"]) as channel:
+        stub = tasks_pb2_grpc.TasksServiceStub(channel)
+        request = tasks_pb2.CreateTaskRequest(description="x", required_capabilities=["\x00"])
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.CreateTask(request, metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == "required_capabilities must not contain NUL characters"
