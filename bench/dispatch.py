@@ -73,7 +73,11 @@ PG_ADMIN_DSN = os.environ.get("AGENTMESH_TEST_PG", "postgresql://postgres@127.0.
 REDIS_HOST, REDIS_PORT, REDIS_DB = "127.0.0.1", 6379, 15  # db 15 is flushed before and after
 REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
 CELERY_TASK = "bench.noop"
-MESH_ENV = {**auth_me.MESH_ENV, "AGENTMESH_LOGIN_LIMIT": "100000"}
+MESH_ENV = {
+    **auth_me.MESH_ENV,
+    "AGENTMESH_LOGIN_LIMIT": "100000",
+    "AGENTMESH_REGISTER_LIMIT": "100000",
+}
 REPO = Path(__file__).resolve().parent.parent
 
 

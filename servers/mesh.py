@@ -147,21 +147,20 @@ class Runtime:
         verifier = TokenVerifier(
             jwks=key.jwks, issuer=settings.jwt_issuer, audience=settings.jwt_audience
         )
+
+        def limiter(name: str, limit: int) -> SlidingWindowLimiter:
+            return SlidingWindowLimiter(
+                name=name,
+                limit=limit,
+                window=settings.login_window,
+                redis_url=settings.redis_url,
+                prefix=settings.bus_prefix,
+            )
+
         limits = LoginLimits(
-            per_address=SlidingWindowLimiter(
-                name="login-address",
-                limit=settings.login_limit,
-                window=settings.login_window,
-                redis_url=settings.redis_url,
-                prefix=settings.bus_prefix,
-            ),
-            per_account=SlidingWindowLimiter(
-                name="login-account",
-                limit=settings.login_limit,
-                window=settings.login_window,
-                redis_url=settings.redis_url,
-                prefix=settings.bus_prefix,
-            ),
+            per_address=limiter("login-address", settings.login_limit),
+            per_account=limiter("login-account", settings.login_limit),
+            registrations=limiter("register-address", settings.register_limit),
         )
         return cls(
             settings=settings,

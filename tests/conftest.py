@@ -64,10 +64,15 @@ def _fresh_postgres() -> Iterator[str]:
     asyncio.run(_pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-# Every test logs in from 127.0.0.1; shared meshes must not hit seed 001's 10 logins an hour.
+# Every test registers and logs in from 127.0.0.1; shared meshes must not hit seed 001's 10
+# logins (and registrations) an hour.
 # tests/e2e/test_login_limits.py runs its own mesh with the default.
 # Idle event and inbox streams send a heartbeat every second, so that tests see them soon.
-SHARED_MESH_ENV = {"AGENTMESH_LOGIN_LIMIT": "100000", "AGENTMESH_STREAM_HEARTBEAT_SECONDS": "1"}
+SHARED_MESH_ENV = {
+    "AGENTMESH_LOGIN_LIMIT": "100000",
+    "AGENTMESH_REGISTER_LIMIT": "100000",
+    "AGENTMESH_STREAM_HEARTBEAT_SECONDS": "1",
+}
 
 
 def _boot(tmp: Path, **env: str) -> MeshProcess:

@@ -133,21 +133,27 @@ class LoginLimits:
 
     ``per_account`` is keyed by the account a login names (identifiers.account_key), however it
     is spelt, or by the login itself when it names none (login_key); ChangePassword's attempts
-    count against it too."""
+    count against it too. ``registrations``: per client address, every registration that gets
+    as far as hashing its password (taken or not), so that no client can make accounts, or
+    spend the servers' CPU on password hashes, without end."""
 
     per_address: SlidingWindowLimiter
     per_account: SlidingWindowLimiter
+    registrations: SlidingWindowLimiter
 
     async def close(self) -> None:
         await self.per_address.close()
         await self.per_account.close()
+        await self.registrations.close()
 
 
-async def _within_limit(limiter: SlidingWindowLimiter, key: str) -> None:
+async def _within_limit(
+    limiter: SlidingWindowLimiter, key: str, what: str = "too many login attempts"
+) -> None:
     verdict = await limiter.hit(key)
     if not verdict.allowed:
         raise RateLimited(
-            "too many login attempts; try again later",
+            f"{what}; try again later",
             details={"retry_after": verdict.retry_after, "limit": verdict.limit},
         )
 
@@ -185,13 +191,16 @@ class Accounts:
         self._limits = limits
 
     async def register(
-        self, *, email: str, password: str, username: str = "", name: str = ""
+        self, *, email: str, password: str, client: str, username: str = "", name: str = ""
     ) -> IssuedTokens:
         email = normalize_email(email)
         if username:
             username = normalize_username(username)
         check_password_policy(password)
         name = check_name(name, "full_name")
+        await _within_limit(
+            self._limits.registrations, client, "too many registrations from this address"
+        )
         password_hash = await hash_password(password)
         at = now()
         async with self._db.write() as s, s.begin():

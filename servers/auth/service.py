@@ -89,6 +89,7 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
             password=request.password,
             username=request.username,
             name=request.full_name,
+            client=client_address(context),
         )
         await set_http_status(context, 201)
         return tokens_proto(issued)

@@ -140,7 +140,8 @@ class Settings:
       AGENTMESH_GRACE_SECONDS  drain time on shutdown (default 5)
       AGENTMESH_LOG_LEVEL    DEBUG, INFO, WARNING (default INFO)
       AGENTMESH_LOGIN_LIMIT  login attempts per client address and per account (default 10)
-      AGENTMESH_LOGIN_WINDOW_SECONDS  the window of that limit (default 3600)
+      AGENTMESH_REGISTER_LIMIT  registrations per client address (default 10)
+      AGENTMESH_LOGIN_WINDOW_SECONDS  the window of those limits (default 3600)
       AGENTMESH_LEASE_SECONDS      how long an agent holds a task without renewal (default 30)
       AGENTMESH_TASK_TIMEOUT_SECONDS  how long one attempt of a task that does not say may
                                    run (default 3600, at most 604800)
@@ -194,6 +195,7 @@ class Settings:
     jwt_audience: str = "agentmesh"
     access_token_ttl: int = 3600
     login_limit: int = 10
+    register_limit: int = 10
     login_window: int = 3600
     lease_seconds: int = 30
     task_timeout_seconds: int = TASK_TIMEOUT_DEFAULT
@@ -238,6 +240,7 @@ class Settings:
             grace_seconds=float(env.get("AGENTMESH_GRACE_SECONDS") or 5.0),
             log_level=(env.get("AGENTMESH_LOG_LEVEL") or "INFO").upper(),
             login_limit=_int(env, "AGENTMESH_LOGIN_LIMIT", 10),
+            register_limit=_int(env, "AGENTMESH_REGISTER_LIMIT", 10),
             login_window=_int(env, "AGENTMESH_LOGIN_WINDOW_SECONDS", 3600),
             lease_seconds=_int(env, "AGENTMESH_LEASE_SECONDS", 30),
             task_timeout_seconds=_between(

@@ -38,6 +38,7 @@ from tests.tasks.test_domain import _db
 
 LIMIT = 4  # the per-account login limit here (the mesh's default is 10)
 PASSWORD = "first-pass-123"
+CLIENT = "203.0.113.7"  # the client address registrations count against
 
 
 @dataclass
@@ -67,6 +68,7 @@ def _limits() -> LoginLimits:
     return LoginLimits(
         per_address=SlidingWindowLimiter(name="a", limit=1000, window=3600),
         per_account=SlidingWindowLimiter(name="b", limit=LIMIT, window=3600),
+        registrations=SlidingWindowLimiter(name="r", limit=1000, window=3600),
     )
 
 
@@ -85,7 +87,7 @@ def _who(tokens: IssuedTokens) -> Principal:
 
 
 async def _admin(auth: Auth, email: str) -> Principal:
-    signed_up = await auth.accounts.register(email=email, password=PASSWORD)
+    signed_up = await auth.accounts.register(client=CLIENT, email=email, password=PASSWORD)
     await grant_role(auth.db, email, "admin")
     return Principal(subject=signed_up.user.id, kind="user", roles=("admin", "user"))
 
@@ -95,7 +97,7 @@ async def _admin(auth: Auth, email: str) -> Principal:
 
 async def test_every_spelling_of_an_account_spends_one_login_budget(auth: Auth) -> None:
     dave = await auth.accounts.register(
-        username="dave", email="dave@example.com", password=PASSWORD
+        client=CLIENT, username="dave", email="dave@example.com", password=PASSWORD
     )
     spellings = ["dave", "dave@example.com", "DAVE", "Dave@Example.COM", "\uff44ave"]
     for n in range(LIMIT):
@@ -130,7 +132,9 @@ async def test_a_login_naming_no_account_is_limited_the_same_way(auth: Auth) -> 
 
 
 async def test_change_password_attempts_spend_the_login_budget(auth: Auth) -> None:
-    signed_up = await auth.accounts.register(email="eve@example.com", password=PASSWORD)
+    signed_up = await auth.accounts.register(
+        client=CLIENT, email="eve@example.com", password=PASSWORD
+    )
     who = _who(signed_up)
     for _ in range(LIMIT - 1):
         with pytest.raises(InvalidCredentials):
@@ -152,7 +156,9 @@ async def test_change_password_attempts_spend_the_login_budget(auth: Auth) -> No
 
 async def test_a_disabled_accounts_token_manages_no_keys_or_accounts(auth: Auth) -> None:
     root = await _admin(auth, "root@example.com")
-    signed_up = await auth.accounts.register(email="mallory@example.com", password=PASSWORD)
+    signed_up = await auth.accounts.register(
+        client=CLIENT, email="mallory@example.com", password=PASSWORD
+    )
     who = _who(signed_up)
     key, _ = await auth.keys.create(who, name="before", scopes=["read"], expires_at=None)
     await auth.admin.update(root, who.subject, username="", email="", name="", disabled=True)
@@ -177,7 +183,9 @@ async def test_a_disabled_accounts_token_manages_no_keys_or_accounts(auth: Auth)
 async def test_a_disabled_admins_token_administers_nobody(auth: Auth) -> None:
     root = await _admin(auth, "root@example.com")
     other = await _admin(auth, "other@example.com")
-    victim = await auth.accounts.register(email="victim@example.com", password=PASSWORD)
+    victim = await auth.accounts.register(
+        client=CLIENT, email="victim@example.com", password=PASSWORD
+    )
     await auth.admin.update(root, other.subject, username="", email="", name="", disabled=True)
 
     with pytest.raises(AuthRequired):
@@ -205,7 +213,9 @@ async def test_a_disabled_admins_token_administers_nobody(auth: Auth) -> None:
 
 async def test_a_deleted_accounts_token_makes_no_key(auth: Auth) -> None:
     root = await _admin(auth, "root@example.com")
-    signed_up = await auth.accounts.register(email="gone@example.com", password=PASSWORD)
+    signed_up = await auth.accounts.register(
+        client=CLIENT, email="gone@example.com", password=PASSWORD
+    )
     await auth.admin.delete(root, signed_up.user.id)
     with pytest.raises(AuthRequired):
         await auth.keys.create(
@@ -217,7 +227,9 @@ async def test_a_deleted_accounts_token_makes_no_key(auth: Auth) -> None:
 
 
 async def test_an_address_in_another_unicode_form_is_the_same_account(auth: Auth) -> None:
-    first = await auth.accounts.register(email="b\u00f6b@example.com", password=PASSWORD)
+    first = await auth.accounts.register(
+        client=CLIENT, email="b\u00f6b@example.com", password=PASSWORD
+    )
     assert first.user.email == "b\u00f6b@example.com"
     for twin in (
         "bo\u0308b@example.com",  # o + combining diaeresis
@@ -225,13 +237,15 @@ async def test_an_address_in_another_unicode_form_is_the_same_account(auth: Auth
         "\uff42\u00f6\uff42@example.com",  # fullwidth b
     ):
         with pytest.raises(UserExists):
-            await auth.accounts.register(email=twin, password=PASSWORD)
+            await auth.accounts.register(client=CLIENT, email=twin, password=PASSWORD)
     signed_in = await auth.accounts.login(
         login="BO\u0308B@example.com", password=PASSWORD, client="10.0.0.1"
     )
     assert signed_in.user.id == first.user.id
     # And through the other ways of setting an address.
-    other = await auth.accounts.register(email="other@example.com", password=PASSWORD)
+    other = await auth.accounts.register(
+        client=CLIENT, email="other@example.com", password=PASSWORD
+    )
     with pytest.raises(UserExists):
         await auth.accounts.update_me(_who(other), name="", email="bo\u0308b@example.com")
     root = await _admin(auth, "root@example.com")
@@ -258,9 +272,11 @@ async def test_an_address_in_another_unicode_form_is_the_same_account(auth: Auth
 )
 async def test_invisible_characters_in_an_address_are_refused(auth: Auth, email: str) -> None:
     with pytest.raises(ValidationError) as refused:
-        await auth.accounts.register(email=email, password=PASSWORD)
+        await auth.accounts.register(client=CLIENT, email=email, password=PASSWORD)
     assert refused.value.details == {"field": "email"}
-    signed_up = await auth.accounts.register(email="fine@example.com", password=PASSWORD)
+    signed_up = await auth.accounts.register(
+        client=CLIENT, email="fine@example.com", password=PASSWORD
+    )
     with pytest.raises(ValidationError):
         await auth.accounts.update_me(_who(signed_up), name="", email=email)
 
@@ -269,7 +285,7 @@ async def test_invisible_characters_in_an_address_are_refused(auth: Auth, email:
 async def test_invisible_characters_in_a_username_are_refused(auth: Auth, username: str) -> None:
     with pytest.raises(ValidationError) as refused:
         await auth.accounts.register(
-            username=username, email="someone@example.com", password=PASSWORD
+            client=CLIENT, username=username, email="someone@example.com", password=PASSWORD
         )
     assert refused.value.details == {"field": "username"}
 
@@ -277,10 +293,14 @@ async def test_invisible_characters_in_a_username_are_refused(auth: Auth, userna
 async def test_a_password_needs_an_ascii_digit(auth: Auth) -> None:
     with pytest.raises(ValidationError) as refused:
         await auth.accounts.register(
-            email="arabic@example.com", password="\u0661\u0662\u0663\u0664\u0665\u0666\u0667a"
+            client=CLIENT,
+            email="arabic@example.com",
+            password="\u0661\u0662\u0663\u0664\u0665\u0666\u0667a",
         )
     assert refused.value.details == {"field": "password"}
-    await auth.accounts.register(email="ascii@example.com", password="\u0661\u0662\u0663a1bcd")
+    await auth.accounts.register(
+        client=CLIENT, email="ascii@example.com", password="\u0661\u0662\u0663a1bcd"
+    )
 
 
 async def _migrate_auth(db: Database, revision: str) -> None:
@@ -318,7 +338,7 @@ async def test_addresses_stored_before_are_made_canonical_and_still_found(
         }
         hashed = (
             await _service(db, tmp_path, limits).accounts.register(
-                email="seed@example.com", password=PASSWORD
+                client=CLIENT, email="seed@example.com", password=PASSWORD
             )
         ).user.password_hash
         ids: dict[str, str] = {}
@@ -364,9 +384,9 @@ async def test_addresses_stored_before_are_made_canonical_and_still_found(
             assert signed_in.user.id == ids[owner], login
         # Uniqueness now covers the old rows too.
         with pytest.raises(UserExists):
-            await accounts.register(email="b\u00f6b@example.com", password=PASSWORD)
+            await accounts.register(client=CLIENT, email="b\u00f6b@example.com", password=PASSWORD)
         with pytest.raises(UserExists):
-            await accounts.register(email="Fix@example.com", password=PASSWORD)
+            await accounts.register(client=CLIENT, email="Fix@example.com", password=PASSWORD)
     finally:
         await limits.close()
         await db.close()
@@ -376,8 +396,10 @@ async def test_addresses_stored_before_are_made_canonical_and_still_found(
 
 
 async def test_logout_with_another_accounts_refresh_token_ends_that_session(auth: Auth) -> None:
-    alice = await auth.accounts.register(email="alice@example.com", password=PASSWORD)
-    bob = await auth.accounts.register(email="bob@example.com", password=PASSWORD)
+    alice = await auth.accounts.register(
+        client=CLIENT, email="alice@example.com", password=PASSWORD
+    )
+    bob = await auth.accounts.register(client=CLIENT, email="bob@example.com", password=PASSWORD)
     await auth.accounts.logout(_who(alice), bob.refresh_token)
     with pytest.raises(AuthRequired):
         await auth.accounts.refresh(bob.refresh_token)

@@ -30,6 +30,7 @@ from servers.common.ratelimit import SlidingWindowLimiter
 from tests.tasks.test_domain import _db
 
 PASSWORD, NEW_PASSWORD = "first-pass-123", "second-pass-456"
+CLIENT = "203.0.113.7"  # the client address registrations count against
 PAUSE = 0.3  # how long the slowed step waits; the other call starts after LAND
 LAND = 0.1
 
@@ -49,6 +50,7 @@ async def auth(database_url: str, tmp_path: Path) -> AsyncIterator[Auth]:
     limits = LoginLimits(
         per_address=SlidingWindowLimiter(name="a", limit=1000, window=3600),
         per_account=SlidingWindowLimiter(name="b", limit=1000, window=3600),
+        registrations=SlidingWindowLimiter(name="r", limit=1000, window=3600),
     )
     accounts = Accounts(
         db=db,
@@ -107,7 +109,9 @@ async def test_a_password_change_ends_the_session_a_concurrent_refresh_renewed(
 ) -> None:
     """The refresh has spent the old token and is issuing the new one when the password
     changes: the new token must be revoked with the others, not outlive the change."""
-    signed_up = await auth.accounts.register(email="ada@example.com", password=PASSWORD)
+    signed_up = await auth.accounts.register(
+        client=CLIENT, email="ada@example.com", password=PASSWORD
+    )
     _slowed(monkeypatch, RefreshTokenStore, "spend")
 
     renewed = await _inside(
@@ -123,7 +127,9 @@ async def test_a_sign_in_with_the_password_just_changed_is_refused(
 ) -> None:
     """The old password was checked, then the password changed before the sign-in wrote its
     session: the sign-in must fail rather than hand out a session the change never revoked."""
-    signed_up = await auth.accounts.register(email="ada@example.com", password=PASSWORD)
+    signed_up = await auth.accounts.register(
+        client=CLIENT, email="ada@example.com", password=PASSWORD
+    )
     checked, changed = threading.Event(), threading.Event()
     verify = domain._verify
 
@@ -148,7 +154,9 @@ async def test_a_sign_in_with_the_password_just_changed_is_refused(
 async def test_two_password_changes_from_the_same_password_one_wins(auth: Auth) -> None:
     """Both knew the current password; once one has changed it, the other's `current` is
     wrong, and its new password must not replace the first one's."""
-    signed_up = await auth.accounts.register(email="ada@example.com", password=PASSWORD)
+    signed_up = await auth.accounts.register(
+        client=CLIENT, email="ada@example.com", password=PASSWORD
+    )
     who = _user(signed_up)
     results = await asyncio.gather(
         auth.accounts.change_password(who, current=PASSWORD, new=NEW_PASSWORD),
@@ -168,7 +176,9 @@ async def test_a_sign_out_during_a_refresh_is_not_taken_for_a_stolen_token(
 ) -> None:
     """The user signs out while a refresh of the same session is under way: the refresh fails
     as a revoked token would, without the token-reuse alarm of a replay."""
-    signed_up = await auth.accounts.register(email="ada@example.com", password=PASSWORD)
+    signed_up = await auth.accounts.register(
+        client=CLIENT, email="ada@example.com", password=PASSWORD
+    )
     _slowed(monkeypatch, RefreshTokenStore, "get", when=lambda *a, **kw: not kw.get("lock"))
 
     try:
@@ -185,9 +195,9 @@ async def test_a_sign_out_during_a_refresh_is_not_taken_for_a_stolen_token(
 async def test_granting_a_role_does_not_bring_back_one_just_taken_away(
     auth: Auth, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    admin = await auth.accounts.register(email="root@example.com", password=PASSWORD)
+    admin = await auth.accounts.register(client=CLIENT, email="root@example.com", password=PASSWORD)
     await grant_role(auth.db, "root@example.com", "admin")
-    bob = await auth.accounts.register(email="bob@example.com", password=PASSWORD)
+    bob = await auth.accounts.register(client=CLIENT, email="bob@example.com", password=PASSWORD)
     await grant_role(auth.db, "bob@example.com", "admin")
     _slowed(monkeypatch, UserStore, "find_login")
 
@@ -208,7 +218,9 @@ async def test_concurrent_key_creates_keep_to_the_cap(
     auth: Auth, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(apikeys, "MAX_KEYS_PER_USER", 3)
-    signed_up = await auth.accounts.register(email="ada@example.com", password=PASSWORD)
+    signed_up = await auth.accounts.register(
+        client=CLIENT, email="ada@example.com", password=PASSWORD
+    )
     who = _user(signed_up)
     for n in range(2):
         await auth.keys.create(who, name=f"key-{n}", scopes=["read"], expires_at=None)
@@ -242,8 +254,8 @@ async def test_two_sign_ups_whose_addresses_give_one_username_both_succeed(
     not fail on the first's "ada" as if its own account existed."""
     _slowed(monkeypatch, UserStore, "exists")
     first = await _inside(
-        auth.accounts.register(email="ada@one.example", password=PASSWORD),
-        lambda: auth.accounts.register(email="ada@two.example", password=PASSWORD),
+        auth.accounts.register(client=CLIENT, email="ada@one.example", password=PASSWORD),
+        lambda: auth.accounts.register(client=CLIENT, email="ada@two.example", password=PASSWORD),
     )
     async with auth.db.session() as s:
         names = {u.email: u.username for u in (await UserStore(s).page(limit=10, offset=0))[0]}

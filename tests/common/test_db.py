@@ -16,6 +16,8 @@ from servers.common.errors import InvalidCredentials, UserExists
 from servers.common.ratelimit import SlidingWindowLimiter
 from servers.mesh import MIGRATIONS
 
+CLIENT = "203.0.113.7"  # the client address registrations count against
+
 
 async def _migrated(url: str) -> Database:
     db = Database(url)
@@ -44,6 +46,7 @@ async def test_register_and_login_on_each_database(database_url: str, tmp_path: 
     limits = LoginLimits(
         per_address=SlidingWindowLimiter(name="a", limit=100, window=60),
         per_account=SlidingWindowLimiter(name="b", limit=100, window=60),
+        registrations=SlidingWindowLimiter(name="r", limit=1000, window=3600),
     )
     accounts = Accounts(
         db=db,
@@ -55,12 +58,14 @@ async def test_register_and_login_on_each_database(database_url: str, tmp_path: 
         cache=AccountCache(),
     )
     try:
-        issued = await accounts.register(email="Ann@Example.com", password="s3cret-pass")
+        issued = await accounts.register(
+            client=CLIENT, email="Ann@Example.com", password="s3cret-pass"
+        )
         assert issued.user.email == "ann@example.com"
         assert issued.user.username == "ann"
         with pytest.raises(UserExists):
             await accounts.register(
-                email="ann@example.com", password="s3cret-pass", username="bee1"
+                client=CLIENT, email="ann@example.com", password="s3cret-pass", username="bee1"
             )
         again = await accounts.login(login="ANN@example.com", password="s3cret-pass", client="c")
         assert again.user.id == issued.user.id

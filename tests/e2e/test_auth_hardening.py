@@ -96,6 +96,27 @@ def test_change_password_guesses_spend_the_login_budget(limited: MeshProcess) ->
     )
 
 
+def test_one_address_registers_at_most_ten_accounts_an_hour(limited: MeshProcess) -> None:
+    """Seed 001's authentication class holds for registration too: each one hashes a password
+    (tens of milliseconds of CPU) and makes an account, so one client address gets ten an
+    hour, whether they succeed or name a taken account. Invalid requests, which cost nothing,
+    are refused without counting; other addresses keep their own budget."""
+    with _from_elsewhere(limited.url) as client:
+        weak = {**new_user(), "password": "short"}
+        assert_envelope(client.post("/api/v1/auth/register", json=weak), 400, "VALIDATION_ERROR")
+        first = new_user()
+        assert client.post("/api/v1/auth/register", json=first).status_code == 201
+        taken = client.post("/api/v1/auth/register", json=first)
+        assert_envelope(taken, 409, "USER_EXISTS")
+        for _ in range(LIMIT - 2):
+            reply = client.post("/api/v1/auth/register", json=new_user())
+            assert reply.status_code == 201, reply.text
+        refused = client.post("/api/v1/auth/register", json=new_user())
+        _assert_limited(refused)
+        assert "registrations" in refused.json()["error"]["message"]
+    _register(limited.url, new_user())  # from an address of its own
+
+
 @pytest.fixture
 def database(
     request: pytest.FixtureRequest, any_mesh: MeshProcess, mesh: MeshProcess

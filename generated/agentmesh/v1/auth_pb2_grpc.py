@@ -107,7 +107,8 @@ class AuthServiceServicer:
 
     def Register(self, request, context):
         """Creates an account and signs it in. Public. 201 with tokens and the user; 400
-        VALIDATION_ERROR for a bad email, username or weak password; 409 USER_EXISTS.
+        VALIDATION_ERROR for a bad email, username or weak password; 409 USER_EXISTS; 429
+        RATE_LIMIT_EXCEEDED past 10 registrations an hour from one client address.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
