@@ -366,7 +366,11 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
             agents=agents,
             metrics=rt.metrics,
         )
-        tasks = Tasks(db=rt.db, timeout_seconds=s.task_timeout_seconds)
+        tasks = Tasks(
+            db=rt.db,
+            timeout_seconds=s.task_timeout_seconds,
+            open_per_user=s.open_tasks_per_user,
+        )
         callbacks = CallbackWorker(
             db=rt.db,
             bus=rt.bus,

@@ -151,6 +151,7 @@ class Settings:
       AGENTMESH_AGENT_RETENTION_DAYS  agents offline this many days are forgotten (default 7;
                                    0 keeps them for ever)
       AGENTMESH_AGENTS_PER_OWNER   agents one user may have registered (default 1000)
+      AGENTMESH_OPEN_TASKS_PER_USER  unfinished tasks one user may hold (default 10000)
       AGENTMESH_EVENT_RETENTION_SECONDS  how long events stay replayable (default 86400)
       AGENTMESH_EVENT_RETENTION_MAX      at most this many events are kept (default 100000)
       AGENTMESH_STREAM_HEARTBEAT_SECONDS heartbeats on idle event and inbox streams, and how
@@ -202,6 +203,7 @@ class Settings:
     task_retention_days: int = 30
     agent_retention_days: int = 7
     agents_per_owner: int = 1000
+    open_tasks_per_user: int = 10_000
     heartbeat_seconds: int = 10
     claim_poll_seconds: int = 2
     auth_cache_seconds: int = 2
@@ -251,6 +253,7 @@ class Settings:
                 env, "AGENTMESH_AGENT_RETENTION_DAYS", 7, "agents"
             ),
             agents_per_owner=_positive(env, "AGENTMESH_AGENTS_PER_OWNER", 1000),
+            open_tasks_per_user=_positive(env, "AGENTMESH_OPEN_TASKS_PER_USER", 10_000),
             heartbeat_seconds=_int(env, "AGENTMESH_HEARTBEAT_SECONDS", 10),
             claim_poll_seconds=_positive(env, "AGENTMESH_CLAIM_POLL_SECONDS", 2),
             auth_cache_seconds=_between(env, "AGENTMESH_AUTH_CACHE_SECONDS", 2, 0, 300),

@@ -30,6 +30,8 @@ class TaskRow(Base):
         Index("ix_tasks_tasks_changed", "status", "updated_at"),
         # What each agent finished (the agents' metrics).
         Index("ix_tasks_tasks_agent", "assigned_agent", "status"),
+        # A user's unfinished tasks, counted at every create.
+        Index("ix_tasks_tasks_owner_status", "owner_id", "status"),
     )
 
     task_id: Mapped[str] = mapped_column(String(36), primary_key=True)

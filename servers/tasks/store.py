@@ -105,6 +105,17 @@ class TaskStore:
         )
         return found.scalars().first()
 
+    async def count_open(self, owner_id: str, statuses: Collection[str], cap: int) -> int:
+        """How many of the owner's tasks are in these statuses, counted up to ``cap``: the
+        count reads at most that many index entries, whatever the owner has."""
+        some = (
+            select(TaskRow.task_id)
+            .where(TaskRow.owner_id == owner_id, TaskRow.status.in_(list(statuses)))
+            .limit(cap)
+            .subquery()
+        )
+        return int(await self._s.scalar(select(func.count()).select_from(some)) or 0)
+
     def _visible(self, owner_id: str | None, statuses: Collection[str]) -> list[Any]:
         where: list[Any] = []
         if owner_id is not None:

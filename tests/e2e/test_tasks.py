@@ -791,3 +791,25 @@ def test_sutazai_client_works_unchanged(mesh: MeshProcess) -> None:
     assert status["priority"] == 8
     assert status["metadata"] == {"file": "/src/auth.py"}
     client.session.close()
+
+
+def test_a_user_over_its_unfinished_tasks_is_told_so(tmp_path: Path) -> None:
+    """AGENTMESH_OPEN_TASKS_PER_USER (2 here): one more create is a 429 in the envelope, and
+    cancelling one makes room again."""
+    env = {"AGENTMESH_OPEN_TASKS_PER_USER": "2"}
+    with MeshProcess(data_dir=tmp_path, env=env) as mesh, httpx.Client(base_url=mesh.url) as client:
+        owner = _register(client)
+        created = [client.post("/api/v1/tasks", json={"description": "x"}, headers=owner.headers)]
+        created.append(
+            client.post("/api/v1/tasks", json={"description": "y"}, headers=owner.headers)
+        )
+        assert [r.status_code for r in created] == [201, 201]
+        refused = client.post("/api/v1/tasks", json={"description": "z"}, headers=owner.headers)
+        error = assert_envelope(refused, 429, "TASK_LIMIT_REACHED")
+        assert error["details"] == {"max_open_tasks": "2"}
+        cancelled = client.delete(
+            f"/api/v1/tasks/{created[0].json()['task_id']}", headers=owner.headers
+        )
+        assert cancelled.status_code == 200, cancelled.text
+        again = client.post("/api/v1/tasks", json={"description": "z"}, headers=owner.headers)
+        assert again.status_code == 201, again.text

@@ -13,7 +13,7 @@ from sqlalchemy import ColumnElement, func, select, update
 from servers.common.clock import now
 from servers.common.context import CallState, Principal, enter_call, leave_call
 from servers.common.db import Database
-from servers.common.errors import NotFound
+from servers.common.errors import NotFound, RateLimited
 from servers.common.pagination import Page
 from servers.mesh import MIGRATIONS
 from servers.tasks import domain
@@ -246,5 +246,29 @@ async def test_the_retention_job_deletes_as_tasks_age(database_url: str) -> None
                     await asyncio.sleep(0.05)
         finally:
             job.cancel()
+    finally:
+        await db.close()
+
+
+async def test_a_user_holds_a_bounded_number_of_unfinished_tasks(database_url: str) -> None:
+    """Without a bound, a queue no agent serves grows at the caller's quota for as long as it
+    likes. Deferred (created) tasks count; ended ones free their place; an idempotent repeat is
+    still answered at the limit; another user has a limit of its own."""
+    db = await _db(database_url)
+    try:
+        tasks = Tasks(db=db, open_per_user=3)
+        keyed, _ = await tasks.create(ALICE, replace(NEW, idempotency_key="k-1"))
+        await tasks.create(ALICE, replace(NEW, defer_start=True))
+        third, _ = await tasks.create(ALICE, NEW)
+        with pytest.raises(RateLimited) as refused:
+            await tasks.create(ALICE, NEW)
+        assert refused.value.reason == "TASK_LIMIT_REACHED"
+        assert refused.value.details == {"max_open_tasks": "3"}
+        again, created = await tasks.create(ALICE, replace(NEW, idempotency_key="k-1"))
+        assert (again.task_id, created) == (keyed.task_id, False)
+        assert (await tasks.create(BOB, NEW))[1]
+        await tasks.cancel(ALICE, third.task_id)
+        assert (await tasks.create(ALICE, NEW))[1]
+        assert await _count(db, TaskRow, TaskRow.owner_id == "alice") == 4
     finally:
         await db.close()

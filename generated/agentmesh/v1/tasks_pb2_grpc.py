@@ -111,7 +111,8 @@ class TasksServiceServicer:
         with the same `idempotency_key` from the same owner creates nothing and answers the first
         task. 400 VALIDATION_ERROR (no description, priority outside 1..10, unknown priority_label,
         priority and priority_label disagreeing, bad callback_url or max_attempts); 403
-        INSUFFICIENT_PERMISSIONS.
+        INSUFFICIENT_PERMISSIONS; 429 TASK_LIMIT_REACHED when the owner already has 10,000
+        unfinished tasks (AGENTMESH_OPEN_TASKS_PER_USER).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
