@@ -128,9 +128,20 @@ def _holds(task: TaskRow, agent_id: str, token: str) -> bool:
     return task.status in HELD and task.assigned_agent == agent_id and task.attempt_token == token
 
 
+_KEYS = tuple(key for key, _ in _FIELDS)
+_new_task = TaskRow.__mapper__.class_manager.new_instance
+
+
 def _detached(row: Any) -> TaskRow:
-    """A task from a row of _FIELDS, outside any session (its statement already wrote it)."""
-    return TaskRow(**{key: value for (key, _), value in zip(_FIELDS, row, strict=True)})
+    """A task from a row of _FIELDS, outside any session (its statement already wrote it).
+
+    Its values are loaded as a query loads a row, straight into the instance's dict: the
+    constructor would set each of its 27 attributes through the instrumentation and record
+    each as a change to flush, a twentieth of the tasks server's time in the dispatch
+    benchmark, for an object that is only read."""
+    task = _new_task()
+    task.__dict__.update(zip(_KEYS, row, strict=True))
+    return task
 
 
 @dataclass(frozen=True)
