@@ -39,6 +39,7 @@ from servers.common.protos import as_json, struct
 
 from . import http
 from .domain import AgentDirectory, View
+from .pacing import Pacer
 from .registry import Session
 from .signals import Signals
 from .work import (
@@ -179,6 +180,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
     async def _read(
         self, session: Session, frames: AsyncIterator[agents_pb2.ConnectRequest]
     ) -> None:
+        pacer = Pacer(capacity=session.capacity, heartbeat_seconds=self._heartbeat)
         try:
             async for frame in frames:
                 session.seen()
@@ -191,28 +193,24 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                         return
                     if frame.heartbeat.HasField("resources"):
                         session.resources = frame.heartbeat.resources
-                    # Also the tasks handed out on this stream that the agent has not listed
-                    # yet: they may still wait in its queue.
-                    await self._renew_streamed(
-                        session, sorted(set(frame.heartbeat.task_ids) | set(session.held))
-                    )
+                    for waiting in pacer.due():
+                        await self._progress(session, waiting)
+                    if pacer.may_renew():
+                        # Also the tasks handed out on this stream that the agent has not
+                        # listed yet: they may still wait in its queue.
+                        await self._renew_streamed(
+                            session, sorted(set(frame.heartbeat.task_ids) | set(session.held))
+                        )
                 elif kind == "progress":
                     progress = frame.progress
                     if not progress.task_id or not progress.attempt_token:
                         # It names no attempt: the tasks service would refuse it, and a
                         # Cancellation without a token would stop whatever the agent runs.
                         continue
-                    try:
-                        await self._work.report_progress(session, progress)
-                    except grpc.aio.AioRpcError as exc:
-                        if exc.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.NOT_FOUND):
-                            # That attempt only: a newer one of the same task may run here.
-                            session.send(
-                                cancellation_frame(
-                                    progress.task_id[:64], "LEASE_LOST", progress.attempt_token[:64]
-                                )
-                            )
+                    for due in pacer.progress(progress):
+                        await self._progress(session, due)
                 elif kind == "result":
+                    pacer.ended(frame.result.task_id)
                     # Marked, so that the stream's end lets it finish before stopping the
                     # reader (no task of its own: that would cost a loop turn per outcome).
                     recording = session.recording = asyncio.get_running_loop().create_future()
@@ -230,6 +228,18 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             session.send(error_frame("VALIDATION_ERROR", exc.message))
         finally:
             session.send(None)
+
+    async def _progress(self, session: Session, progress: agents_pb2.TaskProgress) -> None:
+        try:
+            await self._work.report_progress(session, progress)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.NOT_FOUND):
+                # That attempt only: a newer one of the same task may run here.
+                session.send(
+                    cancellation_frame(
+                        progress.task_id[:64], "LEASE_LOST", progress.attempt_token[:64]
+                    )
+                )
 
     async def _on_result(self, session: Session, result: agents_pb2.TaskResult) -> None:
         try:

@@ -5,11 +5,14 @@ in the stream, never a crash."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import secrets
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
+import httpx
 import pytest
 
 from agentmesh.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2
@@ -25,6 +28,23 @@ async def _none(agent: StreamAgent, kind: str) -> None:
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(QUIET):
             await agent.next(kind)
+
+
+@contextlib.asynccontextmanager
+async def _holding(
+    mesh: MeshProcess, name: str
+) -> AsyncIterator[tuple[Owner, StreamAgent, dict[str, Any], agents_pb2.Assignment]]:
+    """An owner, its agent of capacity 1 on a Connect stream, a task and the agent's
+    assignment of it; the stream closes afterwards."""
+    owner = Owner(mesh)
+    capability = f"{name[:8]}_{secrets.token_hex(4)}"
+    agent = StreamAgent(mesh, owner.key, name, capability, capacity=1)
+    try:
+        task = owner.create(type=capability, description="x")
+        held = (await agent.next("assignment")).assignment
+        yield owner, agent, task, held
+    finally:
+        await agent.close()
 
 
 async def test_a_reconnecting_agent_gets_its_held_work_first_and_no_more_than_its_capacity(
@@ -63,13 +83,8 @@ async def test_a_reconnecting_agent_gets_its_held_work_first_and_no_more_than_it
 async def test_progress_names_its_attempt(mesh: MeshProcess) -> None:
     """Progress without a token is ignored: it frees no slot and stops nothing. Progress with
     a stale token is answered with a Cancellation of that attempt only."""
-    owner = Owner(mesh)
-    capability = f"pg_{secrets.token_hex(4)}"
-    agent = StreamAgent(mesh, owner.key, "reporter", capability, capacity=1)
-    try:
-        task = owner.create(type=capability, description="one")
-        held = (await agent.next("assignment")).assignment
-        owner.create(type=capability, description="two")
+    async with _holding(mesh, "reporter") as (owner, agent, task, held):
+        owner.create(type=task["type"], description="two")
         agent.send(
             agents_pb2.ConnectRequest(
                 progress=agents_pb2.TaskProgress(task_id=task["task_id"], progress=10)
@@ -89,17 +104,10 @@ async def test_progress_names_its_attempt(mesh: MeshProcess) -> None:
         assert (cancelled.task_id, cancelled.attempt_token) == (task["task_id"], stale)
         assert owner.task(task["task_id"])["status"] == "assigned"
         assert held.attempt_token != stale
-    finally:
-        await agent.close()
 
 
 async def test_malformed_outcomes_are_refused_in_the_stream(mesh: MeshProcess) -> None:
-    owner = Owner(mesh)
-    capability = f"mo_{secrets.token_hex(4)}"
-    agent = StreamAgent(mesh, owner.key, "sloppy", capability, capacity=1)
-    try:
-        task = owner.create(type=capability, description="x")
-        held = (await agent.next("assignment")).assignment
+    async with _holding(mesh, "sloppy") as (owner, agent, task, held):
         bad_results = []
         bare = agents_pb2.TaskResult(task_id=task["task_id"], attempt_token=held.attempt_token)
         bad_results.append(bare)  # neither a result nor an error
@@ -117,8 +125,6 @@ async def test_malformed_outcomes_are_refused_in_the_stream(mesh: MeshProcess) -
             ack = (await agent.next("result_ack")).result_ack
             assert (ack.accepted, ack.reason) == (False, "VALIDATION_ERROR")
         assert owner.task(task["task_id"])["status"] == "assigned"
-    finally:
-        await agent.close()
 
 
 async def test_a_hello_with_a_number_json_cannot_hold_is_a_validation_error(
@@ -167,12 +173,7 @@ async def test_a_frame_with_a_nul_character_ends_the_stream(mesh: MeshProcess) -
     """No text field of any RPC may hold a NUL (PostgreSQL's text cannot): a frame with one is
     refused like one that does not decode, naming the field; the SDK replaces NULs in the
     messages it sends (tests/agent/test_handlers.py)."""
-    owner = Owner(mesh)
-    capability = f"nul_{secrets.token_hex(4)}"
-    agent = StreamAgent(mesh, owner.key, "nul-sender", capability, capacity=1)
-    try:
-        task = owner.create(type=capability, description="x")
-        held = (await agent.next("assignment")).assignment
+    async with _holding(mesh, "nul-sender") as (owner, agent, task, held):
         agent.send(
             agents_pb2.ConnectRequest(
                 progress=agents_pb2.TaskProgress(
@@ -187,5 +188,43 @@ async def test_a_frame_with_a_nul_character_ends_the_stream(mesh: MeshProcess) -
             error = (await agent.next("error")).error
         assert error.code == "VALIDATION_ERROR"
         assert error.message == "progress.message must not contain NUL characters"
-    finally:
-        await agent.close()
+
+
+async def test_a_flood_of_progress_is_paced_and_its_last_word_kept(mesh: MeshProcess) -> None:
+    """A Connect stream is one call, whatever its frames: 300 progress frames sent at once
+    would be 300 write transactions and 300 events on the bus all users share. They are paced
+    to the reference agent's rate (5 a second per slot of capacity, bursts of twice that), a
+    later frame of a task replacing one that waits, and the last one is forwarded when the
+    budget allows (here at the next heartbeat): the task ends up at the last word sent."""
+    async with _holding(mesh, "chatty") as (owner, agent, task, held):
+        started = asyncio.get_running_loop().time()
+        for n in range(1, 301):
+            agent.send(
+                agents_pb2.ConnectRequest(
+                    progress=agents_pb2.TaskProgress(
+                        task_id=task["task_id"],
+                        attempt_token=held.attempt_token,
+                        progress=n // 4,
+                        message=f"step {n}",
+                    )
+                )
+            )
+        await asyncio.sleep(1.0)
+        agent.send(
+            agents_pb2.ConnectRequest(
+                heartbeat=agents_pb2.AgentHeartbeat(task_ids=[task["task_id"]], current_load=1)
+            )
+        )
+        elapsed = asyncio.get_running_loop().time() - started
+        events: list[dict[str, Any]] = []
+        async with asyncio.timeout(10):
+            while not events or events[-1]["data"]["message"] != "step 300":
+                await asyncio.sleep(0.1)
+                listed = httpx.get(
+                    f"{mesh.url}/api/v1/events",
+                    params={"patterns": "task.progress", "limit": 100},
+                    headers=owner.headers,
+                )
+                events = [e for e in listed.json()["events"] if e["subject_id"] == task["task_id"]]
+        assert len(events) <= 10 + 5 * (elapsed + 1) + 1, len(events)
+        assert owner.task(task["task_id"])["progress"] == 75
