@@ -40,6 +40,27 @@ def _cancelled_as(error: BaseException) -> None:
         raise asyncio.CancelledError from error
 
 
+async def _own_task(command: Awaitable[Any]) -> Any:
+    """Awaits a redis-py command in a task of its own, so that cancelling the caller ends its
+    wait at once. redis-py cleans up after a cancelled command (the connection goes back to
+    its pool, under the pool's lock, and may be closed there) before the cancellation reaches
+    the caller; that clean-up was seen to hang past 10 s, and with it a callback worker told
+    to stop. The command's task is cancelled too and finishes its clean-up on its own."""
+    inner = asyncio.ensure_future(command)
+    inner.add_done_callback(_retrieved)
+    try:
+        return await asyncio.shield(inner)
+    except asyncio.CancelledError:
+        inner.cancel()
+        raise
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Marks an abandoned command's error as seen (asyncio would log it as never retrieved)."""
+    if not task.cancelled():
+        task.exception()
+
+
 # Appends and trims in one round trip. Retention is measured on Redis' clock (the id it gives
 # the new entry), so a client whose clock runs ahead never trims entries still retained. Both
 # trims are approximate ("~"): Redis drops whole nodes of the stream, never a retained entry.
@@ -92,7 +113,7 @@ class RedisBus(Bus):
             raise BusUnavailable("the bus is closed")
         try:
             with redis_span(getattr(call, "__name__", "EVALSHA").upper()):
-                return await call(*args, **kwargs)
+                return await _own_task(call(*args, **kwargs))
         except _ERRORS as exc:
             _cancelled_as(exc)
             raise BusUnavailable(f"redis: {exc!r}") from exc
@@ -106,7 +127,7 @@ class RedisBus(Bus):
             raise BusUnavailable("the bus is closed")
         try:
             async with asyncio.timeout(block + BLOCK_MARGIN):
-                return await call(*args, block=math.ceil(block * 1000), **kwargs)
+                return await _own_task(call(*args, block=math.ceil(block * 1000), **kwargs))
         except _ERRORS as exc:
             _cancelled_as(exc)
             if self._closed:

@@ -416,19 +416,46 @@ async def test_a_cancellation_that_looks_like_a_timeout_still_cancels() -> None:
     into TimeoutError (and redis-py may turn one into a connection error). Taken for a bus
     outage, the caller's loop (a callback worker) swallowed it and ran on after close."""
     bus = RedisBus("redis://127.0.0.1:6379/0", prefix=f"test-{uuid.uuid4().hex}:")
+    caller: list[asyncio.Task[Any]] = []
 
     async def cut_as_it_times_out(*args: Any, **kwargs: Any) -> Any:
-        me = asyncio.current_task()
-        assert me is not None
-        me.cancel()  # the cancellation arrives ...
-        raise TimeoutError  # ... and what reaches the bus is the timeout
+        caller[0].cancel()  # the caller's cancellation arrives ...
+        raise TimeoutError  # ... and what the command raises is a timeout
 
     try:
         for run in (
             lambda: bus._block(1.0, cut_as_it_times_out),
             lambda: bus._run(cut_as_it_times_out),
         ):
+            caller[:] = [asyncio.create_task(run())]
             with pytest.raises(asyncio.CancelledError):
-                await asyncio.create_task(run())
+                await caller[0]
+    finally:
+        await bus.close()
+
+
+async def test_a_cancelled_caller_does_not_wait_for_a_hanging_command() -> None:
+    """redis-py cleans up after a cancelled command (its connection goes back to the pool,
+    under the pool's lock) before the cancellation reaches the caller; that was seen to hang
+    past 10 s and keep a callback worker from stopping. The caller now stops at once."""
+    bus = RedisBus("redis://127.0.0.1:6379/0", prefix=f"test-{uuid.uuid4().hex}:")
+
+    async def slow_to_clean_up(*args: Any, **kwargs: Any) -> Any:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            await asyncio.sleep(1.5)  # the clean-up outlasts the cancellation
+
+    try:
+        for run in (
+            lambda: bus._block(30.0, slow_to_clean_up),
+            lambda: bus._run(slow_to_clean_up),
+        ):
+            task = asyncio.create_task(run())
+            await asyncio.sleep(0.05)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            assert task in done and task.cancelled()
+        await asyncio.sleep(1.6)  # the commands' own clean-up ends too
     finally:
         await bus.close()
