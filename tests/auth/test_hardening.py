@@ -5,7 +5,6 @@ credentials, one account per e-mail address in any Unicode form, and sign-out by
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,12 +13,9 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection
 
-from servers.auth.admin import UserAdmin, grant_role
-from servers.auth.apikeys import ApiKeys
-from servers.auth.domain import Accounts, IssuedTokens, LoginLimits
-from servers.auth.keys import SigningKey
+from servers.auth.admin import grant_role
+from servers.auth.domain import IssuedTokens, LoginLimits
 from servers.auth.models import UserRow
-from servers.auth.profiles import AccountCache
 from servers.auth.store import UserStore
 from servers.common.clock import now
 from servers.common.context import Principal
@@ -32,8 +28,8 @@ from servers.common.errors import (
     ValidationError,
 )
 from servers.common.pagination import page
-from servers.common.ratelimit import SlidingWindowLimiter
 from servers.mesh import MIGRATIONS
+from tests.auth.test_races import Auth, build_auth, lifted_limits
 from tests.tasks.test_domain import _db
 
 LIMIT = 4  # the per-account login limit here (the mesh's default is 10)
@@ -41,42 +37,16 @@ PASSWORD = "first-pass-123"
 CLIENT = "203.0.113.7"  # the client address registrations count against
 
 
-@dataclass
-class Auth:
-    db: Database
-    accounts: Accounts
-    admin: UserAdmin
-    keys: ApiKeys
-
-
-def _service(db: Database, tmp_path: Path, limits: LoginLimits) -> Auth:
-    cache = AccountCache()
-    accounts = Accounts(
-        db=db,
-        key=SigningKey.load_or_create(tmp_path),
-        issuer="agentmesh",
-        audience="agentmesh",
-        access_ttl=900,
-        limits=limits,
-        cache=cache,
-    )
-    return Auth(db, accounts, UserAdmin(db=db, cache=cache), ApiKeys(db=db, cache=cache))
-
-
 def _limits() -> LoginLimits:
     # Every test signs in from addresses of its own choosing; only the account's limit bites.
-    return LoginLimits(
-        per_address=SlidingWindowLimiter(name="a", limit=1000, window=3600),
-        per_account=SlidingWindowLimiter(name="b", limit=LIMIT, window=3600),
-        registrations=SlidingWindowLimiter(name="r", limit=1000, window=3600),
-    )
+    return lifted_limits(per_account=LIMIT)
 
 
 @pytest.fixture
 async def auth(database_url: str, tmp_path: Path) -> AsyncIterator[Auth]:
     db = await _db(database_url)
     limits = _limits()
-    yield _service(db, tmp_path, limits)
+    yield build_auth(db, tmp_path, limits)
     await limits.close()
     await db.close()
 
@@ -337,7 +307,7 @@ async def test_addresses_stored_before_are_made_canonical_and_still_found(
             "plain@example.com": "plain@example.com",
         }
         hashed = (
-            await _service(db, tmp_path, limits).accounts.register(
+            await build_auth(db, tmp_path, limits).accounts.register(
                 client=CLIENT, email="seed@example.com", password=PASSWORD
             )
         ).user.password_hash
@@ -366,7 +336,7 @@ async def test_addresses_stored_before_are_made_canonical_and_still_found(
                 row = await UserStore(s).get(ids[before])
                 assert row is not None and row.email == after, (before, row and row.email)
 
-        accounts = _service(db, tmp_path, limits).accounts
+        accounts = build_auth(db, tmp_path, limits).accounts
         # Each account signs in with the spelling it signed up with, and its variants when it
         # holds the canonical form.
         for login, owner in [

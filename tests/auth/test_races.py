@@ -43,15 +43,18 @@ class Auth:
     keys: ApiKeys
 
 
-@pytest.fixture
-async def auth(database_url: str, tmp_path: Path) -> AsyncIterator[Auth]:
-    db = await _db(database_url)
-    cache = AccountCache()
-    limits = LoginLimits(
+def lifted_limits(per_account: int = 1000) -> LoginLimits:
+    """Login limits no test here reaches, but the per-account one when it is given."""
+    return LoginLimits(
         per_address=SlidingWindowLimiter(name="a", limit=1000, window=3600),
-        per_account=SlidingWindowLimiter(name="b", limit=1000, window=3600),
+        per_account=SlidingWindowLimiter(name="b", limit=per_account, window=3600),
         registrations=SlidingWindowLimiter(name="r", limit=1000, window=3600),
     )
+
+
+def build_auth(db: Database, tmp_path: Path, limits: LoginLimits) -> Auth:
+    """The auth service's parts on ``db``, sharing one account cache."""
+    cache = AccountCache()
     accounts = Accounts(
         db=db,
         key=SigningKey.load_or_create(tmp_path),
@@ -61,7 +64,14 @@ async def auth(database_url: str, tmp_path: Path) -> AsyncIterator[Auth]:
         limits=limits,
         cache=cache,
     )
-    yield Auth(db, accounts, UserAdmin(db=db, cache=cache), ApiKeys(db=db, cache=cache))
+    return Auth(db, accounts, UserAdmin(db=db, cache=cache), ApiKeys(db=db, cache=cache))
+
+
+@pytest.fixture
+async def auth(database_url: str, tmp_path: Path) -> AsyncIterator[Auth]:
+    db = await _db(database_url)
+    limits = lifted_limits()
+    yield build_auth(db, tmp_path, limits)
     await limits.close()
     await db.close()
 

@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect
 
-from servers.auth.domain import Accounts, LoginLimits
+from servers.auth.domain import Accounts
 from servers.auth.keys import SigningKey
 from servers.auth.profiles import AccountCache
 from servers.common.context import Principal
 from servers.common.db import Database
 from servers.common.errors import InvalidCredentials, UserExists
-from servers.common.ratelimit import SlidingWindowLimiter
 from servers.mesh import MIGRATIONS
+from tests.auth.test_races import lifted_limits
 
 CLIENT = "203.0.113.7"  # the client address registrations count against
 
@@ -43,11 +43,7 @@ async def test_migrations_apply_and_are_idempotent(database_url: str) -> None:
 
 async def test_register_and_login_on_each_database(database_url: str, tmp_path: Path) -> None:
     db = await _migrated(database_url)
-    limits = LoginLimits(
-        per_address=SlidingWindowLimiter(name="a", limit=100, window=60),
-        per_account=SlidingWindowLimiter(name="b", limit=100, window=60),
-        registrations=SlidingWindowLimiter(name="r", limit=1000, window=3600),
-    )
+    limits = lifted_limits()
     accounts = Accounts(
         db=db,
         key=SigningKey.load_or_create(tmp_path),

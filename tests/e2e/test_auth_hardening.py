@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from servers.launcher import MeshProcess
+from tests.e2e.test_login_limits import _assert_limited
 from tests.helpers import assert_envelope, grant_role, new_user
 
 LIMIT = 10  # AGENTMESH_LOGIN_LIMIT's default
@@ -25,15 +26,6 @@ def _from_elsewhere(url: str) -> httpx.Client:
     """A client connecting to the mesh from an address of its own."""
     address = next(_addresses)
     return httpx.Client(base_url=url, transport=httpx.HTTPTransport(local_address=address))
-
-
-def _assert_limited(reply: httpx.Response) -> None:
-    error = assert_envelope(reply, 429, "RATE_LIMIT_EXCEEDED")
-    details = error["details"]
-    assert isinstance(details, dict)
-    retry_after = int(details["retry_after"])
-    assert 0 < retry_after <= 3600
-    assert reply.headers["retry-after"] == str(retry_after)
 
 
 @pytest.fixture(scope="module")

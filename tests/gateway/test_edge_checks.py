@@ -9,6 +9,7 @@ import json
 import random
 import socket
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -17,13 +18,10 @@ import pytest
 from gateway.proxy import (
     SERVER_METADATA_HARD_LIMIT,
     SERVER_METADATA_LIMIT,
-    EdgeConfig,
     EnvoyProcess,
 )
-from servers.auth.keys import SigningKey
-from servers.common.config import SERVICES
 from servers.common.server import SERVER_OPTIONS
-from servers.launcher import free_port
+from tests.gateway.test_envoy import _config
 from tests.helpers import assert_envelope
 
 NOT_JSON = "the request body is not valid JSON (RFC 8259)"
@@ -33,18 +31,7 @@ NOT_JSON = "the request body is not valid JSON (RFC 8259)"
 async def edge(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
     """Envoy alone (its upstreams refuse connections), without the flood guard in the way;
     yields its URL and its log file."""
-    jwks = tmp_path / "jwks.json"
-    SigningKey.load_or_create(tmp_path).write_jwks(jwks)
-    cfg = EdgeConfig(
-        host="127.0.0.1",
-        public_port=free_port(),
-        admin_port=0,
-        service_ports={name: free_port() for name in SERVICES},
-        jwks_file=jwks,
-        issuer="agentmesh",
-        audience="agentmesh",
-        rate_per_connection=100_000,
-    )
+    cfg = replace(_config(tmp_path), rate_per_connection=100_000)
     log = tmp_path / "envoy.log"
     proc = EnvoyProcess(config=cfg.write(tmp_path / "envoy.yaml"), run_dir=tmp_path, log_file=log)
     await proc.start()
