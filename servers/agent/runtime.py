@@ -315,6 +315,12 @@ class Agent:
         return sorted(self._running)
 
     @property
+    def held_task_ids(self) -> list[str]:
+        """What its heartbeats list: the tasks running or waiting for a slot, and those whose
+        outcome is not acknowledged yet. The server renews only the leases listed."""
+        return sorted({*self._running, *(task_id for task_id, _ in self._pending)})
+
+    @property
     def unacknowledged(self) -> list[tuple[str, str]]:
         """(task_id, attempt_token) of the outcomes sent or waiting, not yet acknowledged."""
         return sorted(self._pending)
@@ -520,7 +526,7 @@ class Agent:
         while True:
             heartbeat = agents_pb2.AgentHeartbeat(
                 current_load=len(self._running),
-                task_ids=sorted(self._running),
+                task_ids=self.held_task_ids,
                 resources=usage.now(),
             )
             heartbeat.heartbeat.time.GetCurrentTime()

@@ -14,6 +14,7 @@ import asyncio
 import math
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,9 @@ class Session:
     # The assignments handed out by this session (or the session it took over), to repeat
     # them to a reconnecting SSE stream; only those still in ``held`` count.
     assignments: dict[str, tasks_pb2.Assignment] = field(default_factory=dict)
+    # task id -> when this session handed the task out (monotonic): a Connect heartbeat renews
+    # a task it does not list only while the assignment may not have reached the agent yet.
+    handed_at: dict[str, float] = field(default_factory=dict)
     # The configuration of its Hello or registration, before the stored overrides.
     defaults: dict[str, Any] = field(default_factory=dict)
     # Registered over REST (RegisterAgent): the session outlives its streams.
@@ -114,7 +118,9 @@ class Session:
         self.held[task_id] = assignment.attempt_token
         for gone in [t for t in self.assignments if t not in self.held]:
             del self.assignments[gone]
+            self.handed_at.pop(gone, None)
         self.assignments[task_id] = assignment
+        self.handed_at[task_id] = time.monotonic()
 
     def drop(self, task_id: str, attempt_token: str = "") -> None:
         """Stops counting a task as held: any attempt of it when ``attempt_token`` is empty,
@@ -122,6 +128,17 @@ class Session:
         if not attempt_token or self.held.get(task_id) in ("", attempt_token):
             self.held.pop(task_id, None)
             self.assignments.pop(task_id, None)
+            self.handed_at.pop(task_id, None)
+
+    def to_renew(self, listed: Iterable[str], grace: float) -> list[str]:
+        """The tasks a Connect heartbeat renews: those it lists, and those this session
+        handed out less than ``grace`` seconds ago, which may have reached the agent after it
+        wrote the heartbeat. A held task the agent has stopped listing is not renewed: its
+        lease runs out and it goes to another attempt, instead of being held, and taking a
+        slot, until its time limit."""
+        since = time.monotonic() - grace
+        recent = (t for t, at in self.handed_at.items() if at > since and t in self.held)
+        return sorted({*listed, *recent})
 
     def holding(self) -> list[tasks_pb2.Assignment]:
         """The assignments handed out that the agent still holds, oldest first."""
@@ -150,6 +167,7 @@ class Session:
         """Takes over the work of the session this one replaces (the same HTTP agent)."""
         self.held = {**old.held, **self.held}
         self.assignments = {**old.assignments, **self.assignments}
+        self.handed_at = {**old.handed_at, **self.handed_at}
 
 
 class Registry:

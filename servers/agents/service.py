@@ -56,6 +56,9 @@ from .work import (
 log = logging.getLogger("agentmesh.agents")
 
 HELLO_TIMEOUT = 10.0
+# Heartbeat intervals within which a Connect heartbeat renews a task it does not list: one for
+# a heartbeat written before the assignment arrived, one more for the way.
+UNLISTED_GRACE = 2
 
 
 def _timeout(context: grpc.aio.ServicerContext) -> float:
@@ -196,10 +199,12 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                     for waiting in pacer.due():
                         await self._progress(session, waiting)
                     if pacer.may_renew():
-                        # Also the tasks handed out on this stream that the agent has not
-                        # listed yet: they may still wait in its queue.
+                        # Also the tasks handed out too recently to be listed yet.
                         await self._renew_streamed(
-                            session, sorted(set(frame.heartbeat.task_ids) | set(session.held))
+                            session,
+                            session.to_renew(
+                                frame.heartbeat.task_ids, UNLISTED_GRACE * self._heartbeat
+                            ),
                         )
                 elif kind == "progress":
                     progress = frame.progress

@@ -1,6 +1,6 @@
-"""The reference agent's side of a Cancellation's attempt token (servers/agent/runtime.py): a
-cancellation of another attempt leaves the running one alone. Frames are fed to the runtime as
-its stream reader would; no server is needed for this rule."""
+"""The reference agent's side of its leases (servers/agent/runtime.py): a cancellation of
+another attempt leaves the running one alone, and heartbeats list every task it holds. Frames
+are fed to the runtime as its stream reader would; no server is needed for these rules."""
 
 from __future__ import annotations
 
@@ -39,4 +39,32 @@ async def test_a_cancellation_of_another_attempt_is_ignored() -> None:
     cancel("")  # no token: whatever attempt runs
     assert agent.running_task_ids == []
     await asyncio.sleep(0)
+    await asyncio.gather(*agent._tasks, return_exceptions=True)
+
+
+async def test_heartbeats_list_every_task_held_until_its_outcome_is_acknowledged() -> None:
+    """The server renews only the leases a heartbeat lists: a task waiting for a slot, and one
+    whose outcome is on its way, are still held."""
+    agent = Agent(name="runner", api_key="amk_test", capabilities=["wait"], capacity=1)
+    release = asyncio.Event()
+
+    @agent.handler("wait")
+    async def wait(task: tasks_pb2.Task, report: Progress) -> dict[str, object]:
+        await release.wait()
+        return {}
+
+    for n in (1, 2):  # the second waits for the one slot
+        task = tasks_pb2.Task(task_id=f"t{n}", type="wait")
+        agent._assigned(tasks_pb2.Assignment(task=task, attempt=1, attempt_token=f"a{n}"))
+    await asyncio.sleep(0.05)
+    assert agent.held_task_ids == ["t1", "t2"]
+    release.set()
+    for _ in range(50):
+        if not agent.running_task_ids:
+            break
+        await asyncio.sleep(0.01)
+    assert agent.running_task_ids == []
+    assert agent.held_task_ids == ["t1", "t2"]  # outcomes sent, not acknowledged
+    agent._acknowledged(agents_pb2.TaskResultAck(task_id="t1", attempt_token="a1", accepted=True))
+    assert agent.held_task_ids == ["t2"]
     await asyncio.gather(*agent._tasks, return_exceptions=True)

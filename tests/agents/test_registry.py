@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+from agentmesh.v1 import tasks_pb2
 from servers.agents.registry import Registry, Session
 from tests.agents.test_directory import session
 
@@ -75,3 +76,19 @@ def test_when_every_able_dispatcher_is_busy_claiming_all_look_again() -> None:
     registry = _registry(a, b)
     registry.wake({"echo"})
     assert _woken(a, b) == ["a", "b"]
+
+
+def _assignment(task_id: str) -> tasks_pb2.Assignment:
+    return tasks_pb2.Assignment(task=tasks_pb2.Task(task_id=task_id), attempt_token=f"{task_id}-1")
+
+
+def test_a_heartbeat_renews_what_it_lists_and_what_is_too_new_to_be_listed() -> None:
+    s = session()
+    for task_id in ("old", "new", "dropped"):
+        s.hold(_assignment(task_id))
+    s.handed_at["old"] -= 30  # handed out half a minute ago
+    s.drop("dropped")
+    assert s.to_renew(["listed"], grace=20) == ["listed", "new"]
+    # Left out past the grace, a held task is renewed only if listed.
+    assert s.to_renew([], grace=20) == ["new"]
+    assert s.to_renew(["old"], grace=20) == ["new", "old"]

@@ -9,6 +9,7 @@ import contextlib
 import math
 import secrets
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,7 +20,7 @@ from agentmesh.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2
 from servers.agents.service import agent_id_of
 from servers.launcher import MeshProcess
 from tests.e2e.test_agent_registry import StreamAgent
-from tests.e2e.test_agents import Owner
+from tests.e2e.test_agents import FAST, Owner
 
 QUIET = 1.5  # seconds in which no frame of a kind must come
 
@@ -228,3 +229,41 @@ async def test_a_flood_of_progress_is_paced_and_its_last_word_kept(mesh: MeshPro
                 events = [e for e in listed.json()["events"] if e["subject_id"] == task["task_id"]]
         assert len(events) <= 10 + 5 * (elapsed + 1) + 1, len(events)
         assert owner.task(task["task_id"])["progress"] == 75
+
+
+async def test_a_held_task_its_agent_stops_listing_goes_to_another_attempt(
+    tmp_path: Path,
+) -> None:
+    """A Connect heartbeat renews the tasks it lists (and those handed out too recently to be
+    listed), not every task the stream was given: a task the agent has dropped runs out its
+    lease, is cancelled there (LEASE_LOST) and comes back as attempt 2, instead of taking the
+    agent's one slot until its time limit (an hour by default)."""
+    with MeshProcess(data_dir=tmp_path / "mesh", env=FAST) as mesh:  # lease 3 s, heartbeat 1 s
+        async with _holding(mesh, "forgetful") as (owner, agent, task, held):
+            listed = [task["task_id"]]
+
+            async def beat() -> None:
+                while True:
+                    heartbeat = agents_pb2.AgentHeartbeat(task_ids=listed, current_load=1)
+                    heartbeat.heartbeat.time.GetCurrentTime()
+                    agent.send(agents_pb2.ConnectRequest(heartbeat=heartbeat))
+                    await asyncio.sleep(0.5)
+
+            beating = asyncio.create_task(beat())
+            try:
+                # Listed, it is kept well past its lease and the grace of two intervals.
+                for _ in range(5):  # 7.5 s
+                    await _none(agent, "cancellation")
+                kept = owner.task(task["task_id"])
+                assert (kept["status"], kept["attempt"]) == ("assigned", 1)
+                # Left out, it is not.
+                listed.clear()
+                async with asyncio.timeout(15):
+                    cancelled = (await agent.next("cancellation")).cancellation
+                assert (cancelled.task_id, cancelled.reason) == (task["task_id"], "LEASE_LOST")
+                assert cancelled.attempt_token == held.attempt_token
+                again = (await agent.next("assignment")).assignment
+                assert (again.task.task_id, again.attempt) == (task["task_id"], 2)
+                assert again.attempt_token != held.attempt_token
+            finally:
+                beating.cancel()
