@@ -17,7 +17,7 @@ from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
-from bench import auth_me, dispatch, events, messaging
+from bench import auth_me, dispatch, events, hotpath, messaging
 
 Settings = auth_me.Settings
 Report = auth_me.Report
@@ -26,6 +26,7 @@ Report = auth_me.Report
 BENCHMARKS: dict[str, Callable[[Settings], Report]] = {
     auth_me.NAME: auth_me.run,
     dispatch.NAME: dispatch.run,
+    hotpath.NAME: hotpath.run,
     events.NAME: events.run,
     messaging.NAME: messaging.run,
 }
