@@ -57,23 +57,6 @@ OWNER = str(uuid.uuid4())
 Op = Callable[[], Awaitable[bool]]  # one operation; False: nothing left to do
 
 
-def _new_task() -> NewTask:
-    return NewTask(
-        type=TASK_TYPE,
-        title="",
-        description="bench no-op",
-        priority=None,
-        priority_label="",
-        model="",
-        metadata={},
-        required_capabilities=(),
-        idempotency_key="",
-        max_attempts=None,
-        callback_url="",
-        defer_start=False,
-    )
-
-
 async def _measure(
     name: str, op: Op, *, seconds: float, warmup: int, most: int = MAX_OPS
 ) -> CaseResult:
@@ -137,7 +120,7 @@ async def _mesh_cases(folder: Path, settings: Settings) -> list[CaseResult]:
         tasks = Tasks(db=db, open_per_user=10 * MAX_OPS)
         dispatch = Dispatch(db=db, lease_seconds=LEASE_SECONDS)
         who = Principal(subject=OWNER, kind="user", roles=("developer",))
-        new = _new_task()
+        new = NewTask(type=TASK_TYPE, description="bench no-op")
         held: list[tuple[str, str]] = []
 
         async def create() -> bool:

@@ -9,6 +9,7 @@ work of the tasks-and-agents issue; in this slice tasks wait `queued`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -109,18 +110,20 @@ class Figures:
 
 @dataclass(frozen=True, kw_only=True)
 class NewTask:
+    """A create's fields; each optional one defaults to what a request without it means."""
+
     type: str
-    title: str
     description: str
-    priority: int | None  # None: not given
-    priority_label: str
-    model: str
-    metadata: dict[str, Any]
-    required_capabilities: Sequence[str]
-    idempotency_key: str
-    max_attempts: int | None  # None: not given
-    callback_url: str
-    defer_start: bool
+    title: str = ""
+    priority: int | None = None  # None: not given
+    priority_label: str = ""
+    model: str = ""
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    required_capabilities: Sequence[str] = ()
+    idempotency_key: str = ""
+    max_attempts: int | None = None  # None: not given
+    callback_url: str = ""
+    defer_start: bool = False
     timeout_seconds: int | None = None  # None: not given
 
 

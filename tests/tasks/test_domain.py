@@ -23,20 +23,7 @@ from servers.tasks.models import OutboxRow, TaskRow
 
 ALICE = Principal(subject="alice", kind="user", roles=("user",))
 BOB = Principal(subject="bob", kind="user", roles=("user",))
-NEW = NewTask(
-    type="echo",
-    title="",
-    description="say hello",
-    priority=None,
-    priority_label="",
-    model="",
-    metadata={},
-    required_capabilities=(),
-    idempotency_key="",
-    max_attempts=None,
-    callback_url="",
-    defer_start=False,
-)
+NEW = NewTask(type="echo", description="say hello")
 
 
 async def _db(url: str) -> Database:
