@@ -2,14 +2,15 @@
 
 A task moves `created -> queued -> assigned -> running` and ends `completed`, `failed`, `stopped`
 or `cancelled`. This service is the only writer of that state, and every change writes its event
-to the outbox in the same transaction. Assignment to agents (leases, attempts) is the agents
-work of the tasks-and-agents issue; in this slice tasks wait `queued`.
+to the outbox in the same transaction. Assignment to agents (leases, attempts, outcomes) is
+dispatch.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ from servers.common.clock import now
 from servers.common.config import TASK_TIMEOUT_DEFAULT, TASK_TIMEOUT_MAX
 from servers.common.context import Principal, add_cost
 from servers.common.db import Database
-from servers.common.errors import Conflict, NotFound, RateLimited, ValidationError
+from servers.common.errors import AlreadyExists, Conflict, NotFound, RateLimited, ValidationError
 from servers.common.pagination import PAGE_MAX_BYTES, Page
 from servers.common.protos import NESTING_MAX, too_deep
 
@@ -192,6 +193,42 @@ def _check(new: NewTask) -> tuple[str, int, int, list[str]]:
     return task_type, priority, attempts, caps
 
 
+def _digest(new: NewTask, task_type: str, priority: int, attempts: int, caps: list[str]) -> str:
+    """What makes two creates the same request, as SHA-256 hex: every field of the create once
+    the contract's defaults are applied (a priority given as a word or a number, a type left
+    out or given as "general", capabilities in any order all read alike). The time limit is
+    taken as sent: its default is the deployment's, which may change between a create and its
+    retry. Canonical JSON (sorted keys, no spaces), so that it is stable across releases."""
+    fields = {
+        "type": task_type,
+        "title": new.title.strip(),
+        "description": new.description,
+        "priority": priority,
+        "model": new.model,
+        "metadata": new.metadata,
+        "required_capabilities": caps,
+        "max_attempts": attempts,
+        "callback_url": new.callback_url,
+        "defer_start": new.defer_start,
+        "timeout_seconds": new.timeout_seconds,
+    }
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _repeat(first: TaskRow, digest: str | None) -> TaskRow:
+    """The first task of an idempotency key, if this create is the same request again
+    (``digest``); tasks created before digests were kept answer any repeat, as they did."""
+    if first.request_digest is not None and first.request_digest != digest:
+        raise AlreadyExists(
+            "this idempotency key was used for a different request; send the same request"
+            " again to get its task, or use a new key for a new task",
+            reason="IDEMPOTENCY_KEY_REUSED",
+            details={"field": "idempotency_key", "task_id": first.task_id},
+        )
+    return first
+
+
 def _not_found(task_id: str) -> NotFound:
     return NotFound("no such task", reason="TASK_NOT_FOUND", details={"task_id": task_id[:64]})
 
@@ -242,6 +279,7 @@ class Tasks:
         task_type, priority, attempts, caps = _check(new)
         timeout = _time_limit(new.timeout_seconds, self._timeout)
         key = new.idempotency_key or None
+        digest = None if key is None else _digest(new, task_type, priority, attempts, caps)
         at = now()
         task = TaskRow(
             task_id=str(uuid.uuid4()),
@@ -263,6 +301,7 @@ class Tasks:
             error="",
             error_code="",
             idempotency_key=key,
+            request_digest=digest,
             callback_url=new.callback_url,
             created_at=at,
             updated_at=at,
@@ -272,14 +311,14 @@ class Tasks:
             if key is not None:
                 first = await store.by_idempotency_key(who.subject, key)
                 if first is not None:
-                    return first, False
+                    return _repeat(first, digest), False
             await self._within_open_limit(store, who.subject)
             if not await store.add(task):
                 # A concurrent request with the same key committed first: answer its task.
                 first = await store.by_idempotency_key(who.subject, key or "")
                 if first is None:
                     raise Conflict("task could not be created; try again")
-                return first, False
+                return _repeat(first, digest), False
             Outbox(s).add("task.created", task, at, type=task.type, priority=task.priority)
         count, counted_at = self._open_seen.get(who.subject, (0, 0.0))
         self._open_seen[who.subject] = (count + 1, counted_at)

@@ -52,6 +52,9 @@ class TaskRow(Base):
     error: Mapped[str] = mapped_column(Text, default="")
     error_code: Mapped[str] = mapped_column(String(64), default="")
     idempotency_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # With a key: what the create asked for (domain._digest), so that the key reused for
+    # another request is refused rather than answered with a task that is not that request's.
+    request_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
     callback_url: Mapped[str] = mapped_column(String(2048), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -304,23 +304,28 @@ def test_idempotency_key_answers_the_first_task(any_mesh: MeshProcess) -> None:
         owner = _register(client)
         other = _register(client)
         key = f"idem-{uuid.uuid4()}"
-        first = _create(client, owner, description="first", idempotency_key=key)
+        body = {"description": "first", "priority_label": "high", "idempotency_key": key}
+        first = _create(client, owner, **body)
         assert first["idempotency_key"] == key
         assert _list(client, owner)["total"] == 1
 
-        # The same owner and key: the first task, whatever the other fields say.
-        repeat = client.post(
-            "/api/v1/tasks",
-            json={"description": "second", "priority": 9, "idempotency_key": key},
-            headers=owner.headers,
-        )
-        assert repeat.status_code in (200, 201), repeat.text
-        assert repeat.json()["task_id"] == first["task_id"]
-        assert repeat.json()["description"] == "first"
-        assert repeat.json()["priority"] == 5
+        # The same request again (a client retrying): the first task, 200 instead of 201,
+        # also when its fields are spelled as the contract reads them alike (8 is "high").
+        for retry in (body, {**body, "priority_label": "", "priority": 8}):
+            repeat = client.post("/api/v1/tasks", json=retry, headers=owner.headers)
+            assert repeat.status_code == 200, repeat.text
+            assert repeat.json()["task_id"] == first["task_id"]
+
+        # The key with other fields is another request: refused, naming the key's task, and
+        # nothing is created (answering the first task would say the second one exists).
+        for changed in ({"description": "second"}, {"priority": 7}, {"metadata": {"n": 1}}):
+            reused = client.post("/api/v1/tasks", json={**body, **changed}, headers=owner.headers)
+            error = assert_envelope(reused, 409, "IDEMPOTENCY_KEY_REUSED")
+            assert error["details"] == {"field": "idempotency_key", "task_id": first["task_id"]}
+        assert _get(client, owner, first["task_id"])["description"] == "first"
         assert _list(client, owner)["total"] == 1
 
-        # Another owner's key is another task.
+        # Another owner's key is another task, whatever the fields.
         theirs = _create(client, other, description="theirs", idempotency_key=key)
         assert theirs["task_id"] != first["task_id"]
         assert theirs["owner_id"] == other.id
@@ -694,20 +699,19 @@ def test_tasks_survive_a_restart(tmp_path: Path) -> None:
                 reply.json()["user"]["id"],
                 reply.json()["access_token"],
             )
-            task = _create(
-                client,
-                owner,
-                type="code_review",
-                title="Persist",
-                description="survive a restart",
-                priority=9,
-                model="gpt-oss-120b",
-                metadata={"file": "/src/auth.py", "n": 3},
-                required_capabilities=["python"],
-                max_attempts=4,
-                callback_url="https://example.com/hook",
-                idempotency_key=key,
-            )
+            keyed = {
+                "type": "code_review",
+                "title": "Persist",
+                "description": "survive a restart",
+                "priority": 9,
+                "model": "gpt-oss-120b",
+                "metadata": {"file": "/src/auth.py", "n": 3},
+                "required_capabilities": ["python"],
+                "max_attempts": 4,
+                "callback_url": "https://example.com/hook",
+                "idempotency_key": key,
+            }
+            task = _create(client, owner, **keyed)
             waiting = _create(client, owner, defer_start=True)
             ended = _create(client, owner)
             gone = client.delete(f"/api/v1/tasks/{ended['task_id']}", headers=owner.headers)
@@ -722,14 +726,14 @@ def test_tasks_survive_a_restart(tmp_path: Path) -> None:
             assert [_stable(t) for t in after] == [_stable(t) for t in before]
             assert [t["status"] for t in after] == ["queued", "created", "cancelled"]
             assert _list(client, owner)["total"] == 3
-            # The idempotency key is remembered too.
-            repeat = client.post(
-                "/api/v1/tasks",
-                json={"description": "again", "idempotency_key": key},
-                headers=owner.headers,
-            )
-            assert repeat.status_code in (200, 201), repeat.text
+            # The idempotency key is remembered too, and what it was first used for.
+            repeat = client.post("/api/v1/tasks", json=keyed, headers=owner.headers)
+            assert repeat.status_code == 200, repeat.text
             assert repeat.json()["task_id"] == task["task_id"]
+            reused = client.post(
+                "/api/v1/tasks", json={**keyed, "priority": 8}, headers=owner.headers
+            )
+            assert_envelope(reused, 409, "IDEMPOTENCY_KEY_REUSED")
             # And the deferred task can still be started.
             started = client.post(
                 f"/api/v1/tasks/{waiting['task_id']}/start", json={}, headers=owner.headers

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import ColumnElement, func, select, update
@@ -13,7 +14,7 @@ from sqlalchemy import ColumnElement, func, select, update
 from servers.common.clock import now
 from servers.common.context import CallState, Principal, enter_call, leave_call
 from servers.common.db import Database
-from servers.common.errors import NotFound, RateLimited
+from servers.common.errors import AlreadyExists, NotFound, RateLimited
 from servers.common.pagination import Page
 from servers.mesh import MIGRATIONS
 from servers.tasks import domain
@@ -233,6 +234,95 @@ async def test_the_retention_job_deletes_as_tasks_age(database_url: str) -> None
                     await asyncio.sleep(0.05)
         finally:
             job.cancel()
+    finally:
+        await db.close()
+
+
+async def test_a_key_answers_only_the_request_it_was_first_used_for(database_url: str) -> None:
+    """A retry is the same request and gets the key's task; the key with other fields is
+    refused, naming that task, and creates nothing. Fields compare as the contract reads them."""
+    db = await _db(database_url)
+    try:
+        tasks = Tasks(db=db)
+        keyed = replace(
+            NEW,
+            idempotency_key="order-7",
+            priority_label="high",
+            metadata={"n": 1},
+            required_capabilities=("b", "a"),
+        )
+        first, created = await tasks.create(ALICE, keyed)
+        assert created
+        alike = replace(keyed, priority_label="", priority=8, required_capabilities=("a", "b"))
+        for retry in (keyed, alike, replace(keyed, title="  ", type="echo")):
+            again, created = await tasks.create(ALICE, retry)
+            assert (again.task_id, created) == (first.task_id, False)
+        changes: dict[str, Any] = {
+            "type": "general",
+            "title": "t",
+            "description": "say goodbye",
+            "priority_label": "low",
+            "model": "m",
+            "metadata": {"n": 2},
+            "required_capabilities": ("a",),
+            "max_attempts": 5,
+            "callback_url": "https://example.com/hook",
+            "defer_start": True,
+            "timeout_seconds": 60,
+        }
+        for field, value in changes.items():
+            with pytest.raises(AlreadyExists) as refused:
+                await tasks.create(ALICE, replace(keyed, **{field: value}))
+            assert refused.value.reason == "IDEMPOTENCY_KEY_REUSED", field
+            assert refused.value.details == {"field": "idempotency_key", "task_id": first.task_id}
+        assert await _count(db, TaskRow, TaskRow.owner_id == "alice") == 1
+        # Another owner's same key, with any fields, is another task.
+        assert (await tasks.create(BOB, replace(keyed, description="other")))[1]
+    finally:
+        await db.close()
+
+
+async def test_concurrent_creates_with_one_key_and_other_fields_make_one_task(
+    database_url: str,
+) -> None:
+    """Whichever create wins the key, the others get its task if they are the same request
+    and IDEMPOTENCY_KEY_REUSED if not; on PostgreSQL the losers meet the unique index."""
+    db = await _db(database_url)
+    try:
+        tasks = Tasks(db=db)
+        asks = [
+            replace(NEW, idempotency_key="k-9", description=f"variant {n % 2}") for n in range(20)
+        ]
+        results = await asyncio.gather(
+            *(tasks.create(ALICE, ask) for ask in asks), return_exceptions=True
+        )
+        made = [r for r in results if not isinstance(r, BaseException)]
+        task = next(t for t, created in made if created)
+        assert sum(created for _, created in made) == 1
+        for ask, result in zip(asks, results, strict=True):
+            if ask.description == task.description:
+                assert not isinstance(result, BaseException)
+                assert result[0].task_id == task.task_id
+            else:
+                assert isinstance(result, AlreadyExists), result
+                assert result.details["task_id"] == task.task_id
+        assert await _count(db, TaskRow, TaskRow.owner_id == "alice") == 1
+    finally:
+        await db.close()
+
+
+async def test_a_key_of_a_task_from_before_digests_answers_any_repeat(database_url: str) -> None:
+    """A task created before the mesh kept request digests cannot tell a retry from another
+    request; it is answered as before the upgrade rather than refused."""
+    db = await _db(database_url)
+    try:
+        tasks = Tasks(db=db)
+        first, _ = await tasks.create(ALICE, replace(NEW, idempotency_key="old"))
+        async with db.write() as s, s.begin():
+            await s.execute(update(TaskRow).values(request_digest=None))
+        other = replace(NEW, idempotency_key="old", description="not the same")
+        again, created = await tasks.create(ALICE, other)
+        assert (again.task_id, created) == (first.task_id, False)
     finally:
         await db.close()
 

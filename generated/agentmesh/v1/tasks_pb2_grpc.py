@@ -108,8 +108,9 @@ class TasksServiceServicer:
     def CreateTask(self, request, context):
         """Submits a task. Requires `execute` on tasks. 201 with the task, normally `queued` (seed 004);
         with `defer_start` it stays `created` until StartTask (seed 001's flow). A second request
-        with the same `idempotency_key` from the same owner creates nothing and answers the first
-        task. 400 VALIDATION_ERROR (no description, priority outside 1..10, unknown priority_label,
+        with the same `idempotency_key` and fields from the same owner creates nothing and answers
+        the first task with 200; the key with other fields is 409 IDEMPOTENCY_KEY_REUSED. 400
+        VALIDATION_ERROR (no description, priority outside 1..10, unknown priority_label,
         priority and priority_label disagreeing, bad callback_url or max_attempts); 403
         INSUFFICIENT_PERMISSIONS; 429 TASK_LIMIT_REACHED when the owner already has 10,000
         unfinished tasks (AGENTMESH_OPEN_TASKS_PER_USER).
