@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from grpc_status import rpc_status
 from servers.launcher import MeshProcess
 
 ENVELOPE_KEYS = {"code", "message", "details", "timestamp", "request_id"}
+# Every envelope's timestamp, whichever of Envoy and the servers wrote it: UTC, to the second.
+ENVELOPE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 
 
 def assert_envelope(reply: httpx.Response, status: int, code: str) -> dict[str, object]:
@@ -30,6 +33,7 @@ def assert_envelope(reply: httpx.Response, status: int, code: str) -> dict[str, 
     assert error["code"] == code, error
     assert isinstance(error["message"], str) and error["message"]
     assert isinstance(error["details"], dict)
+    assert ENVELOPE_TIME.fullmatch(error["timestamp"]), error
     datetime.fromisoformat(error["timestamp"].replace("Z", "+00:00"))
     assert error["request_id"] == reply.headers["x-request-id"]
     for leak in ("Traceback", "grpc-status", 'File "'):

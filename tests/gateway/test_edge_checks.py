@@ -22,7 +22,7 @@ from gateway.proxy import (
 )
 from servers.common.server import SERVER_OPTIONS
 from tests.gateway.test_envoy import _config
-from tests.helpers import assert_envelope
+from tests.helpers import ENVELOPE_KEYS, ENVELOPE_TIME, assert_envelope
 
 NOT_JSON = "the request body is not valid JSON (RFC 8259)"
 
@@ -232,7 +232,8 @@ def _envelope_of(raw: bytes) -> tuple[int, dict[str, object]]:
     status = int(head.split(b" ", 2)[1])
     assert b"content-type: application/json" in head.lower(), head
     error = json.loads(body)["error"]
-    assert set(error) == {"code", "message", "details", "timestamp", "request_id"}, error
+    assert set(error) == ENVELOPE_KEYS, error
+    assert ENVELOPE_TIME.fullmatch(str(error["timestamp"])), error
     assert isinstance(error["message"], str) and error["message"], error
     return status, error
 
