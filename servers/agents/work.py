@@ -26,6 +26,7 @@ from servers.common.context import Principal
 from servers.common.errors import AuthRequired, PermissionDenied, ValidationError
 from servers.common.internal import CALL_TIMEOUT, InternalChannel
 from servers.common.protos import as_json
+from servers.common.text import TYPE_NAME, invisible
 
 from .domain import AgentDirectory, config_problem
 from .registry import Session
@@ -78,12 +79,20 @@ def hello_problem(hello: agents_pb2.Hello) -> tuple[str, str] | None:
         return "name", "name must be 1-64 characters"
     if not hello.capabilities or len(hello.capabilities) > 32:
         return "capabilities", "capabilities: 1 to 32"
-    if any(not 1 <= len(c) <= 64 for c in hello.capabilities):
-        return "capabilities", "each capability must be 1-64 characters"
+    if any(not TYPE_NAME.fullmatch(c) for c in hello.capabilities):
+        return "capabilities", (
+            "each capability is a task type: 1-64 letters, digits, '_', '.', ':' or '-',"
+            " starting with a letter or a digit"
+        )
     if not 0 <= hello.max_capacity <= MAX_CAPACITY:
         return "max_capacity", f"max_capacity must be 1 to {MAX_CAPACITY}"
     if len(hello.type) > 64 or len(hello.version) > 64:
         return "type", "type and version: at most 64 characters each"
+    for field in ("name", "type", "version"):
+        if invisible(getattr(hello, field)):
+            return field, (
+                f"{field} must not hold control, format, private-use or unassigned characters"
+            )
     try:
         configuration = as_json(hello.configuration, "configuration")
     except ValidationError as exc:

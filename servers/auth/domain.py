@@ -32,8 +32,9 @@ from servers.common.errors import (
 )
 from servers.common.ratelimit import SlidingWindowLimiter
 from servers.common.rbac import DEFAULT_ROLES, permissions_of
+from servers.common.text import invisible
 
-from .identifiers import account_key, canonical, invisible, login_key, trimmed
+from .identifiers import account_key, canonical, login_key, trimmed
 from .keys import SigningKey
 from .models import UserRow
 from .profiles import AccountCache

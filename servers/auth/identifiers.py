@@ -25,12 +25,6 @@ def canonical(text: str) -> str:
     return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
 
 
-def invisible(text: str) -> bool:
-    """Whether ``text`` holds a character of Unicode's "other" categories: a control (Cc), a
-    format character (Cf), a surrogate (Cs), a private-use (Co) or unassigned (Cn) code point."""
-    return any(unicodedata.category(c)[0] == "C" for c in text)
-
-
 def trimmed(text: str) -> str:
     """``text`` without the spaces, tabs and line breaks around it (a form's stray whitespace);
     any other invisible character stays, for ``invisible`` to refuse."""

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import time
 import uuid
 from collections import OrderedDict
@@ -31,6 +30,7 @@ from servers.common.db import Database
 from servers.common.errors import AlreadyExists, Conflict, NotFound, RateLimited, ValidationError
 from servers.common.pagination import PAGE_MAX_BYTES, Page
 from servers.common.protos import NESTING_MAX, too_deep
+from servers.common.text import TYPE_NAME, invisible
 
 from .models import TaskRow
 from .store import Outbox, TaskStore
@@ -66,7 +66,6 @@ STATUS_ALIASES = {"pending": ("created", "queued"), "processing": ("assigned", "
 # Seed 001's priority words and the seed 004 numbers they stand for (and back).
 PRIORITY_WORDS = {"low": 2, "medium": 5, "high": 8, "critical": 10}
 DEFAULT_PRIORITY, DEFAULT_ATTEMPTS, MAX_ATTEMPTS = 5, 3, 10
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 LIMITS = {
     "title": 200,
     "description": 100_000,
@@ -74,6 +73,9 @@ LIMITS = {
     "idempotency_key": 128,
     "callback_url": 2048,
 }
+# One-line labels shown in lists, refused with an invisible character (servers/common/text.py);
+# the description is free text.
+LABELS = ("title", "model")
 METADATA_MAX_BYTES = 64 * 1024
 MAX_CAPABILITIES = 32
 
@@ -142,8 +144,14 @@ def _check(new: NewTask) -> tuple[str, int, int, list[str]]:
         raise ValidationError("description is required", details={"field": "description"})
     for field in LIMITS:
         _too_long(field, getattr(new, field))
+    for field in LABELS:
+        if invisible(getattr(new, field)):
+            raise ValidationError(
+                f"{field} must not hold control, format, private-use or unassigned characters",
+                details={"field": field},
+            )
     task_type = new.type or "general"
-    if not NAME.match(task_type):
+    if not TYPE_NAME.fullmatch(task_type):
         raise ValidationError(
             "type must be 1-64 letters, digits, '_', '.', ':' or '-'", details={"field": "type"}
         )
@@ -179,7 +187,7 @@ def _check(new: NewTask) -> tuple[str, int, int, list[str]]:
             details={"field": "metadata", "max_depth": NESTING_MAX},
         )
     caps = sorted(set(new.required_capabilities))
-    if len(caps) > MAX_CAPABILITIES or any(not NAME.match(c) for c in caps):
+    if len(caps) > MAX_CAPABILITIES or any(not TYPE_NAME.fullmatch(c) for c in caps):
         raise ValidationError(
             f"required_capabilities: at most {MAX_CAPABILITIES} names like a type",
             details={"field": "required_capabilities"},

@@ -229,6 +229,29 @@ def test_text_with_a_nul_character_is_refused_on_every_database(any_mesh: MeshPr
         }
 
 
+def test_task_labels_with_invisible_characters_are_refused(
+    mesh: MeshProcess, auth: dict[str, str]
+) -> None:
+    """A task's title and model are one-line labels shown in lists; a bidi override or a
+    zero-width character there makes one task look like another, a control rewrites a
+    terminal. A type is a name agents match. The description is free text and keeps any."""
+    with httpx.Client(base_url=mesh.url, headers=auth, timeout=10) as client:
+        for body, field in (
+            ({"description": "x", "title": "pay \u202eSU 001"}, "title"),
+            ({"description": "x", "title": "two\nlines"}, "title"),
+            ({"description": "x", "model": "gpt\u200b"}, "model"),
+            ({"description": "x", "type": "echo\n"}, "type"),
+        ):
+            error = assert_envelope(
+                client.post("/api/v1/tasks", json=body), 400, "VALIDATION_ERROR"
+            )
+            assert error["details"] == {"field": field}, error
+        free = "line one\nline two \u202e\u200b\t"
+        kept = client.post("/api/v1/tasks", json={"description": free, "title": "Ünïcode ok"})
+        assert kept.status_code == 201, kept.text
+        assert (kept.json()["description"], kept.json()["title"]) == (free, "Ünïcode ok")
+
+
 def test_grpc_text_with_a_nul_character_is_invalid_argument(mesh: MeshProcess) -> None:
     """The same rule for a gRPC client, whatever the field's depth (a repeated field here)."""
     token = httpx.post(mesh.url + "/api/v1/auth/register", json=new_user()).json()["access_token"]

@@ -448,6 +448,21 @@ async def test_invalid_requests_are_400_envelopes(mesh: MeshProcess) -> None:
         for body in bad_registrations:
             reply = await agent.client.post("/api/v1/agents/register", json=body)
             assert_envelope(reply, 400, "VALIDATION_ERROR")
+        # Names and labels are shown in listings: nothing that hides or reorders text, or
+        # writes to a terminal. A capability is a task type, or it could never match a task.
+        unreadable: list[tuple[Json, str]] = [
+            ({"name": "w\u202e1", "capabilities": ["x"]}, "name"),  # a bidi override
+            ({"name": "w\u200b", "capabilities": ["x"]}, "name"),  # a zero-width space
+            ({"name": "w\x1b[2J", "capabilities": ["x"]}, "name"),  # clears a terminal
+            ({"name": "ok", "capabilities": ["code review"]}, "capabilities"),
+            ({"name": "ok", "capabilities": ["echo\n"]}, "capabilities"),
+            ({"name": "ok", "capabilities": ["x"], "type": "t\u2066"}, "type"),
+            ({"name": "ok", "capabilities": ["x"], "version": "1\r"}, "version"),
+        ]
+        for body, field in unreadable:
+            reply = await agent.client.post("/api/v1/agents/register", json=body)
+            error = assert_envelope(reply, 400, "VALIDATION_ERROR")
+            assert error["details"] == {"field": field}, error
         await agent.register("valid", [capability()])
         beat = f"/api/v1/agents/{agent.agent_id}/heartbeat"
         for body in (
