@@ -46,7 +46,8 @@ class _Refused(Exception):
 
 
 def _envelope(error: AgentmeshError, request_id: str) -> bytes:
-    at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    # To the second, as every other envelope (Envoy's and the edge's).
+    at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     body = {
         "error": {
             "code": error.reason,
