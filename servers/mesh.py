@@ -27,6 +27,7 @@ import grpc
 
 from agentmesh.v1 import (
     agents_pb2_grpc,
+    auth_pb2,
     auth_pb2_grpc,
     events_pb2_grpc,
     health_pb2_grpc,
@@ -47,12 +48,18 @@ from .auth.admin import UserAdmin
 from .auth.apikeys import ApiKeys
 from .auth.domain import Accounts, LoginLimits
 from .auth.invalidations import TOPIC as AUTH_TOPIC
-from .auth.invalidations import Invalidations
+from .auth.invalidations import USER_ID_MAX, Invalidations
 from .auth.keys import SigningKey, write_once
 from .auth.models import OutboxRow as AuthOutboxRow
 from .auth.profiles import AccountCache
 from .auth.service import AuthInternalService, AuthService, UsersService
-from .common.auth import ApiKeyClient, ApiKeyResolver, Authenticator, TokenVerifier
+from .common.auth import (
+    ApiKeyClient,
+    ApiKeyResolver,
+    Authenticator,
+    TokenVerifier,
+    follow_cutoffs,
+)
 from .common.bus import Bus, open_bus
 from .common.config import SERVICES, Settings
 from .common.context import Principal
@@ -224,6 +231,27 @@ class Runtime:
         self._closers.append(channel.close)
         return channel
 
+    def follow_token_cutoffs(self) -> None:
+        """Keeps the process's token checks told of disabled and deleted accounts (see
+        servers/auth/admin.py), from the auth service, in place when it runs here. Started once
+        the process's servers have their addresses."""
+        channel = self.internal_channel("auth")
+
+        async def fetch() -> list[tuple[str, int, float]]:
+            stub = channel.stub(auth_pb2_grpc.AuthInternalServiceStub)
+            reply = await stub.ListTokenCutoffs(
+                auth_pb2.ListTokenCutoffsRequest(), **channel.call_options()
+            )
+            return [
+                (c.user_id, c.min_generation, c.expires_at.ToSeconds())
+                for c in reply.cutoffs
+                if 0 < len(c.user_id) <= USER_ID_MAX
+            ]
+
+        every = self.settings.token_cutoff_poll_seconds
+        job = follow_cutoffs(self.verifier.cutoffs, fetch, every)
+        self._jobs.append(asyncio.ensure_future(job))
+
     def on_close(self, close: Callable[[], Awaitable[None]]) -> None:
         self._closers.append(close)
 
@@ -336,6 +364,9 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
             return (await api_keys.verify(secret))[2]
 
         rt.api_keys_here = resolve_locally
+        admin = UserAdmin(
+            db=rt.db, cache=cache, access_ttl=s.access_token_ttl, cutoffs=rt.verifier.cutoffs
+        )
 
         return (
             [
@@ -346,12 +377,12 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
                 ),
                 (
                     users_pb2_grpc.add_UsersServiceServicer_to_server,
-                    UsersService(admin=UserAdmin(db=rt.db, cache=cache)),
+                    UsersService(admin=admin),
                     "agentmesh.v1.UsersService",
                 ),
                 (
                     auth_pb2_grpc.add_AuthInternalServiceServicer_to_server,
-                    AuthInternalService(api_keys=api_keys),
+                    AuthInternalService(api_keys=api_keys, admin=admin),
                     "agentmesh.v1.AuthInternalService",
                 ),
             ],
@@ -604,6 +635,7 @@ class Mesh:
         for name, server in self.servers.items():
             await server.start()
             peers[name] = server.address
+        rt.follow_token_cutoffs()
         self.scrape = rt.scrape_server()
         if self.scrape is not None:
             await self.scrape.start()

@@ -92,6 +92,7 @@ async def run_serve(settings: Settings, service: str) -> int:
         except PortInUse as exc:
             return _refuse("serve", str(exc))
         rt.peers[service] = server.address
+        rt.follow_token_cutoffs()
         scrape = rt.scrape_server()
         if scrape is not None:
             try:

@@ -1,16 +1,23 @@
 """User administration (seed 001's /api/users).
 
 Admins manage everyone. Anyone else may read and edit only their own record here, and another
-user's record answers 404, as if it did not exist. A disabled account's access token, still
-valid for up to its hour, is refused here as at GetMe: every call reads the caller's account.
+user's record answers 404, as if it did not exist.
+
+Disabling or deleting an account ends its access tokens everywhere, not only here: the account's
+token generation (the tokens' `gen` claim) goes up and a cutoff is written in the same
+transaction. The token checks of this process learn it at once; those of every other process
+from AuthInternalService.ListTokenCutoffs, which they poll (servers/common/auth.py). Every
+call here also reads the caller's account afresh.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 
-from servers.common.clock import now
+from servers.common.auth import TokenCutoffs
+from servers.common.clock import aware, now
 from servers.common.context import Principal
 from servers.common.db import Database
 from servers.common.errors import Conflict, NotFound, PermissionDenied, ValidationError
@@ -28,7 +35,7 @@ from .domain import (
 )
 from .models import UserRow
 from .profiles import AccountCache
-from .store import RefreshTokenStore, UserStore, security_event
+from .store import CutoffStore, RefreshTokenStore, UserStore, security_event
 
 
 def is_admin(who: Principal) -> bool:
@@ -44,10 +51,41 @@ def check_roles(roles: Sequence[str]) -> list[str]:
     return wanted
 
 
+# Cutoffs are kept, and listed, for an access token's lifetime and this much more: a process
+# whose clock runs behind the auth service's still sees a token expire before its cutoff goes.
+CUTOFF_MARGIN = timedelta(seconds=60)
+CUTOFFS_LISTED = 10_000  # at most, newest first (AuthInternalService.ListTokenCutoffs)
+
+
 class UserAdmin:
-    def __init__(self, *, db: Database, cache: AccountCache) -> None:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        cache: AccountCache,
+        access_ttl: int,
+        cutoffs: TokenCutoffs | None = None,
+    ) -> None:
         self._db = db
         self._cache = cache
+        self._cutoff_window = timedelta(seconds=access_ttl) + CUTOFF_MARGIN
+        # The token checks of this process, told of a cutoff as soon as it commits.
+        self._cutoffs = cutoffs
+
+    def _cut_here(self, user_id: str, min_generation: int, at: datetime) -> None:
+        if self._cutoffs is not None:
+            until = (at + self._cutoff_window).timestamp()
+            self._cutoffs.note(user_id, min_generation, until)
+
+    async def recent_cutoffs(self) -> list[tuple[str, int, datetime]]:
+        """The cutoffs whose refused tokens may not have expired yet: (user id, lowest
+        generation accepted, when the last refused token expires), newest first."""
+        at = now()
+        async with self._db.session() as s:
+            rows = await CutoffStore(s).since(at - self._cutoff_window, CUTOFFS_LISTED)
+        return [
+            (r.user_id, r.min_generation, aware(r.changed_at) + self._cutoff_window) for r in rows
+        ]
 
     async def list(self, who: Principal, page: Page) -> tuple[Sequence[UserRow], int]:
         async with self._db.session() as s:
@@ -132,28 +170,41 @@ class UserAdmin:
                 user.email = normalize_email(email)
             if name:
                 user.name = check_name(name)
+            cut = disabled is True and not user.disabled
             if disabled is not None and disabled != user.disabled:
                 user.disabled = disabled
                 if disabled:
                     await RefreshTokenStore(s).revoke_user(user_id, at)
+                    # Its access tokens end too, in every service (see the module's docstring).
+                    user.token_generation = (user.token_generation or 0) + 1
+                    await CutoffStore(s).cut(
+                        user_id, user.token_generation, at, self._cutoff_window
+                    )
                 event = "security.account_disabled" if disabled else "security.account_enabled"
                 security_event(s, event, user_id, at, by=who.subject)
             user.updated_at = at
             await users.flush()
         self._cache.forget_user(user_id)
+        if cut:
+            self._cut_here(user_id, user.token_generation, at)
         return user
 
     async def delete(self, who: Principal, user_id: str) -> None:
         if who.subject == user_id:
             raise Conflict("admins cannot delete their own account")
+        at = now()
         async with self._db.write() as s, s.begin():
             await require_active(s, who.subject)
             users = UserStore(s)
-            user = await users.get(user_id)
+            user = await users.get(user_id, lock=True)
             if user is None:
                 raise NotFound("no such user", details={"user_id": user_id[:64]})
+            # Every token the account was ever issued is refused.
+            generation = (user.token_generation or 0) + 1
+            await CutoffStore(s).cut(user_id, generation, at, self._cutoff_window)
             await users.delete(user)
         self._cache.forget_user(user_id)
+        self._cut_here(user_id, generation, at)
 
     async def set_roles(self, who: Principal, user_id: str, roles: Sequence[str]) -> UserRow:
         wanted = check_roles(roles)

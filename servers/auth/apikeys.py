@@ -3,7 +3,7 @@
 A key acts for its owner with the owner's current roles, narrowed to the key's scopes. Scopes are
 seed 004's actions (read, write, execute) plus `agent`, the scope agent workers authenticate with.
 Keys cannot sign in, refresh, change passwords or manage keys or users: those need a user session,
-of an account that is not disabled (an access token outlives a disable by up to its hour).
+of an account that is not disabled (each such call reads the account afresh).
 """
 
 from __future__ import annotations

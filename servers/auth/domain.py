@@ -161,8 +161,8 @@ async def _within_limit(
 
 async def require_active(session: AsyncSession, user_id: str, *, lock: bool = False) -> UserRow:
     """The caller's own account, read afresh (``lock``: as UserStore.get); AuthRequired when it
-    is disabled or gone. Run by the RPCs that manage credentials or accounts, so that an access
-    token issued before a disable cannot mint keys or change accounts until it expires."""
+    is disabled or gone. Run by the RPCs that manage credentials or accounts: they read the
+    account afresh, besides the token checks' cutoffs (servers/auth/admin.py)."""
     user = await UserStore(session).get(user_id, lock=lock)
     if user is None or user.disabled:
         raise AuthRequired("account no longer active")
@@ -375,6 +375,8 @@ class Accounts:
             "roles": list(user.roles),
             "permissions": list(permissions_of(user.roles)),
             "tier": user.tier,
+            # Tokens of an older generation are refused once the account is disabled.
+            "gen": user.token_generation or 0,
             "iat": int(at.timestamp()),
             "nbf": int(at.timestamp()),
             "exp": int(at.timestamp()) + self._access_ttl,

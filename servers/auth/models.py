@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, String
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from servers.common.outbox import OutboxMixin
@@ -30,6 +30,9 @@ class UserRow(Base):
     last_login: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # The quota tier (servers/common/quotas.py); "": the mesh's default.
     tier: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    # The `gen` claim of the access tokens issued now; raised when the account is disabled, so
+    # that every token issued before is refused (TokenCutoffRow).
+    token_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class RefreshTokenRow(Base):
@@ -48,6 +51,20 @@ class RefreshTokenRow(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class TokenCutoffRow(Base):
+    """An account whose access tokens below a generation are refused in every process
+    (AuthInternalService.ListTokenCutoffs): written when it is disabled or deleted, kept for
+    one access-token lifetime, after which those tokens have expired anyway. No foreign key:
+    the cutoff of a deleted account outlives it."""
+
+    __tablename__ = "auth_token_cutoffs"
+    __table_args__ = (Index("ix_auth_token_cutoffs_changed_at", "changed_at"),)
+
+    user_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    min_generation: Mapped[int] = mapped_column(Integer)
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class ApiKeyRow(Base):

@@ -246,8 +246,21 @@ class UsersService(users_pb2_grpc.UsersServiceServicer):
 class AuthInternalService(auth_pb2_grpc.AuthInternalServiceServicer):
     """What other services of the mesh ask the auth service."""
 
-    def __init__(self, *, api_keys: ApiKeys) -> None:
+    def __init__(self, *, api_keys: ApiKeys, admin: UserAdmin) -> None:
         self._api_keys = api_keys
+        self._admin = admin
+
+    async def ListTokenCutoffs(
+        self, request: auth_pb2.ListTokenCutoffsRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.ListTokenCutoffsResponse:
+        return auth_pb2.ListTokenCutoffsResponse(
+            cutoffs=[
+                auth_pb2.TokenCutoff(
+                    user_id=user_id, min_generation=generation, expires_at=timestamp(until)
+                )
+                for user_id, generation, until in await self._admin.recent_cutoffs()
+            ]
+        )
 
     async def VerifyApiKey(
         self, request: auth_pb2.VerifyApiKeyRequest, context: grpc.aio.ServicerContext

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -14,7 +14,7 @@ from servers.common.errors import UserExists
 from servers.common.outbox import write_event
 
 from .identifiers import canonical
-from .models import ApiKeyRow, OutboxRow, RefreshTokenRow, UserRow
+from .models import ApiKeyRow, OutboxRow, RefreshTokenRow, TokenCutoffRow, UserRow
 
 
 class UserStore:
@@ -143,6 +143,37 @@ class RefreshTokenStore:
             .values(revoked_at=now)
             .execution_options(synchronize_session=False)
         )
+
+
+class CutoffStore:
+    """The accounts whose older access tokens are refused (TokenCutoffRow)."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._s = session
+
+    async def cut(self, user_id: str, min_generation: int, at: datetime, keep: timedelta) -> None:
+        """Refuses the account's tokens below ``min_generation`` from ``at``, and forgets the
+        cutoffs older than ``keep`` (one access-token lifetime): their tokens have expired."""
+        await self._s.execute(delete(TokenCutoffRow).where(TokenCutoffRow.changed_at < at - keep))
+        row = await self._s.get(TokenCutoffRow, user_id)
+        if row is None:
+            self._s.add(
+                TokenCutoffRow(user_id=user_id, min_generation=min_generation, changed_at=at)
+            )
+        else:
+            row.min_generation = max(row.min_generation, min_generation)
+            row.changed_at = at
+        await self._s.flush()
+
+    async def since(self, since: datetime, limit: int) -> Sequence[TokenCutoffRow]:
+        """The cutoffs made since ``since``, newest first, ``limit`` at most."""
+        rows = await self._s.execute(
+            select(TokenCutoffRow)
+            .where(TokenCutoffRow.changed_at >= since)
+            .order_by(TokenCutoffRow.changed_at.desc(), TokenCutoffRow.user_id)
+            .limit(limit)
+        )
+        return rows.scalars().all()
 
 
 class ApiKeyStore:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -26,9 +27,66 @@ from .errors import AuthRequired, PermissionDenied, TokenExpired, Unavailable
 from .peers import open_channel
 from .rbac import AGENT_PERMISSION, allows, permissions_of
 
+log = logging.getLogger("agentmesh.auth")
+
 ALGORITHMS = ["ES256"]
 INTERNAL_HEADER = "x-agentmesh-internal"
 CALL_TIMEOUT = 2.0
+
+
+class TokenCutoffs:
+    """The accounts whose older access tokens are refused in this process: by user id, the
+    lowest token generation (the `gen` claim, 0 when absent) still accepted and until when
+    (epoch s) that matters. Filled from the auth service (AuthInternalService.ListTokenCutoffs,
+    polled by ``follow_cutoffs``) and, in the process that disables an account, at once."""
+
+    def __init__(self) -> None:
+        self._by_user: dict[str, tuple[int, float]] = {}
+
+    def note(self, user_id: str, min_generation: int, until: float) -> None:
+        known, known_until = self._by_user.get(user_id, (0, 0.0))
+        self._by_user[user_id] = (max(known, min_generation), max(known_until, until))
+
+    def refuses(self, user_id: str, generation: int) -> bool:
+        entry = self._by_user.get(user_id)
+        return entry is not None and generation < entry[0]
+
+    def forget_before(self, moment: float) -> None:
+        """Forgets the entries whose refused tokens have all expired by ``moment``."""
+        for user_id in [u for u, (_, until) in self._by_user.items() if until < moment]:
+            del self._by_user[user_id]
+
+    def __len__(self) -> int:
+        return len(self._by_user)
+
+
+# The auth service's cutoffs: (user id, lowest generation accepted, until when in epoch s).
+CutoffFetch = Callable[[], Awaitable[list[tuple[str, int, float]]]]
+CUTOFF_RETRY_SECONDS = 1.0  # the pause after a failed fetch, when the interval is longer
+
+
+async def follow_cutoffs(cutoffs: TokenCutoffs, fetch: CutoffFetch, every: float) -> None:
+    """Runs for the life of the process: notes the auth service's cutoffs every ``every``
+    seconds, so that a token of an account disabled through any process is refused here within
+    that time. While the auth service does not answer, what is known stays (a warning says so
+    once), and nothing else changes: tokens are still checked on their own."""
+    failing = False
+    while True:
+        try:
+            entries = await fetch()
+        except Exception as exc:  # any failure of the call; the next one may succeed
+            if not failing:
+                log.warning("token cutoffs cannot be read from the auth service: %s", exc)
+            failing = True
+            await asyncio.sleep(min(every, CUTOFF_RETRY_SECONDS))
+            continue
+        if failing:
+            log.info("token cutoffs are read from the auth service again")
+        failing = False
+        for user_id, generation, until in entries:
+            cutoffs.note(user_id, generation, until)
+        cutoffs.forget_before(time.time())
+        await asyncio.sleep(every)
 
 
 class TokenVerifier:
@@ -52,8 +110,9 @@ class TokenVerifier:
         self._keys: dict[str, Any] = {}
         # A signed token cannot change, so its signature is checked once: the principal is kept
         # by token with its validity window, which is checked again on every use.
-        self._verified: OrderedDict[str, tuple[Principal, float, float]] = OrderedDict()
+        self._verified: OrderedDict[str, tuple[Principal, float, float, int]] = OrderedDict()
         self._cache_size = cache_size
+        self.cutoffs = TokenCutoffs()
 
     def _load(self) -> None:
         keys = {}
@@ -73,21 +132,28 @@ class TokenVerifier:
     def verify(self, token: str) -> Principal:
         cached = self._verified.get(token)
         if cached is not None:
-            who, not_before, expires = cached
+            who, not_before, expires, generation = cached
             now = time.time()
             if now >= expires:
                 del self._verified[token]
                 raise TokenExpired("access token has expired")
             if now >= not_before:
                 self._verified.move_to_end(token)
-                return who
-        who, not_before, expires = self._verify(token)
-        self._verified[token] = (who, not_before, expires)
+                return self._current(who, generation)
+        who, not_before, expires, generation = self._verify(token)
+        self._verified[token] = (who, not_before, expires, generation)
         if len(self._verified) > self._cache_size:
             self._verified.popitem(last=False)
+        return self._current(who, generation)
+
+    def _current(self, who: Principal, generation: int) -> Principal:
+        """The token's principal, unless its account was disabled or deleted after it was
+        issued (the auth service's own RPCs answer the same)."""
+        if self.cutoffs.refuses(who.subject, generation):
+            raise AuthRequired("account no longer active")
         return who
 
-    def _verify(self, token: str) -> tuple[Principal, float, float]:
+    def _verify(self, token: str) -> tuple[Principal, float, float, int]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
@@ -119,8 +185,11 @@ class TokenVerifier:
             token_id=str(claims["jti"]),
             tier=str(claims.get("tier") or ""),
         )
+        generation = claims.get("gen", 0)
+        if type(generation) is not int:  # noqa: E721 - bool is an int subclass, and no generation
+            raise AuthRequired("invalid access token")
         # PyJWT allows no leeway by default; keep the cache exactly as strict.
-        return who, float(claims.get("nbf", 0)), float(claims["exp"])
+        return who, float(claims.get("nbf", 0)), float(claims["exp"]), generation
 
 
 def bearer_token(metadata: Mapping[str, str]) -> str | None:

@@ -207,6 +207,8 @@ class Settings:
     heartbeat_seconds: int = 10
     claim_poll_seconds: int = 2
     auth_cache_seconds: int = 2
+    # How often a process asks the auth service which accounts' older tokens are refused.
+    token_cutoff_poll_seconds: int = 5
     # The process's own Prometheus port (servers/common/scrape.py); None: none, 0: a free one.
     metrics_port: int | None = None
     event_retention_seconds: int = 86400
@@ -257,6 +259,9 @@ class Settings:
             heartbeat_seconds=_int(env, "AGENTMESH_HEARTBEAT_SECONDS", 10),
             claim_poll_seconds=_positive(env, "AGENTMESH_CLAIM_POLL_SECONDS", 2),
             auth_cache_seconds=_between(env, "AGENTMESH_AUTH_CACHE_SECONDS", 2, 0, 300),
+            token_cutoff_poll_seconds=_between(
+                env, "AGENTMESH_TOKEN_CUTOFF_POLL_SECONDS", 5, 1, 300
+            ),
             metrics_port=(
                 _int(env, "AGENTMESH_METRICS_PORT", 0)
                 if env.get("AGENTMESH_METRICS_PORT")

@@ -63,6 +63,7 @@ POLICY: dict[str, Rule] = {
     f"{_P}AuthService/ListApiKeys": USER_SESSION,
     f"{_P}AuthService/RevokeApiKey": USER_SESSION,
     f"{_P}AuthInternalService/VerifyApiKey": INTERNAL,
+    f"{_P}AuthInternalService/ListTokenCutoffs": INTERNAL,
     # User administration: admins only, except that users read and edit their own record
     # (the service answers 404 for anyone else's).
     f"{_P}UsersService/ListUsers": ADMIN,

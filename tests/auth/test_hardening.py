@@ -9,13 +9,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection
 
 from servers.auth.admin import grant_role
-from servers.auth.domain import IssuedTokens, LoginLimits
-from servers.auth.models import UserRow
+from servers.auth.domain import IssuedTokens, LoginLimits, hash_password
 from servers.auth.store import UserStore
 from servers.common.clock import now
 from servers.common.context import Principal
@@ -306,29 +306,37 @@ async def test_addresses_stored_before_are_made_canonical_and_still_found(
             "\ufb01x@example.com": "\ufb01x@example.com",
             "plain@example.com": "plain@example.com",
         }
-        hashed = (
-            await build_auth(db, tmp_path, limits).accounts.register(
-                client=CLIENT, email="seed@example.com", password=PASSWORD
-            )
-        ).user.password_hash
-        ids: dict[str, str] = {}
+        # Written as the code of auth_0004 wrote them: the columns of that revision only.
+        legacy = sa.table(
+            "auth_users",
+            *(sa.column(name) for name in ("id", "username", "email", "name", "password_hash")),
+            sa.column("roles", sa.JSON),
+            sa.column("disabled", sa.Boolean),
+            sa.column("created_at", sa.DateTime(timezone=True)),
+            sa.column("updated_at", sa.DateTime(timezone=True)),
+            sa.column("tier"),
+        )
+        hashed = await hash_password(PASSWORD)
+        ids = {email: f"00000000-0000-0000-0000-{n:012d}" for n, email in enumerate(stored)}
         async with db.write() as s, s.begin():
-            for n, email in enumerate(stored):
-                user = await UserStore(s).add(
-                    UserRow(
-                        id=f"00000000-0000-0000-0000-{n:012d}",
-                        username=f"legacy{n}",
-                        email=email,
-                        name="",
-                        password_hash=hashed,
-                        roles=["user"],
-                        disabled=False,
-                        created_at=start + timedelta(minutes=n),
-                        updated_at=start,
-                        last_login=None,
-                    )
-                )
-                ids[email] = user.id
+            await s.execute(
+                sa.insert(legacy),
+                [
+                    {
+                        "id": ids[email],
+                        "username": f"legacy{n}",
+                        "email": email,
+                        "name": "",
+                        "password_hash": hashed,
+                        "roles": ["user"],
+                        "disabled": False,
+                        "created_at": start + timedelta(minutes=n),
+                        "updated_at": start,
+                        "tier": "",
+                    }
+                    for n, email in enumerate(stored)
+                ],
+            )
 
         await _migrate_auth(db, "head")
         async with db.session() as s:

@@ -64,7 +64,9 @@ def build_auth(db: Database, tmp_path: Path, limits: LoginLimits) -> Auth:
         limits=limits,
         cache=cache,
     )
-    return Auth(db, accounts, UserAdmin(db=db, cache=cache), ApiKeys(db=db, cache=cache))
+    return Auth(
+        db, accounts, UserAdmin(db=db, cache=cache, access_ttl=900), ApiKeys(db=db, cache=cache)
+    )
 
 
 @pytest.fixture

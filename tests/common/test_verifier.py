@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from pathlib import Path
 
 import pytest
 
 from servers.auth.keys import SigningKey
-from servers.common.auth import TokenVerifier
-from servers.common.errors import TokenExpired
+from servers.common.auth import TokenCutoffs, TokenVerifier, follow_cutoffs
+from servers.common.errors import AuthRequired, TokenExpired
 from tests.attacks import AUDIENCE, ISSUER, sign
 
 
@@ -33,3 +35,75 @@ def test_memory_is_bounded(tmp_path: Path) -> None:
     for i in range(10):
         verifier.verify(sign(key.private_key, key.kid, jti=f"j{i}"))
     assert len(verifier._verified) == 3
+
+
+def test_a_cutoff_refuses_the_older_tokens_of_its_account_only(tmp_path: Path) -> None:
+    key = SigningKey.load_or_create(tmp_path)
+    verifier = TokenVerifier(jwks=key.jwks, issuer=ISSUER, audience=AUDIENCE)
+    legacy = sign(key.private_key, key.kid, jti="a")  # issued before tokens carried `gen`
+    older = sign(key.private_key, key.kid, jti="b", gen=1)
+    other = sign(key.private_key, key.kid, jti="c", sub="u2")
+    for token in (legacy, older, other):
+        verifier.verify(token)  # all valid, and remembered
+    verifier.cutoffs.note("u1", 2, time.time() + 60)
+    for token in (legacy, older):
+        with pytest.raises(AuthRequired, match="no longer active"):
+            verifier.verify(token)
+    assert verifier.verify(other).subject == "u2"
+    # A token issued after the change carries the new generation.
+    assert verifier.verify(sign(key.private_key, key.kid, jti="d", gen=2)).subject == "u1"
+    # A lower cutoff arriving late (an older poll) lowers nothing.
+    verifier.cutoffs.note("u1", 1, time.time() + 60)
+    with pytest.raises(AuthRequired):
+        verifier.verify(older)
+
+
+@pytest.mark.parametrize("generation", ["2", 1.5, True, None, [2]])
+def test_a_generation_that_is_not_an_integer_is_refused(tmp_path: Path, generation: object) -> None:
+    key = SigningKey.load_or_create(tmp_path)
+    verifier = TokenVerifier(jwks=key.jwks, issuer=ISSUER, audience=AUDIENCE)
+    with pytest.raises(AuthRequired, match="invalid access token"):
+        verifier.verify(sign(key.private_key, key.kid, gen=generation))
+
+
+def test_cutoffs_are_forgotten_once_their_tokens_have_expired() -> None:
+    cutoffs = TokenCutoffs()
+    cutoffs.note("u1", 1, 100.0)
+    cutoffs.note("u2", 1, 200.0)
+    cutoffs.forget_before(150.0)
+    assert not cutoffs.refuses("u1", 0)
+    assert cutoffs.refuses("u2", 0)
+    assert len(cutoffs) == 1
+
+
+async def test_the_follower_notes_what_the_auth_service_lists_and_rides_out_failures(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cutoffs = TokenCutoffs()
+    answers: list[list[tuple[str, int, float]] | Exception] = [
+        ConnectionError("auth service down"),
+        ConnectionError("still down"),
+        [("u1", 3, time.time() + 60), ("gone", 1, time.time() - 1)],
+    ]
+    fetched = asyncio.Event()
+
+    async def fetch() -> list[tuple[str, int, float]]:
+        answer = answers.pop(0) if answers else []
+        if not answers:
+            fetched.set()
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    with caplog.at_level(logging.INFO, logger="agentmesh.auth"):
+        job = asyncio.ensure_future(follow_cutoffs(cutoffs, fetch, every=0.01))
+        try:
+            await asyncio.wait_for(fetched.wait(), 5)
+            await asyncio.sleep(0.05)
+        finally:
+            job.cancel()
+    assert cutoffs.refuses("u1", 2) and not cutoffs.refuses("u1", 3)
+    assert not cutoffs.refuses("gone", 0)  # its tokens have expired: not kept
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # once per outage, not once per attempt
+    assert any("again" in r.getMessage() for r in caplog.records)

@@ -150,8 +150,8 @@ def test_a_disabled_accounts_token_manages_no_credentials(
             )
             assert off.status_code == 200, off.text
 
-        # The access tokens are still valid JWTs for up to an hour, but the auth service reads
-        # the account before any credential or account is made or changed.
+        # The access tokens are still well-signed JWTs, but no credential or account is made
+        # or changed with them.
         mine = f"/api/v1/users/{user_id}"
         backdoor: dict[str, object] = {k: v for k, v in new_user().items() if k != "full_name"}
         backdoor["roles"] = ["admin"]

@@ -24,13 +24,20 @@ import httpx
 import pytest
 import redis
 
-from agentmesh.v1 import agents_pb2, agents_pb2_grpc, auth_pb2, auth_pb2_grpc
+from agentmesh.v1 import (
+    agents_pb2,
+    agents_pb2_grpc,
+    auth_pb2,
+    auth_pb2_grpc,
+    tasks_pb2,
+    tasks_pb2_grpc,
+)
 from servers.common.config import SERVICES
 from servers.launcher import MeshProcess, free_port
 from tests.conftest import SHARED_MESH_ENV, _unavailable
 from tests.e2e.test_agent_registry import StreamAgent
 from tests.e2e.test_http_agents import http_agent
-from tests.helpers import new_user
+from tests.helpers import assert_envelope, new_user
 
 REDIS_URL = os.environ.get("AGENTMESH_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
@@ -181,6 +188,13 @@ def two_auth_replicas(tmp_path: Path, postgres_url: str) -> Iterator[Replicas]:
     # forgets, it was told over Redis.
     env = {"AGENTMESH_AUTH_CACHE_SECONDS": "300"}
     with _running(Replicas(tmp_path, postgres_url, auths=2, env=env)) as mesh:
+        yield mesh
+
+
+@pytest.fixture
+def quick_cutoffs_replicas(tmp_path: Path, postgres_url: str) -> Iterator[Replicas]:
+    env = {"AGENTMESH_TOKEN_CUTOFF_POLL_SECONDS": "1"}
+    with _running(Replicas(tmp_path, postgres_url, env=env)) as mesh:
         yield mesh
 
 
@@ -472,6 +486,50 @@ async def test_what_one_auth_replica_changes_the_other_forgets_at_once(
             return "admin" in (await me(kept)).roles
 
         await until(granted)
+    codes = mesh.stop()
+    assert codes == dict.fromkeys(codes, 0), {n: mesh.log(n)[-2000:] for n in codes}
+
+
+async def test_an_account_disabled_through_the_auth_replica_is_refused_by_every_other(
+    quick_cutoffs_replicas: Replicas,
+) -> None:
+    """The tasks replicas, and the messaging one, never see the disable: each learns from the
+    auth service within its poll (1 s here) that the account's token no longer holds."""
+    mesh = quick_cutoffs_replicas
+    admin, user = _signed_in(mesh, "admin"), _signed_in(mesh, "user")
+    with httpx.Client(base_url=mesh.url, timeout=10) as client:
+        me = client.get("/api/v1/auth/me", headers=user)
+        assert me.status_code == 200, me.text
+        user_id = me.json()["user"]["id"]
+        assert client.get("/api/v1/events", headers=user).status_code == 200
+    bearer = (("authorization", user["Authorization"]),)
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{p}") for p in mesh.ports["tasks"]]
+    try:
+        stubs = [tasks_pb2_grpc.TasksServiceStub(c) for c in channels]
+        for stub in stubs:
+            await stub.ListTasks(tasks_pb2.ListTasksRequest(), metadata=bearer, timeout=10)
+        with httpx.Client(base_url=mesh.url, timeout=10) as client:
+            off = client.put(f"/api/v1/users/{user_id}", json={"disabled": True}, headers=admin)
+            assert off.status_code == 200, off.text
+        deadline = time.monotonic() + 5
+        for stub in stubs:
+            while True:
+                try:
+                    await stub.ListTasks(tasks_pb2.ListTasksRequest(), metadata=bearer, timeout=10)
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAUTHENTICATED, exc
+                    assert "no longer active" in (exc.details() or "")
+                    break
+                assert time.monotonic() < deadline, "a tasks replica still takes the token"
+                await asyncio.sleep(0.1)
+    finally:
+        for channel in channels:
+            await channel.close()
+    with httpx.Client(base_url=mesh.url, timeout=10) as client:
+        while client.get("/api/v1/events", headers=user).status_code != 401:
+            assert time.monotonic() < deadline, "the messaging replica still takes the token"
+            time.sleep(0.1)
+        assert_envelope(client.get("/api/v1/events", headers=user), 401, "AUTH_REQUIRED")
     codes = mesh.stop()
     assert codes == dict.fromkeys(codes, 0), {n: mesh.log(n)[-2000:] for n in codes}
 

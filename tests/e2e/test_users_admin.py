@@ -468,6 +468,50 @@ def test_disabled_user_cannot_refresh_or_sign_in(any_mesh: MeshProcess, any_admi
         assert again.status_code == 200, again.text
 
 
+# A read of each service that any signed-in user may make.
+EVERY_SERVICE = ("/api/v1/tasks", "/api/v1/stats", "/api/v1/events", "/api/v1/auth/me")
+
+
+def test_disabling_or_deleting_an_account_ends_its_access_tokens_in_every_service(
+    any_mesh: MeshProcess, any_admin: Account
+) -> None:
+    with httpx.Client(base_url=any_mesh.url) as client:
+        x, y, bystander = _register(client), _register(client), _register(client)
+        for account in (x, y, bystander):
+            for path in EVERY_SERVICE:
+                assert client.get(path, headers=account.headers).status_code == 200, path
+        task = {"type": "echo", "description": "before"}
+        assert client.post("/api/v1/tasks", json=task, headers=x.headers).status_code == 201
+
+        off = client.put(
+            f"/api/v1/users/{x.id}", json={"disabled": True}, headers=any_admin.headers
+        )
+        assert off.status_code == 200, off.text
+        gone = client.delete(f"/api/v1/users/{y.id}", headers=any_admin.headers)
+        assert gone.status_code in (200, 204), gone.text
+        # At once, through Envoy, which still finds the tokens well signed: the services refuse
+        # them. A bystander's token is untouched.
+        for account in (x, y):
+            for path in EVERY_SERVICE:
+                assert_envelope(client.get(path, headers=account.headers), 401, "AUTH_REQUIRED")
+            reply = client.post("/api/v1/tasks", json=task, headers=account.headers)
+            assert_envelope(reply, 401, "AUTH_REQUIRED")
+        for path in EVERY_SERVICE:
+            assert client.get(path, headers=bystander.headers).status_code == 200, path
+
+        # Enabled again, the account signs in anew; the token from before stays refused.
+        on = client.put(
+            f"/api/v1/users/{x.id}", json={"disabled": False}, headers=any_admin.headers
+        )
+        assert on.status_code == 200, on.text
+        assert_envelope(client.get("/api/v1/tasks", headers=x.headers), 401, "AUTH_REQUIRED")
+        login = _login(client, x.username, x.password)
+        assert login.status_code == 200, login.text
+        fresh = {"Authorization": f"Bearer {login.json()['access_token']}"}
+        mine = client.get("/api/v1/tasks", headers=fresh)
+        assert mine.status_code == 200 and mine.json()["total"] == 1, mine.text
+
+
 @pytest.mark.parametrize("where", ["direct", "envoy"])
 def test_users_service_over_grpc(mesh: MeshProcess, admin: Account, where: str) -> None:
     address = mesh.services["auth"] if where == "direct" else mesh.url.removeprefix("http://")

@@ -252,3 +252,23 @@ class VerifyApiKeyResponse(_message.Message):
     key_id: str
     scopes: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, user: _Optional[_Union[User, _Mapping]] = ..., key_id: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListTokenCutoffsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TokenCutoff(_message.Message):
+    __slots__ = ("user_id", "min_generation", "expires_at")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    MIN_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    min_generation: int
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, user_id: _Optional[str] = ..., min_generation: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListTokenCutoffsResponse(_message.Message):
+    __slots__ = ("cutoffs",)
+    CUTOFFS_FIELD_NUMBER: _ClassVar[int]
+    cutoffs: _containers.RepeatedCompositeFieldContainer[TokenCutoff]
+    def __init__(self, cutoffs: _Optional[_Iterable[_Union[TokenCutoff, _Mapping]]] = ...) -> None: ...

@@ -623,6 +623,11 @@ class AuthInternalServiceStub:
                 request_serializer=agentmesh_dot_v1_dot_auth__pb2.VerifyApiKeyRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_v1_dot_auth__pb2.VerifyApiKeyResponse.FromString,
                 _registered_method=True)
+        self.ListTokenCutoffs = channel.unary_unary(
+                '/agentmesh.v1.AuthInternalService/ListTokenCutoffs',
+                request_serializer=agentmesh_dot_v1_dot_auth__pb2.ListTokenCutoffsRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_auth__pb2.ListTokenCutoffsResponse.FromString,
+                _registered_method=True)
 
 
 class AuthInternalServiceServicer:
@@ -638,6 +643,16 @@ class AuthInternalServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTokenCutoffs(self, request, context):
+        """The accounts whose access tokens issued before a change (a disable, a deletion) no longer
+        hold, for the token checks of every process: each asks every few seconds
+        (AGENTMESH_TOKEN_CUTOFF_POLL_SECONDS). Only the changes of the last access-token lifetime
+        are listed, the newest 10,000 at most: older tokens have expired anyway.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthInternalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -645,6 +660,11 @@ def add_AuthInternalServiceServicer_to_server(servicer, server):
                     servicer.VerifyApiKey,
                     request_deserializer=agentmesh_dot_v1_dot_auth__pb2.VerifyApiKeyRequest.FromString,
                     response_serializer=agentmesh_dot_v1_dot_auth__pb2.VerifyApiKeyResponse.SerializeToString,
+            ),
+            'ListTokenCutoffs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokenCutoffs,
+                    request_deserializer=agentmesh_dot_v1_dot_auth__pb2.ListTokenCutoffsRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_auth__pb2.ListTokenCutoffsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -676,6 +696,33 @@ class AuthInternalService:
             '/agentmesh.v1.AuthInternalService/VerifyApiKey',
             agentmesh_dot_v1_dot_auth__pb2.VerifyApiKeyRequest.SerializeToString,
             agentmesh_dot_v1_dot_auth__pb2.VerifyApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokenCutoffs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.v1.AuthInternalService/ListTokenCutoffs',
+            agentmesh_dot_v1_dot_auth__pb2.ListTokenCutoffsRequest.SerializeToString,
+            agentmesh_dot_v1_dot_auth__pb2.ListTokenCutoffsResponse.FromString,
             options,
             channel_credentials,
             insecure,
