@@ -186,7 +186,8 @@ class TokenVerifier:
             tier=str(claims.get("tier") or ""),
         )
         generation = claims.get("gen", 0)
-        if type(generation) is not int:  # noqa: E721 - bool is an int subclass, and no generation
+        # Exactly an int: isinstance would let true and false through as 1 and 0.
+        if type(generation) is not int:  # noqa: E721
             raise AuthRequired("invalid access token")
         # PyJWT allows no leeway by default; keep the cache exactly as strict.
         return who, float(claims.get("nbf", 0)), float(claims["exp"]), generation
