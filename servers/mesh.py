@@ -357,6 +357,7 @@ def _servicers(name: str, rt: Runtime) -> tuple[Servicers, Authenticator, list[J
             access_ttl=s.access_token_ttl,
             limits=rt.limits,
             cache=cache,
+            cutoffs=rt.verifier.cutoffs,
         )
         api_keys = ApiKeys(db=rt.db, cache=cache)
 

@@ -3,21 +3,18 @@
 Admins manage everyone. Anyone else may read and edit only their own record here, and another
 user's record answers 404, as if it did not exist.
 
-Disabling or deleting an account ends its access tokens everywhere, not only here: the account's
-token generation (the tokens' `gen` claim) goes up and a cutoff is written in the same
-transaction. The token checks of this process learn it at once; those of every other process
-from AuthInternalService.ListTokenCutoffs, which they poll (servers/common/auth.py). Every
-call here also reads the caller's account afresh.
+Disabling or deleting an account, and changing its roles or tier, end its access tokens
+everywhere, not only here (servers/auth/cutoffs.py). Every call here also reads the caller's
+account afresh.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime, timedelta
 
 from servers.common.auth import TokenCutoffs
-from servers.common.clock import aware, now
+from servers.common.clock import now
 from servers.common.context import Principal
 from servers.common.db import Database
 from servers.common.errors import Conflict, NotFound, PermissionDenied, ValidationError
@@ -25,6 +22,7 @@ from servers.common.pagination import Page
 from servers.common.quotas import TIERS
 from servers.common.rbac import DEFAULT_ROLES, ROLES
 
+from .cutoffs import AccessCutoffs
 from .domain import (
     check_name,
     check_password_policy,
@@ -35,7 +33,7 @@ from .domain import (
 )
 from .models import UserRow
 from .profiles import AccountCache
-from .store import CutoffStore, RefreshTokenStore, UserStore, security_event
+from .store import RefreshTokenStore, UserStore, security_event
 
 
 def is_admin(who: Principal) -> bool:
@@ -51,12 +49,6 @@ def check_roles(roles: Sequence[str]) -> list[str]:
     return wanted
 
 
-# Cutoffs are kept, and listed, for an access token's lifetime and this much more: a process
-# whose clock runs behind the auth service's still sees a token expire before its cutoff goes.
-CUTOFF_MARGIN = timedelta(seconds=60)
-CUTOFFS_LISTED = 10_000  # at most, newest first (AuthInternalService.ListTokenCutoffs)
-
-
 class UserAdmin:
     def __init__(
         self,
@@ -68,24 +60,8 @@ class UserAdmin:
     ) -> None:
         self._db = db
         self._cache = cache
-        self._cutoff_window = timedelta(seconds=access_ttl) + CUTOFF_MARGIN
-        # The token checks of this process, told of a cutoff as soon as it commits.
-        self._cutoffs = cutoffs
-
-    def _cut_here(self, user_id: str, min_generation: int, at: datetime) -> None:
-        if self._cutoffs is not None:
-            until = (at + self._cutoff_window).timestamp()
-            self._cutoffs.note(user_id, min_generation, until)
-
-    async def recent_cutoffs(self) -> list[tuple[str, int, datetime]]:
-        """The cutoffs whose refused tokens may not have expired yet: (user id, lowest
-        generation accepted, when the last refused token expires), newest first."""
-        at = now()
-        async with self._db.session() as s:
-            rows = await CutoffStore(s).since(at - self._cutoff_window, CUTOFFS_LISTED)
-        return [
-            (r.user_id, r.min_generation, aware(r.changed_at) + self._cutoff_window) for r in rows
-        ]
+        # ``cutoffs``: the token checks of this process, told of a cutoff once it commits.
+        self.cutoffs = AccessCutoffs(db=db, access_ttl=access_ttl, here=cutoffs)
 
     async def list(self, who: Principal, page: Page) -> tuple[Sequence[UserRow], int]:
         async with self._db.session() as s:
@@ -170,23 +146,20 @@ class UserAdmin:
                 user.email = normalize_email(email)
             if name:
                 user.name = check_name(name)
-            cut = disabled is True and not user.disabled
+            cut = 0
             if disabled is not None and disabled != user.disabled:
                 user.disabled = disabled
                 if disabled:
                     await RefreshTokenStore(s).revoke_user(user_id, at)
-                    # Its access tokens end too, in every service (see the module's docstring).
-                    user.token_generation = (user.token_generation or 0) + 1
-                    await CutoffStore(s).cut(
-                        user_id, user.token_generation, at, self._cutoff_window
-                    )
+                    # Its access tokens end too, in every service.
+                    cut = await self.cutoffs.cut(s, user, at)
                 event = "security.account_disabled" if disabled else "security.account_enabled"
                 security_event(s, event, user_id, at, by=who.subject)
             user.updated_at = at
             await users.flush()
         self._cache.forget_user(user_id)
         if cut:
-            self._cut_here(user_id, user.token_generation, at)
+            self.cutoffs.committed(user_id, cut, at)
         return user
 
     async def delete(self, who: Principal, user_id: str) -> None:
@@ -200,11 +173,10 @@ class UserAdmin:
             if user is None:
                 raise NotFound("no such user", details={"user_id": user_id[:64]})
             # Every token the account was ever issued is refused.
-            generation = (user.token_generation or 0) + 1
-            await CutoffStore(s).cut(user_id, generation, at, self._cutoff_window)
+            generation = await self.cutoffs.cut(s, user, at)
             await users.delete(user)
         self._cache.forget_user(user_id)
-        self._cut_here(user_id, generation, at)
+        self.cutoffs.committed(user_id, generation, at)
 
     async def set_roles(self, who: Principal, user_id: str, roles: Sequence[str]) -> UserRow:
         wanted = check_roles(roles)
@@ -223,23 +195,24 @@ class UserAdmin:
     async def _set(self, who: Principal, user_id: str, field: str, value: object) -> UserRow:
         """Sets one of an account's access attributes (roles, tier), with its security event
         (security.roles_changed, security.tier_changed). The account's API keys follow at
-        once; its tokens at the next sign-in or refresh."""
+        once. Its access tokens, which carry the old value, end: its sessions go on at their
+        next refresh, whose token carries the new one. Setting the value it has is no change."""
+        at = now()
         async with self._db.write() as s, s.begin():
             await require_active(s, who.subject)
             user = await UserStore(s).get(user_id, lock=True)
             if user is None:
                 raise NotFound("no such user", details={"user_id": user_id[:64]})
+            if getattr(user, field) == value:
+                return user
             setattr(user, field, value)
-            user.updated_at = now()
+            user.updated_at = at
+            cut = await self.cutoffs.cut(s, user, at)
             security_event(
-                s,
-                f"security.{field}_changed",
-                user_id,
-                user.updated_at,
-                by=who.subject,
-                **{field: value},
+                s, f"security.{field}_changed", user_id, at, by=who.subject, **{field: value}
             )
         self._cache.forget_user(user_id)
+        self.cutoffs.committed(user_id, cut, at)
         return user
 
 

@@ -21,6 +21,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from servers.common.auth import TokenCutoffs
 from servers.common.clock import aware, now
 from servers.common.context import Principal
 from servers.common.db import Database, take_turn
@@ -34,6 +35,7 @@ from servers.common.ratelimit import SlidingWindowLimiter
 from servers.common.rbac import DEFAULT_ROLES, permissions_of
 from servers.common.text import invisible
 
+from .cutoffs import AccessCutoffs
 from .identifiers import account_key, canonical, login_key, trimmed
 from .keys import SigningKey
 from .models import UserRow
@@ -182,9 +184,12 @@ class Accounts:
         access_ttl: int,
         limits: LoginLimits,
         cache: AccountCache,
+        cutoffs: TokenCutoffs | None = None,
     ) -> None:
         self._db = db
         self._cache = cache
+        # ``cutoffs``: the token checks of this process, told of a cutoff once it commits.
+        self._cutoffs = AccessCutoffs(db=db, access_ttl=access_ttl, here=cutoffs)
         self._key = key
         self._issuer = issuer
         self._audience = audience
@@ -297,7 +302,10 @@ class Accounts:
         raise AuthRequired("account no longer active")
 
     async def logout(self, who: Principal, refresh_token: str = "") -> None:
+        """Ends the session of ``refresh_token``; without one, every session of the caller,
+        access tokens included."""
         at = now()
+        cut = 0
         async with self._db.write() as s, s.begin():
             tokens = RefreshTokenStore(s)
             if refresh_token:
@@ -308,7 +316,14 @@ class Accounts:
                 if row is not None:
                     await tokens.revoke_family(row.family_id, at)
             else:
+                # The account first (users before tokens, as every writer of them). One that
+                # is gone has had its tokens cut already.
+                user = await UserStore(s).get(who.subject, lock=True)
+                if user is not None:
+                    cut = await self._cutoffs.cut(s, user, at)
                 await tokens.revoke_user(who.subject, at)
+        if cut:
+            self._cutoffs.committed(who.subject, cut, at)
 
     async def me(self, who: Principal) -> UserRow:
         user = self._cache.profile(who.subject)
@@ -337,7 +352,9 @@ class Accounts:
         self._cache.forget_user(who.subject)
         return user
 
-    async def change_password(self, who: Principal, *, current: str, new: str) -> None:
+    async def change_password(self, who: Principal, *, current: str, new: str) -> IssuedTokens:
+        """Sets a new password and ends every session signed in with the old one, access
+        tokens included; the caller goes on with the new session this returns."""
         check_password_policy(new)
         user = await self.me(who)
         # Each attempt counts against the account's login limit, before the check, so a stolen
@@ -361,10 +378,14 @@ class Accounts:
                 raise InvalidCredentials("current password is wrong")
             fresh.password_hash = new_hash
             fresh.updated_at = at
-            # Every session signed in with the old password ends at its next refresh.
+            # Whoever signed in with the old password (or stole a token) is out, everywhere.
             await RefreshTokenStore(s).revoke_user(who.subject, at)
+            cut = await self._cutoffs.cut(s, fresh, at)
             security_event(s, "security.password_changed", who.subject, at)
+            issued = await self._issue(s, fresh, at, family_id=str(uuid.uuid4()))
         self._cache.forget_user(who.subject)
+        self._cutoffs.committed(who.subject, cut, at)
+        return issued
 
     async def _issue(
         self, session: AsyncSession, user: UserRow, at: datetime, *, family_id: str

@@ -134,10 +134,16 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
     async def ChangePassword(
         self, request: auth_pb2.ChangePasswordRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.ChangePasswordResponse:
-        await self._accounts.change_password(
+        issued = await self._accounts.change_password(
             require_principal(), current=request.current_password, new=request.new_password
         )
-        return auth_pb2.ChangePasswordResponse(message="Password changed successfully")
+        return auth_pb2.ChangePasswordResponse(
+            message="Password changed successfully",
+            access_token=issued.access_token,
+            refresh_token=issued.refresh_token,
+            token_type="bearer",
+            expires_in=issued.expires_in,
+        )
 
     async def ValidateToken(
         self, request: auth_pb2.ValidateTokenRequest, context: grpc.aio.ServicerContext
@@ -258,7 +264,7 @@ class AuthInternalService(auth_pb2_grpc.AuthInternalServiceServicer):
                 auth_pb2.TokenCutoff(
                     user_id=user_id, min_generation=generation, expires_at=timestamp(until)
                 )
-                for user_id, generation, until in await self._admin.recent_cutoffs()
+                for user_id, generation, until in await self._admin.cutoffs.recent()
             ]
         )
 

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from servers.auth.admin import CUTOFF_MARGIN, UserAdmin
+from servers.auth.admin import UserAdmin
+from servers.auth.cutoffs import CUTOFF_MARGIN
+from servers.auth.domain import Accounts
 from servers.auth.keys import SigningKey
 from servers.auth.profiles import AccountCache
 from servers.auth.store import CutoffStore
@@ -18,7 +20,7 @@ from servers.common.auth import TokenCutoffs, TokenVerifier
 from servers.common.clock import now
 from servers.common.context import Principal
 from servers.common.errors import AuthRequired
-from tests.auth.test_races import PASSWORD, Auth
+from tests.auth.test_races import PASSWORD, Auth, lifted_limits
 from tests.auth.test_races import auth as auth  # noqa: F401 - the fixture, on each database
 
 TTL = 900  # build_auth's access-token lifetime
@@ -39,10 +41,18 @@ def _verifier(tmp_path: Path, cutoffs: TokenCutoffs) -> TokenVerifier:
     return verifier
 
 
+def _refused(verifier: TokenVerifier, token: str) -> bool:
+    try:
+        verifier.verify(token)
+    except AuthRequired:
+        return True
+    return False
+
+
 async def _noted(admin: UserAdmin) -> TokenCutoffs:
     """The cutoffs as a process that has just started learns them (ListTokenCutoffs)."""
     cutoffs = TokenCutoffs()
-    for user_id, generation, until in await admin.recent_cutoffs():
+    for user_id, generation, until in await admin.cutoffs.recent():
         cutoffs.note(user_id, generation, until.timestamp())
     return cutoffs
 
@@ -62,7 +72,7 @@ async def test_a_disable_and_a_delete_are_listed_to_every_process(
     assert here.refuses(x_id, 0) and here.refuses(y_id, 0)
 
     # Another process, or this one restarted: it learns them from the database.
-    listed = await UserAdmin(db=auth.db, cache=AccountCache(), access_ttl=TTL).recent_cutoffs()
+    listed = await UserAdmin(db=auth.db, cache=AccountCache(), access_ttl=TTL).cutoffs.recent()
     assert {(u, g) for u, g, _ in listed} == {(x_id, 1), (y_id, 1)}
     for _, _, until in listed:
         left = until - now()
@@ -93,10 +103,67 @@ async def test_cutoffs_go_once_their_tokens_have_expired(auth: Auth) -> None:
         store = CutoffStore(s)
         await store.cut("old", 1, at - window - timedelta(seconds=5), window)
         await store.cut("recent", 1, at - window + timedelta(seconds=30), window)
-    assert [u for u, _, _ in await admin.recent_cutoffs()] == ["recent"]
+    assert [u for u, _, _ in await admin.cutoffs.recent()] == ["recent"]
     async with auth.db.write() as s, s.begin():
         await CutoffStore(s).cut("new", 2, at, window)  # a write forgets the expired ones
     async with auth.db.session() as s:
         kept = await CutoffStore(s).since(at - window * 10, 100)
     assert sorted(r.user_id for r in kept) == ["new", "recent"]
-    assert time.time() < (await admin.recent_cutoffs())[0][2].timestamp()
+    assert time.time() < (await admin.cutoffs.recent())[0][2].timestamp()
+
+
+async def test_every_change_that_ends_sessions_cuts_the_access_tokens(
+    auth: Auth, tmp_path: Path
+) -> None:
+    """A password change, a sign-out of every session and a change of roles or tier refuse the
+    account's access tokens in every process, as a disable does; setting what the account
+    already has refuses nothing."""
+    admin_id, _ = await _signed_up(auth, "root")
+    acting = Principal(subject=admin_id, kind="user", roles=("admin", "user"))
+    admin = UserAdmin(db=auth.db, cache=AccountCache(), access_ttl=TTL)
+    changes = {
+        "password": lambda who: auth.accounts.change_password(
+            who, current=PASSWORD, new="new-pass-456"
+        ),
+        "logout": lambda who: auth.accounts.logout(who),
+        "roles": lambda who: admin.set_roles(acting, who.subject, ["viewer"]),
+        "tier": lambda who: admin.set_tier(acting, who.subject, "free"),
+    }
+    before: dict[str, str] = {}
+    for name, change in changes.items():
+        user_id, token = await _signed_up(auth, name)
+        before[name] = token
+        await change(Principal(subject=user_id, kind="user", roles=("user",)))
+    # Setting the roles or the tier an account has is no change.
+    same_id, same_token = await _signed_up(auth, "same")
+    await admin.set_roles(acting, same_id, ["user"])
+    await admin.set_tier(acting, same_id, "")
+
+    elsewhere = _verifier(tmp_path, await _noted(admin))
+    assert [name for name, token in before.items() if not _refused(elsewhere, token)] == []
+    assert elsewhere.verify(same_token).subject == same_id
+
+
+async def test_a_password_change_hands_the_caller_a_new_session(auth: Auth, tmp_path: Path) -> None:
+    here = TokenCutoffs()  # the checks of the process that serves the change, as the mesh wires
+    limits = lifted_limits()
+    accounts = Accounts(
+        db=auth.db,
+        key=SigningKey.load_or_create(tmp_path),
+        issuer="agentmesh",
+        audience="agentmesh",
+        access_ttl=TTL,
+        limits=limits,
+        cache=AccountCache(),
+        cutoffs=here,
+    )
+    user_id, old = await _signed_up(auth, "carol")
+    who = Principal(subject=user_id, kind="user", roles=("user",))
+    issued = await accounts.change_password(who, current=PASSWORD, new="new-pass-456")
+    verifier = _verifier(tmp_path, here)  # told at once, before any poll
+    with pytest.raises(AuthRequired):
+        verifier.verify(old)
+    assert verifier.verify(issued.access_token).subject == user_id
+    renewed = await accounts.refresh(issued.refresh_token)
+    assert verifier.verify(renewed.access_token).subject == user_id
+    await limits.close()

@@ -176,7 +176,7 @@ async def test_two_password_changes_from_the_same_password_one_wins(auth: Auth) 
         return_exceptions=True,
     )
     assert sum(isinstance(r, InvalidCredentials) for r in results) == 1
-    winner = NEW_PASSWORD if results[0] is None else "third-pass-789"
+    winner = "third-pass-789" if isinstance(results[0], InvalidCredentials) else NEW_PASSWORD
     signed_in = await auth.accounts.login(
         login="ada@example.com", password=winner, client="127.0.0.1"
     )

@@ -13,7 +13,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -348,6 +348,8 @@ def test_security_events_reach_the_account_they_concern(mesh: MeshProcess) -> No
             headers=owner.headers,
         )
         assert changed.status_code in (200, 204), changed.text
+        # The change ended the old session; the reply holds the new one.
+        owner = replace(owner, password="another-pass-42", token=changed.json()["access_token"])
         events = wait_for_events(client, owner, 3, patterns="security.*")
         assert [e["event_type"] for e in events] == [
             "security.api_key_created",

@@ -158,9 +158,10 @@ def test_an_admin_puts_an_account_in_a_tier(mesh: MeshProcess, client: httpx.Cli
     put = set_tier("free")
     assert put.status_code == 200 and put.json()["tier"] == "free", put.text
     # The key follows at once: seed 000's free tier, FREE calls an hour, replaces the general
-    # quota. The token keeps the tier it was issued with until the next sign-in.
+    # quota. The token, which carries the old tier, is refused: the next sign-in (or refresh)
+    # carries the new one.
     assert _remaining(client.get("/api/v1/tasks", headers=key), FREE, 3600) == FREE - 1
-    assert _remaining(client.get("/api/v1/auth/me", headers=ada.headers), GENERAL) == GENERAL - 2
+    assert_envelope(client.get("/api/v1/auth/me", headers=ada.headers), 401, "AUTH_REQUIRED")
     ada = relogin(client, ada)
     assert _remaining(client.get("/api/v1/auth/me", headers=ada.headers), FREE, 3600) == FREE - 2
     assert _remaining(client.get("/api/v1/auth/me", headers=ada.headers), FREE, 3600) == 0

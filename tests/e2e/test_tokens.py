@@ -29,6 +29,23 @@ def _claims(access_token: str) -> dict[str, object]:
     return dict(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
 
 
+def _bearer(access_token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {access_token}"}
+
+
+def _me(url: str, access_token: str) -> httpx.Response:
+    return httpx.get(url + "/api/v1/auth/me", headers=_bearer(access_token))
+
+
+def _assert_ended(url: str, access_token: str) -> None:
+    """The access token is refused at once by the auth service and by another one."""
+    for path in ("/api/v1/auth/me", "/api/v1/tasks"):
+        error = assert_envelope(
+            httpx.get(url + path, headers=_bearer(access_token)), 401, "AUTH_REQUIRED"
+        )
+        assert error["message"] == "account no longer active", error
+
+
 def test_refresh_rotates_and_a_replay_revokes_the_family(any_mesh: MeshProcess) -> None:
     _, first = _signup(any_mesh.url)
     second = _refresh(any_mesh.url, str(first["refresh_token"]))
@@ -106,9 +123,16 @@ def test_logout_revokes_refresh_tokens(mesh: MeshProcess) -> None:
     assert_envelope(_refresh(mesh.url, str(tokens["refresh_token"])), 401, "AUTH_REQUIRED")
     alive = _refresh(mesh.url, second["refresh_token"])
     assert alive.status_code == 200
-    # Logging out without a token ends every session.
-    httpx.post(mesh.url + "/api/v1/auth/logout", json={}, headers=auth)
+    # The first session's access token lives on until it expires (one session's logout cannot
+    # reach it)...
+    assert _me(mesh.url, str(tokens["access_token"])).status_code == 200
+    # ...but logging out without a refresh token ends every session, access tokens included,
+    # in every service.
+    everything = httpx.post(mesh.url + "/api/v1/auth/logout", json={}, headers=auth)
+    assert everything.status_code == 200, everything.text
     assert_envelope(_refresh(mesh.url, alive.json()["refresh_token"]), 401, "AUTH_REQUIRED")
+    for access in (tokens["access_token"], second["access_token"]):
+        _assert_ended(mesh.url, str(access))
 
 
 def test_change_password(mesh: MeshProcess) -> None:
@@ -131,9 +155,22 @@ def test_change_password(mesh: MeshProcess) -> None:
         json={"current_password": user["password"], "new_password": "brand-new-pass-1"},
         headers=auth,
     )
-    assert ok.status_code == 200 and ok.json() == {"message": "Password changed successfully"}
-    # Sessions signed in with the old password end; the new password signs in.
+    assert ok.status_code == 200, ok.text
+    changed = ok.json()
+    assert changed["message"] == "Password changed successfully"
+    assert changed["token_type"] == "bearer"
+    assert changed["expires_in"] == tokens["expires_in"]
+    # Every session from before ends, access tokens included, in every service...
     assert_envelope(_refresh(mesh.url, str(tokens["refresh_token"])), 401, "AUTH_REQUIRED")
+    _assert_ended(mesh.url, str(tokens["access_token"]))
+    # ...and the caller goes on with the new one.
+    me = _me(mesh.url, changed["access_token"])
+    assert me.status_code == 200 and me.json()["user"]["username"] == user["username"], me.text
+    tasks = httpx.get(mesh.url + "/api/v1/tasks", headers=_bearer(changed["access_token"]))
+    assert tasks.status_code == 200, tasks.text
+    renewed = _refresh(mesh.url, changed["refresh_token"])
+    assert renewed.status_code == 200, renewed.text
+    # The new password signs in; the old one does not.
     old = httpx.post(
         mesh.url + "/api/v1/auth/login",
         json={"username": user["username"], "password": user["password"]},

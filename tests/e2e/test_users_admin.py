@@ -409,19 +409,32 @@ def test_non_admin_sees_and_edits_only_itself(mesh: MeshProcess) -> None:
         assert_envelope(client.get(mine), 401, "AUTH_REQUIRED")
 
 
-def test_role_change_shows_at_the_next_refresh(mesh: MeshProcess, admin: Account) -> None:
+def test_a_role_change_ends_the_access_tokens_and_the_next_refresh_carries_it(
+    mesh: MeshProcess, admin: Account
+) -> None:
+    task = {"type": "echo", "description": "x"}
     with httpx.Client(base_url=mesh.url) as client:
-        x = _register(client)
+        x, bystander = _register(client), _register(client)
         assert _claims(x.token)["roles"] == ["user"]
+        assert client.post("/api/v1/tasks", json=task, headers=x.headers).status_code == 201
         changed = client.put(
             f"/api/v1/users/{x.id}/roles", json={"roles": ["viewer"]}, headers=admin.headers
         )
         assert changed.status_code == 200, changed.text
 
-        # The access token already issued keeps the roles it was signed with...
-        assert client.get("/api/v1/auth/me", headers=x.headers).status_code == 200
-        assert _claims(x.token)["roles"] == ["user"]
-        # ...and the next refresh carries the new ones.
+        # The access token signed with the old roles is refused at once, in every service: a
+        # demoted account does not keep its write access for the rest of the token's hour.
+        for reply in (
+            client.post("/api/v1/tasks", json=task, headers=x.headers),
+            client.get("/api/v1/tasks", headers=x.headers),
+            client.get("/api/v1/auth/me", headers=x.headers),
+        ):
+            error = assert_envelope(reply, 401, "AUTH_REQUIRED")
+            assert error["message"] == "account no longer active", error
+        # Nobody else's.
+        assert client.get("/api/v1/tasks", headers=bystander.headers).status_code == 200
+
+        # The session goes on at its next refresh, which carries the new roles.
         refreshed = client.post("/api/v1/auth/refresh", json={"refresh_token": x.refresh_token})
         assert refreshed.status_code == 200, refreshed.text
         claims = _claims(refreshed.json()["access_token"])
@@ -429,12 +442,20 @@ def test_role_change_shows_at_the_next_refresh(mesh: MeshProcess, admin: Account
         assert claims["sub"] == x.id
         assert claims["permissions"] == ["read"]
         assert refreshed.json()["user"]["roles"] == ["viewer"]
-
-        # A viewer may not run tasks with the new token (the old one still says "user").
-        task = {"type": "echo", "description": "x"}
         new_headers = {"Authorization": f"Bearer {refreshed.json()['access_token']}"}
-        reply = client.post("/api/v1/tasks", json=task, headers=new_headers)
-        assert_envelope(reply, 403, "INSUFFICIENT_PERMISSIONS")
+        assert_envelope(
+            client.post("/api/v1/tasks", json=task, headers=new_headers),
+            403,
+            "INSUFFICIENT_PERMISSIONS",
+        )
+        assert client.get("/api/v1/tasks", headers=new_headers).json()["total"] == 1
+
+        # Setting the roles the account already has changes nothing: its token goes on.
+        same = client.put(
+            f"/api/v1/users/{x.id}/roles", json={"roles": ["viewer"]}, headers=admin.headers
+        )
+        assert same.status_code == 200, same.text
+        assert client.get("/api/v1/tasks", headers=new_headers).status_code == 200
 
 
 def test_disabled_user_cannot_refresh_or_sign_in(any_mesh: MeshProcess, any_admin: Account) -> None:

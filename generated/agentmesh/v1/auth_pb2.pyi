@@ -116,10 +116,18 @@ class ChangePasswordRequest(_message.Message):
     def __init__(self, current_password: _Optional[str] = ..., new_password: _Optional[str] = ...) -> None: ...
 
 class ChangePasswordResponse(_message.Message):
-    __slots__ = ("message",)
+    __slots__ = ("message", "access_token", "refresh_token", "token_type", "expires_in")
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_TYPE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_FIELD_NUMBER: _ClassVar[int]
     message: str
-    def __init__(self, message: _Optional[str] = ...) -> None: ...
+    access_token: str
+    refresh_token: str
+    token_type: str
+    expires_in: int
+    def __init__(self, message: _Optional[str] = ..., access_token: _Optional[str] = ..., refresh_token: _Optional[str] = ..., token_type: _Optional[str] = ..., expires_in: _Optional[int] = ...) -> None: ...
 
 class ValidateTokenRequest(_message.Message):
     __slots__ = ()

@@ -134,8 +134,9 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Logout(self, request, context):
-        """Revokes the family of the given refresh token, or every refresh token of the caller when
-        none is given. Needs a user's access token (not an API key).
+        """Revokes the family of the given refresh token. When none is given, ends every session of the
+        caller: its refresh tokens are revoked and its access tokens, this call's included, refused
+        in every service. Needs a user's access token (not an API key).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -156,7 +157,9 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ChangePassword(self, request, context):
-        """Changes the caller's password and revokes its refresh tokens. 401 INVALID_CREDENTIALS when
+        """Changes the caller's password and ends every session of the account: its refresh tokens are
+        revoked and its access tokens refused in every service (as after a disable). The caller
+        goes on with the new session in the response. 401 INVALID_CREDENTIALS when
         the current password is wrong; 400 VALIDATION_ERROR for a weak new one; 429
         RATE_LIMIT_EXCEEDED past the account's login limit, which every attempt counts against. Needs
         a user's access token (not an API key).

@@ -120,7 +120,9 @@ class UsersServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetUserRoles(self, request, context):
-        """Replaces a user's roles; takes effect at the user's next token refresh.
+        """Replaces a user's roles, at once: its API keys follow, and its access tokens, which carry
+        the old roles, are refused in every service (401 AUTH_REQUIRED); its sessions go on at
+        their next refresh, with the new roles. Setting the roles it has changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,8 +130,8 @@ class UsersServiceServicer:
 
     def SetUserTier(self, request, context):
         """Sets a user's quota tier (seed 000's free, pro or enterprise; empty: the mesh's default).
-        Its API keys follow at once, its tokens at the next sign-in or refresh. 400
-        VALIDATION_ERROR for another tier.
+        It takes effect at once, as for roles (SetUserRoles). 400 VALIDATION_ERROR for another
+        tier.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
