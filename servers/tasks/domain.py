@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from servers.common.clock import now
+from servers.common.clock import aware, now
 from servers.common.config import TASK_TIMEOUT_DEFAULT, TASK_TIMEOUT_MAX
 from servers.common.context import Principal, add_cost
 from servers.common.db import Database
@@ -100,6 +100,24 @@ def priority_label(priority: int) -> str:
     if priority <= 6:
         return "medium"
     return "high" if priority <= 8 else "critical"
+
+
+def estimated_completion(task: TaskRow) -> datetime | None:
+    """When a running task will end, at the pace of its attempt so far: the time from its lease
+    to its latest progress report, carried on to 100 percent. Never past its time limit, when
+    it ends either way. None before a report between 1 and 99 percent (nothing to go by), and
+    for a task that is not running. Read from what is stored, so every read agrees."""
+    if task.status != "running" or not 0 < task.progress < 100:
+        return None
+    begun = task.leased_at or task.started_at
+    if begun is None:
+        return None
+    begun = aware(begun)
+    # While a task runs, updated_at is its latest progress report (renewals leave it).
+    estimate = begun + (aware(task.updated_at) - begun) * (100 / task.progress)
+    if task.timeout_seconds > 0 and task.leased_at is not None:
+        estimate = min(estimate, aware(task.leased_at) + timedelta(seconds=task.timeout_seconds))
+    return estimate
 
 
 @dataclass(frozen=True, kw_only=True)

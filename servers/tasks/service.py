@@ -24,7 +24,7 @@ from servers.common.pagination import page
 from servers.common.protos import as_json, struct
 
 from .dispatch import Dispatch, Lost
-from .domain import NewTask, Tasks, priority_label
+from .domain import NewTask, Tasks, estimated_completion, priority_label
 from .models import TaskRow
 
 log = logging.getLogger("agentmesh.tasks")
@@ -61,6 +61,7 @@ def task_proto(task: TaskRow) -> tasks_pb2.Task:
         started_at=timestamp(task.started_at),
         completed_at=timestamp(task.completed_at),
         cancelled_at=timestamp(task.cancelled_at),
+        estimated_completion=timestamp(estimated_completion(task)),
     )
 
 

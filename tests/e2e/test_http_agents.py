@@ -9,7 +9,9 @@ import contextlib
 import json
 import secrets
 import sqlite3
+import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +194,10 @@ class HttpAgent:
         await self.client.aclose()
 
 
+def _epoch(rfc3339: str) -> float:
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
 @contextlib.asynccontextmanager
 async def http_agent(url: str, key: str) -> Any:
     agent = HttpAgent(url, key)
@@ -236,15 +242,24 @@ async def test_an_http_agent_does_the_work(
         assert again["status"] == 200 and again["agent"]["agent_id"] == agent.agent_id
 
         stream = await agent.stream()
+        sent = time.time()
         task = dev.create(type=kind, description="bonjour", metadata={"to": "de"})
         assignment = await stream.next("assignment")
         assert assignment["task"]["task_id"] == task["task_id"]
         assert assignment["task"]["metadata"] == {"to": "de"} and assignment["attempt"] == 1
         assert dev.agent(agent.agent_id)["status"] == "active"
+        # Nothing to estimate from before the agent reports progress.
+        assert "estimated_completion" not in dev.task(task["task_id"])
 
+        await asyncio.sleep(1.0)
         reply = await agent.progress(assignment, 40)
+        reported = time.time()
         assert reply.status_code == 200, reply.text
-        assert dev.task(task["task_id"])["status"] == "running"
+        running = dev.task(task["task_id"])
+        assert running["status"] == "running"
+        # 40 percent took the second or so since the lease: the rest, 1.5 times that, is to come.
+        ahead = _epoch(running["estimated_completion"]) - _epoch(running["started_at"])
+        assert 1.5 <= ahead <= 1.5 * (reported - sent) + 0.01, running
         beat = await agent.heartbeat([task["task_id"], "not-a-task"])
         assert beat.status_code == 200, beat.text
         assert beat.json()["renewed_task_ids"] == [task["task_id"]]
@@ -258,6 +273,7 @@ async def test_an_http_agent_does_the_work(
         assert (await agent.complete(assignment, result={"text": "hallo"})).json() == done.json()
         finished = dev.task(task["task_id"])
         assert finished["status"] == "completed" and finished["result"] == {"text": "hallo"}
+        assert "estimated_completion" not in finished
         assert finished["assigned_agent"] == agent.agent_id
         seen = dev.agent(agent.agent_id)
         assert seen["status"] == "idle" and seen["health"]["status"] == "healthy"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -19,7 +19,7 @@ from servers.common.pagination import Page
 from servers.mesh import MIGRATIONS
 from servers.tasks import domain
 from servers.tasks.dispatch import Dispatch
-from servers.tasks.domain import NewTask, Tasks
+from servers.tasks.domain import NewTask, Tasks, estimated_completion
 from servers.tasks.models import OutboxRow, TaskRow
 
 ALICE = Principal(subject="alice", kind="user", roles=("user",))
@@ -349,3 +349,24 @@ async def test_a_user_holds_a_bounded_number_of_unfinished_tasks(database_url: s
         assert await _count(db, TaskRow, TaskRow.owner_id == "alice") == 4
     finally:
         await db.close()
+
+
+def test_the_estimated_completion_follows_the_attempts_pace_within_its_time_limit() -> None:
+    leased = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    task = TaskRow(
+        status="running",
+        progress=25,
+        leased_at=leased,
+        started_at=leased + timedelta(seconds=2),
+        updated_at=leased + timedelta(seconds=10),
+        timeout_seconds=0,
+    )
+    # A quarter in 10 s: done 40 s after the lease.
+    assert estimated_completion(task) == leased + timedelta(seconds=40)
+    # The time limit ends it first.
+    task.timeout_seconds = 30
+    assert estimated_completion(task) == leased + timedelta(seconds=30)
+    # Nothing to go by, or nothing to come.
+    for status, progress in (("running", 0), ("running", 100), ("assigned", 50), ("queued", 50)):
+        task.status, task.progress = status, progress
+        assert estimated_completion(task) is None, (status, progress)
