@@ -32,6 +32,8 @@ log = logging.getLogger("agentmesh.auth")
 ALGORITHMS = ["ES256"]
 INTERNAL_HEADER = "x-agentmesh-internal"
 CALL_TIMEOUT = 2.0
+# The refusal of a token a change to its account ended (a disable, a new password, new roles...).
+TOKEN_ENDED = "token ended by a change to the account; refresh it or sign in again"
 
 
 class TokenCutoffs:
@@ -147,10 +149,10 @@ class TokenVerifier:
         return self._current(who, generation)
 
     def _current(self, who: Principal, generation: int) -> Principal:
-        """The token's principal, unless its account was disabled or deleted after it was
-        issued (the auth service's own RPCs answer the same)."""
+        """The token's principal, unless a change to its account ended it after it was issued
+        (servers/auth/cutoffs.py)."""
         if self.cutoffs.refuses(who.subject, generation):
-            raise AuthRequired("account no longer active")
+            raise AuthRequired(TOKEN_ENDED)
         return who
 
     def _verify(self, token: str) -> tuple[Principal, float, float, int]:

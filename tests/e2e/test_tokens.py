@@ -9,6 +9,7 @@ import json
 import httpx
 import pytest
 
+from servers.common.auth import TOKEN_ENDED
 from servers.launcher import MeshProcess
 from tests.helpers import assert_envelope, new_user
 
@@ -43,7 +44,7 @@ def _assert_ended(url: str, access_token: str) -> None:
         error = assert_envelope(
             httpx.get(url + path, headers=_bearer(access_token)), 401, "AUTH_REQUIRED"
         )
-        assert error["message"] == "account no longer active", error
+        assert error["message"] == TOKEN_ENDED, error
 
 
 def test_refresh_rotates_and_a_replay_revokes_the_family(any_mesh: MeshProcess) -> None:

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from agentmesh.v1 import users_pb2, users_pb2_grpc
+from servers.common.auth import TOKEN_ENDED
 from servers.launcher import MeshProcess
 from tests.helpers import assert_envelope, error_reason, grant_role, new_user
 
@@ -430,7 +431,7 @@ def test_a_role_change_ends_the_access_tokens_and_the_next_refresh_carries_it(
             client.get("/api/v1/auth/me", headers=x.headers),
         ):
             error = assert_envelope(reply, 401, "AUTH_REQUIRED")
-            assert error["message"] == "account no longer active", error
+            assert error["message"] == TOKEN_ENDED, error
         # Nobody else's.
         assert client.get("/api/v1/tasks", headers=bystander.headers).status_code == 200
 
