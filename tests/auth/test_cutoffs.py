@@ -1,6 +1,7 @@
-"""Token cutoffs on each database: disabling or deleting an account raises its token
-generation and writes a cutoff, which outlives the process (a restarted one lists it) and the
-account (a deleted one's stays), and is forgotten once every token it refuses has expired."""
+"""Token cutoffs on each database: disabling or deleting an account (and changing its password,
+signing out everywhere, changing its roles or tier) raises its token generation and writes a
+cutoff, which outlives the process (a restarted one lists it) and the account (a deleted one's
+stays), and is forgotten once every token it refuses has expired."""
 
 from __future__ import annotations
 
