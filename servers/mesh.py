@@ -232,9 +232,9 @@ class Runtime:
         return channel
 
     def follow_token_cutoffs(self) -> None:
-        """Keeps the process's token checks told of disabled and deleted accounts (see
-        servers/auth/admin.py), from the auth service, in place when it runs here. Started once
-        the process's servers have their addresses."""
+        """Keeps the process's token checks told of the tokens that changes to their accounts
+        ended (servers/auth/cutoffs.py), from the auth service, in place when it runs here.
+        Started once the process's servers have their addresses."""
         channel = self.internal_channel("auth")
 
         async def fetch() -> list[tuple[str, int, float]]:

@@ -164,7 +164,7 @@ async def _within_limit(
 async def require_active(session: AsyncSession, user_id: str, *, lock: bool = False) -> UserRow:
     """The caller's own account, read afresh (``lock``: as UserStore.get); AuthRequired when it
     is disabled or gone. Run by the RPCs that manage credentials or accounts: they read the
-    account afresh, besides the token checks' cutoffs (servers/auth/admin.py)."""
+    account afresh, besides the token checks' cutoffs (servers/auth/cutoffs.py)."""
     user = await UserStore(session).get(user_id, lock=lock)
     if user is None or user.disabled:
         raise AuthRequired("account no longer active")

@@ -55,7 +55,8 @@ class RefreshTokenRow(Base):
 
 class TokenCutoffRow(Base):
     """An account whose access tokens below a generation are refused in every process
-    (AuthInternalService.ListTokenCutoffs): written when it is disabled or deleted, kept for
+    (AuthInternalService.ListTokenCutoffs): written by each change that ends them
+    (servers/auth/cutoffs.py), kept for
     one access-token lifetime, after which those tokens have expired anyway. No foreign key:
     the cutoff of a deleted account outlives it."""
 

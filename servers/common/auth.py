@@ -40,7 +40,8 @@ class TokenCutoffs:
     """The accounts whose older access tokens are refused in this process: by user id, the
     lowest token generation (the `gen` claim, 0 when absent) still accepted and until when
     (epoch s) that matters. Filled from the auth service (AuthInternalService.ListTokenCutoffs,
-    polled by ``follow_cutoffs``) and, in the process that disables an account, at once."""
+    polled by ``follow_cutoffs``) and, in the process that made the change that ended them
+    (servers/auth/cutoffs.py), at once."""
 
     def __init__(self) -> None:
         self._by_user: dict[str, tuple[int, float]] = {}
@@ -69,9 +70,10 @@ CUTOFF_RETRY_SECONDS = 1.0  # the pause after a failed fetch, when the interval 
 
 async def follow_cutoffs(cutoffs: TokenCutoffs, fetch: CutoffFetch, every: float) -> None:
     """Runs for the life of the process: notes the auth service's cutoffs every ``every``
-    seconds, so that a token of an account disabled through any process is refused here within
-    that time. While the auth service does not answer, what is known stays (a warning says so
-    once), and nothing else changes: tokens are still checked on their own."""
+    seconds, so that a token ended by a change made through any process (a disable, a new
+    password, new roles...) is refused here within that time. While the auth service does not
+    answer, what is known stays (a warning says so once), and nothing else changes: tokens are
+    still checked on their own."""
     failing = False
     while True:
         try:
