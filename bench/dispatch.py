@@ -113,6 +113,8 @@ class _Tally:
     errors: int = 0
     first_error: str = ""
     reassigned: int = 0
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds by part, when metered
+    cpu_wall: float = 0.0  # over this many seconds
 
     def fail(self, message: str) -> None:
         self.errors += 1
@@ -204,6 +206,63 @@ def _check_alive(procs: list[subprocess.Popen[bytes]], logs: Path, what: str) ->
     for proc in procs:
         if proc.poll() is not None:
             raise RuntimeError(f"a {what} exited with {proc.returncode}:\n{_log_tail(logs)}")
+
+
+# --- CPU time, by part of a system ---
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """The user and system CPU time a process has used so far, read from /proc (Linux); None
+    when it has gone or there is no /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (the mesh's Envoy), from /proc; none without it."""
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(entry.path, "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+class _Meter:
+    """The CPU time each part of a system (its processes, by name) uses over a phase; the part
+    "client" is this process, the load generator. A part one of whose processes could not be
+    read at both ends is left out, rather than counted short."""
+
+    def __init__(self, parts: Mapping[str, Sequence[int]]) -> None:
+        self._parts = {name: list(pids) for name, pids in parts.items()}
+        self._start: dict[str, float] = {}
+        self._began = 0.0
+
+    def _read(self) -> dict[str, float]:
+        seconds = {"client": time.process_time()}
+        for name, pids in self._parts.items():
+            each = [_cpu_seconds(pid) for pid in pids]
+            if pids and all(value is not None for value in each):
+                seconds[name] = sum(value for value in each if value is not None)
+        return seconds
+
+    def start(self) -> None:
+        self._start, self._began = self._read(), time.monotonic()
+
+    def stop(self) -> tuple[dict[str, float], float]:
+        """CPU seconds by part since start(), and the seconds that passed."""
+        end = self._read()
+        used = {name: end[name] - self._start[name] for name in end if name in self._start}
+        return used, time.monotonic() - self._began
 
 
 def _this_module(*args: str) -> list[str]:
@@ -376,8 +435,11 @@ async def _collect_agentmesh(records: _Records, mark: int, tally: _Tally) -> Non
 Fill = Callable[[Create, _Tally], Awaitable[None]]
 
 
-async def _agentmesh_phase(stub: Any, token: str, records: _Records, fill: Fill) -> _Tally:
-    """Creates tasks with `fill`, waits until as many have completed, and reads the outcome."""
+async def _agentmesh_phase(
+    stub: Any, token: str, records: _Records, fill: Fill, meter: _Meter | None = None
+) -> _Tally:
+    """Creates tasks with `fill`, waits until as many have completed, and reads the outcome;
+    with a `meter`, the CPU time used from the first create until then."""
     tally = _Tally()
     mark = await _outbox_mark(records)
     auth = (("authorization", f"Bearer {token}"),)
@@ -400,6 +462,8 @@ async def _agentmesh_phase(stub: Any, token: str, records: _Records, fill: Fill)
         tally.create_seconds = time.time() - first_sent
         return str(task.task_id)
 
+    if meter:
+        meter.start()
     await fill(create, tally)
     deadline = time.monotonic() + _phase_timeout(len(tally.sent))
     query = "SELECT count(*) FROM tasks_outbox WHERE id > ? AND event_type = 'task.completed'"
@@ -408,12 +472,14 @@ async def _agentmesh_phase(stub: Any, token: str, records: _Records, fill: Fill)
         if int(count) >= len(tally.sent):
             break
         await asyncio.sleep(POLL_SECONDS)
+    if meter:
+        tally.cpu, tally.cpu_wall = meter.stop()
     await _collect_agentmesh(records, mark, tally)
     return tally
 
 
 async def _drive_agentmesh(
-    mesh: MeshProcess, token: str, settings: Settings, tasks: int, postgres: str
+    mesh: MeshProcess, token: str, settings: Settings, tasks: int, postgres: str, meter: _Meter
 ) -> dict[str, _Tally]:
     if postgres:
         import asyncpg
@@ -426,9 +492,13 @@ async def _drive_agentmesh(
         async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
             stub = tasks_pb2_grpc.TasksServiceStub(channel)
 
-            async def burst_of(count: int) -> _Tally:
+            async def burst_of(count: int, metered: _Meter | None = None) -> _Tally:
                 return await _agentmesh_phase(
-                    stub, token, records, lambda c, t: _burst(c, count, settings.concurrency, t)
+                    stub,
+                    token,
+                    records,
+                    lambda c, t: _burst(c, count, settings.concurrency, t),
+                    metered,
                 )
 
             async def finished(task_id: str) -> bool:
@@ -438,7 +508,7 @@ async def _drive_agentmesh(
                 return bool(rows) and rows[0][0] in FINISHED
 
             warm = await burst_of(settings.warmup) if settings.warmup else _Tally()
-            burst = await burst_of(tasks)
+            burst = await burst_of(tasks, meter)
             serial = await _agentmesh_phase(
                 stub, token, records, lambda c, t: _serial(c, finished, settings.seconds, t)
             )
@@ -492,7 +562,17 @@ def _run_agentmesh(settings: Settings, agents: int, tasks: int, tmp: Path) -> di
             # The agents read their key only from the environment, never from argv.
             with _processes(commands, logs, {"AGENTMESH_API_KEY": key}) as procs:
                 _wait_ready(ready, agents, procs, logs)
-                tallies = asyncio.run(_drive_agentmesh(mesh, token, settings, tasks, postgres))
+                assert mesh.proc is not None
+                meter = _Meter(
+                    {
+                        "mesh": [mesh.proc.pid],
+                        "envoy": _children(mesh.proc.pid),
+                        "agents": [proc.pid for proc in procs],
+                    }
+                )
+                tallies = asyncio.run(
+                    _drive_agentmesh(mesh, token, settings, tasks, postgres, meter)
+                )
                 _check_alive(procs, logs, "agent")
                 return tallies
         finally:
@@ -552,6 +632,15 @@ def _flush_redis() -> None:
         client.flushdb()
 
 
+def _redis_pids() -> list[int]:
+    """The Redis server's process, when it runs on this machine (it says its pid)."""
+    import redis
+
+    with redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DB, socket_timeout=5) as client:
+        pid = int(client.info("server").get("process_id", 0))
+    return [pid] if pid and _cpu_seconds(pid) is not None else []
+
+
 def _wait_workers(app: Any, count: int, procs: list[subprocess.Popen[bytes]], logs: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
@@ -562,11 +651,15 @@ def _wait_workers(app: Any, count: int, procs: list[subprocess.Popen[bytes]], lo
     raise RuntimeError(f"Celery workers not ready in {STARTUP_TIMEOUT}s:\n{_log_tail(logs)}")
 
 
-def _celery_phase(app: Any, count: int | None, seconds: float) -> _Tally:
+def _celery_phase(
+    app: Any, count: int | None, seconds: float, meter: _Meter | None = None
+) -> _Tally:
     """Sends `count` no-op tasks back to back, or with `count` None one at a time for `seconds`
     (as _serial); waits for their results in the backend, and reads each one's start (its
-    result) and end (date_done)."""
+    result) and end (date_done). With a `meter`, the CPU time used until all had finished."""
     tally = _Tally()
+    if meter:
+        meter.start()
     task, backend = app.tasks[CELERY_TASK], app.backend
     first_sent = time.time()
 
@@ -616,6 +709,8 @@ def _celery_phase(app: Any, count: int | None, seconds: float) -> _Tally:
         waiting = still
         if waiting:
             time.sleep(POLL_SECONDS)
+    if meter:
+        tally.cpu, tally.cpu_wall = meter.stop()
     for task_id in waiting:
         tally.fail(f"task {task_id}: no result in time")
     return tally
@@ -630,7 +725,8 @@ def _run_celery(settings: Settings, agents: int, tasks: int, tmp: Path) -> dict[
         with _processes(commands, logs) as procs:
             _wait_workers(app, agents, procs, logs)
             warm = _celery_phase(app, settings.warmup, 0) if settings.warmup else _Tally()
-            burst = _celery_phase(app, tasks, 0)
+            meter = _Meter({"workers": [proc.pid for proc in procs], "redis": _redis_pids()})
+            burst = _celery_phase(app, tasks, 0, meter)
             serial = _celery_phase(app, None, settings.seconds)
             _check_alive(procs, logs, "Celery worker")
         return {"warmup": warm, "burst": burst, "serial": serial}
@@ -641,6 +737,20 @@ def _run_celery(settings: Settings, agents: int, tasks: int, tmp: Path) -> dict[
 
 
 # --- the report ---
+
+
+def _cpu_note(system: str, tally: _Tally) -> str:
+    """What one completed task of a burst cost in CPU, by part, and how busy each part was."""
+    done = len(tally.ok())
+    if not tally.cpu or not done or tally.cpu_wall <= 0:
+        return f"{system}: not measured (no /proc, or no task completed)"
+    parts = sorted(tally.cpu.items(), key=lambda item: -item[1])
+    total = sum(seconds for _, seconds in parts) * 1000 / done
+    each = ", ".join(
+        f"{name} {seconds * 1000 / done:.2f} ({seconds / tally.cpu_wall:.0%})"
+        for name, seconds in parts
+    )
+    return f"{system} {total:.2f} = {each}"
 
 
 def _report(
@@ -713,6 +823,15 @@ def _report(
         + (f", {celery['burst'].create_seconds:.2f} s (Celery)" if celery else ""),
         f"mesh: {'PostgreSQL' if settings.database == 'postgres' else 'SQLite'}, in-process"
         " bus; four services in one process, Envoy its child (--database)",
+        f"CPU per completed task of the burst, in ms, by part (and the share of one core it"
+        f" used, of the {os.cpu_count()} this machine has), from the first create until all had"
+        f" completed: {_cpu_note('agentmesh', agentmesh['burst'])}"
+        + (f"; {_cpu_note('Celery', celery['burst'])}" if celery else "")
+        + (
+            "; PostgreSQL's own processes are not counted"
+            if settings.database == "postgres"
+            else ""
+        ),
     ]
     reassigned = sum(t.reassigned for t in agentmesh.values())
     if reassigned:
