@@ -54,9 +54,11 @@ from .auth.models import OutboxRow as AuthOutboxRow
 from .auth.profiles import AccountCache
 from .auth.service import AuthInternalService, AuthService, UsersService
 from .common.auth import (
+    SESSION_ID_MAX,
     ApiKeyClient,
     ApiKeyResolver,
     Authenticator,
+    KnownCutoffs,
     TokenVerifier,
     follow_cutoffs,
 )
@@ -237,16 +239,23 @@ class Runtime:
         Started once the process's servers have their addresses."""
         channel = self.internal_channel("auth")
 
-        async def fetch() -> list[tuple[str, int, float]]:
+        async def fetch() -> KnownCutoffs:
             stub = channel.stub(auth_pb2_grpc.AuthInternalServiceStub)
             reply = await stub.ListTokenCutoffs(
                 auth_pb2.ListTokenCutoffsRequest(), **channel.call_options()
             )
-            return [
-                (c.user_id, c.min_generation, c.expires_at.ToSeconds())
-                for c in reply.cutoffs
-                if 0 < len(c.user_id) <= USER_ID_MAX
-            ]
+            return KnownCutoffs(
+                accounts=[
+                    (c.user_id, c.min_generation, c.expires_at.ToSeconds())
+                    for c in reply.cutoffs
+                    if 0 < len(c.user_id) <= USER_ID_MAX
+                ],
+                sessions=[
+                    (c.session_id, c.expires_at.ToSeconds())
+                    for c in reply.sessions
+                    if 0 < len(c.session_id) <= SESSION_ID_MAX
+                ],
+            )
 
         every = self.settings.token_cutoff_poll_seconds
         job = follow_cutoffs(self.verifier.cutoffs, fetch, every)

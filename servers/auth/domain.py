@@ -289,7 +289,9 @@ class Accounts:
                 raise AuthRequired("invalid refresh token")
             if not await tokens.spend(token_hash, at):
                 # Spent before: two parties hold this token. Commit the revocation, then refuse.
+                # The session's access tokens go with it: one holder is a thief.
                 await tokens.revoke_family(row.family_id, at)
+                await self._cutoffs.end_session(s, row.user_id, row.family_id, at)
                 security_event(s, "security.refresh_token_reuse", row.user_id, at)
                 replayed = True
             elif user is not None and not user.disabled:
@@ -298,14 +300,15 @@ class Accounts:
             else:
                 await tokens.revoke_family(row.family_id, at)
         if replayed:
+            self._cutoffs.session_committed(row.family_id, at)
             raise AuthRequired("refresh token was already used", details={"revoked": "family"})
         raise AuthRequired("account no longer active")
 
     async def logout(self, who: Principal, refresh_token: str = "") -> None:
-        """Ends the session of ``refresh_token``; without one, every session of the caller,
-        access tokens included."""
+        """Ends the session of ``refresh_token``, its access tokens included; without one,
+        every session of the caller."""
         at = now()
-        cut = 0
+        cut, ended = 0, ""
         async with self._db.write() as s, s.begin():
             tokens = RefreshTokenStore(s)
             if refresh_token:
@@ -315,6 +318,8 @@ class Accounts:
                 # out" for a session left running would be a lie. Unknown tokens are a no-op.
                 if row is not None:
                     await tokens.revoke_family(row.family_id, at)
+                    await self._cutoffs.end_session(s, row.user_id, row.family_id, at)
+                    ended = row.family_id
             else:
                 # The account first (users before tokens, as every writer of them). One that
                 # is gone has had its tokens cut already.
@@ -324,6 +329,8 @@ class Accounts:
                 await tokens.revoke_user(who.subject, at)
         if cut:
             self._cutoffs.committed(who.subject, cut, at)
+        if ended:
+            self._cutoffs.session_committed(ended, at)
 
     async def me(self, who: Principal) -> UserRow:
         user = self._cache.profile(who.subject)
@@ -398,6 +405,9 @@ class Accounts:
             "tier": user.tier,
             # Tokens of an older generation are refused once the account is disabled.
             "gen": user.token_generation or 0,
+            # The session (its refresh-token family), the same through every refresh: its
+            # tokens are refused once it signs out (servers/auth/cutoffs.py).
+            "sid": family_id,
             "iat": int(at.timestamp()),
             "nbf": int(at.timestamp()),
             "exp": int(at.timestamp()) + self._access_ttl,

@@ -68,6 +68,19 @@ class TokenCutoffRow(Base):
     changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class SessionCutoffRow(Base):
+    """A session whose access tokens are refused in every process (their `sid` claim, the
+    session's refresh-token family): written when it signs out or its refresh token is
+    replayed, kept for one access-token lifetime. No foreign key, as TokenCutoffRow."""
+
+    __tablename__ = "auth_session_cutoffs"
+    __table_args__ = (Index("ix_auth_session_cutoffs_ended_at", "ended_at"),)
+
+    session_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(36))
+    ended_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class ApiKeyRow(Base):
     """An API key, by the SHA-256 of its secret (the secret is random, so a fast hash suffices)."""
 

@@ -259,13 +259,18 @@ class AuthInternalService(auth_pb2_grpc.AuthInternalServiceServicer):
     async def ListTokenCutoffs(
         self, request: auth_pb2.ListTokenCutoffsRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.ListTokenCutoffsResponse:
+        cutoffs = self._admin.cutoffs
         return auth_pb2.ListTokenCutoffsResponse(
             cutoffs=[
                 auth_pb2.TokenCutoff(
                     user_id=user_id, min_generation=generation, expires_at=timestamp(until)
                 )
-                for user_id, generation, until in await self._admin.cutoffs.recent()
-            ]
+                for user_id, generation, until in await cutoffs.recent()
+            ],
+            sessions=[
+                auth_pb2.SessionCutoff(session_id=session_id, expires_at=timestamp(until))
+                for session_id, until in await cutoffs.recent_sessions()
+            ],
         )
 
     async def VerifyApiKey(

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import Table, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from servers.common.db import InsertOrNothing
 from servers.common.errors import UserExists
 from servers.common.outbox import write_event
 
 from .identifiers import canonical
-from .models import ApiKeyRow, OutboxRow, RefreshTokenRow, TokenCutoffRow, UserRow
+from .models import (
+    ApiKeyRow,
+    OutboxRow,
+    RefreshTokenRow,
+    SessionCutoffRow,
+    TokenCutoffRow,
+    UserRow,
+)
 
 
 class UserStore:
@@ -171,6 +179,36 @@ class CutoffStore:
             select(TokenCutoffRow)
             .where(TokenCutoffRow.changed_at >= since)
             .order_by(TokenCutoffRow.changed_at.desc(), TokenCutoffRow.user_id)
+            .limit(limit)
+        )
+        return rows.scalars().all()
+
+
+_session_cutoffs = cast(Table, SessionCutoffRow.__table__)
+_END_SESSION = InsertOrNothing(
+    _session_cutoffs, conflict=["session_id"], returning=_session_cutoffs.c.session_id
+)
+
+
+class SessionCutoffStore:
+    """The sessions whose access tokens are refused (SessionCutoffRow)."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._s = session
+
+    async def end(self, session_id: str, user_id: str, at: datetime, keep: timedelta) -> None:
+        """Refuses the session's access tokens from ``at``, and forgets the ended sessions
+        older than ``keep`` (one access-token lifetime). A session ended before stays as it
+        was: it has issued no token since."""
+        await self._s.execute(delete(SessionCutoffRow).where(SessionCutoffRow.ended_at < at - keep))
+        await _END_SESSION(self._s, {"session_id": session_id, "user_id": user_id, "ended_at": at})
+
+    async def since(self, since: datetime, limit: int) -> Sequence[SessionCutoffRow]:
+        """The sessions ended since ``since``, newest first, ``limit`` at most."""
+        rows = await self._s.execute(
+            select(SessionCutoffRow)
+            .where(SessionCutoffRow.ended_at >= since)
+            .order_by(SessionCutoffRow.ended_at.desc(), SessionCutoffRow.session_id)
             .limit(limit)
         )
         return rows.scalars().all()

@@ -15,6 +15,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -34,46 +35,68 @@ INTERNAL_HEADER = "x-agentmesh-internal"
 CALL_TIMEOUT = 2.0
 # The refusal of a token a change to its account ended (a disable, a new password, new roles...).
 TOKEN_ENDED = "token ended by a change to the account; refresh it or sign in again"
+# The refusal of a token whose session ended (signed out, or its refresh token replayed).
+SESSION_ENDED = "token ended with its session (signed out); sign in again"
+SESSION_ID_MAX = 64  # the longest `sid` claim taken; the mesh's are 36 characters
 
 
 class TokenCutoffs:
-    """The accounts whose older access tokens are refused in this process: by user id, the
-    lowest token generation (the `gen` claim, 0 when absent) still accepted and until when
-    (epoch s) that matters. Filled from the auth service (AuthInternalService.ListTokenCutoffs,
-    polled by ``follow_cutoffs``) and, in the process that made the change that ended them
+    """The access tokens refused in this process. By user id, the lowest token generation (the
+    `gen` claim, 0 when absent) still accepted and until when (epoch s) that matters; and by
+    session id (the `sid` claim), the sessions that ended and until when their tokens may be
+    presented. Filled from the auth service (AuthInternalService.ListTokenCutoffs, polled by
+    ``follow_cutoffs``) and, in the process that made the change that ended them
     (servers/auth/cutoffs.py), at once."""
 
     def __init__(self) -> None:
         self._by_user: dict[str, tuple[int, float]] = {}
+        self._sessions: dict[str, float] = {}
 
     def note(self, user_id: str, min_generation: int, until: float) -> None:
         known, known_until = self._by_user.get(user_id, (0, 0.0))
         self._by_user[user_id] = (max(known, min_generation), max(known_until, until))
 
+    def end_session(self, session_id: str, until: float) -> None:
+        self._sessions[session_id] = max(self._sessions.get(session_id, 0.0), until)
+
     def refuses(self, user_id: str, generation: int) -> bool:
         entry = self._by_user.get(user_id)
         return entry is not None and generation < entry[0]
+
+    def session_ended(self, session_id: str) -> bool:
+        return bool(session_id) and session_id in self._sessions
 
     def forget_before(self, moment: float) -> None:
         """Forgets the entries whose refused tokens have all expired by ``moment``."""
         for user_id in [u for u, (_, until) in self._by_user.items() if until < moment]:
             del self._by_user[user_id]
+        for session_id in [s for s, until in self._sessions.items() if until < moment]:
+            del self._sessions[session_id]
 
     def __len__(self) -> int:
-        return len(self._by_user)
+        return len(self._by_user) + len(self._sessions)
 
 
-# The auth service's cutoffs: (user id, lowest generation accepted, until when in epoch s).
-CutoffFetch = Callable[[], Awaitable[list[tuple[str, int, float]]]]
+@dataclass(frozen=True)
+class KnownCutoffs:
+    """What one ListTokenCutoffs answers: (user id, lowest generation accepted, until when in
+    epoch s) by account, and (session id, until when) by ended session."""
+
+    accounts: list[tuple[str, int, float]] = field(default_factory=list)
+    sessions: list[tuple[str, float]] = field(default_factory=list)
+
+
+# The auth service's cutoffs.
+CutoffFetch = Callable[[], Awaitable[KnownCutoffs]]
 CUTOFF_RETRY_SECONDS = 1.0  # the pause after a failed fetch, when the interval is longer
 
 
 async def follow_cutoffs(cutoffs: TokenCutoffs, fetch: CutoffFetch, every: float) -> None:
     """Runs for the life of the process: notes the auth service's cutoffs every ``every``
     seconds, so that a token ended by a change made through any process (a disable, a new
-    password, new roles...) is refused here within that time. While the auth service does not
-    answer, what is known stays (a warning says so once), and nothing else changes: tokens are
-    still checked on their own."""
+    password, new roles, a sign-out...) is refused here within that time. While the auth
+    service does not answer, what is known stays (a warning says so once), and nothing else
+    changes: tokens are still checked on their own."""
     failing = False
     while True:
         try:
@@ -87,10 +110,23 @@ async def follow_cutoffs(cutoffs: TokenCutoffs, fetch: CutoffFetch, every: float
         if failing:
             log.info("token cutoffs are read from the auth service again")
         failing = False
-        for user_id, generation, until in entries:
+        for user_id, generation, until in entries.accounts:
             cutoffs.note(user_id, generation, until)
+        for session_id, until in entries.sessions:
+            cutoffs.end_session(session_id, until)
         cutoffs.forget_before(time.time())
         await asyncio.sleep(every)
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    """A token whose signature and claims were checked: what is checked again at each use."""
+
+    who: Principal
+    not_before: float
+    expires: float
+    generation: int  # the `gen` claim
+    session: str  # the `sid` claim, "" when absent
 
 
 class TokenVerifier:
@@ -114,7 +150,7 @@ class TokenVerifier:
         self._keys: dict[str, Any] = {}
         # A signed token cannot change, so its signature is checked once: the principal is kept
         # by token with its validity window, which is checked again on every use.
-        self._verified: OrderedDict[str, tuple[Principal, float, float, int]] = OrderedDict()
+        self._verified: OrderedDict[str, _Verified] = OrderedDict()
         self._cache_size = cache_size
         self.cutoffs = TokenCutoffs()
 
@@ -136,28 +172,29 @@ class TokenVerifier:
     def verify(self, token: str) -> Principal:
         cached = self._verified.get(token)
         if cached is not None:
-            who, not_before, expires, generation = cached
             now = time.time()
-            if now >= expires:
+            if now >= cached.expires:
                 del self._verified[token]
                 raise TokenExpired("access token has expired")
-            if now >= not_before:
+            if now >= cached.not_before:
                 self._verified.move_to_end(token)
-                return self._current(who, generation)
-        who, not_before, expires, generation = self._verify(token)
-        self._verified[token] = (who, not_before, expires, generation)
+                return self._current(cached)
+        verified = self._verify(token)
+        self._verified[token] = verified
         if len(self._verified) > self._cache_size:
             self._verified.popitem(last=False)
-        return self._current(who, generation)
+        return self._current(verified)
 
-    def _current(self, who: Principal, generation: int) -> Principal:
-        """The token's principal, unless a change to its account ended it after it was issued
-        (servers/auth/cutoffs.py)."""
-        if self.cutoffs.refuses(who.subject, generation):
+    def _current(self, token: _Verified) -> Principal:
+        """The token's principal, unless a change to its account or the end of its session
+        ended it after it was issued (servers/auth/cutoffs.py)."""
+        if self.cutoffs.refuses(token.who.subject, token.generation):
             raise AuthRequired(TOKEN_ENDED)
-        return who
+        if self.cutoffs.session_ended(token.session):
+            raise AuthRequired(SESSION_ENDED)
+        return token.who
 
-    def _verify(self, token: str) -> tuple[Principal, float, float, int]:
+    def _verify(self, token: str) -> _Verified:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
@@ -193,8 +230,15 @@ class TokenVerifier:
         # Exactly an int: isinstance would let true and false through as 1 and 0.
         if type(generation) is not int:  # noqa: E721
             raise AuthRequired("invalid access token")
+        # Tokens issued before sessions were carried have none: only their account's changes
+        # end them.
+        session = claims.get("sid", "")
+        if not isinstance(session, str) or len(session) > SESSION_ID_MAX:
+            raise AuthRequired("invalid access token")
         # PyJWT allows no leeway by default; keep the cache exactly as strict.
-        return who, float(claims.get("nbf", 0)), float(claims["exp"]), generation
+        return _Verified(
+            who, float(claims.get("nbf", 0)), float(claims["exp"]), generation, session
+        )
 
 
 def bearer_token(metadata: Mapping[str, str]) -> str | None:

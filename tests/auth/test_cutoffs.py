@@ -5,6 +5,7 @@ stays), and is forgotten once every token it refuses has expired."""
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -13,11 +14,11 @@ import pytest
 
 from servers.auth.admin import UserAdmin
 from servers.auth.cutoffs import CUTOFF_MARGIN
-from servers.auth.domain import Accounts
+from servers.auth.domain import Accounts, LoginLimits
 from servers.auth.keys import SigningKey
 from servers.auth.profiles import AccountCache
-from servers.auth.store import CutoffStore
-from servers.common.auth import TokenCutoffs, TokenVerifier
+from servers.auth.store import CutoffStore, SessionCutoffStore
+from servers.common.auth import SESSION_ENDED, TokenCutoffs, TokenVerifier
 from servers.common.clock import now
 from servers.common.context import Principal
 from servers.common.errors import AuthRequired
@@ -55,7 +56,23 @@ async def _noted(admin: UserAdmin) -> TokenCutoffs:
     cutoffs = TokenCutoffs()
     for user_id, generation, until in await admin.cutoffs.recent():
         cutoffs.note(user_id, generation, until.timestamp())
+    for session_id, until in await admin.cutoffs.recent_sessions():
+        cutoffs.end_session(session_id, until.timestamp())
     return cutoffs
+
+
+def _accounts(auth: Auth, tmp_path: Path, here: TokenCutoffs, limits: LoginLimits) -> Accounts:
+    """Accounts whose changes reach ``here`` at once, as the mesh wires its process's checks."""
+    return Accounts(
+        db=auth.db,
+        key=SigningKey.load_or_create(tmp_path),
+        issuer="agentmesh",
+        audience="agentmesh",
+        access_ttl=TTL,
+        limits=limits,
+        cache=AccountCache(),
+        cutoffs=here,
+    )
 
 
 async def test_a_disable_and_a_delete_are_listed_to_every_process(
@@ -146,18 +163,9 @@ async def test_every_change_that_ends_sessions_cuts_the_access_tokens(
 
 
 async def test_a_password_change_hands_the_caller_a_new_session(auth: Auth, tmp_path: Path) -> None:
-    here = TokenCutoffs()  # the checks of the process that serves the change, as the mesh wires
+    here = TokenCutoffs()  # the checks of the process that serves the change
     limits = lifted_limits()
-    accounts = Accounts(
-        db=auth.db,
-        key=SigningKey.load_or_create(tmp_path),
-        issuer="agentmesh",
-        audience="agentmesh",
-        access_ttl=TTL,
-        limits=limits,
-        cache=AccountCache(),
-        cutoffs=here,
-    )
+    accounts = _accounts(auth, tmp_path, here, limits)
     user_id, old = await _signed_up(auth, "carol")
     who = Principal(subject=user_id, kind="user", roles=("user",))
     issued = await accounts.change_password(who, current=PASSWORD, new="new-pass-456")
@@ -168,3 +176,88 @@ async def test_a_password_change_hands_the_caller_a_new_session(auth: Auth, tmp_
     renewed = await accounts.refresh(issued.refresh_token)
     assert verifier.verify(renewed.access_token).subject == user_id
     await limits.close()
+
+
+async def _only_the_session_ended(
+    tmp_path: Path, here: TokenCutoffs, admin: UserAdmin, ended: list[str], other: str
+) -> None:
+    """The ended session's access tokens are refused, at once in the process that ended it
+    (``here``) and in one that learns from the database; the other session's token holds."""
+    for verifier in (_verifier(tmp_path, here), _verifier(tmp_path, await _noted(admin))):
+        for token in ended:
+            with pytest.raises(AuthRequired, match=re.escape(SESSION_ENDED)):
+                verifier.verify(token)
+        verifier.verify(other)
+
+
+async def test_a_sign_out_ends_its_session_and_no_other(auth: Auth, tmp_path: Path) -> None:
+    """A logout with a refresh token refuses the access tokens of that session (its sign-in's
+    and its refreshes') at once in the process that served it and, from the database, in every
+    other; the account's other session goes on."""
+    here, limits = TokenCutoffs(), lifted_limits()
+    accounts = _accounts(auth, tmp_path, here, limits)
+    signed_up = await accounts.register(
+        email="dora@example.com", password=PASSWORD, client="127.0.0.1", username="dora"
+    )
+    renewed = await accounts.refresh(signed_up.refresh_token)
+    other = await accounts.login(login="dora", password=PASSWORD, client="127.0.0.1")
+    user_id = signed_up.user.id
+    await accounts.logout(
+        Principal(subject=user_id, kind="user", roles=("user",)), renewed.refresh_token
+    )
+
+    admin = UserAdmin(db=auth.db, cache=AccountCache(), access_ttl=TTL)
+    await _only_the_session_ended(
+        tmp_path, here, admin, [signed_up.access_token, renewed.access_token], other.access_token
+    )
+    assert await admin.cutoffs.recent() == []  # the account itself was not cut
+    ((_, until),) = await admin.cutoffs.recent_sessions()
+    assert timedelta(seconds=TTL) < until - now() <= timedelta(seconds=TTL) + CUTOFF_MARGIN
+    with pytest.raises(AuthRequired):
+        await accounts.refresh(renewed.refresh_token)
+    assert (await accounts.refresh(other.refresh_token)).user.id == user_id
+    await limits.close()
+
+
+async def test_a_replayed_refresh_token_ends_its_sessions_access_tokens(
+    auth: Auth, tmp_path: Path
+) -> None:
+    """Two parties hold the session: the thief's access tokens go with its refresh tokens."""
+    here, limits = TokenCutoffs(), lifted_limits()
+    accounts = _accounts(auth, tmp_path, here, limits)
+    signed_up = await accounts.register(
+        email="eve@example.com", password=PASSWORD, client="127.0.0.1", username="eve"
+    )
+    renewed = await accounts.refresh(signed_up.refresh_token)
+    bystander = await accounts.login(login="eve", password=PASSWORD, client="127.0.0.1")
+    with pytest.raises(AuthRequired, match="already used"):
+        await accounts.refresh(signed_up.refresh_token)
+    admin = UserAdmin(db=auth.db, cache=AccountCache(), access_ttl=TTL)
+    await _only_the_session_ended(
+        tmp_path,
+        here,
+        admin,
+        [signed_up.access_token, renewed.access_token],
+        bystander.access_token,
+    )
+    await limits.close()
+
+
+async def test_ended_sessions_go_once_their_tokens_have_expired(auth: Auth) -> None:
+    admin = UserAdmin(db=auth.db, cache=AccountCache(), access_ttl=TTL)
+    window = timedelta(seconds=TTL) + CUTOFF_MARGIN
+    at = now()
+    async with auth.db.write() as s, s.begin():
+        store = SessionCutoffStore(s)
+        await store.end("old", "u1", at - window - timedelta(seconds=5), window)
+        await store.end("recent", "u1", at - window + timedelta(seconds=30), window)
+    assert [sid for sid, _ in await admin.cutoffs.recent_sessions()] == ["recent"]
+    async with auth.db.write() as s, s.begin():
+        store = SessionCutoffStore(s)
+        await store.end("new", "u2", at, window)  # a write forgets the expired ones
+        await store.end("new", "u2", at + timedelta(seconds=9), window)  # ended already: kept
+    async with auth.db.session() as s:
+        kept = await SessionCutoffStore(s).since(at - window * 10, 100)
+    assert sorted(r.session_id for r in kept) == ["new", "recent"]
+    newest = await admin.cutoffs.recent_sessions()
+    assert newest[0][0] == "new" and newest[0][1] - at == window

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from pathlib import Path
 
 import pytest
 
 from servers.auth.keys import SigningKey
-from servers.common.auth import TokenCutoffs, TokenVerifier, follow_cutoffs
+from servers.common.auth import (
+    SESSION_ENDED,
+    SESSION_ID_MAX,
+    KnownCutoffs,
+    TokenCutoffs,
+    TokenVerifier,
+    follow_cutoffs,
+)
 from servers.common.errors import AuthRequired, TokenExpired
 from tests.attacks import AUDIENCE, ISSUER, sign
 
@@ -58,6 +66,31 @@ def test_a_cutoff_refuses_the_older_tokens_of_its_account_only(tmp_path: Path) -
         verifier.verify(older)
 
 
+def test_an_ended_session_refuses_its_tokens_only(tmp_path: Path) -> None:
+    key = SigningKey.load_or_create(tmp_path)
+    verifier = TokenVerifier(jwks=key.jwks, issuer=ISSUER, audience=AUDIENCE)
+    first = sign(key.private_key, key.kid, jti="a", sid="s1")
+    refreshed = sign(key.private_key, key.kid, jti="b", sid="s1")  # the same session, later
+    other = sign(key.private_key, key.kid, jti="c", sid="s2")  # the same account, elsewhere
+    legacy = sign(key.private_key, key.kid, jti="d")  # issued before tokens carried `sid`
+    for token in (first, refreshed, other, legacy):
+        verifier.verify(token)  # all valid, and remembered
+    verifier.cutoffs.end_session("s1", time.time() + 60)
+    for token in (first, refreshed):
+        with pytest.raises(AuthRequired, match=re.escape(SESSION_ENDED)):
+            verifier.verify(token)
+    assert verifier.verify(other).subject == "u1"
+    assert verifier.verify(legacy).subject == "u1"
+
+
+@pytest.mark.parametrize("session", [7, None, ["s1"], "s" * (SESSION_ID_MAX + 1)])
+def test_a_session_that_is_not_a_short_string_is_refused(tmp_path: Path, session: object) -> None:
+    key = SigningKey.load_or_create(tmp_path)
+    verifier = TokenVerifier(jwks=key.jwks, issuer=ISSUER, audience=AUDIENCE)
+    with pytest.raises(AuthRequired, match="invalid access token"):
+        verifier.verify(sign(key.private_key, key.kid, sid=session))
+
+
 @pytest.mark.parametrize("generation", ["2", 1.5, True, None, [2]])
 def test_a_generation_that_is_not_an_integer_is_refused(tmp_path: Path, generation: object) -> None:
     key = SigningKey.load_or_create(tmp_path)
@@ -70,25 +103,32 @@ def test_cutoffs_are_forgotten_once_their_tokens_have_expired() -> None:
     cutoffs = TokenCutoffs()
     cutoffs.note("u1", 1, 100.0)
     cutoffs.note("u2", 1, 200.0)
+    cutoffs.end_session("s1", 100.0)
+    cutoffs.end_session("s2", 200.0)
     cutoffs.forget_before(150.0)
     assert not cutoffs.refuses("u1", 0)
     assert cutoffs.refuses("u2", 0)
-    assert len(cutoffs) == 1
+    assert not cutoffs.session_ended("s1")
+    assert cutoffs.session_ended("s2")
+    assert len(cutoffs) == 2
 
 
 async def test_the_follower_notes_what_the_auth_service_lists_and_rides_out_failures(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     cutoffs = TokenCutoffs()
-    answers: list[list[tuple[str, int, float]] | Exception] = [
+    answers: list[KnownCutoffs | Exception] = [
         ConnectionError("auth service down"),
         ConnectionError("still down"),
-        [("u1", 3, time.time() + 60), ("gone", 1, time.time() - 1)],
+        KnownCutoffs(
+            accounts=[("u1", 3, time.time() + 60), ("gone", 1, time.time() - 1)],
+            sessions=[("s1", time.time() + 60), ("s-gone", time.time() - 1)],
+        ),
     ]
     fetched = asyncio.Event()
 
-    async def fetch() -> list[tuple[str, int, float]]:
-        answer = answers.pop(0) if answers else []
+    async def fetch() -> KnownCutoffs:
+        answer = answers.pop(0) if answers else KnownCutoffs()
         if not answers:
             fetched.set()
         if isinstance(answer, Exception):
@@ -104,6 +144,9 @@ async def test_the_follower_notes_what_the_auth_service_lists_and_rides_out_fail
             job.cancel()
     assert cutoffs.refuses("u1", 2) and not cutoffs.refuses("u1", 3)
     assert not cutoffs.refuses("gone", 0)  # its tokens have expired: not kept
+    assert cutoffs.session_ended("s1") and not cutoffs.session_ended("s2")
+    assert not cutoffs.session_ended("s-gone")
+    assert len(cutoffs) == 2
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1  # once per outage, not once per attempt
     assert any("again" in r.getMessage() for r in caplog.records)

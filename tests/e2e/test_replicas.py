@@ -32,7 +32,7 @@ from agentmesh.v1 import (
     tasks_pb2,
     tasks_pb2_grpc,
 )
-from servers.common.auth import TOKEN_ENDED
+from servers.common.auth import SESSION_ENDED, TOKEN_ENDED
 from servers.common.config import SERVICES
 from servers.launcher import MeshProcess, free_port
 from tests.conftest import SHARED_MESH_ENV, _unavailable
@@ -491,11 +491,31 @@ async def test_what_one_auth_replica_changes_the_other_forgets_at_once(
     assert codes == dict.fromkeys(codes, 0), {n: mesh.log(n)[-2000:] for n in codes}
 
 
-async def test_an_account_disabled_through_the_auth_replica_is_refused_by_every_other(
+async def _until_refused(
+    stubs: list[tasks_pb2_grpc.TasksServiceStub], bearer: str, message: str, deadline: float
+) -> None:
+    """Each tasks replica refuses the access token with ``message`` before ``deadline``."""
+    for stub in stubs:
+        while True:
+            try:
+                await stub.ListTasks(
+                    tasks_pb2.ListTasksRequest(),
+                    metadata=(("authorization", bearer),),
+                    timeout=10,
+                )
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAUTHENTICATED, exc
+                assert exc.details() == message, exc
+                break
+            assert time.monotonic() < deadline, "a tasks replica still takes the token"
+            await asyncio.sleep(0.1)
+
+
+async def test_a_disable_or_a_sign_out_through_the_auth_replica_is_refused_by_every_other(
     quick_cutoffs_replicas: Replicas,
 ) -> None:
-    """The tasks replicas, and the messaging one, never see the disable: each learns from the
-    auth service within its poll (1 s here) that the account's token no longer holds."""
+    """The tasks replicas, and the messaging one, never see the disable or the sign-out: each
+    learns from the auth service within its poll (1 s here) that the token no longer holds."""
     mesh = quick_cutoffs_replicas
     admin, user = _signed_in(mesh, "admin"), _signed_in(mesh, "user")
     with httpx.Client(base_url=mesh.url, timeout=10) as client:
@@ -503,26 +523,31 @@ async def test_an_account_disabled_through_the_auth_replica_is_refused_by_every_
         assert me.status_code == 200, me.text
         user_id = me.json()["user"]["id"]
         assert client.get("/api/v1/events", headers=user).status_code == 200
-    bearer = (("authorization", user["Authorization"]),)
+        leaving = client.post("/api/v1/auth/register", json=new_user())
+        assert leaving.status_code == 201, leaving.text
+    session = leaving.json()
     channels = [grpc.aio.insecure_channel(f"127.0.0.1:{p}") for p in mesh.ports["tasks"]]
     try:
         stubs = [tasks_pb2_grpc.TasksServiceStub(c) for c in channels]
-        for stub in stubs:
-            await stub.ListTasks(tasks_pb2.ListTasksRequest(), metadata=bearer, timeout=10)
+        for bearer in (user["Authorization"], f"Bearer {session['access_token']}"):
+            for stub in stubs:
+                await stub.ListTasks(
+                    tasks_pb2.ListTasksRequest(),
+                    metadata=(("authorization", bearer),),
+                    timeout=10,
+                )
         with httpx.Client(base_url=mesh.url, timeout=10) as client:
             off = client.put(f"/api/v1/users/{user_id}", json={"disabled": True}, headers=admin)
             assert off.status_code == 200, off.text
+            out = client.post(
+                "/api/v1/auth/logout",
+                json={"refresh_token": session["refresh_token"]},
+                headers={"Authorization": f"Bearer {session['access_token']}"},
+            )
+            assert out.status_code == 200, out.text
         deadline = time.monotonic() + 5
-        for stub in stubs:
-            while True:
-                try:
-                    await stub.ListTasks(tasks_pb2.ListTasksRequest(), metadata=bearer, timeout=10)
-                except grpc.aio.AioRpcError as exc:
-                    assert exc.code() == grpc.StatusCode.UNAUTHENTICATED, exc
-                    assert exc.details() == TOKEN_ENDED, exc
-                    break
-                assert time.monotonic() < deadline, "a tasks replica still takes the token"
-                await asyncio.sleep(0.1)
+        await _until_refused(stubs, user["Authorization"], TOKEN_ENDED, deadline)
+        await _until_refused(stubs, f"Bearer {session['access_token']}", SESSION_ENDED, deadline)
     finally:
         for channel in channels:
             await channel.close()

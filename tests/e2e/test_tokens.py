@@ -9,7 +9,7 @@ import json
 import httpx
 import pytest
 
-from servers.common.auth import TOKEN_ENDED
+from servers.common.auth import SESSION_ENDED, TOKEN_ENDED
 from servers.launcher import MeshProcess
 from tests.helpers import assert_envelope, new_user
 
@@ -38,13 +38,13 @@ def _me(url: str, access_token: str) -> httpx.Response:
     return httpx.get(url + "/api/v1/auth/me", headers=_bearer(access_token))
 
 
-def _assert_ended(url: str, access_token: str) -> None:
+def _assert_ended(url: str, access_token: str, message: str = TOKEN_ENDED) -> None:
     """The access token is refused at once by the auth service and by another one."""
     for path in ("/api/v1/auth/me", "/api/v1/tasks"):
         error = assert_envelope(
             httpx.get(url + path, headers=_bearer(access_token)), 401, "AUTH_REQUIRED"
         )
-        assert error["message"] == TOKEN_ENDED, error
+        assert error["message"] == message, error
 
 
 def test_refresh_rotates_and_a_replay_revokes_the_family(any_mesh: MeshProcess) -> None:
@@ -60,8 +60,11 @@ def test_refresh_rotates_and_a_replay_revokes_the_family(any_mesh: MeshProcess) 
         _refresh(any_mesh.url, str(first["refresh_token"])), 401, "AUTH_REQUIRED"
     )
     assert error["details"] == {"revoked": "family"}
-    # ...which revokes the whole family, including the newest token.
+    # ...which revokes the whole family, including the newest token, and ends the session's
+    # access tokens: one of its two holders is a thief.
     assert_envelope(_refresh(any_mesh.url, pair["refresh_token"]), 401, "AUTH_REQUIRED")
+    for access in (first["access_token"], pair["access_token"]):
+        _assert_ended(any_mesh.url, str(access), SESSION_ENDED)
 
 
 def test_refresh_token_in_the_authorization_header(mesh: MeshProcess) -> None:
@@ -122,17 +125,21 @@ def test_logout_revokes_refresh_tokens(mesh: MeshProcess) -> None:
     )
     assert out.status_code == 200
     assert_envelope(_refresh(mesh.url, str(tokens["refresh_token"])), 401, "AUTH_REQUIRED")
+    # Its access token ends with it, in every service...
+    _assert_ended(mesh.url, str(tokens["access_token"]), SESSION_ENDED)
+    # ...and the other session goes on, refreshes included.
+    assert _me(mesh.url, str(second["access_token"])).status_code == 200
     alive = _refresh(mesh.url, second["refresh_token"])
     assert alive.status_code == 200
-    # The first session's access token lives on until it expires (one session's logout cannot
-    # reach it)...
-    assert _me(mesh.url, str(tokens["access_token"])).status_code == 200
-    # ...but logging out without a refresh token ends every session, access tokens included,
-    # in every service.
-    everything = httpx.post(mesh.url + "/api/v1/auth/logout", json={}, headers=auth)
+    assert _me(mesh.url, alive.json()["access_token"]).status_code == 200
+    # Logging out without a refresh token ends every session, access tokens included, in
+    # every service.
+    everything = httpx.post(
+        mesh.url + "/api/v1/auth/logout", json={}, headers=_bearer(alive.json()["access_token"])
+    )
     assert everything.status_code == 200, everything.text
     assert_envelope(_refresh(mesh.url, alive.json()["refresh_token"]), 401, "AUTH_REQUIRED")
-    for access in (tokens["access_token"], second["access_token"]):
+    for access in (second["access_token"], alive.json()["access_token"]):
         _assert_ended(mesh.url, str(access))
 
 

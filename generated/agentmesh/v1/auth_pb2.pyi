@@ -275,8 +275,18 @@ class TokenCutoff(_message.Message):
     expires_at: _timestamp_pb2.Timestamp
     def __init__(self, user_id: _Optional[str] = ..., min_generation: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
+class SessionCutoff(_message.Message):
+    __slots__ = ("session_id", "expires_at")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, session_id: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
 class ListTokenCutoffsResponse(_message.Message):
-    __slots__ = ("cutoffs",)
+    __slots__ = ("cutoffs", "sessions")
     CUTOFFS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
     cutoffs: _containers.RepeatedCompositeFieldContainer[TokenCutoff]
-    def __init__(self, cutoffs: _Optional[_Iterable[_Union[TokenCutoff, _Mapping]]] = ...) -> None: ...
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionCutoff]
+    def __init__(self, cutoffs: _Optional[_Iterable[_Union[TokenCutoff, _Mapping]]] = ..., sessions: _Optional[_Iterable[_Union[SessionCutoff, _Mapping]]] = ...) -> None: ...

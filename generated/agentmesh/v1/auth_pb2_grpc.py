@@ -134,9 +134,11 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Logout(self, request, context):
-        """Revokes the family of the given refresh token. When none is given, ends every session of the
-        caller: its refresh tokens are revoked and its access tokens, this call's included, refused
-        in every service. Needs a user's access token (not an API key).
+        """Ends the session of the given refresh token: its family of refresh tokens is revoked and the
+        session's access tokens (their `sid` claim) are refused in every service. When none is
+        given, ends every session of the caller: its refresh tokens are revoked and its access
+        tokens, this call's included, refused in every service. Needs a user's access token (not an
+        API key).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -647,10 +649,11 @@ class AuthInternalServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListTokenCutoffs(self, request, context):
-        """The accounts whose access tokens issued before a change (a disable, a deletion) no longer
-        hold, for the token checks of every process: each asks every few seconds
+        """The accounts whose access tokens issued before a change (a disable, a deletion, a new
+        password or new roles) no longer hold, and the sessions that ended (a sign-out, a replayed
+        refresh token), for the token checks of every process: each asks every few seconds
         (AGENTMESH_TOKEN_CUTOFF_POLL_SECONDS). Only the changes of the last access-token lifetime
-        are listed, the newest 10,000 at most: older tokens have expired anyway.
+        are listed, the newest 10,000 of each kind at most: older tokens have expired anyway.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
