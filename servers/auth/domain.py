@@ -317,6 +317,10 @@ class Accounts:
                 # is no more than Refresh (public) lets the holder do, and answering "Logged
                 # out" for a session left running would be a lie. Unknown tokens are a no-op.
                 if row is not None:
+                    # The account first (users before tokens, as every writer of them): a
+                    # refresh of this session under way commits its new token before the
+                    # family is revoked, and that token is revoked with the rest.
+                    await UserStore(s).get(row.user_id, lock=True)
                     await tokens.revoke_family(row.family_id, at)
                     await self._cutoffs.end_session(s, row.user_id, row.family_id, at)
                     ended = row.family_id

@@ -134,6 +134,24 @@ async def test_a_password_change_ends_the_session_a_concurrent_refresh_renewed(
         await auth.accounts.refresh(renewed.refresh_token)
 
 
+async def test_a_sign_out_ends_the_session_a_concurrent_refresh_renewed(
+    auth: Auth, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refresh has spent the session's token and is issuing the new one when the session
+    signs out: the new token must be revoked with its family, not carry the session on."""
+    signed_up = await auth.accounts.register(
+        client=CLIENT, email="ada@example.com", password=PASSWORD
+    )
+    _slowed(monkeypatch, RefreshTokenStore, "spend")
+
+    renewed = await _inside(
+        auth.accounts.refresh(signed_up.refresh_token),
+        lambda: auth.accounts.logout(_user(signed_up), signed_up.refresh_token),
+    )
+    with pytest.raises(AuthRequired):
+        await auth.accounts.refresh(renewed.refresh_token)
+
+
 async def test_a_sign_in_with_the_password_just_changed_is_refused(
     auth: Auth, monkeypatch: pytest.MonkeyPatch
 ) -> None:
