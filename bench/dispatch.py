@@ -213,11 +213,17 @@ def _check_alive(procs: list[subprocess.Popen[bytes]], logs: Path, what: str) ->
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+def _stat(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (which may hold spaces): state,
+    parent, ..., user and system time at 11 and 12. Raises OSError when it cannot be read."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+
+
 def _cpu_seconds(pid: int) -> float | None:
     """The user and system CPU time a process has used so far, read from /proc (Linux); None
     when it has gone or there is no /proc."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = _stat(pid)
         return (int(fields[11]) + int(fields[12])) / _TICKS
     except (OSError, IndexError, ValueError):
         return None
@@ -231,8 +237,7 @@ def _children(pid: int) -> list[int]:
             if not entry.name.isdigit():
                 continue
             with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = Path(entry.path, "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                if int(_stat(entry.name)[1]) == pid:
                     found.append(int(entry.name))
     return found
 

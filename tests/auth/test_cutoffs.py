@@ -14,7 +14,7 @@ import pytest
 
 from servers.auth.admin import UserAdmin
 from servers.auth.cutoffs import CUTOFF_MARGIN
-from servers.auth.domain import Accounts, LoginLimits
+from servers.auth.domain import Accounts, IssuedTokens, LoginLimits
 from servers.auth.keys import SigningKey
 from servers.auth.profiles import AccountCache
 from servers.auth.store import CutoffStore, SessionCutoffStore
@@ -178,6 +178,18 @@ async def test_a_password_change_hands_the_caller_a_new_session(auth: Auth, tmp_
     await limits.close()
 
 
+async def _two_sessions(
+    accounts: Accounts, name: str
+) -> tuple[IssuedTokens, IssuedTokens, IssuedTokens]:
+    """A new account's first session, as signed up and once refreshed, and a second session."""
+    signed_up = await accounts.register(
+        email=f"{name}@example.com", password=PASSWORD, client="127.0.0.1", username=name
+    )
+    renewed = await accounts.refresh(signed_up.refresh_token)
+    other = await accounts.login(login=name, password=PASSWORD, client="127.0.0.1")
+    return signed_up, renewed, other
+
+
 async def _only_the_session_ended(
     tmp_path: Path, here: TokenCutoffs, admin: UserAdmin, ended: list[str], other: str
 ) -> None:
@@ -196,11 +208,7 @@ async def test_a_sign_out_ends_its_session_and_no_other(auth: Auth, tmp_path: Pa
     other; the account's other session goes on."""
     here, limits = TokenCutoffs(), lifted_limits()
     accounts = _accounts(auth, tmp_path, here, limits)
-    signed_up = await accounts.register(
-        email="dora@example.com", password=PASSWORD, client="127.0.0.1", username="dora"
-    )
-    renewed = await accounts.refresh(signed_up.refresh_token)
-    other = await accounts.login(login="dora", password=PASSWORD, client="127.0.0.1")
+    signed_up, renewed, other = await _two_sessions(accounts, "dora")
     user_id = signed_up.user.id
     await accounts.logout(
         Principal(subject=user_id, kind="user", roles=("user",)), renewed.refresh_token
@@ -225,11 +233,7 @@ async def test_a_replayed_refresh_token_ends_its_sessions_access_tokens(
     """Two parties hold the session: the thief's access tokens go with its refresh tokens."""
     here, limits = TokenCutoffs(), lifted_limits()
     accounts = _accounts(auth, tmp_path, here, limits)
-    signed_up = await accounts.register(
-        email="eve@example.com", password=PASSWORD, client="127.0.0.1", username="eve"
-    )
-    renewed = await accounts.refresh(signed_up.refresh_token)
-    bystander = await accounts.login(login="eve", password=PASSWORD, client="127.0.0.1")
+    signed_up, renewed, bystander = await _two_sessions(accounts, "eve")
     with pytest.raises(AuthRequired, match="already used"):
         await accounts.refresh(signed_up.refresh_token)
     admin = UserAdmin(db=auth.db, cache=AccountCache(), access_ttl=TTL)
