@@ -15,9 +15,11 @@
 --     refuses (400 VALIDATION_ERROR) a body that is not strict JSON, which protobuf's lenient
 --     parser would read anyway, or one with a top-level field its route's request does not
 --     have, which the transcoder would drop without a word, or with a lone value for a list
---     field, which it would take for a list of one; and refuses (431) request headers larger
---     than the servers take. gateway/proxy.py writes that copy of this script with BODY_FIELDS
---     (gateway/fields.py), SERVER_METADATA_LIMIT and EDGE_ROLE in front.
+--     field, which it would take for a list of one (body_problem has the whole list); a body
+--     on a route that takes none; a query parameter that would override what the path says
+--     (query_problem); and refuses (431) request headers larger than the servers take.
+--     gateway/proxy.py writes that copy of this script with ROUTES (gateway/fields.py),
+--     SERVER_METADATA_LIMIT and EDGE_ROLE in front.
 -- What is REST and what is gRPC is decided as Envoy decides it (is_grpc below).
 -- Envoy's own errors are shaped by local_reply_config in envoy.yaml, not here.
 -- The Status JSON comes from protobuf's printer, so its field order is fixed: code, message,
@@ -171,19 +173,27 @@ local function not_json(s, i, what)
 end
 
 -- What is wrong with the body s, as the message of a 400, or nil: s must be strict JSON (RFC
--- 8259; protobuf's own parser is lenient: single quotes, bare keys, trailing commas), and when
--- it is an object and `known` is given, each top-level key must be one that `known` has, and a
--- list field (known[key] == "list") must be given an array or null (protobuf's parser would
--- take a lone value for a list of one). Bad JSON anywhere is told before a bad field. A body
--- that is valid JSON but not an object is left to the transcoder, which refuses it. Keys
--- written with escapes are compared as written.
--- One pass, without recursion: `stack` holds the bracket of each open object or array.
+-- 8259; protobuf's own parser is lenient: single quotes, bare keys, trailing commas), with no
+-- key twice in one object (RFC 8259 leaves the outcome open: protobuf's parser takes the last
+-- of two strings, merges two objects and joins two lists); and when it is an object and
+-- `known` is given (known[key] == "list:proto_name" or "value:proto_name"), each top-level key
+-- must be one that `known` has, no field may come in both its spellings, and a list field
+-- must be given an array (or null) of values, not a lone value (protobuf's parser would take
+-- it for a list of one) nor arrays or nulls inside (it would flatten the one and drop the
+-- other). Bad JSON anywhere is told before a bad field. A body that is valid JSON but not an
+-- object is left to the transcoder, which refuses it. Keys written with escapes are compared
+-- as written.
+-- One pass, without recursion: `stack` holds the bracket of each open object or array, and
+-- `keys` the keys seen in each open object.
 local function body_problem(s, known)
-  local stack, depth = {}, 0
+  local stack, keys, depth = {}, {}, 0
   local field_problem = nil
   local want = "value"   -- "value", "key" (after "{" or ","), "next" ("," or a close)
   local first = false    -- right after "{" or "[", which may close at once
   local list_key = nil   -- the top-level list field whose value comes next
+  local list_at = nil    -- the depth of that field's array, while it is open
+  local list_name = nil  -- and its name, quoted
+  local fields = {}      -- the proto names of the top-level fields given so far
   local i = 1
   while true do
     i = s:find(NOT_SPACE, i)
@@ -200,7 +210,8 @@ local function body_problem(s, known)
         first = false
         i = i + 1
       elseif (c == 125 and open == 123) or (c == 93 and open == 91) then
-        stack[depth] = nil
+        if list_at == depth then list_at = nil end
+        stack[depth], keys[depth] = nil, nil
         depth = depth - 1
         i = i + 1
       else
@@ -208,7 +219,7 @@ local function body_problem(s, known)
       end
     elseif want == "key" then
       if c == 125 and first then                               -- {}
-        stack[depth] = nil
+        stack[depth], keys[depth] = nil, nil
         depth = depth - 1
         want = "next"
         i = i + 1
@@ -217,11 +228,22 @@ local function body_problem(s, known)
       else
         local close, fault, what = json_string_end(s, i)
         if not close then return not_json(s, fault, what) end
+        local key = s:sub(i + 1, close - 2)
+        if keys[depth][key] and not field_problem then
+          field_problem = "the key " .. json_quote(key:sub(1, 64))
+            .. " comes twice in one object of the request body"
+        end
+        keys[depth][key] = true
         if depth == 1 and known and not field_problem then
-          local key = s:sub(i + 1, close - 2)
-          local kind = known[key]
+          local kind, name = (known[key] or ""):match("^(%a+):(.*)$")
           local quoted = json_quote(key:sub(1, 64))
-          if not kind then field_problem = "unknown field " .. quoted .. " in the request body" end
+          if not kind then
+            field_problem = "unknown field " .. quoted .. " in the request body"
+          elseif fields[name] then
+            field_problem = "the field " .. json_quote(name) .. " comes twice in the request"
+              .. " body (in its two spellings)"
+          end
+          fields[name or ""] = true
           list_key = kind == "list" and quoted or nil
         end
         i = s:find(NOT_SPACE, close)
@@ -232,11 +254,15 @@ local function body_problem(s, known)
         i = i + 1
       end
     else
+      local opens_list = nil
       if list_key then
         if c ~= 91 and s:sub(i, i + 3) ~= "null" then
-          field_problem = list_key .. " must be a JSON array"
+          field_problem = field_problem or list_key .. " must be a JSON array"
         end
-        list_key = nil
+        opens_list, list_key = list_key, nil
+      elseif list_at == depth and not field_problem and not (c == 93 and first)
+          and (c == 91 or s:sub(i, i + 3) == "null") then
+        field_problem = list_name .. " must be an array of values, not of arrays or nulls"
       end
       if c == 123 or c == 91 then                              -- { or [
         if depth == MAX_DEPTH then
@@ -245,10 +271,13 @@ local function body_problem(s, known)
         end
         depth = depth + 1
         stack[depth] = c
+        if c == 123 then keys[depth] = {} end
+        if opens_list and c == 91 then list_at, list_name = depth, opens_list end
         want = c == 123 and "key" or "value"
         first = true
         i = i + 1
       elseif c == 93 and first then                            -- []
+        if list_at == depth then list_at = nil end
         stack[depth] = nil
         depth = depth - 1
         want = "next"
@@ -274,15 +303,38 @@ local function body_problem(s, known)
   end
 end
 
-local BODY_METHODS = {POST = true, PUT = true, PATCH = true}
+-- The route of a REST request (ROUTES, gateway/fields.py: {verb, pattern, body, names,
+-- bound fields}), or nil when the transcoder has none for it (which it answers itself).
+local function route_of(method, path)
+  if ROUTES == nil then return nil end
+  for _, route in ipairs(ROUTES) do
+    if route[1] == method and path:match(route[2]) then return route end
+  end
+  return nil
+end
 
--- The rule for a REST request's body: true and the fields it may have (BODY_FIELDS; false for
--- a one-field body, whose keys are not the request's), or nil when its body is not checked.
-local function body_rule(method, path)
-  if not BODY_METHODS[method] or BODY_FIELDS == nil then return nil end
-  path = path:gsub("%?.*$", "")
-  for _, rule in ipairs(BODY_FIELDS) do
-    if rule[1] == method and path:match(rule[2]) then return true, rule[3] end
+local function unescape(s)
+  s = s:gsub("+", " ")
+  return (s:gsub("%%(%x%x)", function(hex) return string.char(tonumber(hex, 16)) end))
+end
+
+-- What is wrong with the query string q of a request on `route`, or nil. The transcoder sets a
+-- field from a query parameter of its name (or of a dotted path into it) even when the path or
+-- the body binds that field, so that `DELETE /api/v1/tasks/A?task_id=B` cancels B while Envoy's
+-- log and every check on the path say A. A route whose body is "*" has every field in its
+-- body, and takes no query parameter at all. Unknown names are the transcoder's to refuse.
+local function query_problem(q, route)
+  for pair in q:gmatch("[^&]+") do
+    local name = unescape(pair:match("^[^=]*"))
+    local field = name:match("^[^.]*")
+    if route[3] == "*" then
+      return "this call takes no query parameters (" .. json_quote(name:sub(1, 64))
+        .. "): its fields go in the JSON body"
+    end
+    if route[5][field] then
+      return "the query parameter " .. json_quote(field:sub(1, 64)) .. " names a field"
+        .. " the path sets; it cannot be given again"
+    end
   end
   return nil
 end
@@ -320,16 +372,24 @@ local function check_request(handle)
     return
   end
   if not rest then return end
-  local checked, known = body_rule(headers:get(":method") or "", headers:get(":path") or "")
-  if not checked then return end
+  local method = headers:get(":method") or ""
+  local path, query = (headers:get(":path") or ""):match("^([^?]*)%??(.*)$")
+  local route = route_of(method, path)
+  if not route then return end
+  -- A local reply: envoy.yaml's local_reply_config turns it into the error envelope.
+  local function refuse(problem)
+    handle:respond({[":status"] = "400", ["content-type"] = "text/plain"}, problem)
+  end
+  local problem = query ~= "" and query_problem(query, route) or nil
+  if problem then return refuse(problem) end
   -- body() waits for the whole request (the buffer filter before has it, 1 MiB at most).
   local body = handle:body()
   if not body or body:length() == 0 then return end
-  local problem = body_problem(body:getBytes(0, body:length()), known or nil)
-  if problem then
-    -- A local reply: envoy.yaml's local_reply_config turns it into the error envelope.
-    handle:respond({[":status"] = "400", ["content-type"] = "text/plain"}, problem)
+  if route[3] == "none" then
+    return refuse(method .. " " .. path:sub(1, 200) .. " takes no request body")
   end
+  problem = body_problem(body:getBytes(0, body:length()), route[4] or nil)
+  if problem then return refuse(problem) end
 end
 
 function envoy_on_request(handle)

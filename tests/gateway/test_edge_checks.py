@@ -172,6 +172,110 @@ async def test_a_trailing_slash_is_checked_like_the_path_without(edge: tuple[str
         assert_envelope(good, 401, "AUTH_REQUIRED")
 
 
+async def _passes(client: httpx.AsyncClient, method: str, path: str, **kwargs: object) -> None:
+    """The request got past the edge's checks: to the token check, which needs no server."""
+    reply = await client.request(method, path, **kwargs)  # type: ignore[arg-type]
+    assert_envelope(reply, 401, "AUTH_REQUIRED")
+
+
+async def _refused(
+    client: httpx.AsyncClient, method: str, path: str, message: str, **kwargs: object
+) -> None:
+    reply = await client.request(method, path, **kwargs)  # type: ignore[arg-type]
+    error = assert_envelope(reply, 400, "VALIDATION_ERROR")
+    assert message in str(error["message"]), (method, path, error)
+
+
+async def test_a_query_parameter_cannot_override_the_path(edge: tuple[str, Path]) -> None:
+    """The transcoder sets a path-bound field from a query parameter of its name: `DELETE
+    /api/v1/tasks/A?task_id=B` would cancel B while Envoy's log (and the agent routing header)
+    said A. In either spelling, escaped, or as a dotted path; the one field a PATCH binds as
+    its body too. A route whose body is "*" takes no query parameter at all."""
+    url, _ = edge
+    overrides = "names a field the path sets"
+    async with httpx.AsyncClient(base_url=url) as client:
+        for method, path in [
+            ("DELETE", "/api/v1/tasks/A?task_id=B"),
+            ("DELETE", "/api/tasks/A/?taskId=B"),
+            ("GET", "/api/v1/tasks/A/result?task%5Fid=B"),
+            ("GET", "/api/v1/tasks/A?task_id.x=B"),
+            ("GET", "/api/v1/agents/a1/messages?limit=5&agent_id=a2"),
+            ("PATCH", "/api/v1/agents/a1/config?configuration.k=1"),
+        ]:
+            await _refused(client, method, path, overrides, json={} if method == "PATCH" else None)
+        await _refused(
+            client,
+            "POST",
+            "/api/v1/tasks?priority=10",
+            "this call takes no query parameters",
+            json={"description": "x"},
+        )
+        await _refused(
+            client,
+            "POST",
+            "/api/v1/agents/a1/tasks/t1/complete?agent_id=a2",
+            "this call takes no query parameters",
+            json={},
+        )
+        # The query parameters a route does take still pass.
+        await _passes(client, "GET", "/api/v1/tasks?status=queued&limit=2&offset=0")
+        await _passes(client, "PATCH", "/api/v1/agents/a1/config?update_mask=k", json={"k": 1})
+        await _passes(client, "GET", "/api/v1/tasks/A")
+
+
+async def test_a_route_without_a_body_refuses_one(edge: tuple[str, Path]) -> None:
+    """The transcoder reads a GET's or a DELETE's body into the request, past every check of a
+    body (`{limit:2}` listed two tasks): such a body is refused."""
+    url, _ = edge
+    async with httpx.AsyncClient(base_url=url) as client:
+        await _refused(
+            client, "GET", "/api/v1/tasks", "takes no request body", content=b'{"limit":2}'
+        )
+        await _refused(
+            client, "DELETE", "/api/v1/tasks/t1", "takes no request body", content=b"{bogus:1,}"
+        )
+        await _passes(client, "GET", "/api/v1/tasks")
+        await _passes(client, "DELETE", "/api/v1/tasks/t1")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('{"description":"x","description":"y"}', 'the key "description" comes twice'),
+        ('{"description":"x","metadata":{"a":1,"a":2}}', 'the key "a" comes twice'),
+        (
+            '{"description":"x","max_attempts":1,"maxAttempts":5}',
+            'the field "max_attempts" comes twice in the request body',
+        ),
+        ('{"description":"x","required_capabilities":[["a"]]}', "not of arrays or nulls"),
+        ('{"description":"x","requiredCapabilities":["a",null]}', "not of arrays or nulls"),
+    ],
+)
+async def test_a_body_says_each_thing_once_and_lists_hold_values(
+    edge: tuple[str, Path], body: str, message: str
+) -> None:
+    """protobuf's parser takes the last of two strings, merges two objects, joins two lists,
+    flattens a list in a list and drops a null from one; a client's JSON library reads the
+    same body otherwise. The edge refuses them all."""
+    url, _ = edge
+    async with httpx.AsyncClient(base_url=url) as client:
+        await _refused(client, "POST", "/api/v1/tasks", message, content=body.encode())
+
+
+async def test_bodies_with_distinct_keys_and_plain_lists_pass(edge: tuple[str, Path]) -> None:
+    url, _ = edge
+    async with httpx.AsyncClient(base_url=url) as client:
+        for body in [
+            '{"description":"x","metadata":{"a":{"k":1},"b":{"k":[[1],null]}}}',
+            '{"description":"x","required_capabilities":[]}',
+            '{"description":"x","required_capabilities":null}',
+            '{"description":"x","required_capabilities":["a","b"],"priority":3}',
+            # After the list, nulls and lists elsewhere are free-form again.
+            '{"required_capabilities":["a"],"metadata":{"k":null,"l":[[1]]},"description":"x"}',
+        ]:
+            await _passes(client, "POST", "/api/v1/tasks", content=body.encode())
+
+
 @pytest.mark.parametrize(
     "ctype",
     [

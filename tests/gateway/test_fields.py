@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.fields import _pattern, body_fields
+from gateway.fields import _pattern, routes
 from gateway.proxy import DESCRIPTOR
 
 
@@ -21,24 +21,37 @@ def test_path_templates_become_anchored_lua_patterns() -> None:
         _pattern("/v1/{name=shelves/*}")
 
 
-def test_every_route_with_a_json_body_has_its_fields_in_both_spellings() -> None:
-    rows = {(verb, pattern): names for verb, pattern, names in body_fields(DESCRIPTOR)}
+def test_every_route_has_its_body_fields_in_both_spellings_and_its_bound_fields() -> None:
+    rows = {(r.verb, r.pattern): r for r in routes(DESCRIPTOR)}
     create = rows[("POST", "^/api/v1/tasks/?$")]
-    assert create is not None
+    assert create.body == "*" and create.names is not None
     assert {"description", "priority", "metadata", "idempotency_key", "idempotencyKey"} <= set(
-        create
+        create.names
     )
-    # Lists are marked; a Struct (metadata) is a value, like a scalar.
-    assert create["required_capabilities"] == create["requiredCapabilities"] == "list"
-    assert create["metadata"] == create["priority"] == "value"
-    assert rows[("POST", "^/api/tasks/?$")] == create  # seed 001's alias, the same request
-    assert rows[("PUT", "^/api/v1/users/[^/]+/tier/?$")] == {
-        "tier": "value",
-        "user_id": "value",
-        "userId": "value",
+    # Lists are marked; a Struct (metadata) is a value, like a scalar; both spellings name
+    # the proto field.
+    names = create.names
+    assert (
+        names["required_capabilities"]
+        == names["requiredCapabilities"]
+        == ("list:required_capabilities")
+    )
+    assert names["metadata"] == "value:metadata"
+    assert names["maxAttempts"] == names["max_attempts"] == "value:max_attempts"
+    assert rows[("POST", "^/api/tasks/?$")].names == names  # seed 001's alias, the same request
+    tier = rows[("PUT", "^/api/v1/users/[^/]+/tier/?$")]
+    assert tier.names == {
+        "tier": "value:tier",
+        "user_id": "value:user_id",
+        "userId": "value:user_id",
     }
+    assert tier.bound_fields == ("userId", "user_id")
     # The config PATCH binds one field (a Struct) as its body: nothing to check at the top,
-    # but the body must still be strict JSON.
-    assert rows[("PATCH", "^/api/v1/agents/[^/]+/config/?$")] is None
-    # Bodiless bindings (DELETE) have no row.
-    assert not any(verb == "DELETE" for verb, _ in rows)
+    # but the body must still be strict JSON, and a query parameter may not name that field.
+    config = rows[("PATCH", "^/api/v1/agents/[^/]+/config/?$")]
+    assert (config.body, config.names) == ("field", None)
+    assert set(config.bound_fields) == {"agent_id", "agentId", "configuration"}
+    # Bodiless bindings refuse a body.
+    cancel = rows[("DELETE", "^/api/v1/tasks/[^/]+/?$")]
+    assert (cancel.body, cancel.bound_fields) == ("none", ("taskId", "task_id"))
+    assert rows[("GET", "^/api/v1/tasks/?$")].bound_fields == ()
