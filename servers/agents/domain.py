@@ -26,7 +26,6 @@ at the next reap of any running agents server (at start, the first reap runs at 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -41,7 +40,7 @@ from servers.common.context import Principal
 from servers.common.db import Database, take_turn
 from servers.common.errors import NotFound, RateLimited, ValidationError
 from servers.common.pagination import PAGE_MAX_BYTES, Page
-from servers.common.protos import NESTING_MAX, too_deep
+from servers.common.protos import NESTING_MAX, json_size, too_deep
 
 from .models import AgentRow
 from .registry import Registry, Session
@@ -78,7 +77,7 @@ def apply_config(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any
 
 def config_problem(configuration: dict[str, Any]) -> str | None:
     """What is wrong with a configuration to keep and hand to the agent, if anything."""
-    if len(json.dumps(configuration).encode()) > CONFIG_MAX_BYTES:
+    if json_size(configuration) > CONFIG_MAX_BYTES:
         return "configuration is larger than 64 KiB"
     if too_deep(configuration):
         return f"configuration nests objects and arrays deeper than {NESTING_MAX} levels"
@@ -515,8 +514,13 @@ class AgentDirectory:
                 changes = {path: body.get(path) for path in paths}
             else:
                 changes = body
-            # A new dict, so that the JSON column is seen to change.
-            row.overrides = {**row.overrides, **changes}
+            # A new dict, so that the JSON column is seen to change. A removal (null) is kept
+            # only for a key the agent's own configuration has: one of a key it lacks would
+            # change nothing, and kept, such keys could pile up without bound.
+            merged = {**row.overrides, **changes}
+            row.overrides = {
+                k: v for k, v in merged.items() if v is not None or k in row.configuration
+            }
             configuration = apply_config(row.configuration, row.overrides)
             if problem := config_problem(configuration):
                 raise ValidationError(problem, details={"field": "configuration"})

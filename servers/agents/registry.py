@@ -23,8 +23,9 @@ from agentmesh.v1 import agents_pb2, tasks_pb2
 # An agent silent for this many heartbeat intervals is handed no new work (it may be frozen or
 # cut off; the writer ends its stream at three).
 QUIET_INTERVALS = 1.5
-# Frames waiting for a slow agent; past this the stream ends (the agent reconnects and its
-# leases, renewed by heartbeats, keep its work).
+# Frames waiting for a slow agent; past this its stream is cut (``Session.send``): the agent
+# reconnects, gets its configuration in the Welcome and the tasks it holds repeated, and its
+# leases, renewed by heartbeats, keep its work.
 OUTBOX_LIMIT = 1000
 
 
@@ -88,6 +89,10 @@ class Session:
     # Done when the outcome a Connect stream's reader is recording has been (service.py):
     # the stream's end waits for it before it stops the reader.
     recording: asyncio.Future[None] | None = None
+    # The task writing this session's frames to its stream (Connect's, or an SSE stream's
+    # while one is open), and whether it was cut because the agent stopped reading.
+    writer: asyncio.Task[Any] | None = None
+    overflowed: bool = False
 
     def seen(self) -> None:
         self.last_seen, self.last_seen_at = time.monotonic(), time.time()
@@ -99,10 +104,17 @@ class Session:
         return "busy" if len(self.held) >= self.capacity else "active"
 
     def send(self, frame: agents_pb2.ConnectResponse | None) -> bool:
-        """Queues a frame; False when the agent does not keep up (the stream then ends)."""
+        """Queues a frame; False when the agent does not keep up. Its stream is then cut: the
+        writer is stuck on a write the agent does not read, so no frame could say why, and
+        whatever the queue dropped (a configuration update, a cancellation) would otherwise
+        be lost while the stream went on."""
         try:
             self.outbox.put_nowait(frame)
         except asyncio.QueueFull:
+            if not self.overflowed:
+                self.overflowed = True
+                if self.writer is not None and not self.writer.done():
+                    self.writer.cancel()
             return False
         return True
 

@@ -43,6 +43,7 @@ from .pacing import Pacer
 from .registry import Session
 from .signals import Signals
 from .work import (
+    CANCEL_MESSAGE_MAX,
     POLL_SECONDS,
     SILENT_INTERVALS,
     AgentWork,
@@ -132,6 +133,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             yield error_frame("SERVICE_UNAVAILABLE", "the agent registry is unavailable; reconnect")
             return
         reason = "DISCONNECTED"
+        session.writer = asyncio.current_task()
         # After the Welcome, the work it holds from before (a reconnection) comes first.
         await self._work.repeat_held(session)
         reader = asyncio.create_task(self._read(session, frames))
@@ -159,6 +161,8 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
                     reason = frame.error.code if frame.HasField("error") else frame.end.reason
                     return
         finally:
+            if session.overflowed:
+                reason = "NOT_READING"
             # An outcome the reader is recording is let finish (it may lease the next task);
             # cancelled, it would be lost, and with it the task leased with it.
             if session.recording is not None and not session.recording.done():
@@ -379,6 +383,8 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         guard = self._guard(session)
         ids = itertools.count(1)
         log.info("assignment stream opened", extra={"agent_id": session.agent_id})
+        # An HTTP session's queue outlives its streams: a new stream may be cut again.
+        session.writer, session.overflowed = asyncio.current_task(), False
         try:
             # Like Connect's Welcome: the effective configuration, then the work the agent
             # holds, with unchanged attempt tokens, so that a reconnect loses nothing.
@@ -410,6 +416,8 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             # are not released; they run out unless heartbeats renew them (its REST calls
             # check its key each time, so a revoked key renews nothing).
             session.streaming = False
+            if session.writer is asyncio.current_task():
+                session.writer = None
             log.info("assignment stream closed", extra={"agent_id": session.agent_id})
 
     async def _agent(self, who: Principal, agent_id: str) -> Session:
@@ -436,6 +444,9 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         session = http.session_of(mine[0])
         with http.registry_errors():
             await self._work.take_over(session)
+        # Its session lapsed (silence, a restart of the mesh) while it held tasks: they count
+        # against its capacity, and its next stream repeats them first, as Connect's does.
+        await self._work.learn_held(session)
         return session
 
     async def _attach(self, session: Session) -> Session:
@@ -573,7 +584,11 @@ class AgentsInternalService(agents_pb2_grpc.AgentsInternalServiceServicer):
         ):
             raise NotFound("no such agent", details={"agent_id": request.agent_id[:64]})
         await self._signals.cancel(
-            request.agent_id, request.task_id, request.reason, request.attempt_token
+            request.agent_id,
+            request.task_id,
+            request.reason,
+            request.attempt_token,
+            request.message[:CANCEL_MESSAGE_MAX],
         )
         return agents_pb2.DeliverCancellationResponse()
 

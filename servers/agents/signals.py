@@ -41,7 +41,7 @@ from servers.common.follower import Follower
 from servers.common.protos import struct
 
 from .registry import Registry, Session
-from .work import cancellation_frame, end_frame
+from .work import CANCEL_MESSAGE_MAX, cancellation_frame, end_frame
 
 log = logging.getLogger("agentmesh.agents")
 
@@ -62,11 +62,13 @@ READS_MAX = 64
 ReadConfiguration = Callable[[str], Awaitable[dict[str, Any] | None]]
 
 
-def deliver_cancellation(session: Session, task_id: str, reason: str, attempt_token: str) -> None:
+def deliver_cancellation(
+    session: Session, task_id: str, reason: str, attempt_token: str, message: str = ""
+) -> None:
     """Tells the session's agent to stop a task. A token names one attempt: a newer attempt of
     the task that the agent holds now keeps its place."""
     session.drop(task_id, attempt_token)
-    session.send(cancellation_frame(task_id, reason or "CANCELLED", attempt_token))
+    session.send(cancellation_frame(task_id, reason or "CANCELLED", attempt_token, message))
     session.wake.set()
 
 
@@ -137,11 +139,13 @@ class Signals:
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.ensure_future(self._flush_wakes())
 
-    async def cancel(self, agent_id: str, task_id: str, reason: str, attempt_token: str) -> None:
+    async def cancel(
+        self, agent_id: str, task_id: str, reason: str, attempt_token: str, message: str = ""
+    ) -> None:
         session = self._registry.get(agent_id)
         if session is not None:
             holds = task_id in session.held
-            deliver_cancellation(session, task_id, reason, attempt_token)
+            deliver_cancellation(session, task_id, reason, attempt_token, message)
             if holds:
                 return
         # Not held here: the agent may be connected to another replica (or have reconnected
@@ -153,6 +157,7 @@ class Signals:
                 "task_id": task_id,
                 "reason": reason,
                 "attempt_token": attempt_token,
+                "message": message[:CANCEL_MESSAGE_MAX],
             }
         )
 
@@ -224,7 +229,12 @@ class Signals:
             return
         if kind == "cancel":
             deliver_cancellation(
-                session, fields["task_id"], fields["reason"], fields["attempt_token"]
+                session,
+                fields["task_id"],
+                fields["reason"],
+                fields["attempt_token"],
+                # A replica of an older release publishes no message.
+                fields.get("message", ""),
             )
         elif kind == "config":
             updated = json.loads(fields["fields"])

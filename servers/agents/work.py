@@ -63,12 +63,20 @@ def last_frame(frame: agents_pb2.ConnectResponse) -> bool:
     return frame.HasField("error") or frame.HasField("end")
 
 
+# The most of a stopper's words a Cancellation carries (tasks' STOP_REASON_MAX): the agents
+# service takes them from the tasks service and from other replicas, and passes on no more.
+CANCEL_MESSAGE_MAX = 500
+
+
 def cancellation_frame(
-    task_id: str, reason: str, attempt_token: str = ""
+    task_id: str, reason: str, attempt_token: str = "", message: str = ""
 ) -> agents_pb2.ConnectResponse:
     return agents_pb2.ConnectResponse(
         cancellation=agents_pb2.Cancellation(
-            task_id=task_id, reason=reason, attempt_token=attempt_token
+            task_id=task_id,
+            reason=reason,
+            attempt_token=attempt_token,
+            message=message[:CANCEL_MESSAGE_MAX],
         )
     )
 
@@ -194,6 +202,12 @@ class AgentWork:
         a reconnection), with their unchanged attempt tokens, and counts them against its
         capacity before anything new is claimed. Without the tasks service they are learnt
         from the agent's first heartbeat instead, as before."""
+        for assignment in await self.learn_held(session):
+            session.send(agents_pb2.ConnectResponse(assignment=assignment))
+
+    async def learn_held(self, session: Session) -> list[tasks_pb2.Assignment]:
+        """Counts as the session's the tasks its agent holds from before (a reconnection, a
+        restart of the mesh), with their attempt tokens; the ones it did not know yet."""
         try:
             reply = await self.tasks.ListHeldTasks(
                 tasks_pb2.ListHeldTasksRequest(agent_id=session.agent_id),
@@ -201,12 +215,14 @@ class AgentWork:
             )
         except grpc.aio.AioRpcError as exc:
             log.warning("could not read the tasks a reconnecting agent holds: %s", exc.code().name)
-            return
+            return []
+        learnt = []
         for assignment in reply.assignments:
             if session.held.get(assignment.task.task_id) == assignment.attempt_token:
                 continue  # already repeated (an HTTP session took the old one's work over)
             session.hold(assignment)
-            session.send(agents_pb2.ConnectResponse(assignment=assignment))
+            learnt.append(assignment)
+        return learnt
 
     async def renew(
         self, session: Session, task_ids: list[str], timeout: float = CALL_TIMEOUT

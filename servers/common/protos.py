@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,6 +58,14 @@ def nesting(value: object) -> int:
 
 def too_deep(value: object) -> bool:
     return nesting(value) > NESTING_MAX
+
+
+def json_size(value: object) -> int:
+    """The bytes of a JSON-like value as compact UTF-8 JSON, the measure of every size limit on
+    free-form values: a character takes the bytes it takes on the wire (three for 日), not the
+    six of a \\u escape."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 # JSON values (Struct, Value, ListValue) are stored as JSON, where a NUL is an escape like any

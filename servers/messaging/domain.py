@@ -9,7 +9,6 @@ from there, and it stays until its TTL ends (acknowledged or not).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import uuid
@@ -28,7 +27,7 @@ from servers.common.errors import (
     ValidationError,
 )
 from servers.common.pagination import PAGE_MAX_BYTES, Page
-from servers.common.protos import NESTING_MAX, too_deep
+from servers.common.protos import NESTING_MAX, json_size, too_deep
 from servers.common.ratelimit import SlidingWindowLimiter
 
 from .hub import InboxHub
@@ -99,7 +98,7 @@ def check(new: NewMessage) -> NewMessage:
             f"ttl_seconds must be between 1 and {MAX_TTL}",
             details={"field": "ttl_seconds", "max": MAX_TTL},
         )
-    size = len(json.dumps(new.payload, separators=(",", ":")).encode())
+    size = json_size(new.payload)
     if size > PAYLOAD_MAX_BYTES:
         raise ValidationError(
             f"payload is larger than {PAYLOAD_MAX_BYTES} bytes",

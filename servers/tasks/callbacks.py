@@ -34,6 +34,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import time
@@ -102,19 +103,43 @@ def forbidden(ip: Address) -> bool:
     )
 
 
+# A host name as DNS has it once IDNA-encoded: letters, digits, hyphens (and the underscores
+# some internal names carry), in dot-separated labels.
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?")
+
+
+def url_problem(url: str) -> str:
+    """What makes ``url`` unusable as a callback address, whatever it resolves to, or "": the
+    checks a create makes, so that a URL no delivery could use is refused at once."""
+    if any(c <= " " or c == "\x7f" for c in url):
+        return "malformed URL: it holds a space or a control character"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is the check: out of range raises
+    except ValueError as exc:
+        return f"malformed URL: {exc}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "not an http or https URL"
+    try:
+        ipaddress.ip_address(parts.hostname)
+        return ""
+    except ValueError:
+        pass
+    try:
+        ascii_host = parts.hostname.encode("idna").decode("ascii")
+    except UnicodeError:
+        return "malformed URL: a bad host name"
+    return "" if _HOST_NAME.fullmatch(ascii_host) else "malformed URL: a bad host name"
+
+
 async def check_url(url: str, *, allow_private: bool) -> str:
     """Why a callback to ``url`` is refused, or "" when it may be sent. Resolves the host
     (every address must be allowed); a failed resolution raises OSError (tried again later)."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return "malformed URL"
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "not an http or https URL"
-    if allow_private:
-        return ""
-    port = port or (443 if parts.scheme == "https" else 80)
+    problem = url_problem(url)
+    if problem or allow_private:
+        return problem
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
     infos = await asyncio.get_running_loop().getaddrinfo(
         parts.hostname, port, type=socket.SOCK_STREAM
     )

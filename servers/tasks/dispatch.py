@@ -19,7 +19,7 @@ from sqlalchemy import DateTime, Table, Text, bindparam, cast, func, or_, select
 
 from servers.common.clock import aware, now
 from servers.common.db import Database
-from servers.common.protos import NESTING_MAX, too_deep
+from servers.common.protos import NESTING_MAX, json_size, too_deep
 
 from .models import TaskRow
 from .store import Outbox, SecondsBetween, TaskStore
@@ -172,7 +172,7 @@ def _unkeepable(result: dict[str, Any]) -> tuple[str, str, bool] | None:
     if too_deep(result):
         message = f"the result nests deeper than {NESTING_MAX} levels of objects and arrays"
         return "RESULT_TOO_DEEP", message, False
-    size = len(json.dumps(result, separators=(",", ":")).encode())
+    size = json_size(result)
     if size <= RESULT_MAX_BYTES:
         return None
     message = f"the result is {size} bytes of JSON; at most {RESULT_MAX_BYTES} are kept"
@@ -405,6 +405,15 @@ class Dispatch:
             return Outcome(False, "", "TASK_NOT_FOUND")
         if task.attempt_token == token and task.status in ("completed", "failed"):
             return Outcome(True, task.status, task=task)
+        if (
+            error is not None
+            and task.status == "queued"
+            and task.attempt_token == token
+            and (task.error_code, task.error) == (error[0][:64], error[1][:2000])
+        ):
+            # A repeat of this attempt's retryable error, which queued the task again (its
+            # answer was lost): the same answer, until another attempt takes the task.
+            return Outcome(True, task.status, task=task)
         if not _holds(task, agent_id, token):
             return Outcome(False, task.status, "CONFLICT")
         leased_at = task.updated_at  # see _COMPLETE
@@ -431,10 +440,13 @@ class Dispatch:
 
     @staticmethod
     def _requeue(task: TaskRow) -> None:
+        """Back in the queue: nothing of the attempt that ended stays but its error (and the
+        attempt count), so the next one starts as the first did."""
         task.status = "queued"
         task.assigned_agent = ""
         task.lease_expires_at = None
         task.leased_at = None
+        task.started_at = None
         task.progress = 0
 
     async def expire_leases(self) -> list[Lost]:

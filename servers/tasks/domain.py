@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 from servers.common.clock import aware, now
 from servers.common.config import TASK_TIMEOUT_DEFAULT, TASK_TIMEOUT_MAX
@@ -29,9 +28,10 @@ from servers.common.context import Principal, add_cost
 from servers.common.db import Database
 from servers.common.errors import AlreadyExists, Conflict, NotFound, RateLimited, ValidationError
 from servers.common.pagination import PAGE_MAX_BYTES, Page
-from servers.common.protos import NESTING_MAX, too_deep
+from servers.common.protos import NESTING_MAX, json_size, too_deep
 from servers.common.text import TYPE_NAME, invisible
 
+from .callbacks import url_problem
 from .models import TaskRow
 from .store import Outbox, TaskStore
 
@@ -77,6 +77,7 @@ LIMITS = {
 # the description is free text.
 LABELS = ("title", "model")
 METADATA_MAX_BYTES = 64 * 1024
+STOP_REASON_MAX = 500  # characters of the reason a stopper gives (StopTaskRequest.reason)
 MAX_CAPABILITIES = 32
 
 
@@ -193,7 +194,7 @@ def _check(new: NewTask) -> tuple[str, int, int, list[str]]:
         raise ValidationError(
             f"max_attempts must be between 1 and {MAX_ATTEMPTS}", details={"field": "max_attempts"}
         )
-    size = len(json.dumps(new.metadata, separators=(",", ":")).encode())
+    size = json_size(new.metadata)
     if size > METADATA_MAX_BYTES:
         raise ValidationError(
             f"metadata is larger than {METADATA_MAX_BYTES} bytes",
@@ -210,12 +211,12 @@ def _check(new: NewTask) -> tuple[str, int, int, list[str]]:
             f"required_capabilities: at most {MAX_CAPABILITIES} names like a type",
             details={"field": "required_capabilities"},
         )
-    if new.callback_url:
-        parts = urlsplit(new.callback_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValidationError(
-                "callback_url must be an http or https URL", details={"field": "callback_url"}
-            )
+    problem = url_problem(new.callback_url) if new.callback_url else ""
+    if problem:
+        raise ValidationError(
+            f"callback_url must be an http or https URL: {problem}",
+            details={"field": "callback_url"},
+        )
     return task_type, priority, attempts, caps
 
 
@@ -404,12 +405,20 @@ class Tasks:
 
     async def result(self, who: Principal, task_id: str) -> TaskRow:
         task = await self.get(who, task_id)
+        if task.status in TERMINAL and task.status not in ("completed", "failed"):
+            # Final too: a client polling for the result has to stop here.
+            raise Conflict(
+                f"the task ended {task.status}: it has no result", details={"status": task.status}
+            )
         if task.status not in ("completed", "failed"):
             raise Conflict("the task has not finished", details={"status": task.status})
         return task
 
-    async def _end(self, who: Principal, task_id: str, status: str, event: str) -> TaskRow:
-        """Ends an unfinished task as `stopped` or `cancelled`; repeating it changes nothing."""
+    async def _end(
+        self, who: Principal, task_id: str, status: str, event: str, **data: str
+    ) -> TaskRow:
+        """Ends an unfinished task as `stopped` or `cancelled`, with ``data`` in its event;
+        repeating it changes nothing."""
         at = now()
         async with self._db.write() as s, s.begin():
             task = await TaskStore(s).get(task_id, lock=True)
@@ -427,14 +436,22 @@ class Tasks:
             task.lease_expires_at = None
             task.cancelled_at = at
             task.updated_at = at
-            Outbox(s).add(event, task, at)
+            Outbox(s).add(event, task, at, **data)
         return task
 
     async def cancel(self, who: Principal, task_id: str) -> TaskRow:
         return await self._end(who, task_id, "cancelled", "task.cancelled")
 
-    async def stop(self, who: Principal, task_id: str) -> TaskRow:
-        return await self._end(who, task_id, "stopped", "task.stopped")
+    async def stop(self, who: Principal, task_id: str, reason: str = "") -> TaskRow:
+        """Stops the task; ``reason``, the stopper's words, goes into its task.stopped event
+        (the servicer passes it on to the agent holding it)."""
+        if len(reason) > STOP_REASON_MAX:
+            raise ValidationError(
+                f"reason is longer than {STOP_REASON_MAX} characters",
+                details={"field": "reason", "max": STOP_REASON_MAX},
+            )
+        extra = {"reason": reason} if reason else {}
+        return await self._end(who, task_id, "stopped", "task.stopped", **extra)
 
     async def start(self, who: Principal, task_id: str) -> TaskRow:
         """Queues a `created` task; one already on its way is left as it is."""

@@ -95,15 +95,22 @@ class Agents:
             )
         )
 
-    def cancel(self, agent_id: str, task_id: str, reason: str, attempt_token: str) -> None:
-        """Tells the agent to stop the attempt with this token ("": whichever it runs)."""
+    def cancel(
+        self, agent_id: str, task_id: str, reason: str, attempt_token: str, *, message: str = ""
+    ) -> None:
+        """Tells the agent to stop the attempt with this token ("": whichever it runs);
+        ``message``: a stopper's words, passed on."""
         if not agent_id:
             return
         stub = self._channel.stub(agents_pb2_grpc.AgentsInternalServiceStub)
         self._spawn(
             stub.DeliverCancellation(
                 agents_pb2.DeliverCancellationRequest(
-                    agent_id=agent_id, task_id=task_id, reason=reason, attempt_token=attempt_token
+                    agent_id=agent_id,
+                    task_id=task_id,
+                    reason=reason,
+                    attempt_token=attempt_token,
+                    message=message,
                 ),
                 **self._channel.call_options(),
             )
@@ -208,8 +215,14 @@ class TasksService(tasks_pb2_grpc.TasksServiceServicer):
     async def StopTask(
         self, request: tasks_pb2.StopTaskRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.StopTaskResponse:
-        task = await self._tasks.stop(require_principal(), request.task_id)
-        self._agents.cancel(task.assigned_agent, task.task_id, "STOPPED", task.attempt_token or "")
+        task = await self._tasks.stop(require_principal(), request.task_id, request.reason)
+        self._agents.cancel(
+            task.assigned_agent,
+            task.task_id,
+            "STOPPED",
+            task.attempt_token or "",
+            message=request.reason,
+        )
         return tasks_pb2.StopTaskResponse(status="stopped", task=task_proto(task))
 
     async def GetStats(

@@ -316,6 +316,22 @@ async def test_agents_connecting_at_once_stay_within_the_limit(db: Database) -> 
     assert (await agents.listing(ALICE, "", [])).total == 3
 
 
+async def test_removing_keys_the_agent_lacks_stores_nothing(db: Database) -> None:
+    """A null for a key the agent's configuration does not have changes nothing, and is not
+    kept: else PATCHes of ever new keys grew the stored overrides without bound (and took the
+    page budget of every listing of the owner's agents)."""
+    agents = directory(db)
+    one = session()
+    await agents.connect(one, {"model": "small", "style": "terse"})
+    for batch in range(3):
+        nulls: dict[str, Any] = {f"gone{batch}_{i}": None for i in range(2000)}
+        change = await agents.configure(ALICE, one.agent_id, {**nulls, "style": None}, [])
+        assert change.configuration == {"model": "small"}
+    async with db.session() as s:
+        row = (await s.execute(select(AgentRow).where(AgentRow.agent_id == one.agent_id))).scalar()
+    assert row is not None and row.overrides == {"style": None}
+
+
 async def test_a_page_of_large_configurations_ends_before_they_are_read(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:

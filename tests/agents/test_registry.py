@@ -3,11 +3,12 @@ the others do not each spend a claim on it, and never one that cannot."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 
-from agentmesh.v1 import tasks_pb2
-from servers.agents.registry import Registry, Session
+from agentmesh.v1 import agents_pb2, tasks_pb2
+from servers.agents.registry import OUTBOX_LIMIT, Registry, Session
 from tests.agents.test_directory import session
 
 
@@ -92,3 +93,19 @@ def test_a_heartbeat_renews_what_it_lists_and_what_is_too_new_to_be_listed() -> 
     # Left out past the grace, a held task is renewed only if listed.
     assert s.to_renew([], grace=20) == ["new"]
     assert s.to_renew(["old"], grace=20) == ["new", "old"]
+
+
+async def test_an_agent_that_stops_reading_has_its_stream_cut() -> None:
+    """Once OUTBOX_LIMIT frames wait, the next one cannot be queued: the writer, stuck on a
+    write the agent does not read, is cancelled, so the stream ends and the agent reconnects
+    (its Welcome carries the configuration, its held tasks are repeated) instead of the stream
+    going on without what was dropped: a configuration update, a cancellation, work."""
+    one = session()
+    writer = asyncio.ensure_future(asyncio.Event().wait())
+    one.writer = writer
+    frame = agents_pb2.ConnectResponse(ping=agents_pb2.Ping(nonce="n"))
+    assert all(one.send(frame) for _ in range(OUTBOX_LIMIT))
+    assert not writer.cancelled() and not one.overflowed
+    assert not one.send(frame)
+    await asyncio.gather(writer, return_exceptions=True)
+    assert writer.cancelled() and one.overflowed

@@ -99,9 +99,11 @@ async def test_a_cancellation_reaches_the_replica_that_holds_the_task(
     a, b, bus = pair
     agent = b.hold(session())
     agent.held.update({"t1": "attempt-1", "t2": "attempt-1"})
-    await a.signals.cancel(agent.agent_id, "t1", "CANCELLED", "attempt-1")
+    # The stopper's words cross too, cut to their bound.
+    await a.signals.cancel(agent.agent_id, "t1", "STOPPED", "attempt-1", "budget " + "x" * 600)
     sent = (await _frame(agent)).cancellation
-    assert (sent.task_id, sent.reason, sent.attempt_token) == ("t1", "CANCELLED", "attempt-1")
+    assert (sent.task_id, sent.reason, sent.attempt_token) == ("t1", "STOPPED", "attempt-1")
+    assert sent.message == ("budget " + "x" * 600)[:500]
     assert agent.held == {"t2": "attempt-1"}
 
     # A replica that holds the task itself tells nobody else.

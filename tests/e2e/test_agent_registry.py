@@ -274,6 +274,42 @@ async def test_a_cancellation_names_the_attempt(mesh: MeshProcess) -> None:
         await agent.close()
 
 
+async def test_a_stop_passes_its_reason_to_the_agent_and_into_the_event(
+    mesh: MeshProcess,
+) -> None:
+    """StopTask's reason, in the stopper's words, reaches the agent holding the task
+    (Cancellation.message) and is kept in the task.stopped event; one over 500 characters is
+    refused, and the task runs on."""
+    owner = Owner(mesh)
+    capability = f"probe_{secrets.token_hex(4)}"
+    agent = StreamAgent(mesh, owner.key, "stopper", capability)
+    try:
+        await agent.next("welcome")
+        task = owner.create(type=capability, description="to be stopped")
+        assignment = (await agent.next("assignment")).assignment
+        url = f"{mesh.url}/api/v1/tasks/{task['task_id']}/stop"
+        too_long = httpx.post(url, json={"reason": "r" * 501}, headers=owner.headers)
+        error = assert_envelope(too_long, 400, "VALIDATION_ERROR")
+        assert error["details"] == {"field": "reason", "max": "500"}, error
+        assert owner.task(task["task_id"])["status"] == "assigned"
+
+        reason = "enough for today: the budget ran out"
+        stopped = httpx.post(url, json={"reason": reason}, headers=owner.headers)
+        assert stopped.status_code == 200, stopped.text
+        cancellation = (await agent.next("cancellation")).cancellation
+        assert (cancellation.task_id, cancellation.reason) == (task["task_id"], "STOPPED")
+        assert cancellation.attempt_token == assignment.attempt_token
+        assert cancellation.message == reason
+    finally:
+        await agent.close()
+    with sqlite3.connect(mesh.data_dir / "agentmesh.db") as db:
+        (data,) = db.execute(
+            "SELECT data FROM tasks_outbox WHERE subject_id = ? AND event_type = 'task.stopped'",
+            (task["task_id"],),
+        ).fetchone()
+    assert json.loads(data)["reason"] == reason
+
+
 async def test_a_result_sent_as_the_stream_ends_counts_and_its_next_task_goes_back(
     mesh: MeshProcess,
 ) -> None:

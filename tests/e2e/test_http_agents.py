@@ -19,7 +19,8 @@ import httpx
 import pytest
 
 from servers.agents.work import agent_id_of
-from servers.launcher import MeshProcess
+from servers.launcher import MeshProcess, free_port
+from tests.conftest import SHARED_MESH_ENV
 from tests.e2e.test_agents import FAST
 from tests.helpers import assert_envelope, grant_role, new_user
 
@@ -387,6 +388,7 @@ async def test_cancellations_and_configuration_reach_the_stream(mesh: MeshProces
             "task_id": task["task_id"],
             "reason": "CANCELLED",
             "attempt_token": assignment["attempt_token"],
+            "message": "",  # a stopper's words; a cancel has none
         }
         # The cancelled attempt's reports are refused.
         assert_envelope(await agent.progress(assignment, 90), 409, "CONFLICT")
@@ -600,3 +602,35 @@ async def test_revoking_the_key_ends_the_assignment_stream(fast_mesh: MeshProces
         ended = await stream.next("error", timeout=10)
         assert ended["code"] == "AUTH_REQUIRED" and "revoked" in ended["message"]
         assert (await agent.heartbeat([])).status_code == 401
+
+
+async def test_after_a_restart_an_http_agents_held_work_comes_first_and_fills_its_slots(
+    tmp_path: Path,
+) -> None:
+    """The mesh restarts while an HTTP agent holds a task (its lease still running): the
+    agent's next stream repeats the task first, with its attempt token, and the task counts
+    against the agent's capacity: a task queued meanwhile waits for the slot."""
+    port = free_port()
+    with MeshProcess(data_dir=tmp_path, port=port, env=SHARED_MESH_ENV) as mesh:
+        dev = Developer(mesh)
+        kind = capability()
+        async with http_agent(mesh.url, dev.key) as agent:
+            await agent.register("survivor", [kind], max_capacity=1)
+            stream = await agent.stream()
+            task = dev.create(type=kind, description="held across a restart")
+            held = await stream.next("assignment")
+    with MeshProcess(data_dir=tmp_path, port=port, env=SHARED_MESH_ENV) as mesh:
+        waiting = dev.create(type=kind, description="queued while the slot is taken")
+        async with http_agent(mesh.url, dev.key) as agent:
+            agent.agent_id = agent_id_of(dev.id, "survivor")  # not registered again
+            stream = await agent.stream()
+            again = await stream.next("assignment")
+            assert again["task"]["task_id"] == task["task_id"]
+            assert again["attempt_token"] == held["attempt_token"]
+            # The one slot is taken: nothing more until the held task is done.
+            with pytest.raises(TimeoutError):
+                await stream.next("assignment", timeout=2)
+            reply = await agent.complete(again, result={"ok": True})
+            assert reply.json()["status"] == "completed", reply.text
+            after = await stream.next("assignment")
+            assert after["task"]["task_id"] == waiting["task_id"]

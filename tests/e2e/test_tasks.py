@@ -265,6 +265,12 @@ def test_invalid_tasks_are_validation_errors(mesh: MeshProcess) -> None:
         {**ok, "metadata": {"blob": "x" * 70_000}},  # over 64 KiB
         {**ok, "callback_url": "ftp://x"},
         {**ok, "callback_url": "not a url"},
+        # URLs no delivery could use: each refused at create, not failed for an hour later.
+        {**ok, "callback_url": "http://[::1/hook"},
+        {**ok, "callback_url": "http://example.com:99999/hook"},
+        {**ok, "callback_url": "http://exa mple.com/hook"},
+        {**ok, "callback_url": "http://example.com/\nhook"},
+        {**ok, "callback_url": "http://a..b/hook"},
         {**ok, "title": "t" * 201},
         {**ok, "description": "d" * 100_001},
     ]
@@ -272,7 +278,9 @@ def test_invalid_tasks_are_validation_errors(mesh: MeshProcess) -> None:
         owner = _register(client)
         for body in cases:
             reply = client.post("/api/v1/tasks", json=body, headers=owner.headers)
-            assert_envelope(reply, 400, "VALIDATION_ERROR")
+            error = assert_envelope(reply, 400, "VALIDATION_ERROR")
+            if "callback_url" in body:
+                assert error["details"] == {"field": "callback_url"}, error
         # None of them created anything.
         assert _list(client, owner)["total"] == 0
 
@@ -491,6 +499,42 @@ def test_result_of_an_unfinished_task_is_a_conflict(mesh: MeshProcess) -> None:
             reply = client.get(f"/api/v1/tasks/{task['task_id']}/result", headers=owner.headers)
             error = assert_envelope(reply, 409, "CONFLICT")
             assert error["details"] == {"status": status}
+
+
+def test_a_stopped_or_cancelled_task_says_it_has_no_result(mesh: MeshProcess) -> None:
+    """Ended without an outcome: still 409, but a client polling for the result is told it
+    will never come."""
+    with httpx.Client(base_url=mesh.url) as client:
+        owner = _register(client)
+        stopped, cancelled = _create(client, owner), _create(client, owner)
+        url = "/api/v1/tasks/{}"
+        client.post(url.format(stopped["task_id"]) + "/stop", json={}, headers=owner.headers)
+        client.delete(url.format(cancelled["task_id"]), headers=owner.headers)
+        for task, status in ((stopped, "stopped"), (cancelled, "cancelled")):
+            reply = client.get(url.format(task["task_id"]) + "/result", headers=owner.headers)
+            error = assert_envelope(reply, 409, "CONFLICT")
+            assert error["details"] == {"status": status}
+            assert error["message"] == f"the task ended {status}: it has no result"
+
+
+def test_size_limits_count_the_bytes_of_utf8_json(mesh: MeshProcess) -> None:
+    """64 KiB of metadata is 64 KiB of UTF-8 JSON: 12,000 CJK characters (36,000 bytes) fit,
+    though as \\u escapes they would be 72,000; 22,000 of them (66,000 bytes) do not."""
+    with httpx.Client(base_url=mesh.url) as client:
+        owner = _register(client)
+        fits = client.post(
+            "/api/v1/tasks",
+            json={"description": "cjk", "metadata": {"k": "日" * 12_000}},
+            headers=owner.headers,
+        )
+        assert fits.status_code == 201, fits.text
+        assert fits.json()["metadata"] == {"k": "日" * 12_000}
+        over = client.post(
+            "/api/v1/tasks",
+            json={"description": "cjk", "metadata": {"k": "日" * 22_000}},
+            headers=owner.headers,
+        )
+        assert_envelope(over, 400, "VALIDATION_ERROR")
 
 
 def test_stats_count_the_callers_tasks(any_mesh: MeshProcess) -> None:

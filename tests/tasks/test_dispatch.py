@@ -96,9 +96,14 @@ async def test_a_stale_attempt_is_refused(db: Database) -> None:
     first = await dispatch.claim("agent-1", ["echo"])
     assert first is not None and first.attempt_token
     old_token = first.attempt_token
+    assert await dispatch.progress(task.task_id, "agent-1", old_token, 10, "") is not None
     await asyncio.sleep(0.3)
     lost = await dispatch.expire_leases()
     assert [(x.task_id, x.agent_id, x.requeued) for x in lost] == [(task.task_id, "agent-1", True)]
+    # Queued again, it shows nothing of the attempt that ended but its error.
+    requeued = await tasks.get(ALICE, task.task_id)
+    assert (requeued.status, requeued.progress, requeued.assigned_agent) == ("queued", 0, "")
+    assert requeued.started_at is None and requeued.error_code == "LEASE_EXPIRED"
     second = await dispatch.claim("agent-2", ["echo"])
     assert second is not None and second.attempt == 2 and second.attempt_token != old_token
     # The first holder, thawed, reports late: refused; its result changes nothing.
@@ -165,6 +170,22 @@ async def test_retryable_errors_retry_until_the_last_attempt(db: Database) -> No
         error=("INTERNAL_ERROR", "boom", True),
     )
     assert first.accepted and first.status == "queued"
+    # Sent again (its answer was lost): the same answer, and nothing changes.
+    repeat = await dispatch.complete(
+        task.task_id,
+        "agent-1",
+        a.attempt_token or "",
+        result=None,
+        error=("INTERNAL_ERROR", "boom", True),
+    )
+    assert (repeat.accepted, repeat.status, repeat.fresh) == (True, "queued", False)
+    assert (await tasks.get(ALICE, task.task_id)).attempt == 1
+    # Another error of that attempt, or its result, is not a repeat: refused.
+    for other in (("INTERNAL_ERROR", "other", True), None):
+        late = await dispatch.complete(
+            task.task_id, "agent-1", a.attempt_token or "", result={}, error=other
+        )
+        assert (late.accepted, late.reason) == (False, "CONFLICT")
     b = await dispatch.claim("agent-1", ["echo"])
     assert b is not None
     second = await dispatch.complete(

@@ -341,14 +341,16 @@ class Welcome(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[int] = ..., lease_duration_seconds: _Optional[int] = ..., configuration: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class Cancellation(_message.Message):
-    __slots__ = ("task_id", "reason", "attempt_token")
+    __slots__ = ("task_id", "reason", "attempt_token", "message")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     reason: str
     attempt_token: str
-    def __init__(self, task_id: _Optional[str] = ..., reason: _Optional[str] = ..., attempt_token: _Optional[str] = ...) -> None: ...
+    message: str
+    def __init__(self, task_id: _Optional[str] = ..., reason: _Optional[str] = ..., attempt_token: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ConfigUpdate(_message.Message):
     __slots__ = ("configuration", "updated_fields")
@@ -381,16 +383,18 @@ class TaskResultAck(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., attempt_token: _Optional[str] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., status: _Optional[str] = ...) -> None: ...
 
 class DeliverCancellationRequest(_message.Message):
-    __slots__ = ("agent_id", "task_id", "reason", "attempt_token")
+    __slots__ = ("agent_id", "task_id", "reason", "attempt_token", "message")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     task_id: str
     reason: str
     attempt_token: str
-    def __init__(self, agent_id: _Optional[str] = ..., task_id: _Optional[str] = ..., reason: _Optional[str] = ..., attempt_token: _Optional[str] = ...) -> None: ...
+    message: str
+    def __init__(self, agent_id: _Optional[str] = ..., task_id: _Optional[str] = ..., reason: _Optional[str] = ..., attempt_token: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class DeliverCancellationResponse(_message.Message):
     __slots__ = ()

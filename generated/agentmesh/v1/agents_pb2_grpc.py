@@ -126,7 +126,8 @@ class AgentsServiceServicer:
 
     def GetAgent(self, request, context):
         """Gets one agent with its configuration, metrics and resources (seed 004). Requires `read` on
-        agents, or being that agent. 404 NOT_FOUND. (There is no GET /api/v1/agents/register: the
+        agents (a user's token; an agent's key has no `read`: it learns its configuration from its
+        Welcome and ConfigUpdates). 404 NOT_FOUND. (There is no GET /api/v1/agents/register: the
         registration path is POST only, so it never clashes with this template.)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -141,7 +142,9 @@ class AgentsServiceServicer:
         configuration. A connected agent receives the new configuration at once (ConfigUpdate).
         Requires `write` on agents (developer, admin); a developer may change only agents it owns,
         403 INSUFFICIENT_PERMISSIONS otherwise. 404 NOT_FOUND; 400 VALIDATION_ERROR for a mask path
-        that is not a body key.
+        that is not a top-level key (`a.b`), or a configuration of more than 64 KiB of JSON or
+        nested deeper than 20 levels. Removing a key the configuration does not have changes
+        nothing, and is not remembered.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

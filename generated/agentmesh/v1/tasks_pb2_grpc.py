@@ -138,7 +138,8 @@ class TasksServiceServicer:
     def GetTaskResult(self, request, context):
         """Gets a finished task's outcome: the result of a `completed` task, the error of a `failed`
         one (seed 004's result document). Requires `read` on tasks. 404 TASK_NOT_FOUND; 409
-        CONFLICT while the task has not finished (ErrorInfo metadata `status` holds its status).
+        CONFLICT while the task has not finished, and for good once it ended `stopped` or
+        `cancelled`, which have no result (ErrorInfo metadata `status` holds its status).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
