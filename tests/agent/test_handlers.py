@@ -3,6 +3,7 @@ are plain coroutines: no server needed), and the `agentmesh agent run` refusals.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -13,10 +14,10 @@ from typing import Any
 import pytest
 from google.protobuf import json_format, struct_pb2
 
-from agentmesh.v1 import tasks_pb2
+from agentmesh.v1 import agents_pb2, common_pb2, tasks_pb2
 from servers.agent import review
 from servers.agent.handlers import CodeReview, echo, sleep
-from servers.agent.runtime import TaskFailed, execute
+from servers.agent.runtime import Agent, AgentRefused, TaskFailed, _StreamClosed, execute
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -317,6 +318,45 @@ async def test_execute_turns_exceptions_into_task_errors() -> None:
     assert (bad.code, bad.retryable) == ("INTERNAL_ERROR", False)
 
 
+@pytest.mark.parametrize(
+    "result",
+    [{"x": math.nan}, {"x": [math.inf]}, {"x": 10**400}, {"x": {"y": -math.inf}}],
+    ids=["nan", "inf-in-list", "beyond-a-double", "nested-minus-inf"],
+)
+async def test_a_result_the_mesh_would_refuse_becomes_the_tasks_error(result: object) -> None:
+    """A number JSON cannot write, or one no double holds: sent, the mesh would refuse the
+    outcome and the task would sit held until its lease ran out (or the agent crash on it).
+    It fails the task at once instead, not retried: the same handler would do it again."""
+
+    async def returns(task: tasks_pb2.Task, report: Any) -> object:
+        return result
+
+    outcome = await execute(returns, make_task("x"), Reports())  # type: ignore[arg-type]
+    assert isinstance(outcome, tasks_pb2.TaskError), outcome
+    assert (outcome.code, outcome.retryable) == ("INTERNAL_ERROR", False)
+    assert outcome.message.startswith("the handler's result is not a JSON object")
+
+
+async def test_error_messages_and_details_keep_to_what_the_mesh_takes() -> None:
+    """A NUL in an exception's message (the mesh refuses any text with one, and ends the
+    stream: the agent reconnected and sent it again, for ever); details it would refuse
+    (NaN) are left out rather than refusing the whole outcome."""
+
+    async def nul(task: tasks_pb2.Task, report: Any) -> dict[str, object]:
+        raise RuntimeError("bad byte \x00 here")
+
+    async def nan_details(task: tasks_pb2.Task, report: Any) -> dict[str, object]:
+        raise TaskFailed("UPSTREAM", "no", details={"score": math.nan})
+
+    crashed = await execute(nul, make_task("x"), Reports())
+    assert isinstance(crashed, tasks_pb2.TaskError)
+    assert crashed.message == "bad byte \ufffd here"
+    failed = await execute(nan_details, make_task("x"), Reports())
+    assert isinstance(failed, tasks_pb2.TaskError)
+    assert (failed.code, failed.message) == ("UPSTREAM", "no")
+    assert not failed.HasField("details")
+
+
 def run_cli(
     *args: str, key: str | None = None, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess[str]:
@@ -351,6 +391,28 @@ def test_cli_refuses_a_missing_workdir(tmp_path: Path) -> None:
     done = run_cli("--workdir", str(tmp_path / "nope"), key="amk_unused")
     assert done.returncode == 2
     assert "--workdir" in done.stderr
+
+
+@pytest.mark.parametrize("name", ["bad\u202ename", "tab\there", "zero\u200bwidth"])
+def test_cli_refuses_a_name_the_mesh_would_refuse(name: str) -> None:
+    """The mesh refuses such a Hello; the agent would reconnect and be refused for ever."""
+    done = run_cli("--name", name, key="amk_unused")
+    assert done.returncode == 2, done.stderr
+    assert "name must not hold" in done.stderr
+
+
+def test_a_refused_hello_is_final_and_a_busy_mesh_is_not() -> None:
+    """VALIDATION_ERROR: the same Hello would be refused again, so run() stops (the CLI exits
+    1). A mesh that cannot take it now (its registry down) is tried again."""
+    agent = Agent(name="hello", api_key="amk_test", capabilities=["echo"])
+
+    def refusal(code: str) -> agents_pb2.ConnectResponse:
+        return agents_pb2.ConnectResponse(error=common_pb2.StreamError(code=code, message="m"))
+
+    with pytest.raises(AgentRefused, match="VALIDATION_ERROR"):
+        agent._welcomed(refusal("VALIDATION_ERROR"))
+    with pytest.raises(_StreamClosed):
+        agent._welcomed(refusal("SERVICE_UNAVAILABLE"))
 
 
 async def test_a_result_too_deep_for_the_stream_is_reported_as_an_error() -> None:
