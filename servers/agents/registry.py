@@ -14,7 +14,7 @@ import asyncio
 import math
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,9 +89,10 @@ class Session:
     # Done when the outcome a Connect stream's reader is recording has been (service.py):
     # the stream's end waits for it before it stops the reader.
     recording: asyncio.Future[None] | None = None
-    # The task writing this session's frames to its stream (Connect's, or an SSE stream's
-    # while one is open), and whether it was cut because the agent stopped reading.
-    writer: asyncio.Task[Any] | None = None
+    # Ends the stream writing this session's frames (Connect's, or an SSE stream's while one
+    # is open; service.py's stream_cutter), and whether it was cut because the agent stopped
+    # reading.
+    cut: Callable[[], None] | None = None
     overflowed: bool = False
 
     def seen(self) -> None:
@@ -113,8 +114,8 @@ class Session:
         except asyncio.QueueFull:
             if not self.overflowed:
                 self.overflowed = True
-                if self.writer is not None and not self.writer.done():
-                    self.writer.cancel()
+                if self.cut is not None:
+                    self.cut()
             return False
         return True
 

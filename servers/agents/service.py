@@ -20,7 +20,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from google.api import httpbody_pb2
@@ -40,7 +40,7 @@ from servers.common.protos import as_json, struct
 from . import http
 from .domain import AgentDirectory, View
 from .pacing import Pacer
-from .registry import Session
+from .registry import OUTBOX_LIMIT, Session
 from .signals import Signals
 from .work import (
     CANCEL_MESSAGE_MAX,
@@ -60,6 +60,8 @@ HELLO_TIMEOUT = 10.0
 # Heartbeat intervals within which a Connect heartbeat renews a task it does not list: one for
 # a heartbeat written before the assignment arrived, one more for the way.
 UNLISTED_GRACE = 2
+# Seconds a cut stream's abort is given to go out before its task is cancelled (_cutter).
+CUT_WAIT = 1.0
 
 
 def _timeout(context: grpc.aio.ServicerContext) -> float:
@@ -102,6 +104,8 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         # New HTTP sessions (registration, a rebuilt session, a new stream) one at a time, so
         # that two calls at once make one session. They are rare: once per start or stream.
         self._attaching = asyncio.Lock()
+        # Streams being cut (_cutter), held until done: the loop keeps only weak references.
+        self._cuts: set[asyncio.Future[None]] = set()
 
     # -- Connect ----------------------------------------------------------------------------
 
@@ -133,7 +137,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             yield error_frame("SERVICE_UNAVAILABLE", "the agent registry is unavailable; reconnect")
             return
         reason = "DISCONNECTED"
-        session.writer = asyncio.current_task()
+        session.cut = self._cutter(context)
         # After the Welcome, the work it holds from before (a reconnection) comes first.
         await self._work.repeat_held(session)
         reader = asyncio.create_task(self._read(session, frames))
@@ -177,6 +181,36 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             await self._work.give_back(session, session.unsent_assignments())
             await self._directory.disconnect(session, reason)
             log.info("agent disconnected", extra={"agent_id": session.agent_id})
+
+    def _cutter(self, context: grpc.aio.ServicerContext) -> Callable[[], None]:
+        """Ends the calling stream from outside it, for a session whose agent stopped reading
+        (Session.send). Its writer is stuck on a write the agent does not read, so the stream
+        cannot end the usual way: the call is aborted (RESOURCE_EXHAUSTED, which the agent
+        reads after the frames already on their way, and reconnects), then its task is
+        cancelled, so that the stream's cleanup runs now. Cancelled alone, the task would
+        leave the agent's side of the call open for ever."""
+        writer = asyncio.current_task()
+
+        async def cut() -> None:
+            with contextlib.suppress(grpc.aio.AbortError, TimeoutError):
+                # The abort's status waits behind the unread frames: it is sent, not awaited.
+                await asyncio.wait_for(
+                    context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"the agent did not read its stream ({OUTBOX_LIMIT} frames waited);"
+                        " reconnect",
+                    ),
+                    CUT_WAIT,
+                )
+            if writer is not None:
+                writer.cancel()
+
+        def start() -> None:
+            job = asyncio.ensure_future(cut())
+            self._cuts.add(job)
+            job.add_done_callback(self._cuts.discard)
+
+        return start
 
     def _guard(self, session: Session) -> asyncio.Task[None]:
         """The stream's credential check (AgentWork.guard_credential): the call's own
@@ -384,7 +418,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         ids = itertools.count(1)
         log.info("assignment stream opened", extra={"agent_id": session.agent_id})
         # An HTTP session's queue outlives its streams: a new stream may be cut again.
-        session.writer, session.overflowed = asyncio.current_task(), False
+        session.cut, session.overflowed = self._cutter(context), False
         try:
             # Like Connect's Welcome: the effective configuration, then the work the agent
             # holds, with unchanged attempt tokens, so that a reconnect loses nothing.
@@ -416,8 +450,7 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
             # are not released; they run out unless heartbeats renew them (its REST calls
             # check its key each time, so a revoked key renews nothing).
             session.streaming = False
-            if session.writer is asyncio.current_task():
-                session.writer = None
+            session.cut = None
             log.info("assignment stream closed", extra={"agent_id": session.agent_id})
 
     async def _agent(self, who: Principal, agent_id: str) -> Session:

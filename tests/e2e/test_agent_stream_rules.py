@@ -19,7 +19,8 @@ import pytest
 from agentmesh.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2
 from servers.agents.service import agent_id_of
 from servers.launcher import MeshProcess
-from tests.e2e.test_agent_registry import StreamAgent
+from tests.conftest import SHARED_MESH_ENV
+from tests.e2e.test_agent_registry import StreamAgent, agent_events
 from tests.e2e.test_agents import FAST, Owner
 
 QUIET = 1.5  # seconds in which no frame of a kind must come
@@ -267,3 +268,82 @@ async def test_a_held_task_its_agent_stops_listing_goes_to_another_attempt(
                 assert again.attempt_token != held.attempt_token
             finally:
                 beating.cancel()
+
+
+async def test_an_agent_that_stops_reading_is_cut_and_comes_back_up_to_date(
+    tmp_path: Path,
+) -> None:
+    """An agent that heartbeats but does not read its stream: configuration updates pile up
+    (1,000 frames wait) and the stream is cut: `agent.offline` says NOT_READING at once; the
+    agent, reading again, gets what was on its way, then RESOURCE_EXHAUSTED; reconnecting, its
+    Welcome has the latest configuration. Before, the stream went on with updates dropped and
+    no more work."""
+    env = {**SHARED_MESH_ENV, "AGENTMESH_QUOTAS": "general=0,agent=0,management=0"}
+    with MeshProcess(data_dir=tmp_path, env=env) as mesh:
+        owner = Owner(mesh)
+        name, capability = "deaf", f"deaf_{secrets.token_hex(4)}"
+        channel = grpc.aio.insecure_channel(mesh.url.removeprefix("http://"))
+        up: asyncio.Queue[agents_pb2.ConnectRequest | None] = asyncio.Queue()
+
+        async def requests() -> AsyncIterator[agents_pb2.ConnectRequest]:
+            while (item := await up.get()) is not None:
+                yield item
+
+        hello = agents_pb2.Hello(name=name, capabilities=[capability], max_capacity=1)
+        up.put_nowait(agents_pb2.ConnectRequest(hello=hello))
+        call = agents_pb2_grpc.AgentsServiceStub(channel).Connect(
+            requests(), metadata=(("authorization", f"Bearer {owner.key}"),)
+        )
+
+        async def heartbeats() -> None:
+            while True:
+                up.put_nowait(agents_pb2.ConnectRequest(heartbeat=agents_pb2.AgentHeartbeat()))
+                await asyncio.sleep(0.5)
+
+        beating = asyncio.ensure_future(heartbeats())
+        try:
+            agent_id = (await call.read()).welcome.agent_id
+            url = f"{mesh.url}/api/v1/agents/{agent_id}/config"
+            async with httpx.AsyncClient(headers=owner.headers, timeout=30) as client:
+                big = await client.patch(url, json={"big": "x" * 60_000})
+                assert big.status_code == 200, big.text
+                sent = iter(range(1200))
+
+                async def patcher() -> None:
+                    for n in sent:
+                        reply = await client.patch(url, json={"n": n})
+                        assert reply.status_code == 200, reply.text
+
+                await asyncio.gather(*(patcher() for _ in range(8)))
+                stored = (await client.get(f"{mesh.url}/api/v1/agents/{agent_id}")).json()
+            # Still not reading, it is already gone on the server: the stream's task is
+            # cancelled a moment after its abort, and the stream's end recorded.
+            async with asyncio.timeout(10):
+                while not (
+                    offline := [
+                        d for k, _, d in agent_events(mesh, agent_id) if k == "agent.offline"
+                    ]
+                ):
+                    await asyncio.sleep(0.1)
+            assert [d["reason"] for d in offline] == ["NOT_READING"]
+            # Now it reads: what was on its way, then the cut.
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                async with asyncio.timeout(30):
+                    while (frame := await call.read()) is not grpc.aio.EOF:
+                        if frame.HasField("ping"):
+                            pong = agents_pb2.Pong(nonce=frame.ping.nonce)
+                            up.put_nowait(agents_pb2.ConnectRequest(pong=pong))
+            assert cut.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, cut.value
+        finally:
+            beating.cancel()
+            up.put_nowait(None)
+            call.cancel()
+            await channel.close()
+        again = StreamAgent(mesh, owner.key, name, capability, capacity=1)
+        try:
+            welcome = (await again.next("welcome")).welcome
+            assert welcome.agent_id == agent_id
+            # The last PATCH stored (eight ran at once), which the agent never read.
+            assert welcome.configuration["n"] == stored["configuration"]["n"] >= 1190
+        finally:
+            await again.close()

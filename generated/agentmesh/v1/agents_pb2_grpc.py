@@ -221,6 +221,8 @@ class AgentsServiceServicer:
         stream in-band with a StreamError: VALIDATION_ERROR (first frame not a Hello, a malformed
         frame), HEARTBEAT_TIMEOUT (no heartbeat or pong within three intervals); a clean end is a
         StreamEnd ("SERVER_SHUTDOWN", or "REPLACED" when the same agent connected again elsewhere).
+        An agent that stops reading (1,000 frames waiting for it) has the call aborted with
+        RESOURCE_EXHAUSTED, after the frames already on their way; it reconnects.
         A progress report or result with a stale attempt token does not end the stream: the server
         answers a Cancellation (reason "LEASE_LOST") or a refused TaskResultAck.
         """
