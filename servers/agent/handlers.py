@@ -62,6 +62,8 @@ class CodeReview:
 
     def __init__(self, workdir: str | os.PathLike[str]) -> None:
         self.workdir = Path(workdir).resolve(strict=True)
+        # As given (absolute), for requests that name it so through a symlink on its way.
+        self._given = Path(workdir).absolute()
         if not self.workdir.is_dir():
             raise NotADirectoryError(str(workdir))
 
@@ -101,7 +103,8 @@ class CodeReview:
         try:
             path = Path(requested)
             if path.is_absolute() and not path.is_relative_to(self.workdir):
-                path = path.relative_to(path.anchor)
+                given = path.is_relative_to(self._given)
+                path = path.relative_to(self._given if given else path.anchor)
             resolved = (self.workdir / path).resolve()
         except (OSError, RuntimeError, ValueError):
             raise invalid(f"cannot resolve {requested!r}", file=requested) from None

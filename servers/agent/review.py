@@ -40,7 +40,7 @@ _PLACEHOLDER = re.compile(r"^\s*$|^\$\{.*\}$|^<.*>$")
 # Upper-case keywords are SQL; lower-case ones only in SQL's shape, so that "Select a file
 # from the list" is prose.
 _SQL = re.compile(
-    r"\b(?:SELECT\b.*\bFROM|INSERT\s+INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM|DROP\s+TABLE|"
+    r"\b(?:SELECT\b.{0,1000}?\bFROM|INSERT\s+INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM|DROP\s+TABLE|"
     r"ALTER\s+TABLE|CREATE\s+TABLE)\b"
     r"|(?i:\bselect\s+(?:\*|[\w.]+(?:\s*,\s*[\w.]+)*)\s+from\s+\w+|\binsert\s+into\s+\w+|"
     r"\bdelete\s+from\s+\w+|\bupdate\s+\w+\s+set\s+\w+\s*=)",

@@ -36,7 +36,7 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 
 from agentmesh.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2
-from servers.common.protos import NESTING_MAX, too_deep
+from servers.common.protos import NESTING_MAX, json_size, too_deep
 from servers.common.text import TYPE_NAME, invisible
 
 log = logging.getLogger("agentmesh.agent")
@@ -62,6 +62,8 @@ OUTBOX_LIMIT = 1000
 MESSAGE_LIMIT = 500
 ERROR_CODE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")  # as the mesh checks it (agents/http.py)
 DETAILS_MAX_BYTES = 64 * 1024
+# The largest result the mesh keeps (servers/tasks/dispatch.py's RESULT_MAX_BYTES).
+RESULT_MAX_BYTES = 1 << 20
 # On stop(): how long to wait for the server to acknowledge finished outcomes, and for a
 # cancelled handler to actually end.
 DRAIN_SECONDS = 3.0
@@ -220,7 +222,7 @@ async def execute(handler: Handler, task: tasks_pb2.Task, report: Progress) -> O
             retryable=False,
         )
     try:
-        return _json_struct(result, struct_pb2.Struct())
+        outcome = _json_struct(result, struct_pb2.Struct())
     except _NOT_JSON as exc:
         # The same handler would produce the same result again: retrying cannot help.
         return tasks_pb2.TaskError(
@@ -228,6 +230,16 @@ async def execute(handler: Handler, task: tasks_pb2.Task, report: Progress) -> O
             message=_text(f"the handler's result is not a JSON object: {exc}"),
             retryable=False,
         )
+    size = json_size(result)
+    if size > RESULT_MAX_BYTES:
+        # The mesh would fail the task so; sent, a result past the 4 MiB frame limit would
+        # break the stream instead, and be sent again on every reconnection.
+        return tasks_pb2.TaskError(
+            code="RESULT_TOO_LARGE",
+            message=f"the result is {size} bytes of JSON; at most {RESULT_MAX_BYTES} are kept",
+            retryable=False,
+        )
+    return outcome
 
 
 @dataclass

@@ -183,6 +183,11 @@ class Dispatch:
     def __init__(self, *, db: Database, lease_seconds: float) -> None:
         self._db = db
         self.lease = timedelta(seconds=lease_seconds)
+        # No lease runs out before one whole lease after this server started: while the mesh
+        # was down no agent could renew one, and those that finished their work meanwhile need
+        # the time to reconnect and report it (else a restart after an outage longer than a
+        # lease threw their results away, or failed the task on its last attempt).
+        self._grace_until = now() + self.lease
 
     async def get(self, task_id: str) -> TaskRow:
         async with self._db.session() as s:
@@ -456,6 +461,8 @@ class Dispatch:
         async with self._db.write() as s, s.begin():
             overdue = (await s.execute(_OVERDUE, {"overdue_at": at})).scalars().all()
             timed_out = [self._time_out(s, t, at) for t in overdue if _past_limit(t, at)]
+            if at < self._grace_until:
+                return timed_out
             rows = await s.execute(
                 select(TaskRow)
                 .where(TaskRow.status.in_(HELD), TaskRow.lease_expires_at < at)

@@ -17,7 +17,15 @@ from google.protobuf import json_format, struct_pb2
 from agentmesh.v1 import agents_pb2, common_pb2, tasks_pb2
 from servers.agent import review
 from servers.agent.handlers import CodeReview, echo, sleep
-from servers.agent.runtime import Agent, AgentRefused, TaskFailed, _StreamClosed, execute
+from servers.agent.runtime import (
+    RESULT_MAX_BYTES,
+    Agent,
+    AgentRefused,
+    TaskFailed,
+    _StreamClosed,
+    execute,
+)
+from servers.tasks import dispatch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -188,6 +196,11 @@ async def test_seed_004_absolute_path_is_read_from_the_workdir_root(tmp_path: Pa
     assert result["metrics"]["issues_found"] == 6
     inside = await review_file(tmp_path, str(tmp_path / "src" / "auth" / "module.py"))
     assert inside["metrics"]["issues_found"] == 6
+    # The work directory given through a symlink: an absolute path through it is inside too.
+    link = tmp_path.parent / f"{tmp_path.name}-link"
+    link.symlink_to(tmp_path)
+    linked = await review_file(link, str(link / "src" / "auth" / "module.py"))
+    assert linked["metrics"]["issues_found"] == 6
 
 
 async def assert_refused(workdir: Path, **metadata: Any) -> TaskFailed:
@@ -337,6 +350,24 @@ async def test_a_result_the_mesh_would_refuse_becomes_the_tasks_error(result: ob
     assert outcome.message.startswith("the handler's result is not a JSON object")
 
 
+async def test_a_result_larger_than_the_mesh_keeps_fails_the_task_here() -> None:
+    """The mesh keeps 1 MiB of result (and fails a task with more); past its 4 MiB frames the
+    stream itself would break, and the agent send it again on every reconnection. The agent
+    fails the task with the mesh's own error instead, measured as the mesh does (UTF-8)."""
+
+    async def returns(task: tasks_pb2.Task, report: Any) -> dict[str, object]:
+        return {"blob": "日" * 400_000}  # 1.2 MB of UTF-8, 2.4 MB as \\u escapes
+
+    async def fits(task: tasks_pb2.Task, report: Any) -> dict[str, object]:
+        return {"blob": "日" * 300_000}  # 0.9 MB
+
+    large = await execute(returns, make_task("x"), Reports())
+    assert isinstance(large, tasks_pb2.TaskError), large
+    assert (large.code, large.retryable) == ("RESULT_TOO_LARGE", False)
+    assert isinstance(await execute(fits, make_task("x"), Reports()), struct_pb2.Struct)
+    assert RESULT_MAX_BYTES == dispatch.RESULT_MAX_BYTES
+
+
 async def test_error_messages_and_details_keep_to_what_the_mesh_takes() -> None:
     """A NUL in an exception's message (the mesh refuses any text with one, and ends the
     stream: the agent reconnected and sent it again, for ever); details it would refuse
@@ -445,3 +476,12 @@ def test_a_handler_error_is_shaped_as_the_mesh_takes_it() -> None:
     assert json_format.MessageToDict(kept.details) == {"n": 1}
     # No text field may hold a NUL (an exception's words about a binary file may).
     assert TaskFailed("BINARY", "byte \x00 here").to_proto().message == "byte \ufffd here"
+
+
+def test_a_long_line_of_sql_words_is_reviewed_in_linear_time() -> None:
+    """`SELECT\\b.*\\bFROM` tried every SELECT against the rest of the line: 144 KB of "SELECT a"
+    took 11 s (a 1 MiB line, about ten minutes) in a thread no cancellation stops. The match
+    now looks at most 1,000 characters ahead: well under a second."""
+    started = time.perf_counter()
+    review.analyze("SELECT a " * 18_000, python=False)
+    assert time.perf_counter() - started < 2.5

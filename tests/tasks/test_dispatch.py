@@ -144,6 +144,30 @@ async def test_a_task_never_reported_running_ran_from_its_lease(db: Database) ->
     assert (await tasks.stats(ALICE)).average_completion_time == pytest.approx(ran, abs=0.002)
 
 
+async def test_a_restart_gives_every_lease_one_more_before_it_runs_out(db: Database) -> None:
+    """The mesh was down longer than a lease: no agent could renew it. The restarted server
+    lets every lease run one whole lease after its start, so that an agent that finished the
+    work meanwhile can reconnect and report it; then leases run out as before."""
+    tasks = Tasks(db=db)
+    task, _ = await tasks.create(ALICE, replace(NEW, max_attempts=1))
+    first = Dispatch(db=db, lease_seconds=0.3)
+    leased = await first.claim("agent-1", ["echo"])
+    assert leased is not None
+    await asyncio.sleep(0.5)  # "down" past the lease
+    restarted = Dispatch(db=db, lease_seconds=0.3)
+    assert await restarted.expire_leases() == []
+    done = await restarted.complete(
+        task.task_id, "agent-1", leased.attempt_token or "", result={"ok": True}, error=None
+    )
+    assert done.accepted and done.status == "completed"
+    # The grace is one lease: past it, a lease that ran out is lost as always.
+    other, _ = await tasks.create(ALICE, NEW)
+    assert await restarted.claim("agent-2", ["echo"]) is not None
+    await asyncio.sleep(0.35)
+    lost = await restarted.expire_leases()
+    assert [(x.task_id, x.requeued) for x in lost] == [(other.task_id, True)]
+
+
 async def test_the_last_attempt_fails_the_task(db: Database) -> None:
     tasks, dispatch = Tasks(db=db), Dispatch(db=db, lease_seconds=0.1)
     task, _ = await tasks.create(ALICE, replace(NEW, max_attempts=2))
