@@ -9,6 +9,7 @@ import functools
 import ipaddress
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -47,6 +48,11 @@ SERVER_METADATA_HARD_LIMIT = 16 * 1024
 # process with threads, which the mesh has: gRPC's poller, the SQLite checkpointer). Without
 # setpriv, a preexec_fn calls Linux's prctl, looked up before any fork.
 SETPRIV = shutil.which("setpriv")
+# Seconds a draining Envoy still takes new connections (each told to close after its request)
+# before its listeners close (--drain-time-s; EnvoyProcess.drain).
+DRAIN_SECONDS = 1
+# The requests in flight through the public listener (envoy.yaml's stat_prefix "public").
+ACTIVE_REQUESTS = r"http\.public\.downstream_rq_active"
 PR_SET_PDEATHSIG = 1
 _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
 
@@ -148,12 +154,13 @@ def validate(config: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-async def _admin_get(address: str, path: str) -> tuple[int, str]:
+async def _admin_get(address: str, path: str, method: str = "GET") -> tuple[int, str]:
     host, _, port = address.rpartition(":")
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 1.0)
     try:
         # HTTP/1.1: Envoy refuses HTTP/1.0 unless told to accept it.
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        request = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+        writer.write(f"{request}Content-Length: 0\r\n\r\n".encode())
         await writer.drain()
         raw = await asyncio.wait_for(reader.read(), 2.0)
     finally:
@@ -204,7 +211,7 @@ class EnvoyProcess:
                 "--concurrency",
                 str(min(os.cpu_count() or 2, 4)),
                 "--drain-time-s",
-                "1",
+                str(DRAIN_SECONDS),
                 "--drain-strategy",
                 "immediate",
                 "--log-level",
@@ -253,6 +260,32 @@ class EnvoyProcess:
                 log.warning("envoy restarted")
             except EnvoyFailed as exc:
                 log.error("envoy restart failed: %s", exc)
+
+    async def drain(self, patience: float) -> None:
+        """Stops sending requests on before the servers behind stop. The listeners drain
+        (--drain-strategy immediate: every connection is told to close after its request,
+        and after --drain-time-s no new one is taken), and this waits until that time is over
+        and no request is in flight through Envoy, or ``patience`` seconds. Else Envoy, which
+        health-checks every 5 s, went on routing new calls to servers that were stopping:
+        499 CANCELLED, 503 or a reset for a create whose outcome the client cannot know."""
+        address = self.admin_address
+        if not address or self._proc is None or self._proc.returncode is not None:
+            return
+        try:
+            await _admin_get(address, "/drain_listeners?graceful", method="POST")
+        except (OSError, TimeoutError, ValueError, IndexError):
+            return
+        closed = time.monotonic() + DRAIN_SECONDS
+        deadline = time.monotonic() + max(patience, DRAIN_SECONDS)
+        while time.monotonic() < deadline:
+            try:
+                _, body = await _admin_get(address, f"/stats?filter=^{ACTIVE_REQUESTS}$")
+            except (OSError, TimeoutError, ValueError, IndexError):
+                return
+            active = re.search(rf"{ACTIVE_REQUESTS}: (\d+)", body)
+            if active is not None and active.group(1) == "0" and time.monotonic() >= closed:
+                return
+            await asyncio.sleep(0.05)
 
     def tail(self, lines: int = 15) -> str:
         try:

@@ -718,6 +718,10 @@ class Mesh:
             # Streams end first, in-band, so that draining does not wait the grace period out.
             self._rt.stopping()
             await asyncio.sleep(0)
+        if self.envoy is not None:
+            # No new call reaches a server that is stopping: Envoy stops taking requests, and
+            # the ones in flight through it finish first (within the grace period).
+            await self.envoy.drain(grace)
         await asyncio.gather(*(srv.drain() for srv in self.servers.values()))
         await asyncio.gather(*(srv.stop(grace) for srv in self.servers.values()))
         if self.scrape is not None:

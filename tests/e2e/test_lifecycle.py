@@ -6,13 +6,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 
 from servers.launcher import MeshProcess, free_port
+from tests.conftest import SHARED_MESH_ENV
 from tests.helpers import new_user
 
 
@@ -107,3 +110,60 @@ def test_users_and_keys_survive_a_restart(tmp_path: Path) -> None:
             json={"username": user["username"], "password": user["password"]},
         )
         assert login.status_code == 200
+
+
+def test_a_stop_under_load_answers_each_request_in_full_or_not_at_all(tmp_path: Path) -> None:
+    """SIGTERM while eight clients create tasks, each with its own idempotency key. Envoy stops
+    taking requests before the servers stop, so a request gets its 201, or no answer at all
+    (refused or closed before it was answered), never a 499 or 503 from a server that was
+    already stopping. After a restart every 201 is there, and resending an unanswered create
+    with its key makes each task exactly once."""
+    port = free_port()
+    user = new_user()
+    answers: list[tuple[str, int | None]] = []  # (key, status; None: no answer)
+    stop = threading.Event()
+
+    def creator(token: str) -> None:
+        headers = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            while not stop.is_set():
+                key = uuid.uuid4().hex
+                try:
+                    reply = client.post(
+                        "/api/v1/tasks",
+                        json={"description": "under a stop", "idempotency_key": key},
+                        headers=headers,
+                    )
+                except httpx.TransportError:
+                    answers.append((key, None))
+                    time.sleep(0.05)
+                    continue
+                answers.append((key, reply.status_code))
+
+    with MeshProcess(data_dir=tmp_path, port=port, env=SHARED_MESH_ENV) as mesh:
+        token = httpx.post(mesh.url + "/api/v1/auth/register", json=user).json()["access_token"]
+        threads = [threading.Thread(target=creator, args=(token,)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        while sum(status == 201 for _, status in answers) < 50:
+            time.sleep(0.05)
+        mesh.signal(signal.SIGTERM)
+        assert mesh.wait(timeout=15) == 0, mesh.output()
+        time.sleep(0.3)
+        stop.set()
+        for thread in threads:
+            thread.join()
+    statuses = {status for _, status in answers}
+    assert statuses <= {201, None}, sorted(statuses, key=str)
+    with MeshProcess(data_dir=tmp_path, port=port, env=SHARED_MESH_ENV) as mesh:
+        headers = {"Authorization": f"Bearer {token}"}
+        for key, status in answers:
+            if status is None:  # unanswered: made or not, the key says which, once
+                reply = httpx.post(
+                    mesh.url + "/api/v1/tasks",
+                    json={"description": "under a stop", "idempotency_key": key},
+                    headers=headers,
+                )
+                assert reply.status_code in (200, 201), reply.text
+        total = httpx.get(mesh.url + "/api/v1/tasks", params={"limit": 1}, headers=headers)
+        assert total.json()["total"] == len({key for key, _ in answers})
