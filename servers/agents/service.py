@@ -404,7 +404,9 @@ class AgentsService(agents_pb2_grpc.AgentsServiceServicer):
         if ack.reason == "VALIDATION_ERROR":
             raise ValidationError("the tasks service refused this outcome", details=details)
         if not ack.accepted:
-            raise Conflict("this attempt no longer holds the task", details=details)
+            # errors.md: a CONFLICT says the state that forbids it.
+            status = {"status": ack.status} if ack.status else {}
+            raise Conflict("this attempt no longer holds the task", details=details | status)
         return agents_pb2.CompleteTaskResponse(task_id=ack.task_id, status=ack.status)
 
     async def StreamAssignments(

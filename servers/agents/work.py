@@ -24,7 +24,7 @@ from agentmesh.v1 import agents_pb2, common_pb2, tasks_pb2, tasks_pb2_grpc
 from servers.common.auth import CredentialCheck, guard_stream
 from servers.common.context import Principal
 from servers.common.errors import AuthRequired, PermissionDenied, ValidationError
-from servers.common.internal import CALL_TIMEOUT, InternalChannel
+from servers.common.internal import CALL_TIMEOUT, InternalChannel, error_details
 from servers.common.protos import as_json
 from servers.common.text import TYPE_NAME, invisible
 
@@ -306,6 +306,8 @@ class AgentWork:
                 ack.reason = "TASK_NOT_FOUND"
             elif exc.code() == grpc.StatusCode.ABORTED:
                 ack.reason = "CONFLICT"
+                # The state that refused it (the tasks service's details), as the ack says.
+                ack.status = error_details(exc).get("status", "")[:32]
             elif exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 ack.reason = "VALIDATION_ERROR"  # the same outcome would be refused again
             else:

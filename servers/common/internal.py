@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar, cast
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 
 from . import context as callctx
 from .auth import INTERNAL_HEADER
@@ -65,6 +67,23 @@ class InternalChannel:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+
+
+def error_details(exc: grpc.aio.AioRpcError) -> dict[str, str]:
+    """The details (ErrorInfo metadata) a mesh service sent with its error; {} when none came
+    or they cannot be read."""
+    for key, value in exc.trailing_metadata() or ():
+        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except DecodeError:
+            return {}
+        info = error_details_pb2.ErrorInfo()
+        for detail in status.details:
+            if detail.Unpack(info):
+                return dict(info.metadata)
+    return {}
 
 
 def rpc_error(error: AgentmeshError) -> grpc.aio.AioRpcError:

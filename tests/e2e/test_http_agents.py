@@ -392,7 +392,10 @@ async def test_cancellations_and_configuration_reach_the_stream(mesh: MeshProces
         }
         # The cancelled attempt's reports are refused.
         assert_envelope(await agent.progress(assignment, 90), 409, "CONFLICT")
-        assert_envelope(await agent.complete(assignment, result={"late": 1}), 409, "CONFLICT")
+        late = assert_envelope(
+            await agent.complete(assignment, result={"late": 1}), 409, "CONFLICT"
+        )
+        assert late["details"] == {"task_id": task["task_id"], "status": "cancelled"}
         assert dev.task(task["task_id"])["status"] == "cancelled"
 
         patched = httpx.patch(
