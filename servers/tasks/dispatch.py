@@ -445,8 +445,9 @@ class Dispatch:
 
     @staticmethod
     def _requeue(task: TaskRow) -> None:
-        """Back in the queue: nothing of the attempt that ended stays but its error (and the
-        attempt count), so the next one starts as the first did."""
+        """Back in the queue: of the attempt that ended only its error, its count and its token
+        stay (a repeat of its outcome is matched against the token), so that the next attempt
+        starts as the first did."""
         task.status = "queued"
         task.assigned_agent = ""
         task.lease_expires_at = None
