@@ -718,7 +718,7 @@ class Agent:
             return
         extra = {"task_id": task_id, "reason": cancellation.reason}
         if cancellation.message:
-            extra["message"] = cancellation.message
+            extra["stop_message"] = cancellation.message  # "message" is the record's own
         log.info("task cancelled", extra=extra)
         if job is not None:
             self._drop(job)

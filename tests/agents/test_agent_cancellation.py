@@ -5,6 +5,9 @@ are fed to the runtime as its stream reader would; no server is needed for these
 from __future__ import annotations
 
 import asyncio
+import logging
+
+import pytest
 
 from agentmesh.v1 import agents_pb2, tasks_pb2
 from servers.agent.runtime import Agent, Progress
@@ -68,3 +71,17 @@ async def test_heartbeats_list_every_task_held_until_its_outcome_is_acknowledged
     agent._acknowledged(agents_pb2.TaskResultAck(task_id="t1", attempt_token="a1", accepted=True))
     assert agent.held_task_ids == ["t2"]
     await asyncio.gather(*agent._tasks, return_exceptions=True)
+
+
+async def test_a_cancellation_with_the_stoppers_words_is_logged_with_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """StopTask's reason comes as Cancellation.message; logging it under the record's own
+    "message" key raised in the stream's reader, which broke the stream on every stop."""
+    caplog.set_level(logging.INFO, logger="agentmesh.agent")
+    agent = Agent(name="runner", api_key="amk_test", capabilities=["wait"])
+    agent._cancelled(
+        agents_pb2.Cancellation(task_id="t1", reason="STOPPED", message="budget ran out")
+    )
+    (record,) = [r for r in caplog.records if r.getMessage() == "task cancelled"]
+    assert record.__dict__["stop_message"] == "budget ran out"
