@@ -9,7 +9,6 @@ import json
 import random
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -18,10 +17,9 @@ import pytest
 from gateway.proxy import (
     SERVER_METADATA_HARD_LIMIT,
     SERVER_METADATA_LIMIT,
-    EnvoyProcess,
 )
 from servers.common.server import SERVER_OPTIONS
-from tests.gateway.test_envoy import _config
+from tests.gateway.test_envoy import start_edge
 from tests.helpers import ENVELOPE_KEYS, ENVELOPE_TIME, assert_envelope
 
 NOT_JSON = "the request body is not valid JSON (RFC 8259)"
@@ -31,10 +29,8 @@ NOT_JSON = "the request body is not valid JSON (RFC 8259)"
 async def edge(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
     """Envoy alone (its upstreams refuse connections), without the flood guard in the way;
     yields its URL and its log file."""
-    cfg = replace(_config(tmp_path), rate_per_connection=100_000)
     log = tmp_path / "envoy.log"
-    proc = EnvoyProcess(config=cfg.write(tmp_path / "envoy.yaml"), run_dir=tmp_path, log_file=log)
-    await proc.start()
+    cfg, proc = await start_edge(tmp_path, log, rate_per_connection=100_000)
     try:
         yield f"http://127.0.0.1:{cfg.public_port}", log
     finally:

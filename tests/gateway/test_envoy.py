@@ -6,12 +6,13 @@ import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
 
-from gateway.proxy import TEMPLATE, EdgeConfig, EnvoyProcess, validate
+from gateway.proxy import TEMPLATE, EdgeConfig, EnvoyFailed, EnvoyProcess, validate
 from servers.auth.keys import SigningKey
 from servers.common.config import SERVICES
 from servers.launcher import free_port
@@ -33,13 +34,26 @@ def _config(tmp: Path) -> EdgeConfig:
     )
 
 
+async def start_edge(tmp: Path, log: Path, **changes: object) -> tuple[EdgeConfig, EnvoyProcess]:
+    """Envoy alone on a configuration of `_config` (with ``changes``). free_port's port is
+    free when asked, not when Envoy binds it: an outgoing connection of another test may
+    take it in between, so a port found taken is tried again with another."""
+    for attempt in range(3):
+        cfg = replace(_config(tmp), **changes)  # type: ignore[arg-type]
+        proc = EnvoyProcess(config=cfg.write(tmp / "envoy.yaml"), run_dir=tmp, log_file=log)
+        try:
+            await proc.start()
+        except EnvoyFailed as exc:
+            if "Address already in use" not in str(exc) or attempt == 2:
+                raise
+            continue
+        return cfg, proc
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture
 async def edge(tmp_path: Path) -> AsyncIterator[tuple[EdgeConfig, EnvoyProcess]]:
-    cfg = _config(tmp_path)
-    proc = EnvoyProcess(
-        config=cfg.write(tmp_path / "envoy.yaml"), run_dir=tmp_path, log_file=tmp_path / "envoy.log"
-    )
-    await proc.start()
+    cfg, proc = await start_edge(tmp_path, tmp_path / "envoy.log")
     try:
         yield cfg, proc
     finally:
