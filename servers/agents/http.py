@@ -33,6 +33,7 @@ from servers.common.errors import (
     Unavailable,
     ValidationError,
 )
+from servers.common.internal import error_details
 from servers.common.protos import as_json
 
 from .domain import View
@@ -183,6 +184,9 @@ def tasks_error(exc: grpc.aio.AioRpcError, task_id: str) -> AgentmeshError:
     if code == grpc.StatusCode.NOT_FOUND:
         return NotFound("no such task", reason="TASK_NOT_FOUND", details=details)
     if code == grpc.StatusCode.ABORTED:
+        # errors.md: a CONFLICT says the state that forbids it, as the tasks service read it.
+        if status := error_details(exc).get("status", "")[:32]:
+            details["status"] = status
         return Conflict("this attempt no longer holds the task", details=details)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return ValidationError(exc.details() or "invalid request", details=details)

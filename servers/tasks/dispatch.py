@@ -94,6 +94,9 @@ _COMPLETE = (
         started_at=func.coalesce(_t.c.started_at, _t.c.updated_at),
         lease_expires_at=None,
         updated_at=_AT,
+        # An earlier attempt's error does not describe a task that completed.
+        error="",
+        error_code="",
     )
     .returning(*(column for _, column in _FIELDS))
 )
@@ -313,13 +316,14 @@ class Dispatch:
 
     async def progress(
         self, task_id: str, agent_id: str, token: str, progress: int, message: str
-    ) -> TaskRow | None:
-        """Records progress and renews the lease; None when the attempt is no longer current."""
+    ) -> TaskRow | str:
+        """Records progress and renews the lease. When the attempt is no longer current, the
+        task's status instead ("" when there is no such task), for the refusal to name."""
         at = now()
         async with self._db.write() as s, s.begin():
-            task = await self._held(s, task_id, agent_id, token)
-            if task is None:
-                return None
+            task = await s.get(TaskRow, task_id, with_for_update=True)
+            if task is None or not _holds(task, agent_id, token):
+                return "" if task is None else task.status
             if task.status == "assigned":
                 task.status = "running"
                 task.started_at = at
@@ -430,6 +434,7 @@ class Dispatch:
             task.progress = 100
             task.completed_at = at
             task.started_at = task.started_at or leased_at
+            task.error = task.error_code = ""
             Outbox(s).add("task.completed", task, at, agent_id=agent_id, attempt=task.attempt)
             return Outcome(True, task.status, task=task, fresh=True)
         code, message, retryable = error

@@ -294,11 +294,12 @@ class TasksInternalService(tasks_pb2_grpc.TasksInternalServiceServicer):
             request.progress,
             request.message,
         )
-        if task is None:
+        if isinstance(task, str):
+            status = {"status": task} if task else {}
             raise Conflict(
                 "this attempt no longer holds the task",
                 reason="LEASE_LOST",
-                details={"task_id": request.task_id[:64]},
+                details={"task_id": request.task_id[:64]} | status,
             )
         return tasks_pb2.TasksInternalServiceReportProgressResponse(
             lease_expires_at=timestamp(task.lease_expires_at)

@@ -390,8 +390,9 @@ async def test_cancellations_and_configuration_reach_the_stream(mesh: MeshProces
             "attempt_token": assignment["attempt_token"],
             "message": "",  # a stopper's words; a cancel has none
         }
-        # The cancelled attempt's reports are refused.
-        assert_envelope(await agent.progress(assignment, 90), 409, "CONFLICT")
+        # The cancelled attempt's reports are refused, with the state that refuses them.
+        refused = assert_envelope(await agent.progress(assignment, 90), 409, "CONFLICT")
+        assert refused["details"] == {"task_id": task["task_id"], "status": "cancelled"}
         late = assert_envelope(
             await agent.complete(assignment, result={"late": 1}), 409, "CONFLICT"
         )
@@ -561,6 +562,8 @@ async def test_an_agent_that_stops_heartbeating_loses_its_task(fast_mesh: MeshPr
         assert reply.json()["status"] == "completed", reply.text
         done = dev.task(task["task_id"])
         assert done["result"] == {"on": "time"} and done["assigned_agent"] == healthy.agent_id
+        # The first attempt's LEASE_EXPIRED does not describe the task that completed.
+        assert (done["error"], done["error_code"]) == ("", "")
 
 
 async def test_an_owner_registers_at_most_its_limit_of_agents(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from servers.common.errors import ValidationError
 from servers.common.internal import InternalChannel
 from servers.tasks.dispatch import CLAIM_PAGE, Dispatch
 from servers.tasks.domain import Tasks
+from servers.tasks.models import TaskRow
 from servers.tasks.service import Agents, TasksInternalService
 from servers.tasks.store import TaskStore
 from tests.tasks.test_domain import ALICE, NEW, _db
@@ -96,7 +97,7 @@ async def test_a_stale_attempt_is_refused(db: Database) -> None:
     first = await dispatch.claim("agent-1", ["echo"])
     assert first is not None and first.attempt_token
     old_token = first.attempt_token
-    assert await dispatch.progress(task.task_id, "agent-1", old_token, 10, "") is not None
+    assert isinstance(await dispatch.progress(task.task_id, "agent-1", old_token, 10, ""), TaskRow)
     await asyncio.sleep(0.3)
     lost = await dispatch.expire_leases()
     assert [(x.task_id, x.agent_id, x.requeued) for x in lost] == [(task.task_id, "agent-1", True)]
@@ -106,8 +107,10 @@ async def test_a_stale_attempt_is_refused(db: Database) -> None:
     assert requeued.started_at is None and requeued.error_code == "LEASE_EXPIRED"
     second = await dispatch.claim("agent-2", ["echo"])
     assert second is not None and second.attempt == 2 and second.attempt_token != old_token
-    # The first holder, thawed, reports late: refused; its result changes nothing.
-    assert await dispatch.progress(task.task_id, "agent-1", old_token, 50, "") is None
+    # The first holder, thawed, reports late: refused, with the state that refuses it; its
+    # result changes nothing.
+    assert await dispatch.progress(task.task_id, "agent-1", old_token, 50, "") == "assigned"
+    assert await dispatch.progress("no-such-task", "agent-1", old_token, 50, "") == ""
     late = await dispatch.complete(task.task_id, "agent-1", old_token, result={"x": 1}, error=None)
     assert not late.accepted and late.reason == "CONFLICT"
     done = await dispatch.complete(
@@ -121,6 +124,8 @@ async def test_a_stale_attempt_is_refused(db: Database) -> None:
     assert again.accepted
     final = await tasks.get(ALICE, task.task_id)
     assert final.result == {"ok": True} and final.attempt == 2
+    # The first attempt's error does not describe a task that completed.
+    assert (final.error, final.error_code) == ("", "")
 
 
 async def test_a_task_never_reported_running_ran_from_its_lease(db: Database) -> None:
