@@ -37,7 +37,7 @@ from google.protobuf import json_format, struct_pb2
 
 from agentmesh.v1 import agents_pb2, agents_pb2_grpc, tasks_pb2
 from servers.common.protos import NESTING_MAX, json_size, too_deep
-from servers.common.text import TYPE_NAME, invisible
+from servers.common.text import TYPE_NAME, TYPE_RULE, invisible
 
 log = logging.getLogger("agentmesh.agent")
 
@@ -299,6 +299,8 @@ class Agent:
     ) -> None:
         if not 1 <= len(name) <= 64:
             raise ValueError("name must be 1-64 characters")
+        if not name.strip():
+            raise ValueError("name must not be blank")
         if invisible(name):
             raise ValueError(
                 "name must not hold control, format, private-use or unassigned characters"
@@ -757,10 +759,7 @@ class Agent:
         if not 1 <= len(capabilities) <= 32:
             raise ValueError("an agent needs 1 to 32 capabilities (or handlers)")
         if any(not TYPE_NAME.fullmatch(c) for c in capabilities):
-            raise ValueError(
-                "each capability is a task type: 1-64 letters, digits, '_', '.', ':' or '-',"
-                " starting with a letter or a digit"
-            )
+            raise ValueError(f"each capability is a task type: {TYPE_RULE}")
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[signal.Signals]:
         installed = []

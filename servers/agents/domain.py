@@ -41,6 +41,7 @@ from servers.common.db import Database, take_turn
 from servers.common.errors import NotFound, RateLimited, ValidationError
 from servers.common.pagination import PAGE_MAX_BYTES, Page
 from servers.common.protos import NESTING_MAX, json_size, too_deep
+from servers.common.text import TYPE_NAME, TYPE_RULE
 
 from .models import AgentRow
 from .registry import Registry, Session
@@ -51,6 +52,7 @@ log = logging.getLogger("agentmesh.agents")
 # Seed 004's words. "overloaded" (above capacity) cannot happen while the server hands out no
 # more than the capacity, so no agent shows it today; it is accepted as a filter.
 STATUS_WORDS = ("idle", "active", "busy", "overloaded", "offline")
+CAPABILITIES_MAX = 32  # of an agent, and of a listing's filter
 CONFIG_MAX_BYTES = 64 * 1024
 # An agent not touched for this many heartbeat intervals is offline.
 STALE_INTERVALS = 3
@@ -73,6 +75,17 @@ def apply_config(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any
         else:
             merged[key] = value
     return merged
+
+
+def capabilities_problem(capabilities: Sequence[str]) -> str | None:
+    """What is wrong with a list of capabilities (an agent's, or a listing's filter), or None.
+    An empty filter value (``?capabilities=``) is refused, not read as a filter nothing
+    matches."""
+    if len(capabilities) > CAPABILITIES_MAX:
+        return f"capabilities: at most {CAPABILITIES_MAX}"
+    if any(not TYPE_NAME.fullmatch(c) for c in capabilities):
+        return f"each capability is a task type: {TYPE_RULE}"
+    return None
 
 
 def config_problem(configuration: dict[str, Any]) -> str | None:
@@ -420,6 +433,8 @@ class AgentDirectory:
             raise ValidationError(
                 f"status must be one of {', '.join(STATUS_WORDS)}", details={"field": "status"}
             )
+        if problem := capabilities_problem(capabilities):
+            raise ValidationError(problem, details={"field": "capabilities"})
         owner = None if "admin" in who.roles else who.subject
         async with self._db.session() as s:
             store = AgentStore(s)

@@ -26,9 +26,9 @@ from servers.common.context import Principal
 from servers.common.errors import AuthRequired, PermissionDenied, ValidationError
 from servers.common.internal import CALL_TIMEOUT, InternalChannel, error_details
 from servers.common.protos import as_json
-from servers.common.text import TYPE_NAME, invisible
+from servers.common.text import invisible
 
-from .domain import AgentDirectory, config_problem
+from .domain import CAPABILITIES_MAX, AgentDirectory, capabilities_problem, config_problem
 from .registry import Session
 
 if TYPE_CHECKING:
@@ -85,13 +85,12 @@ def hello_problem(hello: agents_pb2.Hello) -> tuple[str, str] | None:
     """What is wrong with a Hello (or a registration): (field, message), or None."""
     if not 1 <= len(hello.name) <= 64:
         return "name", "name must be 1-64 characters"
-    if not hello.capabilities or len(hello.capabilities) > 32:
-        return "capabilities", "capabilities: 1 to 32"
-    if any(not TYPE_NAME.fullmatch(c) for c in hello.capabilities):
-        return "capabilities", (
-            "each capability is a task type: 1-64 letters, digits, '_', '.', ':' or '-',"
-            " starting with a letter or a digit"
-        )
+    if not hello.name.strip():
+        return "name", "name must not be blank"
+    if not hello.capabilities:
+        return "capabilities", f"capabilities: 1 to {CAPABILITIES_MAX}"
+    if problem := capabilities_problem(hello.capabilities):
+        return "capabilities", problem
     if not 0 <= hello.max_capacity <= MAX_CAPACITY:
         return "max_capacity", f"max_capacity must be 1 to {MAX_CAPACITY}"
     if len(hello.type) > 64 or len(hello.version) > 64:

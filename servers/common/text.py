@@ -14,6 +14,7 @@ import unicodedata
 
 # A task type and an agent capability, which dispatch matches one against the other.
 TYPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")  # fullmatch it
+TYPE_RULE = "1-64 letters, digits, '_', '.', ':' or '-', starting with a letter or a digit"
 
 
 def invisible(text: str) -> bool:

@@ -135,6 +135,15 @@ async def test_connected_agents_are_listed_got_and_configured(mesh: MeshProcess)
                 400,
                 "VALIDATION_ERROR",
             )
+            # A capability filter is a task type: an empty one (which would list nothing) or
+            # one no task type could be is refused, as are more than an agent may have.
+            for capabilities in ([""], ["code review"], [f"c{n}" for n in range(33)]):
+                error = assert_envelope(
+                    await client.get("/api/v1/agents", params={"capabilities": capabilities}),
+                    400,
+                    "VALIDATION_ERROR",
+                )
+                assert error["details"] == {"field": "capabilities"}, error
             assert_envelope(await client.get("/api/v1/agents/no-such-agent"), 404, "NOT_FOUND")
 
         # Another developer does not see it; a plain user may not read agents at all.

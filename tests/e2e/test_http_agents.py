@@ -476,6 +476,7 @@ async def test_invalid_requests_are_400_envelopes(mesh: MeshProcess) -> None:
             ({"name": "w\u202e1", "capabilities": ["x"]}, "name"),  # a bidi override
             ({"name": "w\u200b", "capabilities": ["x"]}, "name"),  # a zero-width space
             ({"name": "w\x1b[2J", "capabilities": ["x"]}, "name"),  # clears a terminal
+            ({"name": "   ", "capabilities": ["x"]}, "name"),  # blank in every listing
             ({"name": "ok", "capabilities": ["code review"]}, "capabilities"),
             ({"name": "ok", "capabilities": ["echo\n"]}, "capabilities"),
             ({"name": "ok", "capabilities": ["x"], "type": "t\u2066"}, "type"),
