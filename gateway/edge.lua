@@ -409,6 +409,14 @@ function envoy_on_request(handle)
   -- Only the edge says which agent a request is for.
   headers:remove(AGENT_HEADER)
   if rest then
+    -- gRPC's own headers are the transcoder's to write. A REST client's grpc-timeout reached
+    -- the server as the call's deadline: a task could be created behind the 504 that its
+    -- client saw, and a malformed one was a 500.
+    local grpc_headers = {}
+    for name, _ in pairs(headers) do
+      if name:sub(1, 5) == "grpc-" then grpc_headers[#grpc_headers + 1] = name end
+    end
+    for _, name in ipairs(grpc_headers) do headers:remove(name) end
     local agent = path:match("^/api/v1/agents/([%w%-]+)")
     if agent and #agent <= 64 and agent ~= "register" then
       headers:add(AGENT_HEADER, agent)

@@ -166,6 +166,21 @@ def test_grpc_metadata_over_the_limit_is_resource_exhausted_always(mesh: MeshPro
                 assert "headers are too large" in str(refused.value.details())
 
 
+def test_a_rest_clients_grpc_headers_do_not_reach_the_server(
+    mesh: MeshProcess, auth: dict[str, str]
+) -> None:
+    """grpc-timeout from a REST client became the call's deadline: its create answered 504 while
+    the task was made anyway, and a malformed one was a 500. The transcoder writes gRPC's
+    headers; a REST client's are dropped."""
+    before = _task_count(mesh, auth)
+    body = {"type": "echo", "description": "not behind a 504"}
+    for timeout in ("1n", "1m", "bogus"):
+        headers = {**auth, "grpc-timeout": timeout, "grpc-encoding": "gzip"}
+        made = httpx.post(mesh.url + "/api/v1/tasks", headers=headers, json=body)
+        assert made.status_code == 201, made.text
+    assert _task_count(mesh, auth) == before + 3
+
+
 def test_a_header_with_an_underscore_is_dropped(mesh: MeshProcess) -> None:
     """`x_foo` is dropped, not refused: over HTTP/1.1 it was a bare 400, and over HTTP/2 (gRPC,
     whose metadata keys may hold "_") a reset stream with no answer at all."""
