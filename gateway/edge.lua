@@ -5,7 +5,8 @@
 --     with ErrorInfo.reason as the code and ErrorInfo.metadata as the details;
 --   * applies the x-http-status header a server sets for 201, 204 or 503 (servers/common/context.py);
 --   * adds Retry-After to 429 answers, from the error's details.retry_after;
---   * drops gRPC-only headers;
+--   * drops gRPC-only headers (a REST request's too);
+--   * gives a gRPC caller whose token jwt_authn refused the ErrorInfo a server would send;
 --   * answers the deprecated unversioned /api/* paths with seed 000's deprecation headers;
 --   * names the agent of an /api/v1/agents/{agent_id}/... request in AGENT_HEADER, which the
 --     agents routes hash on (envoy.yaml), so that an HTTP agent's calls and its assignment
@@ -28,6 +29,9 @@
 local DEPRECATION_DATE = "2027-06-30"
 local NS = "agentmesh.edge"
 local AGENT_HEADER = "x-agentmesh-agent"
+-- Set by envoy.yaml's local_reply_config on a gRPC caller's refusal at the edge (jwt_authn): the
+-- documented code, which envoy_on_response turns into grpc-status-details-bin.
+local REASON_HEADER = "x-agentmesh-reason"
 
 -- Codes for errors that carry no ErrorInfo (raised by gRPC itself, e.g. a deadline).
 local CODE_BY_STATUS = {
@@ -424,14 +428,59 @@ function envoy_on_request(handle)
   end
 end
 
+-- Protocol Buffers' wire format, for the one message the edge writes (google.rpc.Status).
+local function varint(n)
+  local out = {}
+  repeat
+    local byte = n % 128
+    n = (n - byte) / 128
+    out[#out + 1] = string.char(n > 0 and byte + 128 or byte)
+  until n == 0
+  return table.concat(out)
+end
+
+local function pb_varint(field, n) return varint(field * 8) .. varint(n) end
+local function pb_bytes(field, s) return varint(field * 8 + 2) .. varint(#s) .. s end
+
+local function percent_decoded(s)
+  return (s:gsub("%%(%x%x)", function(hex) return string.char(tonumber(hex, 16)) end))
+end
+
+-- A google.rpc.Status with an ErrorInfo of `reason`, as the servers send it: its code and
+-- message are the call's own (grpc-status, grpc-message), which gRPC clients check.
+local function status_details(code, message, reason)
+  local info = pb_bytes(1, reason) .. pb_bytes(2, "agentmesh")
+  local any = pb_bytes(1, "type.googleapis.com/google.rpc.ErrorInfo") .. pb_bytes(2, info)
+  local status = (code > 0 and pb_varint(1, code) or "")
+    .. (message ~= "" and pb_bytes(2, message) or "") .. pb_bytes(3, any)
+  return status
+end
+
+-- A gRPC caller's refusal at the edge gets the ErrorInfo a server's would have.
+local function grpc_response(handle)
+  local headers = handle:headers()
+  local reason = headers:get(REASON_HEADER)
+  if not reason then return end
+  headers:remove(REASON_HEADER)
+  local code = tonumber(headers:get("grpc-status") or "")
+  if not code or code == 0 or headers:get("grpc-status-details-bin") then return end
+  local message = percent_decoded(headers:get("grpc-message") or "")
+  local encoded = handle:base64Escape(status_details(code, message, reason))
+  headers:add("grpc-status-details-bin", (encoded:gsub("=+$", "")))
+end
+
 function envoy_on_response(handle)
   if EDGE_ROLE == "body_fields" then
     return
   end
   local meta = handle:streamInfo():dynamicMetadata():get(NS)
-  if not meta or not meta["rest"] then
+  if not meta then
     return
   end
+  if not meta["rest"] then
+    return grpc_response(handle)
+  end
+  handle:headers():remove(REASON_HEADER)
   local headers = handle:headers()
   local wanted = headers:get("x-http-status")
   if wanted then

@@ -39,6 +39,18 @@ def test_forged_tokens_through_envoy(mesh: MeshProcess) -> None:
         assert_envelope(reply, 401, reason), name
 
 
+def test_forged_tokens_through_envoy_over_grpc(mesh: MeshProcess) -> None:
+    """Envoy's refusal of a token reaches a gRPC caller as a server's would: UNAUTHENTICATED
+    (a wrong audience too), with the documented reason in its ErrorInfo, so that a client
+    tells an expired token, which a refresh mends, from a bad one."""
+    tokens = {**forged_tokens(*_mesh_key(mesh)), "no token": ("", "AUTH_REQUIRED")}
+    for name, (token, reason) in tokens.items():
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        err = _grpc_me(mesh.url.removeprefix("http://"), metadata)
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED, name
+        assert error_reason(err) == reason, name
+
+
 def test_forged_tokens_straight_to_each_server(mesh: MeshProcess) -> None:
     tokens = forged_tokens(*_mesh_key(mesh))
     for name, (token, reason) in tokens.items():
