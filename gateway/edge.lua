@@ -6,7 +6,6 @@
 --   * applies the x-http-status header a server sets for 201, 204 or 503 (servers/common/context.py);
 --   * adds Retry-After to 429 answers, from the error's details.retry_after;
 --   * drops gRPC-only headers (a REST request's too);
---   * gives a gRPC caller whose token jwt_authn refused the ErrorInfo a server would send;
 --   * answers the deprecated unversioned /api/* paths with seed 000's deprecation headers;
 --   * names the agent of an /api/v1/agents/{agent_id}/... request in AGENT_HEADER, which the
 --     agents routes hash on (envoy.yaml), so that an HTTP agent's calls and its assignment
@@ -21,6 +20,7 @@
 --     (query_problem); and refuses (431) request headers larger than the servers take.
 --     gateway/proxy.py writes that copy of this script with ROUTES (gateway/fields.py),
 --     SERVER_METADATA_LIMIT and EDGE_ROLE in front.
+-- For gRPC calls it gives a caller whose token jwt_authn refused the ErrorInfo a server would.
 -- What is REST and what is gRPC is decided as Envoy decides it (is_grpc below).
 -- Envoy's own errors are shaped by local_reply_config in envoy.yaml, not here.
 -- The Status JSON comes from protobuf's printer, so its field order is fixed: code, message,
