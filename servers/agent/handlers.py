@@ -58,7 +58,8 @@ async def sleep(task: tasks_pb2.Task, report: Progress) -> dict[str, object]:
 
 class CodeReview:
     """The `code_review` handler, confined to one work directory: the file named by metadata
-    "file_path" (seed 004) or "file" must resolve inside it, symlinks followed."""
+    "file_path" (seed 004) or "file" must resolve inside it, symlinks followed, and not be or
+    lie in a hidden folder."""
 
     def __init__(self, workdir: str | os.PathLike[str]) -> None:
         self.workdir = Path(workdir).resolve(strict=True)
@@ -112,6 +113,13 @@ class CodeReview:
         # file outside the work directory exists.
         if not resolved.is_relative_to(self.workdir):
             raise invalid(f"{requested!r} is outside the agent's work directory", file=requested)
+        # Hidden files and folders hold what a task must not probe: .env, .git, .ssh, the
+        # mesh's own .agentmesh (its signing key). Their findings and line counts would say
+        # what is in them. Judged on the name, so the answer says nothing about existence.
+        if any(part.startswith(".") for part in resolved.relative_to(self.workdir).parts):
+            raise invalid(
+                f"{requested!r} is hidden (a name starting with '.'): not reviewed", file=requested
+            )
         return resolved
 
 

@@ -239,6 +239,23 @@ async def test_code_review_refuses_a_symlink_out_of_the_workdir(tmp_path: Path) 
     assert result["metrics"]["issues_found"] == 0
 
 
+async def test_code_review_refuses_hidden_files_whether_or_not_they_exist(
+    tmp_path: Path,
+) -> None:
+    """From the default work directory (where the agent was started), a task could learn which
+    of .env, .git or .agentmesh exist, their line counts and which lines look like secrets."""
+    (tmp_path / ".env").write_text("API_KEY = 'sk-live'\n")
+    (tmp_path / ".agentmesh" / "keys").mkdir(parents=True)
+    (tmp_path / ".agentmesh" / "keys" / "signing-key.pem").write_text("-----BEGIN-----\n")
+    (tmp_path / "plain.py").symlink_to(tmp_path / ".env")
+    for requested in (".env", ".agentmesh/keys/signing-key.pem", "plain.py", ".missing"):
+        error = await assert_refused(tmp_path, file_path=requested)
+        assert "hidden" in error.message, (requested, error.message)
+    # A name that only contains a dot is an ordinary file.
+    (tmp_path / "module.v2.py").write_text("x = 1\n")
+    assert (await review_file(tmp_path, "module.v2.py"))["metrics"]["issues_found"] == 0
+
+
 async def test_code_review_refuses_big_binary_and_special_files(tmp_path: Path) -> None:
     (tmp_path / "big.py").write_bytes(b"x = 1\n" * (2 * 1024 * 1024 // 6 + 1))
     error = await assert_refused(tmp_path, file_path="big.py")
