@@ -24,6 +24,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+PORT_TRIES = 3
+PORT_TAKEN = "is already in use"  # how `agentmesh up` refuses a port another process holds
+
+
+class PortTaken(RuntimeError):
+    """The mesh did not start: its public port was taken."""
+
+
 class MeshProcess:
     """A whole mesh (four services and Envoy) in a child process, on free ports."""
 
@@ -36,6 +44,7 @@ class MeshProcess:
         startup_timeout: float = 30.0,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self._port_given = port is not None
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.services: dict[str, str] = {}
@@ -55,10 +64,26 @@ class MeshProcess:
         self.log_path = self.data_dir / "mesh-process.log"
 
     def start(self) -> MeshProcess:
+        """Starts the mesh and waits until it answers. A free port chosen here may be taken by
+        another process before the mesh binds it; the mesh then refuses to start, and is
+        started again on another (at most PORT_TRIES times)."""
+        for tries_left in reversed(range(PORT_TRIES)):
+            try:
+                return self._start()
+            except PortTaken:
+                if self._port_given or not tries_left:
+                    raise
+                self.port = free_port()
+                self.url = f"http://127.0.0.1:{self.port}"
+                self._env["AGENTMESH_PORT"] = str(self.port)
+        raise AssertionError("unreachable")
+
+    def _start(self) -> MeshProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         state_file = self.data_dir / "run" / "mesh.json"
         state_file.unlink(missing_ok=True)
         log = self.log_path.open("ab")
+        begun = log.tell()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "servers.cli", "up"],
             env=self._env,
@@ -70,9 +95,9 @@ class MeshProcess:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"agentmesh up exited with {self.proc.returncode}:\n{self.output()}"
-                )
+                output = self.output()
+                failure = PortTaken if PORT_TAKEN in self._output_since(begun) else RuntimeError
+                raise failure(f"agentmesh up exited with {self.proc.returncode}:\n{output}")
             if state_file.exists() and self._live():
                 state = json.loads(state_file.read_text())
                 self.services = dict(state["services"])
@@ -91,6 +116,14 @@ class MeshProcess:
                 return bool(reply.status == 200)
         except OSError:
             return False
+
+    def _output_since(self, offset: int) -> str:
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(offset)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def output(self) -> str:
         try:

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from servers import launcher
 from servers.launcher import MeshProcess, free_port
 from tests.conftest import SHARED_MESH_ENV
 from tests.helpers import new_user
@@ -81,6 +82,25 @@ def test_taken_port_is_reported_clearly(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"port {port}" in result.stderr and "already in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_test_mesh_whose_free_port_was_taken_meanwhile_starts_on_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tests' meshes pick a free port, which another process may take before the mesh
+    binds it; the launcher then picks another. A port the caller chose is not changed."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        picks = iter([taken])
+        monkeypatch.setattr(launcher, "free_port", lambda: next(picks, None) or free_port())
+        with MeshProcess(data_dir=tmp_path / "picked") as mesh:
+            assert mesh.port != taken
+            assert httpx.get(mesh.url + "/health/live").status_code == 200
+        chosen = MeshProcess(data_dir=tmp_path / "chosen", port=taken)
+        with pytest.raises(launcher.PortTaken, match="already in use"):
+            chosen.start()
 
 
 def test_bad_port_setting_is_reported_clearly(tmp_path: Path) -> None:
