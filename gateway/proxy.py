@@ -266,7 +266,7 @@ class EnvoyProcess:
         (--drain-strategy immediate: every connection is told to close after its request,
         and after --drain-time-s no new one is taken), and this waits until that time is over
         and no request is in flight through Envoy, or ``patience`` seconds. Else Envoy, which
-        health-checks every 5 s, went on routing new calls to servers that were stopping:
+        health-checks every 2 s, went on routing new calls to servers that were stopping:
         499 CANCELLED, 503 or a reset for a create whose outcome the client cannot know."""
         address = self.admin_address
         if not address or self._proc is None or self._proc.returncode is not None:

@@ -106,9 +106,14 @@ async def run_serve(settings: Settings, service: str) -> int:
         gc.freeze()  # as `agentmesh up` does: see Mesh.start
         await stop.wait()
         print(f"agentmesh serve {service}: stopping", file=sys.stderr, flush=True)
+        # Health NOT_SERVING first, while calls are still served: the gateway's next health
+        # check takes the replica out of its rotation. Only then do streams end (their
+        # clients reconnect to the other replicas) and the server stop taking calls. Stopped
+        # at once, the calls Envoy still sent here were cancelled or refused.
+        await server.drain()
+        await asyncio.sleep(settings.drain_seconds)
         rt.stopping()
         await asyncio.sleep(0)
-        await server.drain()
         await server.stop(settings.grace_seconds)
     finally:
         if scrape is not None:

@@ -138,6 +138,9 @@ class Settings:
                              limits (default "agentmesh:"); processes with the same prefix act
                              as one mesh
       AGENTMESH_GRACE_SECONDS  drain time on shutdown (default 5)
+      AGENTMESH_DRAIN_SECONDS  `serve`: how long a stopping replica still serves while it
+                             answers health checks NOT_SERVING, so that the gateway sends it
+                             no new calls (default 3: the gateway checks every 2 s; 0-60)
       AGENTMESH_LOG_LEVEL    DEBUG, INFO, WARNING (default INFO)
       AGENTMESH_LOGIN_LIMIT  login attempts per client address and per account (default 10)
       AGENTMESH_REGISTER_LIMIT  registrations per client address (default 10)
@@ -191,6 +194,7 @@ class Settings:
     redis_url: str | None = None
     bus_prefix: str = "agentmesh:"
     grace_seconds: float = 5.0
+    drain_seconds: int = 3
     log_level: str = "INFO"
     jwt_issuer: str = "agentmesh"
     jwt_audience: str = "agentmesh"
@@ -242,6 +246,7 @@ class Settings:
             redis_url=env.get("REDIS_URL") or None,
             bus_prefix=env.get("AGENTMESH_BUS_PREFIX") or "agentmesh:",
             grace_seconds=float(env.get("AGENTMESH_GRACE_SECONDS") or 5.0),
+            drain_seconds=_between(env, "AGENTMESH_DRAIN_SECONDS", 3, 0, 60),
             log_level=(env.get("AGENTMESH_LOG_LEVEL") or "INFO").upper(),
             login_limit=_int(env, "AGENTMESH_LOGIN_LIMIT", 10),
             register_limit=_int(env, "AGENTMESH_REGISTER_LIMIT", 10),

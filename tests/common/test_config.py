@@ -89,6 +89,14 @@ def test_the_auth_cache_keeps_entries_two_seconds_and_at_most_five_minutes() -> 
             Settings.from_env({"AGENTMESH_AUTH_CACHE_SECONDS": bad})
 
 
+def test_a_stopping_replica_drains_three_seconds_unless_told() -> None:
+    assert Settings.from_env({}).drain_seconds == 3
+    assert Settings.from_env({"AGENTMESH_DRAIN_SECONDS": "0"}).drain_seconds == 0
+    for bad in ("-1", "61", "soon"):
+        with pytest.raises(SystemExit, match="AGENTMESH_DRAIN_SECONDS"):
+            Settings.from_env({"AGENTMESH_DRAIN_SECONDS": bad})
+
+
 def test_a_process_has_no_metrics_port_unless_given_one() -> None:
     assert Settings.from_env({}).metrics_port is None
     assert Settings.from_env({"AGENTMESH_METRICS_PORT": ""}).metrics_port is None

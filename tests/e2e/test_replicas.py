@@ -13,8 +13,10 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import cast
@@ -594,3 +596,46 @@ def test_what_replicas_need_is_said_before_they_start(
         timeout=30,
     )
     assert done.returncode != 0 and says in done.stderr, done.stderr
+
+
+def test_a_tasks_replica_stopping_under_load_fails_no_request(replicas: Replicas) -> None:
+    """A rolling restart: SIGTERM to one of two tasks replicas while eight clients create
+    tasks through the gateway. Every create is answered 201: a call the stopping replica no
+    longer takes (its port refuses, or its HTTP/2 connection refuses the stream) goes to the
+    other, and the calls it already took finish within its grace period."""
+    mesh = replicas
+    dev = _developer(mesh)
+    answers: list[tuple[str, int | str]] = []  # (idempotency key, status or transport error)
+    stop = threading.Event()
+
+    def creator() -> None:
+        with httpx.Client(base_url=mesh.url, timeout=10) as client:
+            while not stop.is_set():
+                key = uuid.uuid4().hex
+                body = {"description": "through a rolling restart", "idempotency_key": key}
+                try:
+                    reply = client.post("/api/v1/tasks", json=body, headers=dev)
+                except httpx.TransportError as exc:
+                    answers.append((key, type(exc).__name__))
+                    continue
+                answers.append((key, reply.status_code if reply.status_code == 201 else reply.text))
+
+    threads = [threading.Thread(target=creator) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        while sum(status == 201 for _, status in answers) < 50:
+            time.sleep(0.05)
+        mesh.procs["tasks-0"].send_signal(signal.SIGTERM)
+        assert mesh.procs["tasks-0"].wait(20) == 0, mesh.log("tasks-0")[-2000:]
+        served = len(answers)
+        while len(answers) < served + 50:  # the other replica serves on
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    failed = [status for _, status in answers if status != 201]
+    assert not failed, (len(answers), sorted({str(f)[40:400] for f in failed}))
+    listed = httpx.get(mesh.url + "/api/v1/tasks", params={"limit": 1}, headers=dev).json()
+    assert listed["total"] == len(answers)
