@@ -199,7 +199,12 @@ class Messages:
             store = MessageStore(s)
             if new.message_id:
                 first = await store.get(new.message_id)
-                if first is not None:
+                if first is not None and expired(first, at):
+                    # Gone for everyone else (404 to ack or list) until the sweep deletes
+                    # it: its id is free again, and a resend is a new message, not a repeat
+                    # answered with the expired one while nothing is delivered.
+                    await store.delete([first.seq])
+                elif first is not None:
                     return await self._repeat(store, first, sender, awaited_until), False
             held = await store.unacked_count(recipient.agent_id, at, cap=self._max_unacked)
             if held >= self._max_unacked:
@@ -276,7 +281,11 @@ class Messages:
             # A repeat waits on the correlation id the stored request carries.
             async with self.db.session() as s:
                 first = await MessageStore(s).get(new.message_id)
-            if first is not None and first.from_agent == sender.agent_id:
+            if (
+                first is not None
+                and first.from_agent == sender.agent_id
+                and not expired(first, now())
+            ):
                 new = replace(new, correlation_id=first.correlation_id)
         new = replace(new, correlation_id=new.correlation_id or f"corr-{uuid.uuid4().hex}")
         # Registered before the request is stored, so that no wake-up is missed.
@@ -292,11 +301,11 @@ class Messages:
                 if offered is not None:
                     if offered.acked_at is None:
                         offered = await self._acknowledged(offered)
-                    return request, offered
+                    return request, await self._answered(request, offered)
                 if look:
                     response = await self._claim_response(request)
                     if response is not None:
-                        return request, response
+                        return request, await self._answered(request, response)
                 left = deadline - loop.time()
                 if left <= 0:
                     raise DeadlineExceeded(
@@ -311,6 +320,14 @@ class Messages:
                 look = True
         finally:
             waiter.close()
+
+    async def _answered(self, request: MessageRow, response: MessageRow) -> MessageRow:
+        """``response``, once ``request`` no longer holds back its responses: another one
+        from the same agent goes to the requester's inbox at once, not when the wait would
+        have ended."""
+        async with self.db.write() as s, s.begin():
+            await MessageStore(s).await_response(request.message_id, None)
+        return response
 
     async def _claim_response(self, request: MessageRow) -> MessageRow | None:
         """The response to ``request`` in the database, acknowledged, or None."""

@@ -141,10 +141,12 @@ class MessageStore:
     ) -> Sequence[MessageRow]:
         """What an inbox stream sends: unacknowledged, unexpired messages created at or after
         ``since``, oldest first, after ``after`` (and among ``ids``, when given). Responses
-        that a SendRequest of the recipient is waiting for are left to that waiter."""
+        that a SendRequest of the recipient is waiting for (from the agent it asked) are left
+        to that waiter."""
         request = aliased(MessageRow)
         awaited = exists().where(
             request.from_agent == MessageRow.to_agent,
+            request.to_agent == MessageRow.from_agent,
             request.correlation_id == MessageRow.correlation_id,
             request.type == "request",
             request.awaited_until > at,
@@ -214,7 +216,8 @@ class MessageStore:
             },
         )
 
-    async def await_response(self, message_id: str, until: datetime) -> None:
+    async def await_response(self, message_id: str, until: datetime | None) -> None:
+        """Marks a request as waited for until ``until`` (None: no longer)."""
         await self._s.execute(
             update(MessageRow)
             .where(MessageRow.message_id == message_id)

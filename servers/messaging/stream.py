@@ -105,6 +105,10 @@ class InboxStream:
         self._wake = asyncio.Event()  # set: read again
         self._sent: dict[str, datetime] = {}
         self._since: datetime | None = None  # None until the first full read completes
+        # A full read that ran out of room: where it stopped, which the next full read
+        # continues from, and when the first read of that catch-up began.
+        self._resume: Position | None = None
+        self._catch_up_began: datetime | None = None
         self._named: set[str] = set()
         self._full = True  # whether the next read is a full one
         self._reading = False
@@ -208,42 +212,50 @@ class InboxStream:
         """Queues the messages not sent yet (all, or those ``named``), as many as there is
         room for."""
         started = now()
-        after: Position | None = None
+        # A full read goes on where the last one ran out of room: read from the start each
+        # time, a backlog of N messages cost N rows per refill of the queue, N * N / 100 in all.
+        after = None if named else self._resume
         added = 0
         self._behind = False
         async with self._messages.db.session() as s:
             store = MessageStore(s)
             while not self._behind:
+                # About as many as fit (not fewer than 10 a read), and one to tell whether
+                # more wait.
+                limit = min(PAGE, max(self._size - len(self._frames), 10) + 1)
                 rows = await store.deliverable(
                     self.agent_id,
                     at=started,
                     since=None if named else self._since,
                     after=after,
-                    limit=PAGE,
+                    limit=limit,
                     ids=named or (),
                 )
                 for row in rows:
+                    if row.message_id not in self._sent:
+                        if len(self._frames) >= self._size:
+                            self._behind = True
+                            break
+                        self._queue(row)
+                        added += 1
                     after = (row.created_at, row.seq)
-                    if row.message_id in self._sent:
-                        continue
-                    if len(self._frames) >= self._size:
-                        self._behind = True
-                        break
-                    self._queue(row)
-                    added += 1
-                if len(rows) < PAGE:
+                if len(rows) < limit:
                     break
         if added:
             self._ready.set()
-        if self._behind:
-            if time.monotonic() - self._taken > self._slow_after:
-                self._fail_slow()
-            return
         if named is None:
-            # Everything created before this read has been seen: the next full reads
-            # start later.
-            self._since = started - LOOKBACK
-            self._sent = {k: v for k, v in self._sent.items() if v >= self._since}
+            began = self._catch_up_began or started
+            if self._behind:
+                self._resume, self._catch_up_began = after, began
+            else:
+                # Everything created before this catch-up began has been seen, but a message
+                # committed late behind a resumed read's position: the next full reads start
+                # LOOKBACK before the catch-up, once, and then later.
+                self._resume = self._catch_up_began = None
+                self._since = began - LOOKBACK
+                self._sent = {k: v for k, v in self._sent.items() if v >= self._since}
+        if self._behind and time.monotonic() - self._taken > self._slow_after:
+            self._fail_slow()
 
     def _fail_slow(self) -> None:
         self._fail(

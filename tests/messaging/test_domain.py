@@ -10,10 +10,11 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import redis.asyncio as redis
@@ -373,6 +374,34 @@ async def test_a_slow_but_steady_consumer_gets_the_whole_backlog(messages: Messa
         await reader.close()
 
 
+async def test_a_backlog_is_read_once_however_often_the_queue_refills(
+    messages: Messages, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each refill of a stream that fell behind read the backlog from its start again: 10,000
+    waiting messages went out at 650/s, then 120/s. A refill goes on where the last stopped."""
+    for i in range(300):
+        await messages.send(ALICE, BOB, to(BOB, message_id=f"r-{i:03}"))
+    read = 0
+    original = MessageStore.deliverable
+
+    async def counted(self: MessageStore, *args: Any, **kw: Any) -> Sequence[MessageRow]:
+        nonlocal read
+        rows = await original(self, *args, **kw)
+        read += len(rows)
+        return rows
+
+    monkeypatch.setattr(MessageStore, "deliverable", counted)
+    reader = Reader(stream(messages, BOB, queue_size=10, slow_after=10.0))
+    try:
+        got = [(await reader.message()).message_id for _ in range(300)]
+        assert got == [f"r-{i:03}" for i in range(300)]
+        # Once to go through it, and once more from before the catch-up began, for a message
+        # that committed behind it; from the start on each of 30 refills it was 4,500.
+        assert read <= 2 * 300 + 100, read
+    finally:
+        await reader.close()
+
+
 async def test_a_stream_keeps_send_order_while_it_falls_behind_and_catches_up(
     messages: Messages,
 ) -> None:
@@ -467,6 +496,7 @@ async def test_only_the_recipient_of_a_request_can_answer_it(messages: Messages)
     chosen by the requester), is not the answer: it waits in the requester's inbox as any
     message does, and the request stays unanswered for its recipient."""
     responder = Reader(stream(messages, BOB))
+    requester_inbox = Reader(stream(messages, ALICE))
 
     async def spoof_then_answer() -> None:
         request = await responder.message()
@@ -476,7 +506,9 @@ async def test_only_the_recipient_of_a_request_can_answer_it(messages: Messages)
             ALICE,
             to(ALICE, correlation_id=request.correlation_id, payload={"x": 1}, type="response"),
         )
-        await asyncio.sleep(0.3)
+        # It reaches Alice's inbox stream at once, not when her wait ends.
+        spoofed = await requester_inbox.message(timeout=1.0)
+        assert (spoofed.from_agent, spoofed.payload) == (CAROL.agent_id, {"x": 1})
         unacked, _, _ = await messages.inbox(BOB.agent_id, unacked=True, page=page(0, 0))
         assert [m.message_id for m in unacked] == [request.message_id]  # still to answer
         await messages.send(
@@ -495,8 +527,15 @@ async def test_only_the_recipient_of_a_request_can_answer_it(messages: Messages)
         # The spoofed one sits unacknowledged in Alice's inbox, for her to judge.
         rows, _, _ = await messages.inbox(ALICE.agent_id, unacked=True, page=page(0, 0))
         assert [(r.from_agent, r.payload) for r in rows] == [(CAROL.agent_id, {"x": 1})]
+        # A second response from Bob, after the answer, goes to her stream at once too.
+        await messages.send(
+            BOB, ALICE, to(ALICE, correlation_id="c-spoof", payload={"again": 1}, type="response")
+        )
+        second = await requester_inbox.message(timeout=1.0)
+        assert (second.from_agent, second.payload) == (BOB.agent_id, {"again": 1})
     finally:
         await responder.close()
+        await requester_inbox.close()
 
 
 async def test_a_request_without_answer_times_out_and_a_late_answer_waits_in_the_inbox(
@@ -586,6 +625,34 @@ async def test_expired_messages_are_neither_listed_nor_kept(
     assert await messages.sweep_once() == 0
     # The id is free again once the message is gone.
     _, created = await messages.send(CAROL, BOB, to(BOB, message_id="old"))
+    assert created
+
+
+async def test_resending_the_id_of_an_expired_message_sends_a_new_one(
+    messages: Messages, db: Database
+) -> None:
+    """The expired message is gone (404 to ack, not listed) before the sweep deletes it; a
+    resend of its id was answered with it, as a repeat, and nothing was delivered."""
+    await messages.send(ALICE, BOB, to(BOB, message_id="again", payload={"n": 1}))
+    async with db.write() as s, s.begin():
+        await s.execute(
+            update(MessageRow)
+            .where(MessageRow.message_id == "again")
+            .values(expires_at=now() - timedelta(seconds=1))
+        )
+    resent, created = await messages.send(ALICE, BOB, to(BOB, message_id="again", payload={"n": 2}))
+    assert created and resent.payload == {"n": 2} and aware(resent.expires_at) > now()
+    rows, _, _ = await messages.inbox(BOB.agent_id, unacked=True, page=page(0, 0))
+    assert [(r.message_id, r.payload) for r in rows] == [("again", {"n": 2})]
+    # Another sender may take an expired id too: it names no message any more.
+    await messages.ack({BOB.agent_id}, "again")
+    async with db.write() as s, s.begin():
+        await s.execute(
+            update(MessageRow)
+            .where(MessageRow.message_id == "again")
+            .values(expires_at=now() - timedelta(seconds=1))
+        )
+    _, created = await messages.send(CAROL, BOB, to(BOB, message_id="again"))
     assert created
 
 
