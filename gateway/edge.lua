@@ -32,6 +32,11 @@ local AGENT_HEADER = "x-agentmesh-agent"
 -- Set by envoy.yaml's local_reply_config on a gRPC caller's refusal at the edge (jwt_authn): the
 -- documented code, which envoy_on_response turns into grpc-status-details-bin.
 local REASON_HEADER = "x-agentmesh-reason"
+-- The unversioned paths (seed 001) whose successor is not their twin under /api/v1/ (all the
+-- others are). tests/gateway/test_fields.py holds this table to the contract.
+local SUCCESSOR_EXCEPTIONS = {
+  ["/api/observability/events/stream"] = "/api/v1/events/stream",
+}
 
 -- Codes for errors that carry no ErrorInfo (raised by gRPC itself, e.g. a deadline).
 local CODE_BY_STATUS = {
@@ -408,7 +413,8 @@ function envoy_on_request(handle)
   meta:set(NS, "request_id", headers:get("x-request-id") or "")
   local path = headers:get(":path") or ""
   if rest and path:sub(1, 5) == "/api/" and path:sub(1, 8) ~= "/api/v1/" then
-    meta:set(NS, "successor", "/api/v1/" .. path:sub(6):gsub("%?.*$", ""))
+    local bare = path:gsub("%?.*$", "")
+    meta:set(NS, "successor", SUCCESSOR_EXCEPTIONS[bare] or "/api/v1/" .. bare:sub(6))
   end
   -- Only the edge says which agent a request is for.
   headers:remove(AGENT_HEADER)

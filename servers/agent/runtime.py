@@ -60,7 +60,7 @@ DEFAULT_HEARTBEAT_SECONDS = 10
 PROGRESS_INTERVAL = 0.2
 OUTBOX_LIMIT = 1000
 MESSAGE_LIMIT = 500
-ERROR_CODE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")  # as the mesh checks it (agents/http.py)
+ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}\Z")  # as the mesh checks it (agents/http.py)
 DETAILS_MAX_BYTES = 64 * 1024
 # The largest result the mesh keeps (servers/tasks/dispatch.py's RESULT_MAX_BYTES).
 RESULT_MAX_BYTES = 1 << 20

@@ -48,7 +48,7 @@ LOAD_MAX = 1000
 # The tasks service keeps this much of a progress message (task.progress) and of an error.
 PROGRESS_MESSAGE_MAX = 500
 ERROR_MESSAGE_MAX = 2000
-ERROR_CODE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}\Z")
 DETAILS_MAX_BYTES = 64 * 1024
 
 

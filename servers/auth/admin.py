@@ -217,12 +217,18 @@ class UserAdmin:
 
 
 async def grant_role(db: Database, login: str, role: str) -> UserRow:
-    """Adds a role to an account (the operator's way to make the first admin)."""
+    """Adds a role to an account (the operator's way to make the first admin), with its
+    security.roles_changed event, as a change through UsersService has: granting admin is the
+    change most worth an audit trail. ``by`` is "operator": no account made it."""
     (role,) = check_roles([role])
     async with db.write() as s, s.begin():
         user = await UserStore(s).find_login(login, lock=True)
         if user is None:
             raise NotFound("no such user", details={"login": login[:64]})
+        if role in user.roles:
+            return user
+        at = now()
         user.roles = sorted({*user.roles, role})
-        user.updated_at = now()
+        user.updated_at = at
+        security_event(s, "security.roles_changed", user.id, at, by="operator", roles=user.roles)
         return user

@@ -22,7 +22,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-ID_PATTERN = re.compile(r"^\d{1,20}-\d{1,20}$")
+# An entry id: Redis Streams' "<milliseconds>-<sequence>", each part a 64-bit unsigned number.
+# ASCII digits only (\d takes any script's) and nothing after (``$`` lets a newline through).
+ID_PATTERN = re.compile(r"[0-9]{1,20}-[0-9]{1,20}\Z")
+ID_PART_MAX = 2**64 - 1
 
 
 class BusUnavailable(RuntimeError):
@@ -44,8 +47,10 @@ def parse_id(entry_id: str) -> tuple[int, int]:
     """(milliseconds, sequence) of an entry id; ValueError when malformed."""
     if not ID_PATTERN.match(entry_id):
         raise ValueError(f"malformed entry id {entry_id!r}")
-    ms, seq = entry_id.split("-")
-    return int(ms), int(seq)
+    ms, seq = (int(part) for part in entry_id.split("-"))
+    if ms > ID_PART_MAX or seq > ID_PART_MAX:  # Redis refuses them as ids
+        raise ValueError(f"entry id {entry_id!r} out of range")
+    return ms, seq
 
 
 class Bus(abc.ABC):

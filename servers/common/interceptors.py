@@ -40,7 +40,7 @@ from .tracing import Tracing
 log = logging.getLogger("agentmesh.access")
 errlog = logging.getLogger("agentmesh.errors")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 _STREAM_KINDS = ("unary_stream", "stream_stream")
 _PROPAGATOR = TraceContextTextMapPropagator()
 

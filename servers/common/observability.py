@@ -25,7 +25,7 @@ SERVER_ERRORS = frozenset(
 KEEP = 1000  # ended calls kept for ListActiveTraces
 IN_FLIGHT = "IN_FLIGHT"
 # version-traceid-parentid-flags (W3C Trace Context); an all-zero trace id is invalid.
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}\Z")
 _WORD = re.compile(r"(?<!^)(?=[A-Z])")
 
 

@@ -38,7 +38,7 @@ log = logging.getLogger("agentmesh.messaging")
 
 TYPES = ("request", "response", "event")
 # Ids travel in URL paths (/messages/{message_id}/ack): letters, digits and . _ : - only.
-ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 MAX_AGENT_ID = 64
 PAYLOAD_MAX_BYTES = 256 * 1024
 DEFAULT_TTL, MAX_TTL = 3600, 86_400

@@ -30,7 +30,12 @@ from google.api import httpbody_pb2
 
 from agentmesh.v1 import common_pb2, events_pb2, events_pb2_grpc
 from servers.common import sse
-from servers.common.auth import Authenticator, current_call_check, guard_stream
+from servers.common.auth import (
+    Authenticator,
+    CredentialCheck,
+    current_call_check,
+    guard_stream,
+)
 from servers.common.bus import Bus, BusUnavailable, Entry, owner_index, parse_id
 from servers.common.context import Principal, add_cost, current_call, require_principal
 from servers.common.errors import AuthRequired, PermissionDenied, Unavailable, ValidationError
@@ -42,7 +47,7 @@ from servers.common.protos import struct
 from servers.common.slots import StreamSlots
 
 MAX_PATTERNS = 20
-PATTERN = re.compile(r"^[A-Za-z0-9_.*-]{1,64}$")
+PATTERN = re.compile(r"[A-Za-z0-9_.*-]{1,64}\Z")
 QUEUE_LIMIT = 10_000
 # Open event streams per user in one process by default (AGENTMESH_EVENT_STREAMS_PER_USER); one
 # more is 429 RATE_LIMIT_EXCEEDED.
@@ -152,6 +157,25 @@ class Filter:
         return self.patterns is None or self.patterns.fullmatch(event.type) is not None
 
 
+def _still_admin(check: CredentialCheck | None, matches: Filter) -> CredentialCheck | None:
+    """``check``, and for a stream of everyone's events, that its caller is still an admin. A
+    token loses its roles with the change, but an API key holds and follows its owner's:
+    without this, a demoted admin's key went on streaming every user's events."""
+    if check is None or not matches.admin:
+        return check
+
+    async def checked() -> object:
+        who = await check()
+        if "admin" not in getattr(who, "roles", ()):
+            raise PermissionDenied(
+                "your roles changed: this stream showed every user's events; open a new one",
+                details={"rpc": "agentmesh.v1.EventsService"},
+            )
+        return who
+
+    return checked
+
+
 def resume_point(after: str) -> str:
     """A validated resume id ("" for none)."""
     if not after:
@@ -254,13 +278,18 @@ class EventsService(events_pb2_grpc.EventsServiceServicer):
         """Batches of events for one subscriber, heartbeats when idle, and a last frame."""
         sub = Subscription(matches, self._queue_limit)
         remove = self._hub.add(sub)
-        check = current_call_check(self._authenticator)
+        check = _still_admin(current_call_check(self._authenticator), matches)
         guard = asyncio.create_task(guard_stream(check, self._heartbeat, sub.refuse))
         try:
-            last = parse_id(after) if after else (0, 0)
-            sent_at = 0.0
+            sent_at, last = 0.0, (0, 0)
             if after:
                 try:
+                    # An id past the newest event (another mesh's, or made up) would hold
+                    # back every live event until its time: the stream goes on from now.
+                    newest = await self._bus.last_id(EVENTS_TOPIC)
+                    if parse_id(after) > parse_id(newest):
+                        after = newest
+                    last = parse_id(after)
                     async for batch, position in self._replay(sub, after):
                         last = position
                         yield batch

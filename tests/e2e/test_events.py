@@ -362,6 +362,21 @@ def test_security_events_reach_the_account_they_concern(mesh: MeshProcess) -> No
         assert list_events(client, other, patterns="security.*")["events"] == []
 
 
+def test_a_role_the_operator_grants_is_a_security_event(mesh: MeshProcess) -> None:
+    """`agentmesh grant-role`, which makes admins, left no trace among the events, while the
+    same change through UsersService did. Granting a role held already is no change."""
+    with httpx.Client(base_url=mesh.url, timeout=10) as client:
+        target = register(client)
+        grant_role(mesh, target.username, "developer")
+        grant_role(mesh, target.username, "developer")
+        target = relogin(client, target)
+        events = wait_for_events(client, target, 1, patterns="security.roles_changed")
+        assert len(events) == 1, events
+        assert events[0]["subject_id"] == target.id
+        assert events[0]["data"]["by"] == "operator"
+        assert "developer" in events[0]["data"]["roles"]
+
+
 def test_a_user_may_hold_twenty_event_streams(mesh: MeshProcess) -> None:
     with httpx.Client(base_url=mesh.url, timeout=10) as client:
         owner, other = register(client), register(client)
@@ -384,6 +399,39 @@ def test_a_user_may_hold_twenty_event_streams(mesh: MeshProcess) -> None:
                     assert again.status_code == 200
                     break
             time.sleep(0.1)
+
+
+def test_an_admins_key_stream_of_everyones_events_ends_when_the_admin_is_demoted(
+    mesh: MeshProcess,
+) -> None:
+    """A token loses its roles with the change, but an API key follows its owner's roles: a
+    demoted admin's key went on streaming every user's events. The stream is checked again
+    every heartbeat interval (1 s here), admin rights included."""
+    with httpx.Client(base_url=mesh.url, timeout=10) as client:
+        boss, erin, carol = register(client), register(client), register(client)
+        for admin in (boss, erin):
+            grant_role(mesh, admin.username, "admin")
+        boss, erin = relogin(client, boss), relogin(client, erin)
+        body = {"name": "everything", "scopes": ["read"]}
+        created = client.post("/api/v1/auth/api-keys", json=body, headers=erin.headers)
+        assert created.status_code == 201, created.text
+        by_key = {"Authorization": f"Bearer {created.json()['key']}"}
+        with stream(client, erin, headers=by_key, params={"patterns": "task.created"}) as keyed:
+            assert keyed.status_code == 200
+            keyed_frames = frames(keyed)
+            task_id = create_task(client, carol)
+            (seen,) = events_until(keyed_frames, 1)  # an admin sees everyone's
+            assert httpx.Response(200, content=seen.data).json()["subject_id"] == task_id
+            demoted = client.put(
+                f"/api/v1/users/{erin.id}/roles", json={"roles": ["user"]}, headers=boss.headers
+            )
+            assert demoted.status_code == 200, demoted.text
+            started = time.monotonic()
+            rest = list(keyed_frames)  # the stream ends by itself
+            assert time.monotonic() - started < 8
+            assert rest and rest[-1].event == "error", rest
+            refusal = httpx.Response(200, content=rest[-1].data).json()
+            assert refusal["code"] == "INSUFFICIENT_PERMISSIONS", refusal
 
 
 def test_revoking_the_key_ends_the_event_stream_it_opened(mesh: MeshProcess) -> None:

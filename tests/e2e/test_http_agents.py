@@ -512,6 +512,7 @@ async def test_invalid_requests_are_400_envelopes(mesh: MeshProcess) -> None:
             {},
             {"result": {"a": 1}, "error": {"code": "X", "message": "both"}},
             {"error": {"code": "lower_case", "message": "bad code"}},
+            {"error": {"code": "ENDS_A_LINE\n", "message": "bad code"}},
             {"error": {"code": "NO_MESSAGE", "message": ""}},
             {"error": {"code": "LONG", "message": "m" * 2001}},
         ):

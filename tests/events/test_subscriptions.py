@@ -28,12 +28,13 @@ from servers.auth.keys import SigningKey
 from servers.common.auth import Authenticator, TokenVerifier
 from servers.common.bus import owner_index
 from servers.common.context import Principal
+from servers.common.errors import ValidationError
 from servers.common.follower import Follower
 from servers.common.interceptors import default_interceptors
 from servers.common.membus import MemoryBus
 from servers.common.outbox import EVENTS_TOPIC
 from servers.common.quotas import Quota, Quotas
-from servers.messaging.events import EventHub, EventsService, Filter, Parsed
+from servers.messaging.events import EventHub, EventsService, Filter, Parsed, resume_point
 
 RETENTION: dict[str, Any] = {"retention_ms": 3_600_000, "max_len": 1_000_000}
 PADDING = "x" * 2000
@@ -205,6 +206,42 @@ async def test_subscribers_receive_only_their_own_events(rig: Rig) -> None:
     call.cancel()
     assert got == mine
     assert not set(got) & set(others)
+
+
+async def test_a_resume_id_past_the_newest_event_goes_on_from_now(rig: Rig) -> None:
+    """An id from the future (another mesh's, made up) held back every live event until its
+    time, the year 2286 here, while the stream looked healthy."""
+    await rig.publish(2)
+    call = rig.stub.Subscribe(
+        events_pb2.SubscribeRequest(after="9999999999999-0"), metadata=rig.metadata
+    )
+    await asyncio.sleep(0.2)  # the stream is open before the next event
+    later = await rig.publish(1)
+    async with asyncio.timeout(10):
+        async for frame in call:
+            assert not frame.HasField("error"), frame.error
+            if frame.HasField("event"):
+                assert [frame.event.event_id] == later
+                break
+    call.cancel()
+
+
+@pytest.mark.parametrize("pattern", ["task.*\n", "task.\u0661", "a" * 64 + "\n"])
+def test_a_pattern_is_ascii_and_nothing_after(pattern: str) -> None:
+    user = Principal(subject="u1", kind="user", roles=("user",))
+    with pytest.raises(ValidationError):
+        Filter.build(user, [pattern], "")
+
+
+@pytest.mark.parametrize(
+    "after", ["1-0\n", "\u0661-0", "18446744073709551616-0", "1-18446744073709551616"]
+)
+def test_a_resume_id_redis_would_refuse_is_a_validation_error(after: str) -> None:
+    """On Redis these were sent to the bus, which refused them: 503 "the event bus is
+    unavailable", and an EventSource resuming with one retried for ever."""
+    with pytest.raises(ValidationError):
+        resume_point(after)
+    assert resume_point("18446744073709551615-18446744073709551615")
 
 
 def _parsed(event_type: str, owner: str = "u1", subject: str = "s") -> Parsed:

@@ -432,3 +432,17 @@ def test_the_edge_header_limits_are_the_servers() -> None:
     assert options.get("grpc.max_metadata_size", 8 * 1024) >= SERVER_METADATA_LIMIT
     assert options.get("grpc.absolute_max_metadata_size", 16 * 1024) >= SERVER_METADATA_HARD_LIMIT
     assert SERVER_METADATA_HARD_LIMIT % 1024 == 0
+
+
+async def test_a_deprecated_path_names_its_successor(edge: tuple[str, Path]) -> None:
+    """Seed 001's unversioned paths name the /api/v1 path to use: the twin under /api/v1/,
+    or, for the event stream, /api/v1/events/stream (its twin does not exist)."""
+    url, _ = edge
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        for path, successor in (
+            ("/api/tasks", "/api/v1/tasks"),
+            ("/api/observability/events/stream", "/api/v1/events/stream"),
+        ):
+            reply = await client.get(path, params={"limit": "1"})
+            info = reply.headers["x-api-deprecation-info"]
+            assert info == f"use {successor} (see docs/api.md)", (path, info)

@@ -3,10 +3,14 @@ contract itself."""
 
 from __future__ import annotations
 
-import pytest
+import re
 
-from gateway.fields import _pattern, routes
-from gateway.proxy import DESCRIPTOR
+import pytest
+from google.api import annotations_pb2
+from google.protobuf import descriptor_pb2
+
+from gateway.fields import _bindings, _pattern, routes
+from gateway.proxy import DESCRIPTOR, LUA
 
 
 def test_path_templates_become_anchored_lua_patterns() -> None:
@@ -55,3 +59,24 @@ def test_every_route_has_its_body_fields_in_both_spellings_and_its_bound_fields(
     cancel = rows[("DELETE", "^/api/v1/tasks/[^/]+/?$")]
     assert (cancel.body, cancel.bound_fields) == ("none", ("taskId", "task_id"))
     assert rows[("GET", "^/api/v1/tasks/?$")].bound_fields == ()
+
+
+def test_each_unversioned_path_names_the_path_that_succeeds_it() -> None:
+    """edge.lua answers seed 001's unversioned paths with the /api/v1 path to use instead: the
+    twin under /api/v1/, or the path its SUCCESSOR_EXCEPTIONS table names. Both must be the
+    primary binding of the same RPC; /api/observability/events/stream once named a 404."""
+    exceptions = dict(re.findall(r'\["(/api/[^"]+)"\] = "([^"]+)"', LUA.read_text()))
+    files = descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR.read_bytes()).file
+    deprecated: dict[str, str] = {}
+    for file in files:
+        for service in file.service:
+            for method in service.method:
+                rule = method.options.Extensions[annotations_pb2.http]
+                primary, *others = [path for _, path, _ in _bindings(rule)] or [""]
+                for path in others:
+                    if path.startswith("/api/") and not path.startswith("/api/v1/"):
+                        deprecated[path] = primary
+    assert len(deprecated) >= 10, deprecated
+    for path, primary in deprecated.items():
+        assert exceptions.get(path, "/api/v1/" + path.removeprefix("/api/")) == primary, path
+    assert set(exceptions) <= set(deprecated), "an exception for no deprecated path"

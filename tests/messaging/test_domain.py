@@ -193,6 +193,8 @@ async def test_a_page_of_large_messages_is_cut_before_it_is_read(
         {"ttl_seconds": -1},
         {"message_id": "has space"},
         {"message_id": "x" * 129},
+        {"message_id": "ends-a-line\n"},  # an SSE id: line, and what follows it
+        {"correlation_id": "c\n", "type": "response"},
         {"type": "response"},  # without a correlation_id
         {"payload": {"blob": "x" * PAYLOAD_MAX_BYTES}},
         {"payload": {"a": [[[[[[[[[[[[[[[[[[[[{}]]]]]]]]]]]]]]]]]]]]}},  # 22 levels
