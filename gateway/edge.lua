@@ -32,6 +32,8 @@ local AGENT_HEADER = "x-agentmesh-agent"
 -- Set by envoy.yaml's local_reply_config on a gRPC caller's refusal at the edge (jwt_authn): the
 -- documented code, which envoy_on_response turns into grpc-status-details-bin.
 local REASON_HEADER = "x-agentmesh-reason"
+-- With it, the gRPC status the refusal is to have instead of Envoy's mapping of its HTTP one.
+local GRPC_STATUS_HEADER = "x-agentmesh-grpc-status"
 -- The unversioned paths (seed 001) whose successor is not their twin under /api/v1/ (all the
 -- others are). tests/gateway/test_fields.py holds this table to the contract.
 local SUCCESSOR_EXCEPTIONS = {
@@ -468,6 +470,11 @@ local function grpc_response(handle)
   local reason = headers:get(REASON_HEADER)
   if not reason then return end
   headers:remove(REASON_HEADER)
+  local status = headers:get(GRPC_STATUS_HEADER)
+  if status then
+    headers:remove(GRPC_STATUS_HEADER)
+    headers:replace("grpc-status", status)
+  end
   local code = tonumber(headers:get("grpc-status") or "")
   if not code or code == 0 or headers:get("grpc-status-details-bin") then return end
   local message = percent_decoded(headers:get("grpc-message") or "")
@@ -487,6 +494,7 @@ function envoy_on_response(handle)
     return grpc_response(handle)
   end
   handle:headers():remove(REASON_HEADER)
+  handle:headers():remove(GRPC_STATUS_HEADER)
   local headers = handle:headers()
   local wanted = headers:get("x-http-status")
   if wanted then

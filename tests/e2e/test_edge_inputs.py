@@ -14,7 +14,7 @@ import pytest
 
 from agentmesh.v1 import health_pb2, health_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from servers.launcher import MeshProcess
-from tests.helpers import assert_envelope, new_user
+from tests.helpers import assert_envelope, error_reason, new_user
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +179,20 @@ def test_a_rest_clients_grpc_headers_do_not_reach_the_server(
         made = httpx.post(mesh.url + "/api/v1/tasks", headers=headers, json=body)
         assert made.status_code == 201, made.text
     assert _task_count(mesh, auth) == before + 3
+
+
+def test_a_grpc_request_over_the_edges_limit_is_resource_exhausted(mesh: MeshProcess) -> None:
+    """The edge takes at most 1 MiB of request, gRPC too; a larger call was UNKNOWN "Payload
+    Too Large", without ErrorInfo. It is refused as a server refuses a message over its limit,
+    with the documented code."""
+    with grpc.insecure_channel(mesh.url.removeprefix("http://")) as channel:
+        stub = tasks_pb2_grpc.TasksServiceStub(channel)
+        big = tasks_pb2.CreateTaskRequest(type="echo", description="x" * (1024 * 1024 + 1))
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.CreateTask(big, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+    assert "larger than 1 MiB" in str(refused.value.details())
+    assert error_reason(refused.value) == "VALIDATION_ERROR"
 
 
 def test_a_header_with_an_underscore_is_dropped(mesh: MeshProcess) -> None:
