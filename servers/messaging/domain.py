@@ -286,6 +286,12 @@ class Messages:
                 and first.from_agent == sender.agent_id
                 and not expired(first, now())
             ):
+                if first.type != "request":
+                    # A repeat of it would wait for a response nothing can send.
+                    raise AlreadyExists(
+                        f"message_id names a message of type {first.type}, not a request",
+                        details={"field": "message_id"},
+                    )
                 new = replace(new, correlation_id=first.correlation_id)
         new = replace(new, correlation_id=new.correlation_id or f"corr-{uuid.uuid4().hex}")
         # Registered before the request is stored, so that no wake-up is missed.

@@ -608,6 +608,17 @@ async def test_a_repeated_request_finds_the_response_that_came_meanwhile(
     assert request.message_id == "req-9" and response.correlation_id == correlation
 
 
+async def test_a_request_repeating_the_id_of_an_event_is_refused_not_left_waiting(
+    messages: Messages,
+) -> None:
+    """It waited its whole timeout for a response to an event, which nothing can send."""
+    await messages.send(ALICE, BOB, to(BOB, message_id="ev-1"))
+    started = time.monotonic()
+    with pytest.raises(AlreadyExists, match="not a request"):
+        await messages.request(ALICE, BOB, to(BOB, message_id="ev-1"), wait=5.0)
+    assert time.monotonic() - started < 1.0
+
+
 async def test_expired_messages_are_neither_listed_nor_kept(
     messages: Messages, db: Database
 ) -> None:
