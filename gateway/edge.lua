@@ -335,6 +335,7 @@ end
 -- log and every check on the path say A. A route whose body is "*" has every field in its
 -- body, and takes no query parameter at all. Unknown names are the transcoder's to refuse.
 local function query_problem(q, route)
+  local given = {}
   for pair in q:gmatch("[^&]+") do
     local name = unescape(pair:match("^[^=]*"))
     local field = name:match("^[^.]*")
@@ -345,6 +346,17 @@ local function query_problem(q, route)
     if route[5][field] then
       return "the query parameter " .. json_quote(field:sub(1, 64)) .. " names a field"
         .. " the path sets; it cannot be given again"
+    end
+    -- A value field named twice (?limit=1&limit=2, or in both spellings): the transcoder
+    -- would take the last, while the client's own tools may read the first.
+    local kind = route[6][field]
+    if kind and kind:sub(1, 5) == "value" then
+      local key = kind .. name:sub(#field + 1)
+      if given[key] then
+        return "the query parameter " .. json_quote(name:sub(1, 64)) .. " is given twice"
+          .. " (or in both spellings); give it once"
+      end
+      given[key] = true
     end
   end
   return nil

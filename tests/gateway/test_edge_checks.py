@@ -219,6 +219,23 @@ async def test_a_query_parameter_cannot_override_the_path(edge: tuple[str, Path]
         await _passes(client, "GET", "/api/v1/tasks/A")
 
 
+async def test_a_query_parameter_says_a_value_once(edge: tuple[str, Path]) -> None:
+    """`?limit=1&limit=2` listed 2 (the transcoder takes the last), `?subject_id=x&subjectId=y`
+    filtered on y: a client's tools may read the first. A list field still takes several."""
+    url, _ = edge
+    twice = "is given twice"
+    async with httpx.AsyncClient(base_url=url) as client:
+        for path in [
+            "/api/v1/events?limit=1&limit=2",
+            "/api/v1/events?subject_id=x&subjectId=y",
+            "/api/v1/events?after=1-0&after=2-0",
+            "/api/v1/tasks?status=queued&st%61tus=failed",
+        ]:
+            await _refused(client, "GET", path, twice)
+        await _passes(client, "GET", "/api/v1/events?patterns=task.*&patterns=agent.*&limit=2")
+        await _passes(client, "GET", "/api/v1/agents?capabilities=a&capabilities=b")
+
+
 async def test_a_route_without_a_body_refuses_one(edge: tuple[str, Path]) -> None:
     """The transcoder reads a GET's or a DELETE's body into the request, past every check of a
     body (`{limit:2}` listed two tasks): such a body is refused."""
