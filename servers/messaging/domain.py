@@ -17,6 +17,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from servers.common.clock import aware, now
 from servers.common.db import Database, take_turn
 from servers.common.errors import (
@@ -330,9 +332,13 @@ class Messages:
     async def _answered(self, request: MessageRow, response: MessageRow) -> MessageRow:
         """``response``, once ``request`` no longer holds back its responses: another one
         from the same agent goes to the requester's inbox at once, not when the wait would
-        have ended."""
-        async with self.db.write() as s, s.begin():
-            await MessageStore(s).await_response(request.message_id, None)
+        have ended. Best effort: the response is the caller's either way, and the hold ends
+        with the request's wait."""
+        try:
+            async with self.db.write() as s, s.begin():
+                await MessageStore(s).await_response(request.message_id, None)
+        except SQLAlchemyError as exc:
+            log.warning("could not end a request's wait: %s", exc)
         return response
 
     async def _claim_response(self, request: MessageRow) -> MessageRow | None:
